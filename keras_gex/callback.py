@@ -1,0 +1,96 @@
+"""`GEXCollector`: collect the geometric ensemble right after `model.fit`."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_gex import _validation
+from keras_gex.ensemble import DEFAULTS, GeometricEnsemble
+
+
+class GEXCollector(keras.callbacks.Callback):
+    """Fine-tunes M copies of the final model after training (GEX's cache).
+
+    When `model.fit` ends, the collector fine-tunes copies of the trained
+    weights θ* with SGD (momentum, cosine-decayed step size) and stores the
+    resulting `GeometricEnsemble` in `collector.ensemble`. The model itself,
+    its weights and its optimizer state are left exactly as `fit` made them.
+
+    Example:
+
+    ```python
+    collector = keras_gex.GEXCollector((x, y), num_members=8)
+    model.fit(x, y, epochs=20, callbacks=[collector])
+    report = keras_gex.detect_noisy((x, y), collector.ensemble)
+    ```
+
+    Args:
+        train_data: The training data, as `(x, y)` arrays or a
+            `tf.data.Dataset` of `(x, y)` batches (the same data given to fit).
+        num_members: Number of members M. Defaults to `8`.
+        steps: SGD steps T per member. Defaults to `200`.
+        learning_rate: Peak step size, or `"auto"` to calibrate it so members
+            leave the memorising basin without collapsing. Defaults to `"auto"`.
+        batch_size: Fine-tuning batch size. Defaults to `128`.
+        momentum: SGD momentum. Defaults to `0.9`.
+        seed: Shuffling seed for reproducible members. Defaults to `None`.
+        chain: Start each member from the previous member. Defaults to `False`.
+        bn_batches: Batches used to re-estimate BatchNorm statistics per
+            member. Defaults to `20`.
+        loss: Loss to use instead of the compiled one. Defaults to `None`.
+        verbose: 0, or 1 / "auto" for progress messages. Defaults to `"auto"`.
+    """
+
+    def __init__(
+        self,
+        train_data,
+        num_members: int = DEFAULTS["num_members"],
+        steps: int = DEFAULTS["steps"],
+        learning_rate="auto",
+        batch_size: int = DEFAULTS["batch_size"],
+        momentum: float = DEFAULTS["momentum"],
+        seed: int | None = None,
+        chain: bool = False,
+        bn_batches: int = DEFAULTS["bn_batches"],
+        loss=None,
+        verbose="auto",
+    ):
+        super().__init__()
+        if train_data is None:
+            raise ValueError(
+                "Argument `train_data` is required: a callback cannot see the data "
+                "given to `fit`. Pass the same `(x, y)` or dataset."
+            )
+        self.train_data = train_data
+        self.num_members = _validation.positive_int("num_members", num_members)
+        self.steps = _validation.positive_int("steps", steps)
+        if learning_rate != "auto":
+            learning_rate = _validation.positive_float("learning_rate", learning_rate)
+        self.learning_rate = learning_rate
+        self.batch_size = _validation.positive_int("batch_size", batch_size)
+        self.momentum = momentum
+        self.seed = _validation.seed_value(seed)
+        self.chain = chain
+        self.bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
+        self.loss = loss
+        self.verbose = _validation.verbose_level(verbose)
+        self.ensemble = None
+
+    def on_train_begin(self, logs=None):
+        self.ensemble = None
+
+    def on_train_end(self, logs=None):
+        self.ensemble = GeometricEnsemble.collect(
+            self.model,
+            self.train_data,
+            num_members=self.num_members,
+            steps=self.steps,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            seed=self.seed,
+            chain=self.chain,
+            bn_batches=self.bn_batches,
+            loss=self.loss,
+            verbose=self.verbose,
+        )

@@ -1,0 +1,191 @@
+"""Turn what `model.fit` accepts into ordered, batched, validated streams.
+
+`DataSource` wraps either a tuple of arrays `(x, y)` or a `tf.data.Dataset`
+of `(x, y)` batches and offers two views of it:
+
+* `ordered()`: every example exactly once, in dataset order (for scoring);
+* `shuffled(batch_size, seed)`: an endless stream of shuffled mini-batches
+  (for fine-tuning the geometric ensemble).
+
+Scores are only meaningful when they line up with the dataset's order, so a
+dataset that reshuffles on every iteration is refused for scoring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_gex import _validation
+
+DEFAULT_BATCH_SIZE = 256
+_SHUFFLE_BUFFER = 10_000
+
+
+def _dataset_nodes(ds: tf.data.Dataset):
+    stack, seen = [ds], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        try:
+            stack.extend(node._inputs())  # noqa: SLF001 - no public graph walk
+        except Exception:  # noqa: BLE001 - unknown dataset kinds have no inputs
+            pass
+
+
+def reshuffles_each_iteration(ds: tf.data.Dataset) -> bool:
+    """Whether `ds` contains a `shuffle` that reshuffles on every iteration."""
+    for node in _dataset_nodes(ds):
+        if type(node).__name__ == "_ShuffleDataset" and bool(
+            getattr(node, "_reshuffle_each_iteration", False)
+        ):
+            return True
+    return False
+
+
+class DataSource:
+    """A validated `(x, y)` data source.
+
+    Args:
+        data: A tuple `(x, y)` of arrays (NumPy or tensors), or a
+            `tf.data.Dataset` yielding `(x, y)` batches.
+        batch_size: Batch size used to batch arrays for scoring. Ignored for
+            datasets, which are already batched. Defaults to `256`.
+        name: Argument name used in error messages. Defaults to `"data"`.
+    """
+
+    def __init__(self, data, batch_size: int | None = None, name: str = "data"):
+        self.name = name
+        self.batch_size = _validation.positive_int(
+            "batch_size", batch_size or DEFAULT_BATCH_SIZE
+        )
+        self._arrays = None
+        self._dataset = None
+        if isinstance(data, tf.data.Dataset):
+            self._init_dataset(data)
+        elif isinstance(data, (tuple, list)):
+            self._init_arrays(data)
+        else:
+            raise TypeError(
+                f"Argument `{name}` must be a tuple `(x, y)` of arrays or a "
+                "`tf.data.Dataset` of `(x, y)` batches. "
+                f"Received: {name} of type {type(data).__name__}"
+            )
+
+    # -- construction -------------------------------------------------------
+    def _init_arrays(self, data):
+        if len(data) != 2:
+            raise ValueError(
+                f"Argument `{self.name}` must be a pair `(x, y)`; labels are "
+                f"required to compute losses. Received a sequence of {len(data)} items."
+            )
+        x, y = (np.asarray(a) for a in data)
+        if x.ndim == 0 or y.ndim == 0:
+            raise ValueError(f"Argument `{self.name}`: `x` and `y` must be arrays.")
+        if len(x) != len(y):
+            raise ValueError(
+                f"Argument `{self.name}`: `x` and `y` must have the same number of "
+                f"examples. Received: len(x)={len(x)}, len(y)={len(y)}"
+            )
+        if len(x) == 0:
+            raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
+        for label, arr in (("x", x), ("y", y)):
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise ValueError(
+                    f"Argument `{self.name}`: `{label}` contains NaN or inf values."
+                )
+        if x.dtype == np.float64:
+            x = x.astype(np.float32)
+        self._arrays = (x, y)
+        self.num_examples = len(x)
+
+    def _init_dataset(self, ds: tf.data.Dataset):
+        spec = ds.element_spec
+        if not isinstance(spec, tuple) or len(spec) != 2:
+            raise ValueError(
+                f"Argument `{self.name}` must yield `(x, y)` pairs; labels are "
+                f"required to compute losses. Received element_spec={spec}"
+            )
+        card = int(ds.cardinality())
+        if card == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                f"Argument `{self.name}` is infinite (it uses `repeat()`); GEX "
+                "scores every example once. Pass the dataset without `repeat()`."
+            )
+        if card == 0:
+            raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
+        self._dataset = ds
+        self.num_examples = None  # known after the first ordered pass
+
+    # -- checks that need the model ------------------------------------------
+    def check_against_model(self, model) -> None:
+        """Refuses unbatched datasets by comparing ranks with the model input."""
+        inputs = getattr(model, "inputs", None)
+        if self._dataset is None or not inputs:
+            return
+        x_spec = self._dataset.element_spec[0]
+        if not isinstance(x_spec, tf.TensorSpec):
+            return
+        want = len(inputs[0].shape)
+        got = x_spec.shape.rank
+        if got is not None and got == want - 1:
+            raise ValueError(
+                f"Argument `{self.name}` looks unbatched: its inputs have rank "
+                f"{got} but the model expects batches of rank {want}. "
+                "Call `.batch(batch_size)` on the dataset."
+            )
+
+    def check_ordered(self) -> None:
+        """Refuses datasets whose order changes between iterations."""
+        if self._dataset is not None and reshuffles_each_iteration(self._dataset):
+            raise ValueError(
+                f"Argument `{self.name}` reshuffles on every iteration "
+                "(`shuffle(..., reshuffle_each_iteration=True)`), so scores could "
+                "not be matched to examples. Pass the dataset without `shuffle()` "
+                "(the fine-tuning shuffles on its own), or with "
+                "`reshuffle_each_iteration=False`."
+            )
+
+    # -- views ------------------------------------------------------------------
+    def ordered(self) -> tf.data.Dataset:
+        """Every example once, in order, batched."""
+        if self._arrays is not None:
+            x, y = self._arrays
+            ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(self.batch_size)
+        else:
+            ds = self._dataset
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def shuffled(self, batch_size: int, seed: int | None) -> tf.data.Dataset:
+        """An endless stream of shuffled mini-batches of exactly `batch_size`."""
+        if self._arrays is not None:
+            x, y = self._arrays
+            n = len(x)
+            ds = tf.data.Dataset.from_tensor_slices((x, y))
+            buffer = n
+        else:
+            ds = self._dataset.unbatch()
+            n = self.num_examples
+            buffer = min(n, _SHUFFLE_BUFFER) if n else _SHUFFLE_BUFFER
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def count_examples(self) -> int:
+        """Number of examples (one pass over a dataset's labels, cached)."""
+        if self.num_examples is None:
+            total = 0
+            for _, y in self._dataset:
+                total += int(tf.shape(y)[0])
+            if total == 0:
+                raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
+            self.num_examples = total
+        return self.num_examples
+
+    def first_batch(self):
+        """The first `(x, y)` batch of the ordered view."""
+        for batch in self.ordered().take(1):
+            return batch
+        raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")

@@ -1,0 +1,92 @@
+"""`detect_noisy`: self-influence scores, an Otsu threshold, flagged examples."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_gex import _validation
+from keras_gex.ensemble import GeometricEnsemble
+from keras_gex.report import NoisyLabelReport
+from keras_gex.thresholding import threshold_scores
+
+
+def detect_noisy(
+    train_data,
+    ensemble,
+    *,
+    threshold="otsu_sqrt",
+    batch_size: int | None = None,
+    reference_floor: float = 0.0,
+    verbose="auto",
+    **collect_kwargs,
+) -> NoisyLabelReport:
+    """Scores every training example by GEX self-influence and flags outliers.
+
+    Args:
+        train_data: `(x, y)` arrays or a `tf.data.Dataset` of `(x, y)` batches,
+            in the order the scores should have (a dataset that reshuffles on
+            every iteration is refused).
+        ensemble: A `GeometricEnsemble` (e.g. `collector.ensemble`), or a
+            trained `keras.Model`, in which case the ensemble is collected
+            post hoc from `train_data` with `collect_kwargs`.
+        threshold: How to cut the scores: "otsu_sqrt" (Otsu on the root-mean-
+            square deviation sqrt(score)), "otsu" (Otsu on raw scores, the
+            paper's rule; measured on digits it misses ~30% of the flips),
+            "otsu_log", or a number (a cut on raw scores). Defaults to
+            `"otsu_sqrt"`.
+        batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+        reference_floor: Clamp for ℓ(z, θ*) (see
+            `GeometricEnsemble.deviations`). Defaults to `0.0`.
+        verbose: 0, or 1 / "auto" for progress. Defaults to `"auto"`.
+        **collect_kwargs: Arguments of `GeometricEnsemble.collect` when
+            `ensemble` is a model (`num_members`, `steps`, `learning_rate`, ...).
+
+    Returns:
+        A `NoisyLabelReport`; `report.scores` is higher for more suspect rows.
+
+    Raises:
+        TypeError: If `ensemble` is neither a `GeometricEnsemble` nor a model.
+        ValueError: For invalid data or arguments (see messages).
+    """
+    if isinstance(ensemble, keras.Model):
+        ensemble = GeometricEnsemble.collect(
+            ensemble, train_data, verbose=verbose, **collect_kwargs
+        )
+    elif not isinstance(ensemble, GeometricEnsemble):
+        raise TypeError(
+            "Argument `ensemble` must be a `keras_gex.GeometricEnsemble` or a trained "
+            f"`keras.Model`. Received: ensemble of type {type(ensemble).__name__}"
+        )
+    elif collect_kwargs:
+        raise TypeError(
+            f"Collection arguments {sorted(collect_kwargs)} only apply when "
+            "`ensemble` is a model; this ensemble is already collected."
+        )
+    if isinstance(threshold, str):
+        _validation.one_of("threshold", threshold, ("otsu", "otsu_sqrt", "otsu_log"))
+    dev = ensemble.deviations(
+        train_data,
+        batch_size=batch_size,
+        reference_floor=reference_floor,
+        with_predictions=True,
+        verbose=verbose,
+    )
+    scores = dev.self_influence
+    cut = threshold_scores(scores, threshold)
+    return NoisyLabelReport(
+        scores=scores,
+        threshold=cut,
+        noisy_mask=scores > cut,
+        deviations=dev.deviations,
+        reference_losses=dev.reference_losses,
+        labels=dev.labels,
+        predictions=dev.predictions,
+        threshold_method=threshold,
+        info=ensemble.info,
+        loss_kind=ensemble.loss.kind,
+        from_logits=ensemble.loss.from_logits,
+    )
+
+
+__all__ = ["detect_noisy"]

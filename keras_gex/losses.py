@@ -1,0 +1,211 @@
+"""Per-example losses: turn whatever the user compiled into ``loss(y, y_pred) -> (B,)``.
+
+GEX needs the model's own training loss evaluated per example (reduction none).
+`resolve_loss` accepts a Keras `Loss` instance, a loss name, or any callable
+and returns a `PerExampleLoss` whose call always yields one value per example
+(non-batch axes are averaged, as Keras does for the reduction it replaces).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+_SPARSE_CE = "sparse_categorical_crossentropy"
+_CE = "categorical_crossentropy"
+_BCE = "binary_crossentropy"
+_CLASSIFICATION_KINDS = (_SPARSE_CE, _CE, _BCE)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerExampleLoss:
+    """A loss evaluated per example, plus what kind of task it implies.
+
+    Attributes:
+        fn: Callable `(y_true, y_pred) -> tensor` with no reduction.
+        kind: One of "sparse_categorical_crossentropy", "categorical_crossentropy",
+            "binary_crossentropy" or "other". Decides how "still fit" is measured
+            during calibration and which relabeling applies.
+        from_logits: Whether predictions are logits (classification kinds only).
+        name: A readable name, recorded in ensemble metadata.
+    """
+
+    fn: Callable
+    kind: str
+    from_logits: bool
+    name: str
+
+    def __call__(self, y_true, y_pred):
+        values = self.fn(y_true, y_pred)
+        values = tf.convert_to_tensor(values)
+        rank = values.shape.rank
+        if rank is not None and rank > 1:
+            values = tf.reduce_mean(values, axis=list(range(1, rank)))
+        return tf.cast(values, "float32")
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind in _CLASSIFICATION_KINDS
+
+    def fit_mask(self, y_true, y_pred):
+        """Per-example fraction of labels the prediction gets right (float32, (B,)).
+
+        Only defined for classification losses; used to judge how far a
+        fine-tuned member has left the memorising basin.
+        """
+        if self.kind == _SPARSE_CE:
+            y = tf.reshape(tf.cast(y_true, "int64"), [-1])
+            pred = tf.argmax(y_pred, axis=-1)
+            return tf.cast(tf.equal(pred, y), "float32")
+        if self.kind == _CE:
+            pred = tf.argmax(y_pred, axis=-1)
+            return tf.cast(tf.equal(pred, tf.argmax(y_true, axis=-1)), "float32")
+        if self.kind == _BCE:
+            cut = 0.0 if self.from_logits else 0.5
+            pred = tf.cast(y_pred > cut, "float32")
+            y = tf.cast(tf.cast(y_true, "float32") > 0.5, "float32")
+            same = tf.cast(tf.equal(pred, y), "float32")
+            rank = same.shape.rank
+            if rank is not None and rank > 1:
+                same = tf.reduce_mean(same, axis=list(range(1, rank)))
+            return same
+        raise ValueError(f"fit_mask is undefined for loss kind {self.kind!r}")
+
+
+def _kind_of(name: str) -> str:
+    name = name.lower()
+    for kind in _CLASSIFICATION_KINDS:
+        if name in (kind, "".join(p.capitalize() for p in kind.split("_")).lower()):
+            return kind
+    return "other"
+
+
+def resolve_loss(model: keras.Model, loss=None) -> PerExampleLoss:
+    """Returns the per-example version of `loss`, or of the model's compiled loss.
+
+    Args:
+        model: The trained model. Its compiled loss is used when `loss` is None.
+        loss: A `keras.losses.Loss`, a loss name, or a callable
+            `(y_true, y_pred) -> per-example values`. Defaults to `None`.
+
+    Returns:
+        A `PerExampleLoss`.
+
+    Raises:
+        ValueError: If no loss is available, or the loss is a dict/list
+            (multi-output models are not supported).
+    """
+    if loss is None:
+        loss = getattr(model, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "The model is not compiled with a loss and no `loss=` was given. "
+            "Call `model.compile(loss=...)` or pass `loss=` explicitly."
+        )
+    if isinstance(loss, (dict, list, tuple)):
+        raise ValueError(
+            "keras_gex supports a single loss for a single-output model. "
+            f"Received: loss={loss!r}"
+        )
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+        if loss is None:
+            raise ValueError(f"Unknown loss name. Received: loss={loss!r}")
+
+    if isinstance(loss, keras.losses.Loss):
+        config = loss.get_config()
+        config["reduction"] = None
+        try:
+            unreduced = loss.__class__.from_config(config)
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            raise ValueError(
+                f"Could not rebuild loss {loss.__class__.__name__} with "
+                "`reduction=None`; pass a per-example `loss=` callable instead."
+            ) from err
+        if isinstance(loss, SoftTargetCrossentropy):
+            return PerExampleLoss(unreduced, _CE, loss.from_logits, loss.__class__.__name__)
+        fn_name = getattr(getattr(loss, "fn", None), "__name__", "")
+        kind = _kind_of(fn_name) if fn_name else _kind_of(loss.__class__.__name__)
+        if kind == "other":
+            kind = _kind_of(loss.__class__.__name__)
+        from_logits = bool(config.get("from_logits", False))
+        return PerExampleLoss(unreduced, kind, from_logits, loss.__class__.__name__)
+
+    if callable(loss):
+        name = getattr(loss, "__name__", loss.__class__.__name__)
+        return PerExampleLoss(loss, _kind_of(name), False, name)
+
+    raise ValueError(
+        "Argument `loss` must be a Keras loss, a loss name or a callable. "
+        f"Received: loss={loss!r}"
+    )
+
+
+def check_per_example(loss: PerExampleLoss, y_true, y_pred) -> None:
+    """Evaluates the loss once, eagerly, and refuses reduced or non-finite output.
+
+    Called at the public entry on the first batch so that a loss that
+    returns a scalar (already reduced) cannot silently broadcast.
+    """
+    raw = tf.convert_to_tensor(loss.fn(y_true, y_pred))
+    batch = int(tf.shape(y_pred)[0])
+    if raw.shape.rank == 0 or (raw.shape[0] is not None and raw.shape[0] != batch):
+        raise ValueError(
+            "The loss must return one value per example (reduction=None), but it "
+            f"returned shape {tuple(raw.shape)} for a batch of {batch}. Pass a "
+            "`keras.losses.Loss` instance or a per-example callable."
+        )
+    values = np.asarray(loss(y_true, y_pred))
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            "The model's loss is not finite on some examples of the first batch "
+            "(NaN or inf in the inputs, labels or predictions). Clean the data "
+            "before computing GEX scores."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_gex")
+class SoftTargetCrossentropy(keras.losses.Loss):
+    """Cross-entropy ``−Σ_k y_k log φ_k`` that is exact for unnormalised targets.
+
+    Kong et al.'s relabeled targets do not sum to one. TensorFlow's fused
+    softmax cross-entropy (used by `keras.losses.CategoricalCrossentropy`
+    with `from_logits=True`) back-propagates `softmax − y`, the gradient only
+    when `Σ_k y_k = 1`; on unnormalised rows it pushes every logit down at
+    each step and training diverges (measured on digits: loss 1.7 → 415 in
+    150 epochs, test accuracy 0.18). This loss differentiates the formula
+    itself, giving `(Σ_k y_k) φ − y`.
+
+    Args:
+        from_logits: Whether predictions are logits. Defaults to `True`.
+        reduction: Keras reduction. Defaults to `"sum_over_batch_size"`.
+        name: Loss name. Defaults to `"soft_target_crossentropy"`.
+    """
+
+    def __init__(
+        self,
+        from_logits: bool = True,
+        reduction="sum_over_batch_size",
+        name: str = "soft_target_crossentropy",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = from_logits
+
+    def call(self, y_true, y_pred):
+        y_pred = keras.ops.convert_to_tensor(y_pred)
+        y_true = keras.ops.cast(y_true, y_pred.dtype)
+        if self.from_logits:
+            log_p = keras.ops.log_softmax(y_pred, axis=-1)
+        else:
+            log_p = keras.ops.log(keras.ops.clip(y_pred, 1e-7, 1.0))
+        return -keras.ops.sum(y_true * log_p, axis=-1)
+
+    def get_config(self):
+        config = super().get_config()
+        config["from_logits"] = self.from_logits
+        return config

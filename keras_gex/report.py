@@ -1,0 +1,181 @@
+"""`NoisyLabelReport`: scores, threshold and flags, with a summary and a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from keras_gex.plots import plot_self_influence
+from keras_gex.relabel import distillation_targets, relabel
+
+
+def _softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclasses.dataclass
+class NoisyLabelReport:
+    """The result of `detect_noisy`, in dataset order.
+
+    Attributes:
+        scores: `(N,)` self-influence; **higher = more likely mislabeled**.
+        threshold: Cut on `scores`; rows strictly above it are flagged.
+        noisy_mask: `(N,)` bool, True for flagged rows.
+        deviations: `(N, M)` loss deviations Δ(z, m).
+        reference_losses: `(N,)` loss of the trained model ℓ(z, θ*).
+        labels: Labels in dataset order.
+        predictions: θ*'s outputs in dataset order (logits or probabilities,
+            as the model returns them).
+        threshold_method: How `threshold` was chosen.
+        info: Ensemble hyperparameters and diagnostics.
+        loss_kind: Kind of loss ("sparse_categorical_crossentropy", ...).
+        from_logits: Whether `predictions` are logits.
+    """
+
+    scores: np.ndarray
+    threshold: float
+    noisy_mask: np.ndarray
+    deviations: np.ndarray
+    reference_losses: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray | None
+    threshold_method: object
+    info: dict
+    loss_kind: str = "other"
+    from_logits: bool = False
+
+    @property
+    def num_flagged(self) -> int:
+        return int(self.noisy_mask.sum())
+
+    @property
+    def noisy_indices(self) -> np.ndarray:
+        """Flagged row indices, most self-influential first."""
+        idx = np.flatnonzero(self.noisy_mask)
+        return idx[np.argsort(-self.scores[idx], kind="stable")]
+
+    def ranking(self) -> np.ndarray:
+        """All row indices, most self-influential (most suspect) first."""
+        return np.argsort(-self.scores, kind="stable")
+
+    def pred_probs(self) -> np.ndarray:
+        """θ*'s predicted probabilities `(N, K)` (softmax/sigmoid applied if logits)."""
+        if self.predictions is None:
+            raise ValueError("This report holds no predictions.")
+        p = np.asarray(self.predictions, dtype=np.float64)
+        if not self.from_logits:
+            return p
+        if self.loss_kind == "binary_crossentropy":
+            return 1.0 / (1.0 + np.exp(-p))
+        return _softmax(p)
+
+    def relabeled_targets(self) -> np.ndarray:
+        """Training targets with flagged rows relabeled.
+
+        Kong et al.'s function for softmax cross-entropy models; distillation
+        targets (θ*'s probabilities) for binary cross-entropy / multi-label.
+        """
+        if self.predictions is None:
+            raise ValueError("This report holds no predictions to relabel with.")
+        if self.loss_kind == "binary_crossentropy":
+            return distillation_targets(self.labels, self.pred_probs(), self.noisy_mask)
+        if self.loss_kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+            if self.from_logits:
+                return relabel(
+                    self.labels, self.predictions, self.noisy_mask, from_logits=True
+                )
+            return relabel(self.labels, self.predictions, self.noisy_mask)
+        raise ValueError(
+            f"Relabeling needs a classification loss; this model's loss kind is "
+            f"{self.loss_kind!r}. Drop the flagged rows instead "
+            "(`~report.noisy_mask`)."
+        )
+
+    def summary(self, print_fn=print) -> str:
+        """Prints and returns a readable summary with ensemble diagnostics."""
+        n = len(self.scores)
+        q = np.quantile(self.scores, [0.5, 0.9, 0.99])
+        lines = [
+            "GEX noisy-label report",
+            f"  examples: {n}   flagged: {self.num_flagged} ({self.num_flagged / n:.1%})",
+            f"  threshold: {self.threshold:.4g} ({self.threshold_method})",
+            f"  self-influence: median {q[0]:.3g}, p90 {q[1]:.3g}, p99 {q[2]:.3g}, "
+            f"max {self.scores.max():.3g}",
+        ]
+        info = self.info
+        if info:
+            lr = info.get("learning_rate")
+            lines.append(
+                f"  ensemble: M={info.get('num_members')} members, T={info.get('steps')} "
+                f"steps, lr={lr:.4g} ({'calibrated' if info.get('learning_rate_requested') == 'auto' else 'given'}), "
+                f"batch {info.get('batch_size')}"
+            )
+            ref = info.get("reference_stats") or {}
+            stats = info.get("member_stats") or []
+            if stats:
+                fits = [s["fit"] for s in stats if s.get("fit") is not None]
+                losses = [s["loss"] for s in stats]
+                ref_fit = ref.get("fit")
+                text = f"  members: mean loss {np.mean(losses):.4f} (θ*: {ref.get('loss', float('nan')):.4f})"
+                if fits and ref_fit:
+                    text += f", fit {np.mean(fits):.3f} (θ*: {ref_fit:.3f})"
+                lines.append(text)
+            for warning in self.diagnostics():
+                lines.append(f"  WARNING: {warning}")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def diagnostics(self) -> list:
+        """Warnings about the ensemble that make scores less trustworthy."""
+        out = []
+        stats = self.info.get("member_stats") or []
+        ref = self.info.get("reference_stats") or {}
+        window = self.info.get("fit_window")
+        ref_fit = ref.get("fit")
+        if stats and ref_fit and window:
+            rel = [s["fit"] / ref_fit for s in stats if s.get("fit") is not None]
+            if rel and np.mean(rel) > window[1]:
+                out.append(
+                    f"members still fit {np.mean(rel):.1%} of what θ* fits: they barely "
+                    "left θ*, so deviations may not separate noisy labels. Increase "
+                    "`learning_rate` or `steps`."
+                )
+            if rel and np.mean(rel) < window[0]:
+                out.append(
+                    f"members fit only {np.mean(rel):.1%} of what θ* fits: fine-tuning "
+                    "moved far from θ*; decrease `learning_rate`."
+                )
+        spread = np.std(self.deviations)
+        if spread == 0:
+            out.append("all loss deviations are zero: the members equal θ*.")
+        return out
+
+    def plot(self, *, log_x: bool = True, known_noisy=None, ax=None, path=None):
+        """Histogram of the scores with the threshold; saves a PNG if `path`.
+
+        Args:
+            log_x: Log-scaled score axis. Defaults to `True`.
+            known_noisy: Optional ground-truth mask to outline. Defaults to `None`.
+            ax: Matplotlib axes to draw on. Defaults to `None`.
+            path: File to save the figure to. Defaults to `None`.
+
+        Returns:
+            The matplotlib `Figure`.
+        """
+        fig = plot_self_influence(
+            self.scores,
+            self.threshold,
+            noisy_mask=self.noisy_mask,
+            known_noisy=known_noisy,
+            log_x=log_x,
+            ax=ax,
+        )
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
