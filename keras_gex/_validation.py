@@ -33,8 +33,7 @@ def non_negative_int(name: str, value) -> int:
         or value < 0
     ):
         raise ValueError(
-            f"Argument `{name}` must be a non-negative integer. "
-            f"Received: {name}={value!r}"
+            f"Argument `{name}` must be a non-negative integer. Received: {name}={value!r}"
         )
     return int(value)
 
@@ -48,8 +47,7 @@ def positive_float(name: str, value) -> float:
         or value <= 0
     ):
         raise ValueError(
-            f"Argument `{name}` must be a positive finite number. "
-            f"Received: {name}={value!r}"
+            f"Argument `{name}` must be a positive finite number. Received: {name}={value!r}"
         )
     return float(value)
 
@@ -61,9 +59,7 @@ def fraction(name: str, value, *, inclusive_low: bool = True) -> float:
     ok = ok and (value >= 0 if inclusive_low else value > 0)
     if not ok:
         low = "[0, 1)" if inclusive_low else "(0, 1)"
-        raise ValueError(
-            f"Argument `{name}` must be a number in {low}. Received: {name}={value!r}"
-        )
+        raise ValueError(f"Argument `{name}` must be a number in {low}. Received: {name}={value!r}")
     return float(value)
 
 
@@ -71,8 +67,7 @@ def one_of(name: str, value, choices) -> str:
     """Raises `ValueError` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(
-            f"Argument `{name}` must be one of {sorted(choices)}. "
-            f"Received: {name}={value!r}"
+            f"Argument `{name}` must be one of {sorted(choices)}. Received: {name}={value!r}"
         )
     return value
 
@@ -83,8 +78,7 @@ def verbose_level(value) -> int:
         return 1
     if isinstance(value, bool) or value not in (0, 1, 2):
         raise ValueError(
-            "Argument `verbose` must be one of 'auto', 0, 1 or 2. "
-            f"Received: verbose={value!r}"
+            f"Argument `verbose` must be one of 'auto', 0, 1 or 2. Received: verbose={value!r}"
         )
     return int(value)
 
@@ -100,9 +94,7 @@ def finite_1d(name: str, values) -> np.ndarray:
     """Returns `values` as a finite float64 1-D array with at least one entry."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1:
-        raise ValueError(
-            f"Argument `{name}` must be 1-D. Received: {name} with shape {arr.shape}"
-        )
+        raise ValueError(f"Argument `{name}` must be 1-D. Received: {name} with shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"Argument `{name}` must not be empty.")
     if not np.all(np.isfinite(arr)):

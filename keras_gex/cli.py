@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
             "GEXCollector, detect the flips, relabel and retrain."
         ),
     )
-    demo.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped (default 0.1)")
+    demo.add_argument(
+        "--noise", type=float, default=0.1, help="fraction of labels flipped (default 0.1)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--epochs", type=int, default=150, help="training epochs (default 150)")
     demo.add_argument("--members", type=int, default=8, help="GE members M (default 8)")

@@ -66,8 +66,8 @@ class MemberStats:
 
 def _flatten_layers(model):
     try:
-        return list(model._flatten_layers(include_self=False, recursive=True))  # noqa: SLF001
-    except Exception:  # noqa: BLE001
+        return list(model._flatten_layers(include_self=False, recursive=True))
+    except Exception:
         out, stack = [], list(model.layers)
         while stack:
             layer = stack.pop()
@@ -112,9 +112,7 @@ class FineTuner:
         self.loss = loss
         self.momentum = float(momentum)
         self.tv = [tf.Variable(v.numpy(), trainable=True) for v in model.trainable_variables]
-        self.ntv = [
-            tf.Variable(v.numpy(), trainable=False) for v in model.non_trainable_variables
-        ]
+        self.ntv = [tf.Variable(v.numpy(), trainable=False) for v in model.non_trainable_variables]
         self.velocity = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.tv]
         self._bn = batchnorm_layers(model)
         ids = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
@@ -333,26 +331,23 @@ def collect_members(
             retries += 1
             warnings.warn(
                 f"GE member {index} diverged (non-finite loss or weights) at "
-                f"learning_rate={lr:.4g}; it was dropped and retried at half the "
-                "step size.",
+                f"learning_rate={lr:.4g}; it was dropped and retried at a quarter "
+                "of the step size.",
                 stacklevel=3,
             )
-            if retries > 3:
+            if retries > 6:
                 raise RuntimeError(
                     "Fine-tuning diverged repeatedly; the model's loss may be "
                     "non-finite on the training data. Pass a smaller `learning_rate`."
                 )
-            lr /= 2.0
+            lr /= 4.0
             continue
         members.append(weights)
         stats.append(member_stats)
         if chain:
             previous = weights
         fit = "" if member_stats.fit is None else f", fit {member_stats.fit:.3f}"
-        log(
-            f"member {index + 1}/{num_members}: lr {lr:.4g}, "
-            f"loss {member_stats.loss:.4f}{fit}"
-        )
+        log(f"member {index + 1}/{num_members}: lr {lr:.4g}, loss {member_stats.loss:.4f}{fit}")
     return CollectionResult(
         reference,
         members,

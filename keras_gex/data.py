@@ -31,8 +31,8 @@ def _dataset_nodes(ds: tf.data.Dataset):
         seen.add(id(node))
         yield node
         try:
-            stack.extend(node._inputs())  # noqa: SLF001 - no public graph walk
-        except Exception:  # noqa: BLE001 - unknown dataset kinds have no inputs
+            stack.extend(node._inputs())
+        except Exception:
             pass
 
 
@@ -59,9 +59,7 @@ class DataSource:
 
     def __init__(self, data, batch_size: int | None = None, name: str = "data"):
         self.name = name
-        self.batch_size = _validation.positive_int(
-            "batch_size", batch_size or DEFAULT_BATCH_SIZE
-        )
+        self.batch_size = _validation.positive_int("batch_size", batch_size or DEFAULT_BATCH_SIZE)
         self._arrays = None
         self._dataset = None
         if isinstance(data, tf.data.Dataset):
@@ -94,9 +92,7 @@ class DataSource:
             raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
         for label, arr in (("x", x), ("y", y)):
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-                raise ValueError(
-                    f"Argument `{self.name}`: `{label}` contains NaN or inf values."
-                )
+                raise ValueError(f"Argument `{self.name}`: `{label}` contains NaN or inf values.")
         if x.dtype == np.float64:
             x = x.astype(np.float32)
         self._arrays = (x, y)

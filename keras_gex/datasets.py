@@ -50,7 +50,7 @@ def flip_labels(
     noise = _validation.fraction("noise", noise)
     labels = np.asarray(labels).astype(np.int64)
     rng = np.random.default_rng(seed)
-    n_flip = int(round(noise * len(labels)))
+    n_flip = round(noise * len(labels))
     idx = rng.choice(len(labels), size=n_flip, replace=False)
     shift = rng.integers(1, num_classes, size=n_flip)
     noisy = labels.copy()
@@ -83,7 +83,7 @@ def noisy_digits(
     y = digits.target.astype(np.int64)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
-    n_test = int(round(test_fraction * len(x)))
+    n_test = round(test_fraction * len(x))
     test, train = order[:n_test], order[n_test:]
     y_noisy, mask = flip_labels(y[train], noise, 10, seed=seed + 1)
     if image:

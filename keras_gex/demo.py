@@ -106,9 +106,7 @@ def run_demo(
         (data.x_train, y_noisy), num_members=num_members, seed=seed, verbose=verbose
     )
     say(f"training a 64-256-256-{k} MLP for {epochs} epochs, then collecting the GE ...")
-    model.fit(
-        data.x_train, y_noisy, epochs=epochs, batch_size=64, verbose=0, callbacks=[collector]
-    )
+    model.fit(data.x_train, y_noisy, epochs=epochs, batch_size=64, verbose=0, callbacks=[collector])
     acc_noisy = _test_accuracy(model, data.x_test, data.y_test)
 
     report = keras_gex.detect_noisy((data.x_train, y_noisy), collector.ensemble, verbose=0)
@@ -126,9 +124,7 @@ def run_demo(
     relabeled.fit(data.x_train, targets, epochs=epochs, batch_size=64, verbose=0)
     acc_relabeled = _test_accuracy(relabeled, data.x_test, data.y_test)
     clean = _mlp(k, seed)
-    clean.fit(
-        data.x_train, one_hot(data.y_train_clean, k), epochs=epochs, batch_size=64, verbose=0
-    )
+    clean.fit(data.x_train, one_hot(data.y_train_clean, k), epochs=epochs, batch_size=64, verbose=0)
     acc_clean = _test_accuracy(clean, data.x_test, data.y_test)
 
     if plot_path:
@@ -148,6 +144,14 @@ def run_demo(
         say(f"histogram written to {plot_path}")
     say(f"done in {seconds:.0f} s")
     return DemoResult(
-        auc, ap, precision, recall, int(flagged.sum()), acc_noisy, acc_relabeled,
-        acc_clean, plot_path, seconds,
+        auc,
+        ap,
+        precision,
+        recall,
+        int(flagged.sum()),
+        acc_noisy,
+        acc_relabeled,
+        acc_clean,
+        plot_path,
+        seconds,
     )

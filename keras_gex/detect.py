@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 
 from keras_gex import _validation
 from keras_gex.ensemble import GeometricEnsemble

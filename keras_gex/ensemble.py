@@ -20,7 +20,7 @@ from keras_gex.collect import (
 )
 from keras_gex.data import DataSource
 from keras_gex.losses import PerExampleLoss, resolve_loss
-from keras_gex.scoring import Scorer, ScoredLosses
+from keras_gex.scoring import ScoredLosses, Scorer
 
 #: Defaults of the fine-tuning (see `GEXCollector` for their meaning).
 DEFAULTS = dict(
@@ -107,7 +107,7 @@ class GeometricEnsemble:
         bn_batches: int = DEFAULTS["bn_batches"],
         loss=None,
         verbose="auto",
-    ) -> "GeometricEnsemble":
+    ) -> GeometricEnsemble:
         """Fine-tunes `num_members` copies of the trained `model` (post hoc GEX).
 
         Args:
@@ -194,9 +194,7 @@ class GeometricEnsemble:
         verbose = _validation.verbose_level(verbose)
         source = DataSource(data, batch_size=batch_size)
         source.check_against_model(self.model)
-        return self._get_scorer().score(
-            source, with_predictions=with_predictions, verbose=verbose
-        )
+        return self._get_scorer().score(source, with_predictions=with_predictions, verbose=verbose)
 
     def deviations(
         self,
@@ -224,9 +222,12 @@ class GeometricEnsemble:
         Returns:
             A `Deviations`.
         """
-        if isinstance(reference_floor, bool) or not isinstance(
-            reference_floor, (int, float)
-        ) or not np.isfinite(reference_floor) or reference_floor < 0:
+        if (
+            isinstance(reference_floor, bool)
+            or not isinstance(reference_floor, (int, float))
+            or not np.isfinite(reference_floor)
+            or reference_floor < 0
+        ):
             raise ValueError(
                 "Argument `reference_floor` must be a non-negative number. "
                 f"Received: reference_floor={reference_floor!r}"
@@ -260,6 +261,5 @@ class GeometricEnsemble:
         lr = self.info.get("learning_rate")
         lr_text = f", learning_rate={lr:.4g}" if isinstance(lr, float) else ""
         return (
-            f"<GeometricEnsemble model={self.model.name!r} "
-            f"num_members={self.num_members}{lr_text}>"
+            f"<GeometricEnsemble model={self.model.name!r} num_members={self.num_members}{lr_text}>"
         )

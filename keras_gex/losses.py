@@ -9,7 +9,7 @@ and returns a `PerExampleLoss` whose call always yields one value per example
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -108,8 +108,7 @@ def resolve_loss(model: keras.Model, loss=None) -> PerExampleLoss:
         )
     if isinstance(loss, (dict, list, tuple)):
         raise ValueError(
-            "keras_gex supports a single loss for a single-output model. "
-            f"Received: loss={loss!r}"
+            f"keras_gex supports a single loss for a single-output model. Received: loss={loss!r}"
         )
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
@@ -121,7 +120,7 @@ def resolve_loss(model: keras.Model, loss=None) -> PerExampleLoss:
         config["reduction"] = None
         try:
             unreduced = loss.__class__.from_config(config)
-        except Exception as err:  # noqa: BLE001 - re-raised with context
+        except Exception as err:
             raise ValueError(
                 f"Could not rebuild loss {loss.__class__.__name__} with "
                 "`reduction=None`; pass a per-example `loss=` callable instead."
@@ -140,8 +139,7 @@ def resolve_loss(model: keras.Model, loss=None) -> PerExampleLoss:
         return PerExampleLoss(loss, _kind_of(name), False, name)
 
     raise ValueError(
-        "Argument `loss` must be a Keras loss, a loss name or a callable. "
-        f"Received: loss={loss!r}"
+        f"Argument `loss` must be a Keras loss, a loss name or a callable. Received: loss={loss!r}"
     )
 
 

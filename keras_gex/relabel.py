@@ -106,9 +106,7 @@ def relabel(labels, pred_probs, noisy_mask, *, from_logits: bool = False) -> np.
     n, k = pred.shape
     y, _ = _as_class_labels(labels, k)
     if len(y) != n:
-        raise ValueError(
-            f"Arguments `labels` and `pred_probs` disagree on N: {len(y)} vs {n}."
-        )
+        raise ValueError(f"Arguments `labels` and `pred_probs` disagree on N: {len(y)} vs {n}.")
     mask = _check_mask(noisy_mask, n)
     targets = np.zeros((n, k), dtype=np.float64)
     targets[np.arange(n), y] = 1.0

@@ -85,9 +85,7 @@ class NoisyLabelReport:
             return distillation_targets(self.labels, self.pred_probs(), self.noisy_mask)
         if self.loss_kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
             if self.from_logits:
-                return relabel(
-                    self.labels, self.predictions, self.noisy_mask, from_logits=True
-                )
+                return relabel(self.labels, self.predictions, self.noisy_mask, from_logits=True)
             return relabel(self.labels, self.predictions, self.noisy_mask)
         raise ValueError(
             f"Relabeling needs a classification loss; this model's loss kind is "
@@ -109,10 +107,10 @@ class NoisyLabelReport:
         info = self.info
         if info:
             lr = info.get("learning_rate")
+            how = "calibrated" if info.get("learning_rate_requested") == "auto" else "given"
             lines.append(
                 f"  ensemble: M={info.get('num_members')} members, T={info.get('steps')} "
-                f"steps, lr={lr:.4g} ({'calibrated' if info.get('learning_rate_requested') == 'auto' else 'given'}), "
-                f"batch {info.get('batch_size')}"
+                f"steps, lr={lr:.4g} ({how}), batch {info.get('batch_size')}"
             )
             ref = info.get("reference_stats") or {}
             stats = info.get("member_stats") or []
@@ -120,7 +118,8 @@ class NoisyLabelReport:
                 fits = [s["fit"] for s in stats if s.get("fit") is not None]
                 losses = [s["loss"] for s in stats]
                 ref_fit = ref.get("fit")
-                text = f"  members: mean loss {np.mean(losses):.4f} (θ*: {ref.get('loss', float('nan')):.4f})"
+                ref_loss = ref.get("loss", float("nan"))
+                text = f"  members: mean loss {np.mean(losses):.4f} (θ*: {ref_loss:.4f})"
                 if fits and ref_fit:
                     text += f", fit {np.mean(fits):.3f} (θ*: {ref_fit:.3f})"
                 lines.append(text)

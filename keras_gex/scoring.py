@@ -54,7 +54,7 @@ def _signature(spec):
 
     def relax(s):
         if isinstance(s, tf.TensorSpec) and s.shape.rank:
-            return tf.TensorSpec([None] + list(s.shape[1:]), s.dtype)
+            return tf.TensorSpec([None, *s.shape[1:]], s.dtype)
         return s
 
     return tf.nest.map_structure(relax, spec)
@@ -114,9 +114,7 @@ class Scorer:
         source.check_ordered()
         ds = source.ordered()
         first = source.first_batch()
-        check_per_example(
-            self.loss, first[1], self.model.stateless_call(*self._ref, first[0])[0]
-        )
+        check_per_example(self.loss, first[1], self.model.stateless_call(*self._ref, first[0])[0])
         fn = self._step if eager else self.function_for(ds.element_spec)
         total = source.num_examples
         bar = keras.utils.Progbar(total, unit_name="example") if verbose else None

@@ -20,14 +20,14 @@ class WeightSet:
     non_trainable: list
 
     @classmethod
-    def from_model(cls, model) -> "WeightSet":
+    def from_model(cls, model) -> WeightSet:
         return cls(
             [np.array(v.numpy()) for v in model.trainable_variables],
             [np.array(v.numpy()) for v in model.non_trainable_variables],
         )
 
     @classmethod
-    def from_variables(cls, trainable, non_trainable) -> "WeightSet":
+    def from_variables(cls, trainable, non_trainable) -> WeightSet:
         return cls(
             [np.array(v.numpy()) for v in trainable],
             [np.array(v.numpy()) for v in non_trainable],
@@ -40,7 +40,7 @@ class WeightSet:
             if np.issubdtype(w.dtype, np.floating)
         )
 
-    def distance(self, other: "WeightSet") -> float:
+    def distance(self, other: WeightSet) -> float:
         """Euclidean distance between the trainable parts."""
         sq = sum(
             float(np.sum((a.astype(np.float64) - b) ** 2))

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from conftest import make_mlp
+
+import keras_gex
+
+
+def test_collector_builds_ensemble_after_fit_and_leaves_fit_result(digits):
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    model = make_mlp(seed=0, hidden=32)
+    collector = keras_gex.GEXCollector(
+        (x, y), num_members=2, steps=10, learning_rate=0.05, seed=0, verbose=0
+    )
+    reference = make_mlp(seed=0, hidden=32)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, shuffle=False, callbacks=[collector])
+    reference.fit(x, y, epochs=2, batch_size=32, verbose=0, shuffle=False)
+    assert isinstance(collector.ensemble, keras_gex.GeometricEnsemble)
+    assert collector.ensemble.num_members == 2
+    for a, b in zip(model.variables, reference.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(model.optimizer.variables, reference.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # θ* of the ensemble is the trained model
+    for a, b in zip(collector.ensemble.reference.trainable, model.trainable_variables):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_state_resets_on_train_begin(digits):
+    collector = keras_gex.GEXCollector((digits.x_train, digits.y_train), verbose=0)
+    collector.ensemble = "stale"
+    collector.on_train_begin()
+    assert collector.ensemble is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"num_members": 0},
+            "Argument `num_members` must be a positive integer. Received: num_members=0",
+        ),
+        ({"steps": -3}, "Argument `steps` must be a positive integer"),
+        ({"learning_rate": 0.0}, "Argument `learning_rate` must be a positive finite number"),
+        ({"learning_rate": "fast"}, "Argument `learning_rate`"),
+        ({"batch_size": 1.5}, "Argument `batch_size` must be a positive integer"),
+        ({"verbose": 5}, "Argument `verbose`"),
+    ],
+)
+def test_collector_validates_arguments(kwargs, message, small_data):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        keras_gex.GEXCollector(small_data, **kwargs)
+
+
+def test_collector_requires_train_data():
+    with pytest.raises(ValueError, match="train_data"):
+        keras_gex.GEXCollector(None)

@@ -1,0 +1,119 @@
+import keras
+import numpy as np
+import pytest
+from conftest import make_bn_model, make_mlp
+from sklearn.metrics import roc_auc_score
+
+import keras_gex
+from keras_gex.collect import FIT_WINDOW, FineTuner
+from keras_gex.losses import resolve_loss
+
+
+def _weights(model):
+    return [v.numpy().copy() for v in model.variables]
+
+
+def test_collection_leaves_model_and_optimizer_untouched(digits):
+    model = make_bn_model(seed=1)
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    weights = _weights(model)
+    optimizer_state = [v.numpy().copy() for v in model.optimizer.variables]
+    momenta = [layer.momentum for layer in model.layers if hasattr(layer, "momentum")]
+    keras_gex.GeometricEnsemble.collect(
+        model, (x, y), num_members=2, steps=5, learning_rate=0.1, bn_batches=2, verbose=0
+    )
+    for a, b in zip(weights, _weights(model)):
+        np.testing.assert_array_equal(a, b)
+    for a, v in zip(optimizer_state, model.optimizer.variables):
+        np.testing.assert_array_equal(a, v.numpy())
+    assert momenta == [layer.momentum for layer in model.layers if hasattr(layer, "momentum")]
+
+
+def test_members_differ_from_reference_and_each_other(digits_ensemble):
+    ref = digits_ensemble.reference
+    dists = [m.distance(ref) for m in digits_ensemble.members]
+    assert all(d > 0 for d in dists)
+    assert digits_ensemble.members[0].distance(digits_ensemble.members[1]) > 0
+
+
+def test_same_seed_same_members(digits):
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model = make_mlp(seed=2, hidden=32)
+    model.fit(x, y, epochs=3, verbose=0)
+    kwargs = dict(num_members=2, steps=10, learning_rate=0.05, seed=5, verbose=0)
+    a = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    b = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    for ma, mb in zip(a.members, b.members):
+        for wa, wb in zip(ma.trainable, mb.trainable):
+            np.testing.assert_array_equal(wa, wb)
+
+
+def test_batchnorm_statistics_are_population_statistics():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.BatchNormalization(), keras.layers.Dense(2)]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    batches = [
+        (rng.normal(2.0, 3.0, (16, 3)).astype("float32"), np.zeros(16, int)) for _ in range(4)
+    ]
+    tuner = FineTuner(model, resolve_loss(model))
+    tuner.refresh_batchnorm(iter(batches), num_batches=4)
+    allx = np.concatenate([b[0] for b in batches]).astype(np.float64)
+    mean_idx, var_idx = tuner._bn_index[0]
+    np.testing.assert_allclose(tuner.ntv[mean_idx].numpy(), allx.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(tuner.ntv[var_idx].numpy(), allx.var(0), rtol=1e-4)
+    # the user's model keeps its own statistics
+    np.testing.assert_array_equal(model.layers[0].moving_mean.numpy(), np.zeros(3))
+
+
+def test_chain_option_starts_from_previous_member(digits):
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model = make_mlp(seed=3, hidden=32)
+    model.fit(x, y, epochs=3, verbose=0)
+    ens = keras_gex.GeometricEnsemble.collect(
+        model, (x, y), num_members=3, steps=10, learning_rate=0.05, chain=True, seed=0, verbose=0
+    )
+    ref = ens.reference
+    assert ens.info["chain"] is True
+    assert ens.members[2].distance(ref) > ens.members[0].distance(ref) * 0.5
+
+
+def test_calibration_picks_a_step_size_where_a_fixed_one_fails(digits):
+    """A memorising MLP: lr 0.01 leaves members in θ*'s basin; 'auto' must not."""
+    model = make_mlp(seed=0)
+    data = (digits.x_train, digits.y_train)
+    model.fit(*data, epochs=60, batch_size=64, verbose=0)
+    fixed = keras_gex.GeometricEnsemble.collect(
+        model, data, num_members=2, steps=100, learning_rate=0.01, seed=0, verbose=0
+    )
+    auto = keras_gex.GeometricEnsemble.collect(
+        model, data, num_members=2, steps=100, seed=0, verbose=0
+    )
+    ref_fit = auto.info["reference_stats"]["fit"]
+    chosen = auto.info["calibration"][-1]
+    assert auto.info["learning_rate"] == chosen["learning_rate"]
+    assert FIT_WINDOW[0] <= chosen["relative_fit"] <= FIT_WINDOW[1]
+    fixed_fit = np.mean([s["fit"] for s in fixed.info["member_stats"]]) / ref_fit
+    assert fixed_fit > FIT_WINDOW[1]  # the fixed small step never left the basin
+    auc_auto = roc_auc_score(digits.is_noisy, auto.self_influence(data, verbose=0))
+    auc_fixed = roc_auc_score(digits.is_noisy, fixed.self_influence(data, verbose=0))
+    assert auc_auto > 0.97 and auc_auto > auc_fixed
+
+
+def test_diverging_step_size_is_retried_not_averaged():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32") * 3
+    y = x.sum(axis=1, keepdims=True)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    with pytest.warns(UserWarning, match="diverged"):
+        ens = keras_gex.GeometricEnsemble.collect(
+            model, (x, y), num_members=1, steps=50, learning_rate=10.0, seed=0, verbose=0
+        )
+    assert all(m.is_finite() for m in ens.members)
+    assert ens.info["learning_rate"] < 10.0
+    assert np.all(np.isfinite(ens.self_influence((x, y), verbose=0)))

@@ -1,0 +1,85 @@
+import matplotlib.figure
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+from tolerances import MIN_DIGITS_AUC
+
+import keras_gex
+
+
+@pytest.fixture(scope="module")
+def report(digits_ensemble, digits):
+    return keras_gex.detect_noisy((digits.x_train, digits.y_train), digits_ensemble, verbose=0)
+
+
+def test_flipped_labels_rank_high_on_digits(report, digits):
+    assert report.scores.shape == (len(digits.x_train),)
+    assert roc_auc_score(digits.is_noisy, report.scores) >= MIN_DIGITS_AUC
+    flagged = report.noisy_mask
+    precision = np.mean(digits.is_noisy[flagged])
+    recall = np.mean(flagged[digits.is_noisy])
+    assert precision > 0.8 and recall > 0.6
+
+
+def test_report_fields_line_up(report, digits):
+    n = len(digits.x_train)
+    assert report.deviations.shape == (n, 4)
+    np.testing.assert_allclose(report.scores, np.mean(report.deviations.astype(float) ** 2, 1))
+    np.testing.assert_array_equal(report.noisy_mask, report.scores > report.threshold)
+    np.testing.assert_array_equal(report.labels, digits.y_train)
+    assert report.predictions.shape == (n, 10)
+    idx = report.noisy_indices
+    assert np.all(np.diff(report.scores[idx]) <= 0) and len(idx) == report.num_flagged
+    assert report.ranking()[0] == np.argmax(report.scores)
+
+
+def test_relabeled_targets_follow_kong_for_flagged_rows(report, digits):
+    targets = report.relabeled_targets()
+    mask = report.noisy_mask
+    np.testing.assert_array_equal(targets[~mask], np.eye(10)[digits.y_train[~mask]])
+    assert np.all(targets[mask, digits.y_train[mask]] == 0)
+    expected = keras_gex.relabel(digits.y_train, report.predictions, mask, from_logits=True)
+    np.testing.assert_array_equal(targets, expected)
+
+
+def test_summary_and_plot(report, digits, tmp_path):
+    text = report.summary(print_fn=None)
+    assert "flagged" in text and "members" in text and "calibrated" in text
+    path = tmp_path / "hist.png"
+    fig = report.plot(known_noisy=digits.is_noisy, path=str(path))
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert path.stat().st_size > 5000
+    fig_lin = report.plot(log_x=False)
+    assert fig_lin.axes[0].get_xscale() == "linear"
+
+
+def test_threshold_choices(digits_ensemble, digits):
+    data = (digits.x_train, digits.y_train)
+    raw = keras_gex.detect_noisy(data, digits_ensemble, threshold="otsu", verbose=0)
+    fixed = keras_gex.detect_noisy(data, digits_ensemble, threshold=1.0, verbose=0)
+    assert fixed.threshold == 1.0 and fixed.num_flagged == int(np.sum(fixed.scores > 1.0))
+    assert raw.threshold == keras_gex.otsu_threshold(raw.scores)
+    with pytest.raises(ValueError, match="threshold"):
+        keras_gex.detect_noisy(data, digits_ensemble, threshold="mean", verbose=0)
+
+
+def test_post_hoc_from_model_with_dataset(trained_mlp, digits):
+    ds = tf.data.Dataset.from_tensor_slices((digits.x_train, digits.y_train)).batch(128)
+    report = keras_gex.detect_noisy(
+        ds, trained_mlp, num_members=2, steps=60, learning_rate=0.3, seed=1, verbose=0
+    )
+    assert report.info["num_members"] == 2
+    assert roc_auc_score(digits.is_noisy, report.scores) > 0.9
+
+
+def test_collect_kwargs_refused_with_ready_ensemble(digits_ensemble, digits):
+    with pytest.raises(TypeError, match="num_members"):
+        keras_gex.detect_noisy(
+            (digits.x_train, digits.y_train), digits_ensemble, num_members=3, verbose=0
+        )
+
+
+def test_detect_refuses_non_ensemble(digits):
+    with pytest.raises(TypeError, match="GeometricEnsemble"):
+        keras_gex.detect_noisy((digits.x_train, digits.y_train), "model")

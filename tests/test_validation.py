@@ -1,0 +1,198 @@
+"""Every bad input gets a clear error, never a silently wrong score."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_mlp
+
+import keras_gex
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 64)).astype("float32")
+    y = rng.integers(0, 10, size=40)
+    model = make_mlp(seed=0, hidden=8)
+    model.fit(x, y, epochs=1, verbose=0)
+    ens = keras_gex.GeometricEnsemble.collect(
+        model, (x, y), num_members=2, steps=3, learning_rate=0.01, verbose=0
+    )
+    return model, ens, x, y
+
+
+def test_unbatched_dataset(tiny):
+    _, ens, x, y = tiny
+    with pytest.raises(ValueError, match="unbatched"):
+        ens.self_influence(tf.data.Dataset.from_tensor_slices((x, y)), verbose=0)
+
+
+def test_infinite_dataset(tiny):
+    _, ens, x, y = tiny
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    with pytest.raises(ValueError, match="infinite"):
+        ens.self_influence(ds, verbose=0)
+
+
+def test_dataset_without_labels(tiny):
+    _, ens, x, _ = tiny
+    with pytest.raises(ValueError, match="labels are required"):
+        ens.self_influence(tf.data.Dataset.from_tensor_slices(x).batch(8), verbose=0)
+
+
+def test_empty_inputs(tiny):
+    _, ens, x, y = tiny
+    with pytest.raises(ValueError, match="empty"):
+        ens.self_influence((x[:0], y[:0]), verbose=0)
+    empty = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).take(0)
+    with pytest.raises(ValueError, match="empty"):
+        ens.self_influence(empty, verbose=0)
+
+
+def test_mismatched_lengths_and_bad_types(tiny):
+    _, ens, x, y = tiny
+    with pytest.raises(ValueError, match="same number of examples"):
+        ens.self_influence((x, y[:-1]), verbose=0)
+    with pytest.raises(ValueError, match="pair"):
+        ens.self_influence((x, y, y), verbose=0)
+    with pytest.raises(TypeError, match="tuple"):
+        ens.self_influence(x, verbose=0)
+
+
+def test_nan_in_inputs(tiny):
+    _, ens, x, y = tiny
+    bad = x.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ens.self_influence((bad, y), verbose=0)
+    ds = tf.data.Dataset.from_tensor_slices((bad, y)).batch(8)
+    with pytest.raises(ValueError, match="NaN"):
+        ens.self_influence(ds, verbose=0)
+
+
+def test_nan_in_later_batch_of_dataset(tiny):
+    _, ens, x, y = tiny
+    bad = x.copy()
+    bad[35, 0] = np.inf
+    ds = tf.data.Dataset.from_tensor_slices((bad, y)).batch(8)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ens.self_influence(ds, verbose=0)
+
+
+def test_labels_out_of_range_for_loss(tiny):
+    _, ens, x, y = tiny
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
+        ens.self_influence((x, y + 20), verbose=0)
+
+
+def test_unbuilt_and_uncompiled_models(small_data):
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="not been built"):
+        keras_gex.GeometricEnsemble.collect(unbuilt, small_data, verbose=0)
+    uncompiled = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    with pytest.raises(ValueError, match="not compiled"):
+        keras_gex.GeometricEnsemble.collect(uncompiled, small_data, verbose=0)
+    with pytest.raises(TypeError, match=r"keras\.Model"):
+        keras_gex.GeometricEnsemble.collect("model", small_data, verbose=0)
+
+
+def test_multi_output_model_refused(small_data):
+    inp = keras.Input((64,))
+    model = keras.Model(inp, [keras.layers.Dense(10)(inp), keras.layers.Dense(1)(inp)])
+    model.compile(loss=["sparse_categorical_crossentropy", "mse"])
+    with pytest.raises(ValueError, match="single-output"):
+        keras_gex.GeometricEnsemble.collect(model, small_data, verbose=0)
+
+
+def test_reduced_loss_refused(small_data):
+    model = make_mlp(seed=0, hidden=8)
+
+    def mean_loss(y_true, y_pred):
+        return tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        )
+
+    ens = keras_gex.GeometricEnsemble.collect(
+        model, small_data, num_members=1, steps=2, learning_rate=0.01, verbose=0
+    )
+    ens.loss = keras_gex.losses.resolve_loss(model, mean_loss)
+    ens._scorer = None
+    with pytest.raises(ValueError, match="one value per example"):
+        ens.self_influence(small_data, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_members": 0}, "num_members=0"),
+        ({"steps": 0}, "steps=0"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0"),
+        ({"learning_rate": float("nan")}, "learning_rate=nan"),
+        ({"momentum": 1.0}, "momentum=1.0"),
+        ({"bn_batches": -1}, "bn_batches=-1"),
+        ({"seed": -2}, "seed=-2"),
+    ],
+)
+def test_collect_arguments(kwargs, message, tiny):
+    model, _, x, y = tiny
+    with pytest.raises(ValueError, match=message):
+        keras_gex.GeometricEnsemble.collect(model, (x, y), verbose=0, **kwargs)
+
+
+def test_ensemble_applied_to_a_different_model_shape(tiny):
+    _, ens, _, _ = tiny
+    rng = np.random.default_rng(1)
+    wrong = rng.normal(size=(10, 32)).astype("float32")
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
+        ens.self_influence((wrong, np.zeros(10, int)), verbose=0)
+
+
+@pytest.mark.filterwarnings("ignore:Step-size calibration")
+@pytest.mark.parametrize("kind", ["categorical", "binary_multilabel", "mse", "custom"])
+def test_other_losses_end_to_end(kind):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    keras.utils.set_random_seed(0)
+    if kind == "categorical":
+        y = np.eye(3)[rng.integers(0, 3, 64)].astype("float32")
+        units, loss = 3, keras.losses.CategoricalCrossentropy(from_logits=True)
+    elif kind == "binary_multilabel":
+        y = (rng.random((64, 4)) > 0.5).astype("float32")
+        units, loss = 4, keras.losses.BinaryCrossentropy(from_logits=True)
+    elif kind == "mse":
+        y = x[:, :2] * 2
+        units, loss = 2, "mse"
+    else:
+        y = x[:, :1]
+        units = 1
+
+        def loss(y_true, y_pred):
+            return tf.reduce_mean(tf.abs(y_true - y_pred), axis=-1)
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(units)])
+    model.compile(loss=loss)
+    lr = "auto" if kind in ("categorical", "binary_multilabel") else 0.05
+    ens = keras_gex.GeometricEnsemble.collect(
+        model, (x, y), num_members=2, steps=5, learning_rate=lr, verbose=0
+    )
+    dev = ens.deviations((x, y), verbose=0)
+    assert dev.deviations.shape == (64, 2) and np.all(np.isfinite(dev.deviations))
+    report = keras_gex.detect_noisy((x, y), ens, verbose=0)
+    if kind == "binary_multilabel":
+        targets = report.relabeled_targets()
+        assert targets.shape == (64, 4)
+        probs = 1 / (1 + np.exp(-report.predictions))
+        np.testing.assert_allclose(targets[report.noisy_mask], probs[report.noisy_mask], rtol=1e-6)
+    if kind == "mse":
+        with pytest.raises(ValueError, match="classification loss"):
+            report.relabeled_targets()
+
+
+def test_auto_learning_rate_warns_for_non_classification_loss():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    with pytest.warns(UserWarning, match="not a recognised classification loss"):
+        keras_gex.GeometricEnsemble.collect(model, (x, x[:, :1]), num_members=1, steps=2, verbose=0)

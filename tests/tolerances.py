@@ -1,0 +1,11 @@
+"""Every numerical tolerance of the test suite, in one place."""
+
+#: float32 scores computed by two routes (batch size, eager vs compiled).
+SCORE_RTOL = 1e-5
+SCORE_ATOL = 1e-6
+#: float64 pure-NumPy identities.
+EXACT_ATOL = 1e-10
+#: Weights of the user's model after collection must be bit-identical.
+WEIGHTS_ATOL = 0.0
+#: Detection quality bar on digits with tiny settings.
+MIN_DIGITS_AUC = 0.97
