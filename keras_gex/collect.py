@@ -169,23 +169,31 @@ class FineTuner:
         return losses, fit
 
     # -- operations -------------------------------------------------------------------
-    def train(self, batches, steps: int, learning_rate: float) -> tuple[float, bool]:
-        """Runs `steps` SGD steps with cosine decay; returns (late loss, finite)."""
+    def _train_loop(self, iterator, steps, learning_rate):
+        """`steps` SGD steps in one compiled loop; returns per-step objectives."""
+        steps_f = tf.cast(steps, tf.float32)
+        values = tf.TensorArray(tf.float32, size=steps)
+        for t in tf.range(steps):
+            x, y = iterator.get_next()
+            progress = tf.cast(t, tf.float32) / steps_f
+            lr = learning_rate * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            values = values.write(t, tf.cast(self._step(x, y, lr), tf.float32))
+        return values.stack()
+
+    def train(self, iterator, steps: int, learning_rate: float) -> tuple[float, bool]:
+        """Runs `steps` SGD steps with cosine decay; returns (late loss, finite).
+
+        The late loss is the mean objective over the last 10% of steps.
+        """
         if self._step_fn is None:
-            self._step_fn = tf.function(self._step)
+            self._step_fn = tf.function(self._train_loop)
+        values = self._step_fn(
+            iterator, tf.constant(steps, tf.int32), tf.constant(learning_rate, tf.float32)
+        ).numpy()
+        if not np.all(np.isfinite(values)):
+            return float("nan"), False
         tail = max(1, steps // 10)
-        late = []
-        for t in range(steps):
-            x, y = next(batches)
-            lr = learning_rate * 0.5 * (1.0 + math.cos(math.pi * t / steps))
-            value = self._step_fn(x, y, tf.constant(lr, tf.float32))
-            if t >= steps - tail or t % 20 == 0:
-                value = float(value)
-                if not math.isfinite(value):
-                    return value, False
-                if t >= steps - tail:
-                    late.append(value)
-        return float(np.mean(late)), True
+        return float(np.mean(values[-tail:])), True
 
     def refresh_batchnorm(self, batches, num_batches: int) -> None:
         """Sets BN moving statistics to population statistics over `num_batches`."""
@@ -197,7 +205,7 @@ class FineTuner:
         count = 0
         with _zero_bn_momentum(self._bn):
             for _ in range(num_batches):
-                x, _ = next(batches)
+                x, _ = next(batches)  # works for Python and tf.data iterators
                 stats = self._stats_fn(x)
                 n = 1.0
                 moments = [
@@ -243,6 +251,17 @@ class CollectionResult:
     learning_rate: float
     calibration: list
     seconds: float
+    seed: int
+
+
+def stream_seed(seed: int, index) -> int:
+    """Seed of one member's mini-batch stream, independent of other members.
+
+    >>> stream_seed(0, 1) == stream_seed(0, 1) != stream_seed(0, 2)
+    True
+    """
+    key = index if isinstance(index, int) else sum(map(ord, str(index))) + 10**6
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0] % (2**31))
 
 
 def _relative_fit(stats: MemberStats, ref: MemberStats) -> float:
@@ -271,14 +290,17 @@ def collect_members(
     start = time.perf_counter()
     n = source.count_examples()
     batch_size = min(batch_size, n)
-    batches = iter(source.shuffled(batch_size, seed))
-    eval_seed = None if seed is None else seed + 7919
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
     eval_count = max(1, min(n, _EVAL_EXAMPLES) // batch_size)
-    eval_batches = list(source.shuffled(batch_size, eval_seed).take(eval_count))
+    eval_batches = list(source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count))
+
+    def stream(index):
+        return iter(source.shuffled(batch_size, stream_seed(seed, index)))
 
     tuner = FineTuner(model, loss, momentum)
     theta_star = tuner.snapshot()
-    tuner.refresh_batchnorm(batches, bn_batches)
+    tuner.refresh_batchnorm(stream("reference"), bn_batches)
     reference = tuner.snapshot()
     ref_loss, ref_fit = tuner.evaluate(eval_batches)
     ref_stats = MemberStats(0.0, float("nan"), ref_fit, ref_loss)
@@ -287,7 +309,9 @@ def collect_members(
         if verbose:
             print(f"[keras_gex] {msg}", flush=True)
 
-    def run_member(start_weights: WeightSet, lr: float):
+    def run_member(start_weights: WeightSet, lr: float, index: int):
+        """Fine-tunes one member; its mini-batches depend only on (seed, index)."""
+        batches = stream(index)
         tuner.load(start_weights)
         train_loss, finite = tuner.train(batches, steps, lr)
         weights = None
@@ -326,7 +350,7 @@ def collect_members(
     retries = 0
     while len(members) < num_members:
         index = len(members)
-        weights, member_stats = run_member(previous if chain else theta_star, lr)
+        weights, member_stats = run_member(previous if chain else theta_star, lr, index)
         if not member_stats.finite:
             retries += 1
             warnings.warn(
@@ -356,6 +380,7 @@ def collect_members(
         lr,
         calibration,
         time.perf_counter() - start,
+        seed,
     )
 
 
@@ -371,7 +396,8 @@ def _calibrate(run_member, theta_star, ref_stats, record, max_probes, log):
     accepted = []
     best = None
     for _ in range(max_probes):
-        weights, stats = run_member(theta_star, lr)
+        # Every probe replays member 0's stream, so an accepted probe *is* member 0.
+        weights, stats = run_member(theta_star, lr, 0)
         rel = _relative_fit(stats, ref_stats)
         record.append({"learning_rate": lr, "relative_fit": rel, "loss": stats.loss})
         log(f"calibration: lr {lr:.4g} -> members keep {rel:.1%} of θ*'s fit")

@@ -169,7 +169,7 @@ class GeometricEnsemble:
             "learning_rate_requested": learning_rate,
             "batch_size": batch_size,
             "momentum": float(momentum),
-            "seed": seed,
+            "seed": result.seed,
             "chain": bool(chain),
             "bn_batches": bn_batches,
             "loss": per_example.name,
