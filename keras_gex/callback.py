@@ -38,6 +38,9 @@ class GEXCollector(keras.callbacks.Callback):
         bn_batches: Batches used to re-estimate BatchNorm statistics per
             member. Defaults to `20`.
         loss: Loss to use instead of the compiled one. Defaults to `None`.
+        directory: Write every member there as soon as it is finished; a
+            re-run after a crash resumes at the first missing member.
+            Defaults to `None`.
         verbose: 0, or 1 / "auto" for progress messages. Defaults to `"auto"`.
     """
 
@@ -53,6 +56,7 @@ class GEXCollector(keras.callbacks.Callback):
         chain: bool = False,
         bn_batches: int = DEFAULTS["bn_batches"],
         loss=None,
+        directory=None,
         verbose="auto",
     ):
         super().__init__()
@@ -73,6 +77,7 @@ class GEXCollector(keras.callbacks.Callback):
         self.chain = chain
         self.bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
         self.loss = loss
+        self.directory = directory
         self.verbose = _validation.verbose_level(verbose)
         self.ensemble = None
 
@@ -92,5 +97,6 @@ class GEXCollector(keras.callbacks.Callback):
             chain=self.chain,
             bn_batches=self.bn_batches,
             loss=self.loss,
+            directory=self.directory,
             verbose=self.verbose,
         )

@@ -285,15 +285,27 @@ def collect_members(
     bn_batches: int,
     max_probes: int = 6,
     verbose: int = 1,
+    store=None,
 ) -> CollectionResult:
-    """Fine-tunes `num_members` copies of θ* (validated arguments only)."""
+    """Fine-tunes `num_members` copies of θ* (validated arguments only).
+
+    With a `persistence.MemberStore`, every finished member is written to disk
+    at once and members already on disk are loaded instead of recomputed.
+    Each member's mini-batches depend only on (seed, member index), so a
+    resumed collection equals an uninterrupted one member by member.
+    """
     start = time.perf_counter()
     n = source.count_examples()
     batch_size = min(batch_size, n)
+    if seed is None and store is not None and store.seed is not None:
+        seed = store.seed
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
+    if store is not None and store.seed is None:
+        store.set_seed(seed)
     eval_count = max(1, min(n, _EVAL_EXAMPLES) // batch_size)
-    eval_batches = list(source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count))
+    eval_stream = source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count)
+    eval_batches = [batch for batch in eval_stream]  # list() would ask len() of it
 
     def stream(index):
         return iter(source.shuffled(batch_size, stream_seed(seed, index)))
@@ -326,7 +338,18 @@ def collect_members(
         return weights, MemberStats(lr, train_loss, fit, mean_loss, finite)
 
     members, stats, calibration = [], [], []
-    if learning_rate == "auto":
+    saved_members = store.saved_members() if store is not None else []
+    if saved_members:
+        for weights, saved in saved_members[:num_members]:
+            members.append(weights)
+            stats.append(MemberStats(**saved))
+        log(f"resumed {len(members)} member(s) from {store.directory}")
+    if store is not None and store.calibrated:
+        lr = store.manifest["calibrated_learning_rate"]
+        calibration = list(store.manifest["calibration"])
+        if stats:
+            lr = stats[-1].learning_rate  # a divergence retry may have lowered it
+    elif learning_rate == "auto":
         if not loss.is_classification:
             warnings.warn(
                 f"learning_rate='auto' calibrates on classification fit; the loss "
@@ -340,11 +363,17 @@ def collect_members(
             lr, accepted = _calibrate(
                 run_member, theta_star, ref_stats, calibration, max_probes, log
             )
+            if store is not None:
+                store.save_calibration(lr, calibration)  # before members: see resume
             for weights, member_stats in accepted[:num_members]:
                 members.append(weights)
                 stats.append(member_stats)
+                if store is not None:
+                    store.save_member(len(members) - 1, weights, dataclasses.asdict(member_stats))
     else:
         lr = float(learning_rate)
+    if store is not None and not store.calibrated:
+        store.save_calibration(lr, calibration)
 
     previous = members[-1] if (chain and members) else theta_star
     retries = 0
@@ -368,6 +397,8 @@ def collect_members(
             continue
         members.append(weights)
         stats.append(member_stats)
+        if store is not None:
+            store.save_member(index, weights, dataclasses.asdict(member_stats))
         if chain:
             previous = weights
         fit = "" if member_stats.fit is None else f", fit {member_stats.fit:.3f}"

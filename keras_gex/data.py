@@ -155,17 +155,33 @@ class DataSource:
             ds = self._dataset
         return ds.prefetch(tf.data.AUTOTUNE)
 
-    def shuffled(self, batch_size: int, seed: int | None) -> tf.data.Dataset:
-        """An endless stream of shuffled mini-batches of exactly `batch_size`."""
+    def shuffled(self, batch_size: int, seed: int) -> tf.data.Dataset:
+        """An endless stream of shuffled mini-batches of exactly `batch_size`.
+
+        For arrays the order is a stateless function of `seed` alone (one
+        `stateless_shuffle` permutation per epoch), independent of TensorFlow's
+        global seed, so the same seed gives the same batches in any process.
+        For a `tf.data.Dataset` it is `shuffle(seed=seed)` over its examples,
+        reproducible under the same global seed (`keras.utils.set_random_seed`).
+        """
         if self._arrays is not None:
             x, y = self._arrays
             n = len(x)
-            ds = tf.data.Dataset.from_tensor_slices((x, y))
-            buffer = n
-        else:
-            ds = self._dataset.unbatch()
-            n = self.num_examples
-            buffer = min(n, _SHUFFLE_BUFFER) if n else _SHUFFLE_BUFFER
+            x_t, y_t = tf.constant(x), tf.constant(y)
+            seed_t = tf.constant(int(seed) % (2**31), tf.int64)
+
+            def permutation(epoch):
+                return tf.random.experimental.stateless_shuffle(
+                    tf.range(n, dtype=tf.int64), seed=tf.stack([seed_t, epoch])
+                )
+
+            ds = tf.data.Dataset.counter().map(permutation).unbatch()
+            ds = ds.batch(batch_size, drop_remainder=True)
+            ds = ds.map(lambda idx: (tf.gather(x_t, idx), tf.gather(y_t, idx)))
+            return ds.prefetch(tf.data.AUTOTUNE)
+        ds = self._dataset.unbatch()
+        n = self.num_examples
+        buffer = min(n, _SHUFFLE_BUFFER) if n else _SHUFFLE_BUFFER
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
@@ -179,6 +195,26 @@ class DataSource:
                 raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
             self.num_examples = total
         return self.num_examples
+
+    def fingerprint(self) -> str:
+        """Hash of every example's inputs and labels, in order (one pass for datasets)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        if self._arrays is not None:
+            chunks = [self._arrays]
+        else:
+            chunks = ((np.asarray(x), np.asarray(y)) for x, y in self._dataset)
+        total = 0
+        for x, y in chunks:
+            for arr in [*tf.nest.flatten(x), y]:
+                arr = np.ascontiguousarray(arr)
+                digest.update(f"{arr.dtype}{arr.shape[1:]}".encode())
+                digest.update(arr.tobytes())
+            total += len(y)
+        if self.num_examples is None:
+            self.num_examples = total
+        return f"{total}-{digest.hexdigest()[:16]}"
 
     def first_batch(self):
         """The first `(x, y)` batch of the ordered view."""

@@ -8,11 +8,13 @@ loss deviations Δ(z, m) = ℓ(z, θ_m) − ℓ(z, θ*). Self-influence is
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import keras
 import numpy as np
 
-from keras_gex import _validation
+from keras_gex import _validation, persistence
 from keras_gex.collect import (
     FIT_WINDOW,
     CollectionResult,
@@ -21,6 +23,8 @@ from keras_gex.collect import (
 from keras_gex.data import DataSource
 from keras_gex.losses import PerExampleLoss, resolve_loss
 from keras_gex.scoring import ScoredLosses, Scorer
+from keras_gex.version import __version__
+from keras_gex.weights import WeightSet
 
 #: Defaults of the fine-tuning (see `GEXCollector` for their meaning).
 DEFAULTS = dict(
@@ -106,6 +110,7 @@ class GeometricEnsemble:
         chain: bool = False,
         bn_batches: int = DEFAULTS["bn_batches"],
         loss=None,
+        directory: str | None = None,
         verbose="auto",
     ) -> GeometricEnsemble:
         """Fine-tunes `num_members` copies of the trained `model` (post hoc GEX).
@@ -126,6 +131,11 @@ class GeometricEnsemble:
             bn_batches: Batches used to re-estimate BatchNorm statistics of
                 every member. Defaults to `20`.
             loss: Loss to use instead of the compiled one. Defaults to `None`.
+            directory: If given, every member is written there as soon as it is
+                finished, and a re-run of the same call resumes at the first
+                missing member (same result as an uninterrupted run). The
+                finished directory loads with `GeometricEnsemble.load`.
+                Defaults to `None`.
             verbose: 0 (silent) or 1 / "auto" (progress). Defaults to `"auto"`.
 
         Returns:
@@ -148,6 +158,22 @@ class GeometricEnsemble:
         per_example = resolve_loss(model, loss)
         source = DataSource(train_data, name="train_data")
         source.check_against_model(model)
+        store = None
+        if directory is not None:
+            store = persistence.MemberStore(
+                os.fspath(directory),
+                model,
+                {
+                    "steps": steps,
+                    "batch_size": batch_size,
+                    "momentum": float(momentum),
+                    "chain": bool(chain),
+                    "bn_batches": bn_batches,
+                    "loss": per_example.name,
+                    "learning_rate": learning_rate,
+                    "seed": seed,
+                },
+            )
         result: CollectionResult = collect_members(
             model,
             source,
@@ -161,6 +187,7 @@ class GeometricEnsemble:
             chain=bool(chain),
             bn_batches=bn_batches,
             verbose=verbose,
+            store=store,
         )
         info = {
             "num_members": num_members,
@@ -179,7 +206,108 @@ class GeometricEnsemble:
             "fit_window": FIT_WINDOW,
             "seconds": result.seconds,
         }
+        if store is not None:
+            store.finalize(result.reference, info, per_example)
         return cls(model, result.reference, result.members, per_example, info)
+
+    # -- persistence ---------------------------------------------------------------
+    def save(self, directory) -> None:
+        """Writes the ensemble to `directory` (Keras `.weights.h5` + manifest).
+
+        Args:
+            directory: Target directory; created if missing. An existing
+                ensemble there is overwritten file by file, atomically.
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        theta = WeightSet.from_model(self.model)
+        for index, member in enumerate(self.members):
+            persistence.write_weights(
+                self.model, member, os.path.join(directory, persistence.member_file(index))
+            )
+        persistence.write_weights(
+            self.model, self.reference, os.path.join(directory, persistence.REFERENCE_FILE)
+        )
+        manifest = {
+            "format": persistence.FORMAT,
+            "format_version": persistence.FORMAT_VERSION,
+            "library_version": __version__,
+            "architecture_fingerprint": persistence.architecture_fingerprint(self.model),
+            "theta_fingerprint": persistence.weights_fingerprint(theta),
+            "config": {k: self.info.get(k) for k in persistence.RESUME_KEYS},
+            "calibrated_learning_rate": self.info.get("learning_rate"),
+            "calibration": self.info.get("calibration", []),
+            "members": [
+                {"file": persistence.member_file(i), "stats": s}
+                for i, s in enumerate(self.info.get("member_stats") or [{}] * self.num_members)
+            ],
+            "info": self.info,
+            "loss": {
+                "name": self.loss.name,
+                "kind": self.loss.kind,
+                "from_logits": self.loss.from_logits,
+            },
+            "num_members": self.num_members,
+            "complete": True,
+        }
+        persistence._atomic_write_text(
+            os.path.join(directory, persistence.MANIFEST),
+            json.dumps(persistence._jsonable(manifest), indent=2),
+        )
+
+    @classmethod
+    def load(cls, directory, model: keras.Model, *, loss=None) -> GeometricEnsemble:
+        """Loads an ensemble saved by `save` or by a collection with `directory=`.
+
+        Args:
+            directory: The ensemble directory.
+            model: The trained model the ensemble was collected from (same
+                architecture and the same weights θ*).
+            loss: Loss to use instead of the model's compiled one; it must be
+                the loss the ensemble was collected with. Defaults to `None`.
+
+        Returns:
+            A `GeometricEnsemble`.
+
+        Raises:
+            FileNotFoundError: If `directory` holds no ensemble.
+            ValueError: If the model's architecture, θ* or loss differ from
+                the saved ones, or the collection there is incomplete.
+        """
+        directory = os.fspath(directory)
+        _validation.check_model(model, need_loss=True, loss=loss)
+        manifest = persistence.read_manifest(directory)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"No keras_gex ensemble in {directory!r} ({persistence.MANIFEST} missing)."
+            )
+        if not manifest.get("complete"):
+            done = len(manifest.get("members", []))
+            raise ValueError(
+                f"The collection in {directory!r} is incomplete ({done} member(s) "
+                "written). Re-run the same collection with `directory=` to resume it."
+            )
+        persistence.check_compatible(manifest, model, WeightSet.from_model(model), directory)
+        per_example = resolve_loss(model, loss)
+        saved_loss = manifest["loss"]
+        if (per_example.kind, per_example.from_logits) != (
+            saved_loss["kind"],
+            saved_loss["from_logits"],
+        ) or (per_example.kind == "other" and per_example.name != saved_loss["name"]):
+            raise ValueError(
+                f"The ensemble in {directory!r} was collected with loss "
+                f"{saved_loss['name']!r} (from_logits={saved_loss['from_logits']}), but "
+                f"the model's loss is {per_example.name!r} "
+                f"(from_logits={per_example.from_logits}). Pass the original `loss=`."
+            )
+        members = [
+            persistence.read_weights(model, os.path.join(directory, entry["file"]))
+            for entry in manifest["members"]
+        ]
+        reference = persistence.read_weights(
+            model, os.path.join(directory, persistence.REFERENCE_FILE)
+        )
+        return cls(model, reference, members, per_example, manifest.get("info"))
 
     # -- scoring ---------------------------------------------------------------------
     def _get_scorer(self) -> Scorer:
@@ -222,16 +350,7 @@ class GeometricEnsemble:
         Returns:
             A `Deviations`.
         """
-        if (
-            isinstance(reference_floor, bool)
-            or not isinstance(reference_floor, (int, float))
-            or not np.isfinite(reference_floor)
-            or reference_floor < 0
-        ):
-            raise ValueError(
-                "Argument `reference_floor` must be a non-negative number. "
-                f"Received: reference_floor={reference_floor!r}"
-            )
+        _check_floor(reference_floor)
         scored = self.scored_losses(
             data,
             batch_size=batch_size,
@@ -249,9 +368,75 @@ class GeometricEnsemble:
             scored.predictions,
         )
 
-    def loss_deviations(self, data, **kwargs) -> np.ndarray:
-        """The `(N, M)` matrix Δ(z, m) (see `deviations` for arguments)."""
-        return self.deviations(data, **kwargs).deviations
+    def loss_deviations(
+        self,
+        data,
+        *,
+        cache=None,
+        batch_size: int | None = None,
+        reference_floor: float = 0.0,
+        verbose="auto",
+    ) -> np.ndarray:
+        """The `(N, M)` matrix Δ(z, m), optionally streamed to a disk cache.
+
+        Args:
+            data: `(x, y)` arrays or a `tf.data.Dataset` of `(x, y)` batches.
+            cache: Path of a `.npy` file. If given, Δ is streamed batch by batch
+                into it (bounded memory, for data far larger than RAM) and a
+                read-only memory map is returned; a later call with the same
+                data (same content and order) and the same ensemble reuses
+                the file instead of scoring again. Defaults to `None`.
+            batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+            reference_floor: See `deviations`. Defaults to `0.0`.
+            verbose: 0, or 1 / "auto" for a progress bar. Defaults to `"auto"`.
+
+        Returns:
+            A float32 array (a `np.memmap` when `cache` is given).
+        """
+        if cache is None:
+            return self.deviations(
+                data, batch_size=batch_size, reference_floor=reference_floor, verbose=verbose
+            ).deviations
+        _check_floor(reference_floor)
+        verbose = _validation.verbose_level(verbose)
+        path = os.fspath(cache)
+        if not path.endswith(".npy"):
+            raise ValueError(
+                f"Argument `cache` must be a path ending in '.npy'. Received: cache={path!r}"
+            )
+        source = DataSource(data, batch_size=batch_size)
+        source.check_against_model(self.model)
+        source.check_ordered()
+        key = {
+            "data": source.fingerprint(),
+            "ensemble": self.fingerprint(),
+            "reference_floor": float(reference_floor),
+        }
+        meta_path = path + ".json"
+        if os.path.exists(path) and os.path.exists(meta_path):
+            with open(meta_path) as handle:
+                if json.load(handle) == key:
+                    return np.load(path, mmap_mode="r")
+        tmp = f"{path}.partial-{os.getpid()}.npy"
+        try:
+            self._get_scorer().deviations_to_file(
+                source, tmp, reference_floor=float(reference_floor), verbose=verbose
+            )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        persistence._atomic_write_text(meta_path, json.dumps(key))
+        return np.load(path, mmap_mode="r")
+
+    def fingerprint(self) -> str:
+        """Hash of θ*, every member's weights and the loss: identifies scores."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.loss.name}|{self.loss.kind}".encode())
+        for weights in [self.reference, *self.members]:
+            digest.update(persistence.weights_fingerprint(weights).encode())
+        return digest.hexdigest()[:16]
 
     def self_influence(self, data, **kwargs) -> np.ndarray:
         """`(N,)` self-influence mean_m Δ(z, m)²; higher = more influential."""
@@ -262,4 +447,17 @@ class GeometricEnsemble:
         lr_text = f", learning_rate={lr:.4g}" if isinstance(lr, float) else ""
         return (
             f"<GeometricEnsemble model={self.model.name!r} num_members={self.num_members}{lr_text}>"
+        )
+
+
+def _check_floor(reference_floor) -> None:
+    if (
+        isinstance(reference_floor, bool)
+        or not isinstance(reference_floor, (int, float))
+        or not np.isfinite(reference_floor)
+        or reference_floor < 0
+    ):
+        raise ValueError(
+            "Argument `reference_floor` must be a non-negative number. "
+            f"Received: reference_floor={reference_floor!r}"
         )

@@ -102,32 +102,39 @@ class Scorer:
             )
         return self._fns[key]
 
-    def score(
+    def iter_batches(
         self,
         source: DataSource,
         *,
         with_predictions: bool = False,
         verbose: int = 0,
         eager: bool = False,
-    ) -> ScoredLosses:
-        """Scores every example of `source` once, in order."""
+    ):
+        """Yields `(offset, reference (B,), members (B, M), y, predictions)` in order.
+
+        Checks the loss on the first batch before anything is compiled, every
+        batch for non-finite losses, and after the pass that the dataset
+        yields the same first batch again (order stable across passes).
+        """
         source.check_ordered()
         ds = source.ordered()
         first = source.first_batch()
         check_per_example(self.loss, first[1], self.model.stateless_call(*self._ref, first[0])[0])
         fn = self._step if eager else self.function_for(ds.element_spec)
-        total = source.num_examples
-        bar = keras.utils.Progbar(total, unit_name="example") if verbose else None
-        refs, mems, labels, preds = [], [], [], []
+        bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
         seen = 0
         for x, y in ds:
             ref_loss, member_losses, ref_pred = fn(x, y)
-            refs.append(ref_loss.numpy())
-            mems.append(member_losses.numpy())
-            labels.append(np.asarray(y))
-            if with_predictions:
-                preds.append(ref_pred.numpy())
-            seen += len(refs[-1])
+            ref_loss, member_losses = ref_loss.numpy(), member_losses.numpy()
+            _check_finite(ref_loss, member_losses, seen)
+            yield (
+                seen,
+                ref_loss,
+                member_losses,
+                np.asarray(y),
+                ref_pred.numpy() if with_predictions else None,
+            )
+            seen += len(ref_loss)
             if bar is not None:
                 bar.update(seen)
         if seen == 0:
@@ -140,14 +147,52 @@ class Scorer:
                 f"{source.num_examples}; the dataset changed between passes."
             )
         _check_same_first_batch(source, first)
-        result = ScoredLosses(
+
+    def score(
+        self,
+        source: DataSource,
+        *,
+        with_predictions: bool = False,
+        verbose: int = 0,
+        eager: bool = False,
+    ) -> ScoredLosses:
+        """Scores every example of `source` once, in order, in memory."""
+        refs, mems, labels, preds = [], [], [], []
+        for _, ref, members, y, pred in self.iter_batches(
+            source, with_predictions=with_predictions, verbose=verbose, eager=eager
+        ):
+            refs.append(ref)
+            mems.append(members)
+            labels.append(y)
+            if with_predictions:
+                preds.append(pred)
+        return ScoredLosses(
             np.concatenate(refs),
             np.concatenate(mems),
             np.concatenate(labels),
             np.concatenate(preds) if with_predictions else None,
         )
-        _check_finite(result)
-        return result
+
+    def deviations_to_file(
+        self, source: DataSource, path: str, *, reference_floor: float, verbose: int = 0
+    ) -> None:
+        """Streams Δ into an `(N, M)` float32 `.npy` at `path` with bounded memory."""
+        n = source.count_examples()
+        m = len(self._members)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, m))
+        try:
+            for offset, ref, members, _, _ in self.iter_batches(source, verbose=verbose):
+                if offset + len(ref) > n:
+                    raise ValueError(
+                        f"Argument `{source.name}` yielded more than the {n} examples "
+                        "counted; the dataset changed between passes."
+                    )
+                if reference_floor > 0:
+                    ref = np.maximum(ref, reference_floor)
+                out[offset : offset + len(ref)] = members - ref[:, None]
+            out.flush()
+        finally:
+            del out
 
 
 def _check_same_first_batch(source: DataSource, first) -> None:
@@ -165,15 +210,15 @@ def _check_same_first_batch(source: DataSource, first) -> None:
         )
 
 
-def _check_finite(result: ScoredLosses) -> None:
-    bad_ref = ~np.isfinite(result.reference)
+def _check_finite(reference: np.ndarray, members: np.ndarray, offset: int) -> None:
+    bad_ref = ~np.isfinite(reference)
     if bad_ref.any():
-        idx = np.flatnonzero(bad_ref)[:5].tolist()
+        idx = (np.flatnonzero(bad_ref)[:5] + offset).tolist()
         raise ValueError(
             f"The trained model's loss is NaN or inf on {int(bad_ref.sum())} "
-            f"example(s) (first indices {idx}). Check those inputs and labels."
+            f"example(s) of a batch (dataset indices {idx}). Check those inputs and labels."
         )
-    bad = ~np.isfinite(result.members)
+    bad = ~np.isfinite(members)
     if bad.any():
         cols = np.flatnonzero(bad.any(axis=0)).tolist()
         raise ValueError(
