@@ -83,6 +83,7 @@ class GeometricEnsemble:
     def __init__(self, model, reference, members, loss: PerExampleLoss, info=None):
         if not members:
             raise ValueError("A GeometricEnsemble needs at least one member.")
+        _check_weights_fit(model, [reference, *members])
         self.model = model
         self.reference = reference
         self.members = list(members)
@@ -461,3 +462,17 @@ def _check_floor(reference_floor) -> None:
             "Argument `reference_floor` must be a non-negative number. "
             f"Received: reference_floor={reference_floor!r}"
         )
+
+
+def _check_weights_fit(model, weight_sets) -> None:
+    want = [tuple(v.shape) for v in model.trainable_variables] + [
+        tuple(v.shape) for v in model.non_trainable_variables
+    ]
+    for index, weights in enumerate(weight_sets):
+        got = [tuple(np.shape(w)) for w in weights.trainable + weights.non_trainable]
+        if got != want or len(weights.trainable) != len(model.trainable_variables):
+            what = "θ*" if index == 0 else f"member {index - 1}"
+            raise ValueError(
+                f"The weights of {what} do not fit the model: the ensemble belongs to a "
+                "different architecture. Use the model the ensemble was collected from."
+            )

@@ -143,12 +143,42 @@ def resolve_loss(model: keras.Model, loss=None) -> PerExampleLoss:
     )
 
 
+def check_labels(loss: PerExampleLoss, y_true, y_pred) -> None:
+    """Refuses labels whose shape or values do not fit the classification loss."""
+    y = np.asarray(y_true)
+    pred_shape = tuple(y_pred.shape)
+    if loss.kind == _SPARSE_CE:
+        if not (y.ndim == len(pred_shape) - 1 or (y.ndim == len(pred_shape) and y.shape[-1] == 1)):
+            raise ValueError(
+                f"The loss {loss.name} expects integer class ids of shape (batch,), but the "
+                f"labels have shape {y.shape} for predictions of shape {pred_shape}. "
+                "One-hot labels need categorical cross-entropy."
+            )
+        if y.dtype.kind == "f" and not np.all(y == np.round(y)):
+            raise ValueError(
+                f"The loss {loss.name} expects integer class ids; labels are fractional."
+            )
+        if y.size and (y.min() < 0 or y.max() >= pred_shape[-1]):
+            raise ValueError(
+                f"Labels must be class ids in [0, {pred_shape[-1]}) for the model's "
+                f"{pred_shape[-1]} outputs. Received labels in [{y.min()}, {y.max()}]."
+            )
+    elif loss.kind in (_CE, _BCE) and y.shape != pred_shape:
+        raise ValueError(
+            f"The loss {loss.name} expects labels shaped like the predictions "
+            f"{pred_shape}, but the labels have shape {y.shape}."
+            + (" Integer class ids need sparse categorical cross-entropy." if y.ndim == 1 else "")
+        )
+
+
 def check_per_example(loss: PerExampleLoss, y_true, y_pred) -> None:
     """Evaluates the loss once, eagerly, and refuses reduced or non-finite output.
 
     Called at the public entry on the first batch so that a loss that
-    returns a scalar (already reduced) cannot silently broadcast.
+    returns a scalar (already reduced) cannot silently broadcast, and labels
+    that do not fit the loss are refused before any work is done.
     """
+    check_labels(loss, y_true, y_pred)
     raw = tf.convert_to_tensor(loss.fn(y_true, y_pred))
     batch = int(tf.shape(y_pred)[0])
     if raw.shape.rank == 0 or (raw.shape[0] is not None and raw.shape[0] != batch):

@@ -80,12 +80,6 @@ def test_nan_in_later_batch_of_dataset(tiny):
         ens.self_influence(ds, verbose=0)
 
 
-def test_labels_out_of_range_for_loss(tiny):
-    _, ens, x, y = tiny
-    with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
-        ens.self_influence((x, y + 20), verbose=0)
-
-
 def test_unbuilt_and_uncompiled_models(small_data):
     unbuilt = keras.Sequential([keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="not been built"):
@@ -196,3 +190,35 @@ def test_auto_learning_rate_warns_for_non_classification_loss():
     model.compile(loss="mse")
     with pytest.warns(UserWarning, match="not a recognised classification loss"):
         keras_gex.GeometricEnsemble.collect(model, (x, x[:, :1]), num_members=1, steps=2, verbose=0)
+
+
+def test_labels_that_do_not_fit_the_loss(tiny):
+    _, ens, x, y = tiny
+    with pytest.raises(ValueError, match="One-hot labels need categorical"):
+        ens.self_influence((x, np.eye(10)[y]), verbose=0)
+    with pytest.raises(ValueError, match=r"class ids in \[0, 10\)"):
+        ens.self_influence((x, y + 20), verbose=0)
+    with pytest.raises(ValueError, match="fractional"):
+        ens.self_influence((x, y + 0.5), verbose=0)
+
+
+def test_categorical_loss_refuses_integer_labels():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    ens = keras_gex.GeometricEnsemble(
+        model,
+        keras_gex.weights.WeightSet.from_model(model),
+        [keras_gex.weights.WeightSet.from_model(model)],
+        keras_gex.losses.resolve_loss(model),
+    )
+    with pytest.raises(ValueError, match="Integer class ids need sparse"):
+        ens.self_influence((x, rng.integers(0, 3, 16)), verbose=0)
+
+
+def test_ensemble_members_must_fit_the_model(tiny):
+    _, ens, _, _ = tiny
+    other = make_mlp(seed=0, hidden=16)
+    with pytest.raises(ValueError, match="do not fit the model"):
+        keras_gex.GeometricEnsemble(other, ens.reference, ens.members, ens.loss)
