@@ -7,11 +7,16 @@ examples; low self-influence marks prunable ones.
 """
 
 from keras_gex.callback import GEXCollector
+from keras_gex.clean import clean
 from keras_gex.detect import detect_noisy
 from keras_gex.ensemble import Deviations, GeometricEnsemble
+from keras_gex.influence import InfluenceKernel, TopK, influence, top_k
 from keras_gex.losses import SoftTargetCrossentropy
+from keras_gex.plots import plot_gallery, plot_proponents, plot_self_influence
+from keras_gex.prune import PruneResult, prune
 from keras_gex.relabel import distillation_targets, relabel
 from keras_gex.report import NoisyLabelReport
+from keras_gex.sources import SourceSeparation, source_separation
 from keras_gex.thresholding import otsu_threshold
 from keras_gex.version import __version__
 
@@ -19,11 +24,23 @@ __all__ = [
     "Deviations",
     "GEXCollector",
     "GeometricEnsemble",
+    "InfluenceKernel",
     "NoisyLabelReport",
+    "PruneResult",
     "SoftTargetCrossentropy",
+    "SourceSeparation",
+    "TopK",
     "__version__",
+    "clean",
     "detect_noisy",
     "distillation_targets",
+    "influence",
     "otsu_threshold",
+    "plot_gallery",
+    "plot_proponents",
+    "plot_self_influence",
+    "prune",
     "relabel",
+    "source_separation",
+    "top_k",
 ]

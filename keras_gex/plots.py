@@ -79,3 +79,136 @@ def plot_self_influence(
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _as_images(images, image_shape):
+    arr = np.asarray(images)
+    if image_shape is not None:
+        arr = arr.reshape((len(arr), *image_shape))
+    if arr.ndim == 2:  # flat vectors: try a square
+        side = round(float(np.sqrt(arr.shape[1])))
+        if side * side != arr.shape[1]:
+            raise ValueError(
+                f"Cannot display flat inputs of size {arr.shape[1]} as images; pass `image_shape=`."
+            )
+        arr = arr.reshape(len(arr), side, side)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return arr
+
+
+def _name(label, class_names):
+    if label is None:
+        return "?"
+    label = int(label)
+    return class_names[label] if class_names is not None else str(label)
+
+
+def plot_gallery(
+    images,
+    scores,
+    labels=None,
+    predicted=None,
+    *,
+    k: int = 16,
+    most: bool = True,
+    class_names=None,
+    image_shape=None,
+    cols: int = 8,
+    title: str | None = None,
+):
+    """The `k` most (or least) self-influential images with given/predicted labels.
+
+    Args:
+        images: `(N, H, W[, C])` images, or flat `(N, D)` with `image_shape`.
+        scores: `(N,)` scores; the gallery is sorted by them.
+        labels: `(N,)` given labels (class ids). Defaults to `None`.
+        predicted: `(N,)` predicted class ids. Defaults to `None`.
+        k: Number of images. Defaults to `16`.
+        most: Highest scores first (True) or lowest (False). Defaults to `True`.
+        class_names: Names indexed by class id. Defaults to `None`.
+        image_shape: Shape to reshape flat inputs to. Defaults to `None`.
+        cols: Images per row. Defaults to `8`.
+        title: Figure title. Defaults to `None`.
+
+    Returns:
+        The matplotlib `Figure`. Titles read "given → predicted"; a red title
+        marks a disagreement.
+    """
+    from matplotlib.figure import Figure
+
+    imgs = _as_images(images, image_shape)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s if most else s, kind="stable")[: min(k, len(s))]
+    rows = int(np.ceil(len(order) / cols))
+    fig = Figure(figsize=(1.6 * cols, 1.9 * rows))
+    for pos, idx in enumerate(order):
+        ax = fig.add_subplot(rows, cols, pos + 1)
+        ax.imshow(imgs[idx], cmap="gray" if imgs[idx].ndim == 2 else None)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        given = None if labels is None else labels[idx]
+        pred = None if predicted is None else predicted[idx]
+        text = f"#{idx}\n{_name(given, class_names)}"
+        if pred is not None:
+            text += f" → {_name(pred, class_names)}"
+        wrong = given is not None and pred is not None and int(given) != int(pred)
+        ax.set_title(text, fontsize=8, color="red" if wrong else "black")
+    fig.suptitle(title or ("most" if most else "least") + " self-influential examples")
+    fig.tight_layout()
+    return fig
+
+
+def plot_proponents(
+    query_image,
+    train_images,
+    proponents,
+    proponent_scores,
+    opponents,
+    opponent_scores,
+    *,
+    train_labels=None,
+    query_label=None,
+    class_names=None,
+    image_shape=None,
+):
+    """A query image beside its top proponents (top row) and opponents (bottom).
+
+    Args:
+        query_image: The query input `(H, W[, C])` or flat with `image_shape`.
+        train_images: All training images.
+        proponents: `(k,)` training indices (e.g. `top.proponents[j]`).
+        proponent_scores: `(k,)` their influence.
+        opponents: `(k,)` training indices.
+        opponent_scores: `(k,)` their influence.
+        train_labels: Training labels for captions. Defaults to `None`.
+        query_label: The query's label for the caption. Defaults to `None`.
+        class_names: Names indexed by class id. Defaults to `None`.
+        image_shape: Shape of flat inputs. Defaults to `None`.
+
+    Returns:
+        The matplotlib `Figure`.
+    """
+    from matplotlib.figure import Figure
+
+    imgs = _as_images(train_images, image_shape)
+    query = _as_images(np.asarray(query_image)[None], image_shape)[0]
+    k = len(proponents)
+    fig = Figure(figsize=(1.7 * (k + 1), 4.0))
+    ax = fig.add_subplot(2, k + 1, 1)
+    ax.imshow(query, cmap="gray" if query.ndim == 2 else None)
+    ax.set_title(f"query\n{_name(query_label, class_names)}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for row, (indices, values, kind) in enumerate(
+        ((proponents, proponent_scores, "proponent"), (opponents, opponent_scores, "opponent"))
+    ):
+        for col, (idx, value) in enumerate(zip(indices, values)):
+            ax = fig.add_subplot(2, k + 1, row * (k + 1) + col + 2)
+            ax.imshow(imgs[idx], cmap="gray" if imgs[idx].ndim == 2 else None)
+            label = None if train_labels is None else train_labels[idx]
+            ax.set_title(f"{kind} #{idx}\n{_name(label, class_names)}  {value:+.2g}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from keras_gex.plots import plot_self_influence
+from keras_gex.plots import plot_gallery, plot_self_influence
 from keras_gex.relabel import distillation_targets, relabel
 
 
@@ -174,6 +174,46 @@ class NoisyLabelReport:
             known_noisy=known_noisy,
             log_x=log_x,
             ax=ax,
+        )
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+    def predicted_labels(self) -> np.ndarray:
+        """θ*'s predicted class per row (argmax of `predictions`)."""
+        if self.predictions is None:
+            raise ValueError("This report holds no predictions.")
+        return np.argmax(self.predictions, axis=-1)
+
+    def given_labels(self) -> np.ndarray:
+        """Given labels as class ids (argmax of one-hot labels)."""
+        labels = np.asarray(self.labels)
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            return np.argmax(labels, axis=1)
+        return labels.reshape(len(labels))
+
+    def plot_gallery(self, images, *, k=16, class_names=None, image_shape=None, path=None):
+        """The `k` most suspect images, captioned "given → predicted".
+
+        Args:
+            images: The training inputs, in the scored order.
+            k: Number of images. Defaults to `16`.
+            class_names: Names indexed by class id. Defaults to `None`.
+            image_shape: Shape to reshape flat inputs to. Defaults to `None`.
+            path: File to save the PNG to. Defaults to `None`.
+
+        Returns:
+            The matplotlib `Figure`.
+        """
+        fig = plot_gallery(
+            images,
+            self.scores,
+            self.given_labels(),
+            self.predicted_labels(),
+            k=k,
+            class_names=class_names,
+            image_shape=image_shape,
+            title="most self-influential (most suspect) training examples",
         )
         if path is not None:
             fig.savefig(path, dpi=120)
