@@ -70,7 +70,7 @@ def test_prune_keeps_requested_count_and_lowest_scores_go_first(digits_ensemble,
         if fraction:
             assert scores[result.pruned_indices].max() <= scores[result.kept_indices].min()
     result = keras_gex.prune(data, digits_ensemble, fraction=0.3, verbose=0)
-    x_kept, y_kept = result.apply(data)
+    x_kept, _ = result.apply(data)
     np.testing.assert_array_equal(x_kept, digits.x_train[result.kept_indices])
     ds = tf.data.Dataset.from_tensor_slices(data).batch(64)
     pruned_ds = result.apply(ds)
