@@ -13,6 +13,8 @@ as `NoisyLabelReport.scores`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 
 import keras
@@ -122,6 +124,22 @@ def _build_model(model_fn: Callable) -> keras.Model:
     return model
 
 
+@contextlib.contextmanager
+def _quiet_retracing():
+    """Silences TensorFlow's frequent-retracing warning.
+
+    Every repeat scores a new model, so the scoring function is traced once
+    per repeat by design, which TensorFlow would report as excessive retracing.
+    """
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _el2n_fn(tuner: FineTuner, sparse: bool, activation: str, x_spec, y_spec):
     """Compiled `(x, y) -> ||p(x) − y||₂` in inference mode with the tuner's weights."""
 
@@ -186,8 +204,8 @@ def el2n_scores(
 
     A briefly trained model's BatchNorm moving statistics lag far behind its
     weights, so they are re-estimated on `bn_batches` training batches before
-    scoring (as for GE members). Measured on a BatchNorm CNN on digits this
-    lifted EL2N's AUC from 0.71 to 1.00.
+    scoring (as for GE members). Measured on a BatchNorm CNN on digits with
+    10% flipped labels, this lifted EL2N's AUC from 0.6-0.7 to 1.00.
 
     Args:
         model_fn: Zero-argument callable returning a new compiled Keras model
@@ -209,9 +227,16 @@ def el2n_scores(
         `(N,)` float64 mean EL2N scores in the order of `x`; higher = more suspect.
 
     Raises:
-        TypeError: If `model_fn` is not callable or does not return a model.
+        TypeError: If `model_fn` is a model, is not callable, or does not return a
+            model.
         ValueError: For invalid data or arguments (see messages).
     """
+    if isinstance(model_fn, keras.Model):
+        raise TypeError(
+            "Argument `model_fn` must be a callable that builds a new compiled model "
+            "(EL2N trains a fresh model per repeat), not a model. Received: "
+            f"model_fn={model_fn.name!r} of type {type(model_fn).__name__}"
+        )
     if not callable(model_fn):
         raise TypeError(
             "Argument `model_fn` must be a callable returning a compiled `keras.Model`. "
@@ -248,12 +273,13 @@ def el2n_scores(
             binary = per_example.kind == "binary_crossentropy"
             activation = "sigmoid" if binary else "softmax"
         fn = _el2n_fn(tuner, sparse, activation, x_spec, y_spec)
-        scores = np.concatenate(
-            [
-                fn(x[i : i + _SCORE_BATCH_SIZE], y[i : i + _SCORE_BATCH_SIZE]).numpy()
-                for i in range(0, n, _SCORE_BATCH_SIZE)
-            ]
-        )
+        with _quiet_retracing():
+            scores = np.concatenate(
+                [
+                    fn(x[i : i + _SCORE_BATCH_SIZE], y[i : i + _SCORE_BATCH_SIZE]).numpy()
+                    for i in range(0, n, _SCORE_BATCH_SIZE)
+                ]
+            )
         if not np.all(np.isfinite(scores)):
             raise ValueError(
                 f"EL2N run {r} produced NaN or inf scores: its training diverged. "

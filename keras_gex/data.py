@@ -59,7 +59,9 @@ class DataSource:
 
     def __init__(self, data, batch_size: int | None = None, name: str = "data"):
         self.name = name
-        self.batch_size = _validation.positive_int("batch_size", batch_size or DEFAULT_BATCH_SIZE)
+        self.batch_size = DEFAULT_BATCH_SIZE
+        if batch_size is not None:
+            self.batch_size = _validation.positive_int("batch_size", batch_size)
         self._arrays = None
         self._dataset = None
         if isinstance(data, tf.data.Dataset):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 
 import keras
@@ -149,7 +150,7 @@ class GeometricEnsemble:
         bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
         if learning_rate != "auto":
             learning_rate = _validation.positive_float("learning_rate", learning_rate)
-        momentum_ok = isinstance(momentum, (int, float)) and 0 <= momentum < 1
+        momentum_ok = isinstance(momentum, numbers.Real) and 0 <= momentum < 1
         if isinstance(momentum, bool) or not momentum_ok:
             raise ValueError(
                 f"Argument `momentum` must be a number in [0, 1). Received: momentum={momentum!r}"
@@ -454,7 +455,7 @@ class GeometricEnsemble:
 def _check_floor(reference_floor) -> None:
     if (
         isinstance(reference_floor, bool)
-        or not isinstance(reference_floor, (int, float))
+        or not isinstance(reference_floor, numbers.Real)
         or not np.isfinite(reference_floor)
         or reference_floor < 0
     ):

@@ -150,6 +150,13 @@ class NoisyLabelReport:
                     f"members fit only {np.mean(rel):.1%} of what θ* fits: fine-tuning "
                     "moved far from θ*; decrease `learning_rate`."
                 )
+        if ref_fit is not None and ref_fit < 0.95:
+            out.append(
+                f"θ* predicts only {ref_fit:.1%} of its training labels: it has not memorised "
+                "its training set, which GEX self-influence assumes (measured: an MLP stopped "
+                "early scored AUC 0.40, below chance, while its loss scored 0.99). Train "
+                "longer, or rank by `report.reference_losses` as well."
+            )
         spread = np.std(self.deviations)
         if spread == 0:
             out.append("all loss deviations are zero: the members equal θ*.")

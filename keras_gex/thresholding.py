@@ -8,6 +8,8 @@ computed exactly over every split of the sorted values (no histogram bins).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from keras_gex import _validation
@@ -57,7 +59,7 @@ def threshold_scores(scores: np.ndarray, method) -> float:
         # Map back: the largest original score whose transform is <= cut.
         below = scores[transformed <= cut]
         return float(below.max()) if below.size else float(np.min(scores))
-    if isinstance(method, bool) or not isinstance(method, (int, float)) or not np.isfinite(method):
+    if isinstance(method, bool) or not isinstance(method, numbers.Real) or not np.isfinite(method):
         raise ValueError(
             "Argument `threshold` must be 'otsu', 'otsu_sqrt', 'otsu_log' or a finite "
             f"number. Received: threshold={method!r}"

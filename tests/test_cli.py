@@ -44,3 +44,72 @@ def test_demo_end_to_end(tmp_path):
     assert auc >= 0.99, out
     assert float(accs.group(2)) > float(accs.group(1)), out
     assert plot.stat().st_size > 5000
+
+
+def _run_cli(args, cwd):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        [sys.executable, "-m", "keras_gex", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.slow
+def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
+    import csv
+
+    import numpy as np
+    from conftest import make_mlp
+
+    model = make_mlp(seed=0)
+    model.fit(digits.x_train, digits.y_train, epochs=60, batch_size=64, verbose=0)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "data.npz", x=digits.x_train, y=digits.y_train)
+    proc = _run_cli(
+        ["detect", "model.keras", "data.npz", "--out", "out", "--members", "3", "--quiet"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    for name in ("scores.csv", "scores.npy", "flagged.txt", "self_influence.png", "report.html"):
+        assert (out / name).stat().st_size > 0, name
+    scores = np.load(out / "scores.npy")
+    assert scores.shape == (len(digits.x_train),)
+    with open(out / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(scores) and int(rows[5]["given_label"]) == digits.y_train[5]
+    flagged = [int(line) for line in (out / "flagged.txt").read_text().split()]
+    assert flagged and set(flagged) == {i for i, r in enumerate(rows) if r["flagged"] == "1"}
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(digits.is_noisy, scores) > 0.97
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "Flagged examples" in page
+    assert "flagged; results in out/" in proc.stdout
+    # A second run reuses the saved ensemble: same scores.
+    again = _run_cli(
+        ["detect", "model.keras", "data.npz", "--out", "out", "--members", "3", "--quiet"],
+        tmp_path,
+    )
+    assert again.returncode == 0
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), scores)
+
+
+def test_detect_bad_inputs_exit_2(tmp_path):
+    import numpy as np
+
+    proc = _run_cli(["detect", "missing.keras", "data.npz"], tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    np.savez(tmp_path / "bad.npz", inputs=np.zeros(3))
+    from conftest import make_mlp
+
+    make_mlp(hidden=4).save(tmp_path / "m.keras")
+    proc = _run_cli(["detect", "m.keras", "bad.npz"], tmp_path)
+    assert proc.returncode == 2 and "must contain arrays 'x' and 'y'" in proc.stderr
+    proc = _run_cli(["detect", "m.keras"], tmp_path)
+    assert proc.returncode == 2 and "usage" in proc.stderr

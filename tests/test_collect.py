@@ -117,3 +117,18 @@ def test_diverging_step_size_is_retried_not_averaged():
     assert all(m.is_finite() for m in ens.members)
     assert ens.info["learning_rate"] < 10.0
     assert np.all(np.isfinite(ens.self_influence((x, y), verbose=0)))
+
+
+def test_warns_when_theta_star_has_not_memorised(digits):
+    import warnings
+
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model = make_mlp(seed=5, hidden=8)  # untrained: fits ~10% of its labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with pytest.warns(UserWarning, match="predicts only"):
+            ens = keras_gex.GeometricEnsemble.collect(
+                model, (x, y), num_members=1, steps=5, learning_rate=0.01, verbose=0
+            )
+    report = keras_gex.detect_noisy((x, y), ens, verbose=0)
+    assert any("has not memorised" in w for w in report.diagnostics())

@@ -222,3 +222,18 @@ def test_ensemble_members_must_fit_the_model(tiny):
     other = make_mlp(seed=0, hidden=16)
     with pytest.raises(ValueError, match="do not fit the model"):
         keras_gex.GeometricEnsemble(other, ens.reference, ens.members, ens.loss)
+
+
+def test_numpy_scalars_accepted_and_zero_batch_size_refused(tiny):
+    model, ens, x, y = tiny
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ens.self_influence((x, y), batch_size=0, verbose=0)
+    dev = ens.deviations((x, y), reference_floor=np.float32(0.01), verbose=0)
+    assert dev.deviations.shape == (40, 2)
+    report = keras_gex.detect_noisy((x, y), ens, threshold=np.float32(0.5), verbose=0)
+    assert report.threshold == 0.5
+    again = keras_gex.GeometricEnsemble.collect(
+        model, (x, y), num_members=1, steps=2, learning_rate=np.float32(0.01),
+        momentum=np.float32(0.5), verbose=0,
+    )  # fmt: skip
+    assert again.info["momentum"] == 0.5
