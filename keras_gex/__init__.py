@@ -10,6 +10,7 @@ from keras_gex.callback import GEXCollector
 from keras_gex.clean import clean
 from keras_gex.detect import detect_noisy
 from keras_gex.ensemble import Deviations, GeometricEnsemble
+from keras_gex.export import export_scorer
 from keras_gex.influence import InfluenceKernel, TopK, influence, top_k
 from keras_gex.losses import SoftTargetCrossentropy
 from keras_gex.plots import plot_gallery, plot_proponents, plot_self_influence
@@ -34,6 +35,7 @@ __all__ = [
     "clean",
     "detect_noisy",
     "distillation_targets",
+    "export_scorer",
     "influence",
     "otsu_threshold",
     "plot_gallery",
