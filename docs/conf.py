@@ -6,7 +6,7 @@ import sys
 sys.path.insert(0, os.path.abspath(".."))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_gex.version import __version__  # noqa: E402
+from keras_gex.version import __version__
 
 project = "keras_gex"
 author = "keras_gex contributors"
