@@ -6,8 +6,43 @@ import dataclasses
 
 import numpy as np
 
+from keras_gex import _validation
 from keras_gex.plots import plot_gallery, plot_self_influence
 from keras_gex.relabel import distillation_targets, relabel
+from keras_gex.thresholding import threshold_scores
+
+
+@dataclasses.dataclass
+class Uncertainty:
+    """How much the scores and the flagged set depend on the finite ensemble.
+
+    Computed by resampling the M members with replacement (bootstrap).
+
+    Attributes:
+        score_stderr: `(N,)` bootstrap standard error of each score.
+        flag_frequency: `(N,)` fraction of resamples in which each row is flagged
+            (threshold recomputed each time); near 0 or 1 means a stable decision.
+        stability: Mean Jaccard similarity between the flagged set of a resample
+            and the reported flagged set (1.0 = identical every time).
+        stability_by_members: `{m: mean Jaccard}` for resamples of m members,
+            m <= M, showing how stability grows with ensemble size.
+        suggested_members: Smallest ensemble size predicted to reach a
+            stability of `target` (from a 1 − c/m fit), at least the current M
+            when the current stability is below target.
+        target: The stability target used. Defaults to 0.95 in `uncertainty`.
+    """
+
+    score_stderr: np.ndarray
+    flag_frequency: np.ndarray
+    stability: float
+    stability_by_members: dict
+    suggested_members: int
+    target: float
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.sum(a | b)
+    return 1.0 if union == 0 else float(np.sum(a & b) / union)
 
 
 def _softmax(z):
@@ -185,6 +220,65 @@ class NoisyLabelReport:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
+
+    def uncertainty(
+        self, *, num_resamples: int = 200, target: float = 0.95, seed: int = 0
+    ) -> Uncertainty:
+        """Bootstrap over members: score standard errors and flagged-set stability.
+
+        Tells whether M was large enough: if `stability` is low, the flagged set
+        would change with another ensemble of the same size;
+        `suggested_members` estimates the M that would make it stable.
+
+        Args:
+            num_resamples: Bootstrap resamples. Defaults to `200`.
+            target: Stability (mean Jaccard) to aim for. Defaults to `0.95`.
+            seed: Seed of the resampling. Defaults to `0`.
+
+        Returns:
+            An `Uncertainty`.
+        """
+        num_resamples = _validation.positive_int("num_resamples", num_resamples)
+        target = _validation.fraction("target", target, inclusive_low=False)
+        dev_sq = np.square(self.deviations.astype(np.float64))
+        m = dev_sq.shape[1]
+        rng = np.random.default_rng(seed)
+        method = self.threshold_method
+
+        def resample(size):
+            cols = rng.integers(0, m, size=size)
+            scores = dev_sq[:, cols].mean(axis=1)
+            flagged = scores > threshold_scores(scores, method)
+            return scores, flagged
+
+        samples, flags = [], []
+        for _ in range(num_resamples):
+            scores, flagged = resample(m)
+            samples.append(scores)
+            flags.append(flagged)
+        samples = np.array(samples)
+        flags = np.array(flags)
+        by_size = {}
+        for size in sorted({max(1, m // 4), max(1, m // 2), m}):
+            reps = min(num_resamples, 100)
+            by_size[size] = float(
+                np.mean([_jaccard(resample(size)[1], self.noisy_mask) for _ in range(reps)])
+            )
+        stability = float(np.mean([_jaccard(f, self.noisy_mask) for f in flags]))
+        # Fit J(m) = 1 - c / m through the measured points; solve for the target.
+        sizes = np.array(list(by_size))
+        gaps = 1.0 - np.array(list(by_size.values()))
+        c = float(np.sum(gaps * (1.0 / sizes)) / np.sum((1.0 / sizes) ** 2))
+        needed = m if c <= 0 else int(np.ceil(c / (1.0 - target)))
+        suggested = max(needed, m) if stability < target else min(max(needed, 1), m)
+        return Uncertainty(
+            samples.std(axis=0, ddof=1),
+            flags.mean(axis=0),
+            stability,
+            by_size,
+            suggested,
+            target,
+        )
 
     def predicted_labels(self) -> np.ndarray:
         """θ*'s predicted class per row (argmax of `predictions`)."""

@@ -83,3 +83,42 @@ def test_collect_kwargs_refused_with_ready_ensemble(digits_ensemble, digits):
 def test_detect_refuses_non_ensemble(digits):
     with pytest.raises(TypeError, match="GeometricEnsemble"):
         keras_gex.detect_noisy((digits.x_train, digits.y_train), "model")
+
+
+def test_uncertainty_bootstrap(report):
+    unc = report.uncertainty(num_resamples=50, seed=1)
+    n = len(report.scores)
+    assert unc.score_stderr.shape == (n,) and np.all(unc.score_stderr >= 0)
+    # Bootstrap standard error ~ std over members / sqrt(M) for a mean of M values.
+    d2 = report.deviations.astype(float) ** 2
+    approx = d2.std(axis=1, ddof=0) / np.sqrt(d2.shape[1])
+    top = np.argsort(-report.scores)[:50]
+    ratio = np.median(unc.score_stderr[top] / approx[top])
+    assert 0.7 < ratio < 1.3
+    assert unc.flag_frequency.shape == (n,)
+    assert np.all(unc.flag_frequency[report.noisy_mask] > 0.2)
+    assert 0 < unc.stability <= 1
+    sizes = sorted(unc.stability_by_members)
+    assert sizes[-1] == report.deviations.shape[1]
+    assert unc.stability_by_members[sizes[0]] <= unc.stability_by_members[sizes[-1]] + 0.05
+    assert unc.suggested_members >= 1
+    if unc.stability < unc.target:
+        assert unc.suggested_members >= report.deviations.shape[1]
+    with pytest.raises(ValueError, match="num_resamples"):
+        report.uncertainty(num_resamples=0)
+
+
+def test_uncertainty_identical_members_is_perfectly_stable(report):
+    import dataclasses
+
+    from keras_gex.thresholding import threshold_scores
+
+    same = np.repeat(report.deviations[:, :1], 4, axis=1)
+    scores = np.mean(same.astype(float) ** 2, axis=1)
+    cut = threshold_scores(scores, report.threshold_method)
+    clone = dataclasses.replace(
+        report, deviations=same, scores=scores, threshold=cut, noisy_mask=scores > cut
+    )
+    unc = clone.uncertainty(num_resamples=10)
+    assert np.allclose(unc.score_stderr, 0)
+    assert unc.stability == 1.0 and unc.suggested_members <= 4
