@@ -7,7 +7,7 @@ examples; low self-influence marks prunable ones.
 """
 
 from keras_gex.callback import GEXCollector
-from keras_gex.clean import clean
+from keras_gex.clean import clean, compare_models
 from keras_gex.detect import detect_noisy
 from keras_gex.ensemble import Deviations, GeometricEnsemble
 from keras_gex.export import export_scorer
@@ -33,6 +33,7 @@ __all__ = [
     "TopK",
     "__version__",
     "clean",
+    "compare_models",
     "detect_noisy",
     "distillation_targets",
     "export_scorer",

@@ -132,3 +132,21 @@ def test_gallery_and_proponent_plots(digits_ensemble, digits, tiny_kernel, tmp_p
     assert len(fig.axes) == 9
     with pytest.raises(ValueError, match="image_shape"):
         keras_gex.plot_gallery(np.zeros((3, 10)), np.arange(3.0))
+
+
+def test_compare_models_before_after(trained_mlp, digits):
+    from conftest import make_mlp
+
+    other = make_mlp(seed=3, hidden=16)
+    lines = []
+    out = keras_gex.compare_models(
+        {"trained": trained_mlp, "untrained": other},
+        (digits.x_test, digits.y_test),
+        print_fn=lines.append,
+    )
+    logits = np.asarray(trained_mlp(digits.x_test))
+    assert out["trained"]["accuracy"] == np.mean(np.argmax(logits, 1) == digits.y_test)
+    assert out["trained"]["accuracy"] > out["untrained"]["accuracy"]
+    assert "| trained |" in lines[0]
+    with pytest.raises(ValueError, match="non-empty dict"):
+        keras_gex.compare_models({}, (digits.x_test, digits.y_test))
