@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_gex import _validation
+from keras_gex import _validation, distribute
 from keras_gex.ensemble import DEFAULTS, GeometricEnsemble
 
 
@@ -42,6 +42,11 @@ class GEXCollector(keras.callbacks.Callback):
             re-run after a crash resumes at the first missing member.
             Defaults to `None`.
         verbose: 0, or 1 / "auto" for progress messages. Defaults to `"auto"`.
+        strategy: A `tf.distribute.Strategy` to fine-tune under (data-parallel
+            per member). By default the strategy the model was built under, if
+            any. Defaults to `None`.
+        per_replica_members: Fine-tune one member per replica, without
+            gradient synchronisation (needs a strategy). Defaults to `False`.
     """
 
     def __init__(
@@ -58,6 +63,8 @@ class GEXCollector(keras.callbacks.Callback):
         loss=None,
         directory=None,
         verbose="auto",
+        strategy=None,
+        per_replica_members: bool = False,
     ):
         super().__init__()
         if train_data is None:
@@ -79,6 +86,13 @@ class GEXCollector(keras.callbacks.Callback):
         self.loss = loss
         self.directory = directory
         self.verbose = _validation.verbose_level(verbose)
+        if strategy is not None:
+            distribute.check_strategy(strategy)
+        self.strategy = strategy
+        # Whether a strategy exists is known when `fit` ends (the model's own counts).
+        self.per_replica_members = distribute.check_per_replica_members(
+            per_replica_members, strategy, chain, require_strategy=False
+        )
         self.ensemble = None
 
     def on_train_begin(self, logs=None):
@@ -99,4 +113,6 @@ class GEXCollector(keras.callbacks.Callback):
             loss=self.loss,
             directory=self.directory,
             verbose=self.verbose,
+            strategy=self.strategy,
+            per_replica_members=self.per_replica_members,
         )

@@ -16,6 +16,12 @@ in the memorising basin of θ* see no loss deviation on mislabeled examples,
 diverged members see noise. With `learning_rate="auto"` the step size is
 calibrated from the members' own training fit, without any knowledge of which
 labels are noisy (see `calibrate`).
+
+Under a `tf.distribute` strategy (`ReplicaFineTuner`) a member is either
+fine-tuned data-parallel (global batches split across the replicas, gradients
+and BatchNorm statistics all-reduced, so every replica holds the same weights),
+or, with `per_replica_members=True`, every replica fine-tunes its own member
+with no communication (the official code's `--ft_local`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_gex import distribute
 from keras_gex.data import DataSource
 from keras_gex.losses import PerExampleLoss
 from keras_gex.weights import WeightSet
@@ -244,6 +251,390 @@ class FineTuner:
         return mean_loss, fit
 
 
+_REPLICA_LOCAL = dict(
+    trainable=False,
+    synchronization=tf.VariableSynchronization.ON_READ,
+    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+)
+
+
+class ReplicaFineTuner:
+    """`FineTuner` under a `tf.distribute` strategy: one working copy per replica.
+
+    Every replica holds its own copy of the weights and of the momentum
+    (replica-local `ON_READ` variables) and applies `FineTuner`'s SGD update.
+
+    * `synchronized=True` (data-parallel, one member at a time): each global
+      batch is split across the replicas, the objective is
+      `tf.nn.compute_average_loss` over the global batch, gradients are
+      all-reduced (sum) before the update, so every replica applies the same
+      update and the copies stay identical. BatchNorm moving statistics are
+      all-reduced (example-weighted) during training, and the re-estimation
+      combines every replica's batch moments into the global batch's, so every
+      replica ends with the same statistics.
+    * `synchronized=False` (one member per replica): replica `r` trains on its
+      own stream with no communication; it computes exactly what `FineTuner`
+      computes for that member.
+
+    Results come back per replica (lists of length `num_replicas`); with
+    `synchronized=True` they are identical, and lists have one entry.
+
+    Args:
+        model: The trained model (θ* is read from it once).
+        loss: Per-example loss.
+        momentum: SGD momentum.
+        strategy: A validated `tf.distribute.Strategy`.
+        synchronized: Data-parallel (True) or one member per replica (False).
+        global_batch_size: Fine-tuning batch size across all replicas.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        loss: PerExampleLoss,
+        momentum: float,
+        strategy,
+        *,
+        synchronized: bool,
+        global_batch_size: int,
+    ):
+        self.model = model
+        self.loss = loss
+        self.momentum = float(momentum)
+        self.strategy = strategy
+        self.synchronized = bool(synchronized)
+        self.global_batch_size = int(global_batch_size)
+        self.num_replicas = int(strategy.num_replicas_in_sync)
+        distribute.check_replica_order(strategy)
+        trainable = [np.array(v.numpy()) for v in model.trainable_variables]
+        non_trainable = [np.array(v.numpy()) for v in model.non_trainable_variables]
+        with strategy.scope():
+            self.tv = [tf.Variable(w, **_REPLICA_LOCAL) for w in trainable]
+            self.ntv = [tf.Variable(w, **_REPLICA_LOCAL) for w in non_trainable]
+            self.velocity = [tf.Variable(np.zeros_like(w), **_REPLICA_LOCAL) for w in trainable]
+        self._bn = batchnorm_layers(model)
+        ids = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        self._bn_index = [
+            (ids[id(layer.moving_mean)], ids[id(layer.moving_variance)]) for layer in self._bn
+        ]
+        self._bn_positions = {i for pair in self._bn_index for i in pair}
+        self._fns = {}
+
+    def _fn(self, name, python_fn):
+        if name not in self._fns:
+            self._fns[name] = tf.function(python_fn)
+        return self._fns[name]
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return bool(self._bn)
+
+    @property
+    def _results(self) -> int:
+        return 1 if self.synchronized else self.num_replicas
+
+    # -- input --------------------------------------------------------------------------
+    def stream(self, dataset: tf.data.Dataset):
+        """Iterator over `dataset`'s global batches split across the replicas.
+
+        Created on first use: a distributed iterator costs a noticeable setup
+        (one prefetching pipeline per device), wasted when the model has no
+        BatchNorm and the stream is only there for the re-estimation.
+        """
+        return _LazyIterator(lambda: distribute.distribute_batches(self.strategy, dataset))
+
+    def replica_streams(self, dataset_fn):
+        """Iterator giving global replica `r` the batches of `dataset_fn(r)` (lazy)."""
+        return _LazyIterator(lambda: distribute.distribute_per_replica(self.strategy, dataset_fn))
+
+    # -- state --------------------------------------------------------------------------
+    def load(self, weights: WeightSet) -> None:
+        """Every replica starts from `weights` with zero momentum."""
+        for var, value in zip(self.tv, weights.trainable):
+            var.assign(value)  # cross-replica assign of an ON_READ variable: every copy
+        for var, value in zip(self.ntv, weights.non_trainable):
+            var.assign(value)
+        for var in self.velocity:
+            var.assign(np.zeros(var.shape, var.dtype.as_numpy_dtype))
+
+    def _local_state(self):
+        return [tf.expand_dims(tf.identity(v), 0) for v in self.tv + self.ntv]
+
+    def snapshots(self) -> list:
+        """One `WeightSet` per replica (one in all when synchronized)."""
+        fn = self._fn(
+            "state",
+            lambda: distribute.gather(self.strategy, self.strategy.run(self._local_state)),
+        )
+        arrays = [a.numpy() for a in fn()]
+        n = len(self.tv)
+        return [
+            WeightSet([np.array(a[r]) for a in arrays[:n]], [np.array(a[r]) for a in arrays[n:]])
+            for r in range(self._results)
+        ]
+
+    def _assign_per_replica(self, variables, values) -> None:
+        """Replica `r` assigns `values[r]` (a list aligned with `variables`)."""
+
+        def assign(*local):
+            for var, value in zip(variables, local):
+                var.assign(value)
+            return tf.constant(0)
+
+        def run(*per_replica):
+            return self.strategy.run(assign, args=per_replica)
+
+        columns = [
+            distribute.per_replica_values(
+                self.strategy, [tf.constant(values[r][k]) for r in range(self.num_replicas)]
+            )
+            for k in range(len(variables))
+        ]
+        self._fn(("assign", tuple(id(v) for v in variables)), run)(*columns)
+
+    # -- compiled pieces ----------------------------------------------------------------
+    def _replica_step(self, x, y, lr):
+        trainable = [tf.convert_to_tensor(v) for v in self.tv]
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            pred, new_ntv, reg = self.model.stateless_call(
+                trainable, self.ntv, x, training=True, return_losses=True
+            )
+            per_example = self.loss(y, pred)
+            if self.synchronized:
+                objective = tf.nn.compute_average_loss(
+                    per_example, global_batch_size=self.global_batch_size
+                )
+                if reg:
+                    objective = objective + tf.nn.scale_regularization_loss(
+                        tf.cast(tf.add_n(reg), objective.dtype)
+                    )
+            else:
+                objective = tf.reduce_mean(per_example)
+                if reg:
+                    objective = objective + tf.cast(tf.add_n(reg), objective.dtype)
+        grads = tape.gradient(objective, trainable)
+        if self.synchronized:
+            context = tf.distribute.get_replica_context()
+            present = [i for i, g in enumerate(grads) if g is not None]
+            reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+            grads = list(grads)
+            for i, g in zip(present, reduced):
+                grads[i] = g
+            new_ntv = self._mean_batchnorm_state(new_ntv, tf.shape(per_example)[0])
+        for var, grad, vel in zip(self.tv, grads, self.velocity):
+            if grad is None:
+                continue
+            vel.assign(self.momentum * vel - lr * tf.cast(grad, vel.dtype))
+            var.assign_add(vel)
+        for var, value in zip(self.ntv, new_ntv):
+            var.assign(value)
+        return tf.reshape(objective, [1])
+
+    def _mean_batchnorm_state(self, new_ntv, count):
+        """Example-weighted mean over replicas of the BN moving statistics."""
+        if not self._bn_positions:
+            return new_ntv
+        context = tf.distribute.get_replica_context()
+        n = tf.cast(count, tf.float32)
+        positions = sorted(self._bn_positions)
+        weighted = [
+            tf.where(n > 0, new_ntv[i] * tf.cast(n, new_ntv[i].dtype), tf.zeros_like(new_ntv[i]))
+            for i in positions
+        ]
+        total, *sums = context.all_reduce(tf.distribute.ReduceOp.SUM, [n, *weighted])
+        out = list(new_ntv)
+        for i, value in zip(positions, sums):
+            out[i] = value / tf.cast(total, value.dtype)
+        return out
+
+    def _train_loop(self, iterator, steps, learning_rate):
+        """`steps` SGD steps in one compiled loop; returns `(steps, replicas)` objectives."""
+        steps_f = tf.cast(steps, tf.float32)
+        values = tf.TensorArray(tf.float32, size=steps)
+        for t in tf.range(steps):
+            x, y = iterator.get_next()
+            progress = tf.cast(t, tf.float32) / steps_f
+            lr = learning_rate * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            objective = self.strategy.run(self._replica_step, args=(x, y, lr))
+            values = values.write(
+                t, tf.cast(distribute.gather(self.strategy, objective), tf.float32)
+            )
+        return values.stack()
+
+    def _replica_moments(self, x):
+        _, new_ntv = self.model.stateless_call(self.tv, self.ntv, x, training=True)
+        stats = [(new_ntv[i], new_ntv[j]) for i, j in self._bn_index]
+        if self.synchronized:
+            # Σ n_r·mean_r and Σ n_r·E_r[x²] over replicas give the global batch's moments.
+            context = tf.distribute.get_replica_context()
+            n = tf.cast(distribute._batch_size(x), tf.float32)
+            parts = []
+            for m, v in stats:
+                w = tf.cast(n, m.dtype)
+                parts.append(tf.where(n > 0, w * m, tf.zeros_like(m)))
+                parts.append(tf.where(n > 0, w * (v + m * m), tf.zeros_like(v)))
+            total, *sums = context.all_reduce(tf.distribute.ReduceOp.SUM, [n, *parts])
+            stats = []
+            for k in range(0, len(sums), 2):
+                mean = sums[k] / tf.cast(total, sums[k].dtype)
+                stats.append((mean, sums[k + 1] / tf.cast(total, mean.dtype) - mean * mean))
+        return [(tf.expand_dims(m, 0), tf.expand_dims(v, 0)) for m, v in stats]
+
+    def _replica_eval(self, x, y):
+        if self.synchronized:
+            context = tf.distribute.get_replica_context()
+            x, y = distribute.chunk(
+                (x, y), context.replica_id_in_sync_group, context.num_replicas_in_sync
+            )
+        pred, _ = self.model.stateless_call(self.tv, self.ntv, x, training=False)
+        losses = self.loss(y, pred)
+        fit = self.loss.fit_mask(y, pred) if self.loss.is_classification else losses
+        if self.synchronized:
+            return losses, fit  # chunks, gathered back into the batch in order
+        return tf.expand_dims(losses, 0), tf.expand_dims(fit, 0)  # one row per replica
+
+    # -- operations ---------------------------------------------------------------------
+    def train(self, iterator, steps: int, learning_rate: float) -> list:
+        """`steps` SGD steps with cosine decay; `(late loss, finite)` per replica."""
+        fn = self._fn("train", self._train_loop)
+        values = fn(
+            _LazyIterator.unwrap(iterator),
+            tf.constant(steps, tf.int32),
+            tf.constant(learning_rate, tf.float32),
+        ).numpy()
+        if self.synchronized:
+            values = values.sum(axis=1, keepdims=True)  # compute_average_loss parts
+        tail = max(1, steps // 10)
+        out = []
+        for column in values.T:
+            if not np.all(np.isfinite(column)):
+                out.append((float("nan"), False))
+            else:
+                out.append((float(np.mean(column[-tail:])), True))
+        return out
+
+    def refresh_batchnorm(self, batches, num_batches: int) -> None:
+        """Population BN statistics over `num_batches`, per replica (or global)."""
+        if not self._bn or num_batches <= 0:
+            return
+        fn = self._fn(
+            "moments",
+            lambda x: distribute.gather(
+                self.strategy, self.strategy.run(self._replica_moments, args=(x,))
+            ),
+        )
+        results = self._results
+        sums = [None] * results
+        count = 0
+        with _zero_bn_momentum(self._bn):
+            for _ in range(num_batches):
+                x, _ = next(batches)
+                stats = [(m.numpy(), v.numpy()) for m, v in fn(x)]
+                n = 1.0
+                for r in range(results):
+                    moments = [
+                        (m[r].astype(np.float64), v[r].astype(np.float64) + m[r] ** 2)
+                        for m, v in stats
+                    ]
+                    if sums[r] is None:
+                        sums[r] = [[a * n, b * n] for a, b in moments]
+                    else:
+                        for acc, (a, b) in zip(sums[r], moments):
+                            acc[0] += a * n
+                            acc[1] += b * n
+                count += n
+        variables, values = [], [[] for _ in range(self.num_replicas)]
+        for k, (i, j) in enumerate(self._bn_index):
+            variables += [self.ntv[i], self.ntv[j]]
+            for r in range(self.num_replicas):
+                s1, s2 = sums[0 if self.synchronized else r][k]
+                mean = s1 / count
+                var = np.maximum(s2 / count - mean**2, 0.0)
+                values[r] += [
+                    mean.astype(self.ntv[i].dtype.as_numpy_dtype),
+                    var.astype(self.ntv[j].dtype.as_numpy_dtype),
+                ]
+        if self.synchronized:
+            for var, value in zip(variables, values[0]):
+                var.assign(value)  # the same statistics on every replica
+        else:
+            self._assign_per_replica(variables, values)
+
+    def evaluate(self, eval_batches) -> list:
+        """Mean loss and fit (classification) on fixed batches, per replica."""
+        fn = self._fn(
+            "eval",
+            lambda x, y: distribute.gather(
+                self.strategy, self.strategy.run(self._replica_eval, args=(x, y))
+            ),
+        )
+        losses, fits = [], []
+        for x, y in eval_batches:
+            loss, fit = fn(x, y)
+            losses.append(loss.numpy())
+            fits.append(fit.numpy())
+        out = []
+        for r in range(self._results):
+            if self.synchronized:
+                member_losses, member_fits = np.concatenate(losses), np.concatenate(fits)
+            else:
+                member_losses = np.concatenate([a[r] for a in losses])
+                member_fits = np.concatenate([a[r] for a in fits])
+            fit = float(np.mean(member_fits)) if self.loss.is_classification else None
+            finite = np.all(np.isfinite(member_losses))
+            out.append((float(np.mean(member_losses)) if finite else float("nan"), fit))
+        return out
+
+
+class _LazyIterator:
+    """An iterator over `make_dataset()` that is only created when first needed."""
+
+    def __init__(self, make_dataset):
+        self._make_dataset = make_dataset
+        self._iterator = None
+
+    @staticmethod
+    def unwrap(iterator):
+        if isinstance(iterator, _LazyIterator):
+            if iterator._iterator is None:
+                iterator._iterator = iter(iterator._make_dataset())
+            return iterator._iterator
+        return iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(_LazyIterator.unwrap(self))
+
+
+class _DataParallelTuner:
+    """`FineTuner`'s interface over a synchronized `ReplicaFineTuner`."""
+
+    def __init__(self, tuner: ReplicaFineTuner):
+        self.tuner = tuner
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return self.tuner.has_batchnorm
+
+    def load(self, weights: WeightSet) -> None:
+        self.tuner.load(weights)
+
+    def snapshot(self) -> WeightSet:
+        return self.tuner.snapshots()[0]
+
+    def train(self, iterator, steps: int, learning_rate: float):
+        return self.tuner.train(iterator, steps, learning_rate)[0]
+
+    def refresh_batchnorm(self, batches, num_batches: int) -> None:
+        self.tuner.refresh_batchnorm(batches, num_batches)
+
+    def evaluate(self, eval_batches):
+        return self.tuner.evaluate(eval_batches)[0]
+
+
 @dataclasses.dataclass
 class CollectionResult:
     """What `collect_members` returns."""
@@ -290,6 +681,8 @@ def collect_members(
     max_probes: int = 6,
     verbose: int = 1,
     store=None,
+    strategy=None,
+    per_replica_members: bool = False,
 ) -> CollectionResult:
     """Fine-tunes `num_members` copies of θ* (validated arguments only).
 
@@ -297,7 +690,28 @@ def collect_members(
     at once and members already on disk are loaded instead of recomputed.
     Each member's mini-batches depend only on (seed, member index), so a
     resumed collection equals an uninterrupted one member by member.
+
+    With a `strategy`, every member is fine-tuned data-parallel across its
+    replicas; with `per_replica_members=True` as well, `_collect_per_replica`
+    fine-tunes one member per replica instead.
     """
+    if strategy is not None and per_replica_members:
+        return _collect_per_replica(
+            model,
+            source,
+            loss,
+            num_members=num_members,
+            steps=steps,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            momentum=momentum,
+            seed=seed,
+            bn_batches=bn_batches,
+            max_probes=max_probes,
+            verbose=verbose,
+            store=store,
+            strategy=strategy,
+        )
     start = time.perf_counter()
     n = source.count_examples()
     batch_size = min(batch_size, n)
@@ -311,10 +725,22 @@ def collect_members(
     eval_stream = source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count)
     eval_batches = [batch for batch in eval_stream]  # list() would ask len() of it
 
-    def stream(index):
-        return iter(source.shuffled(batch_size, stream_seed(seed, index)))
+    if strategy is None:
 
-    tuner = FineTuner(model, loss, momentum)
+        def stream(index):
+            return iter(source.shuffled(batch_size, stream_seed(seed, index)))
+
+        tuner = FineTuner(model, loss, momentum)
+    else:
+        tuner = _DataParallelTuner(
+            ReplicaFineTuner(
+                model, loss, momentum, strategy, synchronized=True, global_batch_size=batch_size
+            )
+        )
+
+        def stream(index):
+            return tuner.tuner.stream(source.shuffled(batch_size, stream_seed(seed, index)))
+
     theta_star = tuner.snapshot()
     tuner.refresh_batchnorm(stream("reference"), bn_batches)
     reference = tuner.snapshot()
@@ -436,6 +862,210 @@ def collect_members(
             "held in the useful window. Scores may be unreliable; see `report.summary()`.",
             stacklevel=3,
         )
+    return CollectionResult(
+        reference,
+        members,
+        ref_stats,
+        stats,
+        lr,
+        calibration,
+        time.perf_counter() - start,
+        seed,
+    )
+
+
+def _collect_per_replica(
+    model: keras.Model,
+    source: DataSource,
+    loss: PerExampleLoss,
+    *,
+    num_members: int,
+    steps: int,
+    learning_rate,
+    batch_size: int,
+    momentum: float,
+    seed: int | None,
+    bn_batches: int,
+    max_probes: int,
+    verbose: int,
+    store,
+    strategy,
+) -> CollectionResult:
+    """One member per replica, no gradient sync (`--ft_local`): rounds of R members.
+
+    Round `k` fine-tunes members `k*R .. k*R+R-1` at once, replica `r` taking
+    member `k*R + r` with that member's own stream `stream_seed(seed, index)`,
+    so with a fixed `learning_rate` every member equals the one sequential
+    collection gives for the same index (to float precision), and so does θ*
+    as scored. Results are taken in member order with the sequential rules: a
+    member that diverges or collapses discards the rest of its round, which is
+    redone from that index at the reduced step size. With
+    `learning_rate="auto"` the members of a round share one step size, and
+    the controller nudges it once per round from the round's mean relative
+    fit (sequential collection nudges it after every member), so step sizes
+    and members differ from sequential collection from the second member on.
+    Calibration probes are rounds judged by their member 0, like sequential
+    probes; the other members of an accepted probe are kept if they pass the
+    same checks as any other member.
+    """
+    start = time.perf_counter()
+    n = source.count_examples()
+    batch_size = min(batch_size, n)
+    if seed is None and store is not None and store.seed is not None:
+        seed = store.seed
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
+    if store is not None and store.seed is None:
+        store.set_seed(seed)
+    eval_count = max(1, min(n, _EVAL_EXAMPLES) // batch_size)
+    eval_stream = source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count)
+    eval_batches = [batch for batch in eval_stream]
+    tuner = ReplicaFineTuner(
+        model, loss, momentum, strategy, synchronized=False, global_batch_size=batch_size
+    )
+    replicas = tuner.num_replicas
+
+    def streams(keys):
+        return tuner.replica_streams(
+            lambda r: source.shuffled(batch_size, stream_seed(seed, keys[r]))
+        )
+
+    def log(msg):
+        if verbose:
+            print(f"[keras_gex] {msg}", flush=True)
+
+    theta_star = tuner.snapshots()[0]
+    tuner.load(theta_star)
+    tuner.refresh_batchnorm(streams(["reference"] * replicas), bn_batches)
+    reference = tuner.snapshots()[0]
+    ref_loss, ref_fit = tuner.evaluate(eval_batches)[0]
+    ref_stats = MemberStats(0.0, float("nan"), ref_fit, ref_loss)
+    if ref_fit is not None and ref_fit < 0.95:
+        warnings.warn(
+            f"The trained model predicts only {ref_fit:.1%} of its training labels. GEX "
+            "self-influence assumes a model that fits (memorises) its training set; on "
+            "one that does not, it can rank mislabeled examples below chance. Train "
+            "longer, or also look at the loss of θ* (`report.reference_losses`).",
+            stacklevel=4,
+        )
+
+    def run_round(lr: float, first: int) -> list:
+        """Members `first .. first+R-1` from θ* at `lr`: `[(weights, stats)]`."""
+        batches = streams([first + r for r in range(replicas)])
+        tuner.load(theta_star)
+        trained = tuner.train(batches, steps, lr)
+        tuner.refresh_batchnorm(batches, bn_batches)
+        snapshots = tuner.snapshots()
+        evaluated = tuner.evaluate(eval_batches)
+        out = []
+        for (train_loss, finite), weights, (mean_loss, fit) in zip(trained, snapshots, evaluated):
+            finite = finite and weights.is_finite()
+            if not finite:
+                weights = None
+                mean_loss, fit = float("nan"), 0.0 if loss.is_classification else None
+            out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite)))
+        return out
+
+    members, stats, calibration = [], [], []
+    pending = None  # an accepted calibration round, taken as the first round
+    saved_members = store.saved_members() if store is not None else []
+    if saved_members:
+        for weights, saved in saved_members[:num_members]:
+            members.append(weights)
+            stats.append(MemberStats(**saved))
+        log(f"resumed {len(members)} member(s) from {store.directory}")
+    if store is not None and store.calibrated:
+        lr = store.manifest["calibrated_learning_rate"]
+        calibration = list(store.manifest["calibration"])
+        if stats:
+            lr = stats[-1].learning_rate
+    elif learning_rate == "auto":
+        if not loss.is_classification:
+            warnings.warn(
+                f"learning_rate='auto' calibrates on classification fit; the loss "
+                f"{loss.name!r} is not a recognised classification loss, so the "
+                f"fixed step size {_INITIAL_LR} is used. Check `report.summary()` "
+                "and pass `learning_rate=` if members did not move.",
+                stacklevel=4,
+            )
+            lr = _INITIAL_LR
+        else:
+            probe = {}
+
+            def run_probe(start_weights, probe_lr, index):
+                probe["round"] = run_round(probe_lr, index)
+                return probe["round"][0]
+
+            lr, accepted = _calibrate(
+                run_probe, theta_star, ref_stats, calibration, max_probes, log
+            )
+            if accepted:
+                pending = probe["round"]
+    else:
+        lr = float(learning_rate)
+    if store is not None and not store.calibrated:
+        store.save_calibration(lr, calibration)
+
+    adaptive = learning_rate == "auto" and loss.is_classification
+    if stats and adaptive:  # resumed: replay the controller's last decision
+        lr = _next_learning_rate(stats[-1].learning_rate, _relative_fit(stats[-1], ref_stats))
+    retries = 0
+    refits = 0
+    rounds = 0
+    while len(members) < num_members:
+        first = len(members)
+        results, pending = (pending, None) if pending is not None else (run_round(lr, first), None)
+        rounds += 1
+        fits, failed = [], False
+        for offset, (weights, member_stats) in enumerate(results):
+            index = first + offset
+            if index >= num_members:
+                break
+            rel = _relative_fit(member_stats, ref_stats)
+            if adaptive and member_stats.finite and rel < COLLAPSE_FIT and refits < num_members:
+                refits += 1
+                log(
+                    f"member {index + 1}: lr {lr:.4g} collapsed it (keeps {rel:.1%} of θ*'s "
+                    "fit); refitting it and the rest of its round at a smaller step size"
+                )
+                lr *= 0.7
+                failed = True
+                break
+            if not member_stats.finite:
+                retries += 1
+                warnings.warn(
+                    f"GE member {index} diverged (non-finite loss or weights) at "
+                    f"learning_rate={lr:.4g}; it was dropped and retried at a quarter "
+                    "of the step size.",
+                    stacklevel=4,
+                )
+                if retries > 6:
+                    raise RuntimeError(
+                        "Fine-tuning diverged repeatedly; the model's loss may be "
+                        "non-finite on the training data. Pass a smaller `learning_rate`."
+                    )
+                lr /= 4.0
+                failed = True
+                break
+            members.append(weights)
+            stats.append(member_stats)
+            fits.append(rel)
+            if store is not None:
+                store.save_member(index, weights, dataclasses.asdict(member_stats))
+            fit = "" if member_stats.fit is None else f", fit {member_stats.fit:.3f}"
+            log(
+                f"member {index + 1}/{num_members} (replica {offset}): lr "
+                f"{member_stats.learning_rate:.4g}, loss {member_stats.loss:.4f}{fit}"
+            )
+        if adaptive and fits and not failed:
+            lr = _next_learning_rate(lr, float(np.mean(fits)))
+    if refits >= num_members:
+        warnings.warn(
+            f"{refits} GE members collapsed and were refitted; the step size could not be "
+            "held in the useful window. Scores may be unreliable; see `report.summary()`.",
+            stacklevel=4,
+        )
+    log(f"{len(members)} members in {rounds} round(s) of {replicas} replica(s)")
     return CollectionResult(
         reference,
         members,

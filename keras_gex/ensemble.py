@@ -15,7 +15,7 @@ import os
 import keras
 import numpy as np
 
-from keras_gex import _validation, persistence
+from keras_gex import _validation, distribute, persistence
 from keras_gex.collect import (
     FIT_WINDOW,
     CollectionResult,
@@ -91,6 +91,7 @@ class GeometricEnsemble:
         self.loss = loss
         self.info = dict(info or {})
         self._scorer = None
+        self._distributed_scorers = {}
 
     @property
     def num_members(self) -> int:
@@ -114,6 +115,8 @@ class GeometricEnsemble:
         loss=None,
         directory: str | None = None,
         verbose="auto",
+        strategy=None,
+        per_replica_members: bool = False,
     ) -> GeometricEnsemble:
         """Fine-tunes `num_members` copies of the trained `model` (post hoc GEX).
 
@@ -139,6 +142,17 @@ class GeometricEnsemble:
                 finished directory loads with `GeometricEnsemble.load`.
                 Defaults to `None`.
             verbose: 0 (silent) or 1 / "auto" (progress). Defaults to `"auto"`.
+            strategy: A `tf.distribute.Strategy` (e.g. `MirroredStrategy`,
+                `MultiWorkerMirroredStrategy`) to fine-tune under; by default
+                the strategy whose scope is active or that the model was built
+                under, else one device. Each member is fine-tuned
+                data-parallel: every global batch of `batch_size` is split
+                across the replicas and gradients and BatchNorm statistics are
+                all-reduced. Defaults to `None`.
+            per_replica_members: With a strategy, fine-tune one member per
+                replica instead, independently and without gradient
+                synchronisation (the official code's `--ft_local`): M members
+                in about M / replicas rounds. Defaults to `False`.
 
         Returns:
             A `GeometricEnsemble`.
@@ -157,6 +171,10 @@ class GeometricEnsemble:
             )
         seed = _validation.seed_value(seed)
         verbose = _validation.verbose_level(verbose)
+        strategy = distribute.resolve_strategy(strategy, model)
+        per_replica_members = distribute.check_per_replica_members(
+            per_replica_members, strategy, chain
+        )
         per_example = resolve_loss(model, loss)
         source = DataSource(train_data, name="train_data")
         source.check_against_model(model)
@@ -190,6 +208,8 @@ class GeometricEnsemble:
             bn_batches=bn_batches,
             verbose=verbose,
             store=store,
+            strategy=strategy,
+            per_replica_members=per_replica_members,
         )
         info = {
             "num_members": num_members,
@@ -208,6 +228,11 @@ class GeometricEnsemble:
             "fit_window": FIT_WINDOW,
             "seconds": result.seconds,
         }
+        if strategy is not None:
+            info["strategy"] = {
+                **distribute.describe(strategy),
+                "per_replica_members": per_replica_members,
+            }
         if store is not None:
             store.finalize(result.reference, info, per_example)
         return cls(model, result.reference, result.members, per_example, info)
@@ -312,19 +337,33 @@ class GeometricEnsemble:
         return cls(model, reference, members, per_example, manifest.get("info"))
 
     # -- scoring ---------------------------------------------------------------------
-    def _get_scorer(self) -> Scorer:
-        if self._scorer is None:
-            self._scorer = Scorer(self.model, self.loss, self.reference, self.members)
-        return self._scorer
+    def _get_scorer(self, strategy=None) -> Scorer:
+        """The scorer for a resolved strategy (None: one device), built once each."""
+        if strategy is None:
+            if self._scorer is None:
+                self._scorer = Scorer(self.model, self.loss, self.reference, self.members)
+            return self._scorer
+        key = id(strategy)  # the strategy is kept alive next to its scorer
+        if key not in self._distributed_scorers:
+            scorer = Scorer(self.model, self.loss, self.reference, self.members, strategy)
+            self._distributed_scorers[key] = (strategy, scorer)
+        return self._distributed_scorers[key][1]
 
     def scored_losses(
-        self, data, *, batch_size=None, with_predictions=False, verbose="auto"
+        self, data, *, batch_size=None, with_predictions=False, verbose="auto", strategy=None
     ) -> ScoredLosses:
-        """Per-example losses of θ* and every member, in dataset order."""
+        """Per-example losses of θ* and every member, in dataset order.
+
+        `strategy` (a `tf.distribute.Strategy`) scores data-parallel; by
+        default the active strategy or the model's is used, else one device.
+        """
         verbose = _validation.verbose_level(verbose)
+        strategy = distribute.resolve_strategy(strategy, self.model)
         source = DataSource(data, batch_size=batch_size)
         source.check_against_model(self.model)
-        return self._get_scorer().score(source, with_predictions=with_predictions, verbose=verbose)
+        return self._get_scorer(strategy).score(
+            source, with_predictions=with_predictions, verbose=verbose
+        )
 
     def deviations(
         self,
@@ -334,6 +373,7 @@ class GeometricEnsemble:
         reference_floor: float = 0.0,
         with_predictions: bool = False,
         verbose="auto",
+        strategy=None,
     ) -> Deviations:
         """Loss deviations Δ(z, m) of every example of `data`.
 
@@ -348,6 +388,11 @@ class GeometricEnsemble:
                 Defaults to `0.0`.
             with_predictions: Also return θ*'s outputs. Defaults to `False`.
             verbose: 0 or 1 / "auto" (progress bar). Defaults to `"auto"`.
+            strategy: A `tf.distribute.Strategy` to score under: every batch
+                is split across the replicas and the results come back in
+                dataset order. By default the strategy whose scope is active
+                or that the model was built under, else one device.
+                Defaults to `None`.
 
         Returns:
             A `Deviations`.
@@ -358,6 +403,7 @@ class GeometricEnsemble:
             batch_size=batch_size,
             with_predictions=with_predictions,
             verbose=verbose,
+            strategy=strategy,
         )
         ref = scored.reference
         if reference_floor > 0:
@@ -378,6 +424,7 @@ class GeometricEnsemble:
         batch_size: int | None = None,
         reference_floor: float = 0.0,
         verbose="auto",
+        strategy=None,
     ) -> np.ndarray:
         """The `(N, M)` matrix Δ(z, m), optionally streamed to a disk cache.
 
@@ -391,16 +438,22 @@ class GeometricEnsemble:
             batch_size: Scoring batch size for arrays. Defaults to `None` (256).
             reference_floor: See `deviations`. Defaults to `0.0`.
             verbose: 0, or 1 / "auto" for a progress bar. Defaults to `"auto"`.
+            strategy: See `deviations`. Defaults to `None`.
 
         Returns:
             A float32 array (a `np.memmap` when `cache` is given).
         """
         if cache is None:
             return self.deviations(
-                data, batch_size=batch_size, reference_floor=reference_floor, verbose=verbose
+                data,
+                batch_size=batch_size,
+                reference_floor=reference_floor,
+                verbose=verbose,
+                strategy=strategy,
             ).deviations
         _check_floor(reference_floor)
         verbose = _validation.verbose_level(verbose)
+        strategy = distribute.resolve_strategy(strategy, self.model)
         path = os.fspath(cache)
         if not path.endswith(".npy"):
             raise ValueError(
@@ -421,7 +474,7 @@ class GeometricEnsemble:
                     return np.load(path, mmap_mode="r")
         tmp = f"{path}.partial-{os.getpid()}.npy"
         try:
-            self._get_scorer().deviations_to_file(
+            self._get_scorer(strategy).deviations_to_file(
                 source, tmp, reference_floor=float(reference_floor), verbose=verbose
             )
             os.replace(tmp, path)
@@ -441,7 +494,11 @@ class GeometricEnsemble:
         return digest.hexdigest()[:16]
 
     def self_influence(self, data, **kwargs) -> np.ndarray:
-        """`(N,)` self-influence mean_m Δ(z, m)²; higher = more influential."""
+        """`(N,)` self-influence mean_m Δ(z, m)²; higher = more influential.
+
+        Keyword arguments (`batch_size`, `reference_floor`, `strategy`, ...)
+        are those of `deviations`.
+        """
         return self.deviations(data, **kwargs).self_influence
 
     def __repr__(self) -> str:

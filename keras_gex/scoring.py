@@ -4,6 +4,13 @@ One `tf.function` per input signature evaluates the reference and all M
 members on a batch with `model.stateless_call` (no weight assignment, the
 user's model variables are never touched), so scoring costs M+1 forward
 passes. Results are concatenated in dataset order.
+
+Under a `tf.distribute` strategy the reference and member variables are
+replicated (created under `strategy.scope()`), every batch is split into one
+contiguous chunk per replica (`distribute.distribute_batches`; the last
+partial batch and replicas that get zero rows included), the step runs with
+`strategy.run`, and the chunks are gathered back in replica order, i.e. in
+dataset order, before any check sees them.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_gex import distribute
 from keras_gex.data import DataSource
 from keras_gex.losses import PerExampleLoss, check_per_example
 from keras_gex.weights import WeightSet
@@ -68,6 +76,8 @@ class Scorer:
         loss: The per-example loss.
         reference: θ*'s weights.
         members: The GE members' weights.
+        strategy: A validated `tf.distribute.Strategy` to score under, or
+            None (one device). Defaults to `None`.
     """
 
     def __init__(
@@ -76,11 +86,19 @@ class Scorer:
         loss: PerExampleLoss,
         reference: WeightSet,
         members: list,
+        strategy=None,
     ):
         self.model = model
         self.loss = loss
-        self._ref = _variables(reference, "ref")
-        self._members = [_variables(m, f"m{i}") for i, m in enumerate(members)]
+        self.strategy = strategy
+        if strategy is None:
+            self._ref = _variables(reference, "ref")
+            self._members = [_variables(m, f"m{i}") for i, m in enumerate(members)]
+        else:
+            distribute.check_replica_order(strategy)
+            with strategy.scope():
+                self._ref = _variables(reference, "ref")
+                self._members = [_variables(m, f"m{i}") for i, m in enumerate(members)]
         self._fns = {}
 
     def _step(self, x, y):
@@ -102,6 +120,50 @@ class Scorer:
             )
         return self._fns[key]
 
+    def _distributed_step(self, x, y, with_predictions: bool):
+        """`_step` on every replica's chunk; results gathered in dataset order."""
+        ref_loss, member_losses, ref_pred = self.strategy.run(self._step, args=(x, y))
+        out = (ref_loss, member_losses, y) + ((ref_pred,) if with_predictions else ())
+        return distribute.gather(self.strategy, out)
+
+    def distributed_function_for(self, element_spec, with_predictions: bool = False):
+        """The traced distributed step for a distributed dataset's `element_spec`."""
+        key = ("distributed", str(element_spec), bool(with_predictions))
+        if key not in self._fns:
+            self._fns[key] = tf.function(
+                lambda x, y: self._distributed_step(x, y, with_predictions),
+                input_signature=list(element_spec),
+            )
+        return self._fns[key]
+
+    def _batches(self, source: DataSource, with_predictions: bool, eager: bool):
+        """Yields `(ref (B,), members (B, M), y, predictions)` numpy batches in order."""
+        ds = source.ordered()
+        if self.strategy is None:
+            fn = self._step if eager else self.function_for(ds.element_spec)
+            for x, y in ds:
+                ref_loss, member_losses, ref_pred = fn(x, y)
+                yield (
+                    ref_loss.numpy(),
+                    member_losses.numpy(),
+                    np.asarray(y),
+                    ref_pred.numpy() if with_predictions else None,
+                )
+            return
+        dist = distribute.distribute_batches(self.strategy, ds)
+        if eager:
+            fn = lambda x, y: self._distributed_step(x, y, with_predictions)  # noqa: E731
+        else:
+            fn = self.distributed_function_for(dist.element_spec, with_predictions)
+        for x, y in dist:
+            ref_loss, member_losses, labels, *pred = fn(x, y)
+            yield (
+                ref_loss.numpy(),
+                member_losses.numpy(),
+                tf.nest.map_structure(np.asarray, labels),
+                pred[0].numpy() if with_predictions else None,
+            )
+
     def iter_batches(
         self,
         source: DataSource,
@@ -117,23 +179,15 @@ class Scorer:
         yields the same first batch again (order stable across passes).
         """
         source.check_ordered()
-        ds = source.ordered()
         first = source.first_batch()
         check_per_example(self.loss, first[1], self.model.stateless_call(*self._ref, first[0])[0])
-        fn = self._step if eager else self.function_for(ds.element_spec)
         bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
         seen = 0
-        for x, y in ds:
-            ref_loss, member_losses, ref_pred = fn(x, y)
-            ref_loss, member_losses = ref_loss.numpy(), member_losses.numpy()
+        for ref_loss, member_losses, y, ref_pred in self._batches(source, with_predictions, eager):
+            if seen == 0 and self.strategy is not None:
+                _check_gathered_labels(source, first, y)
             _check_finite(ref_loss, member_losses, seen)
-            yield (
-                seen,
-                ref_loss,
-                member_losses,
-                np.asarray(y),
-                ref_pred.numpy() if with_predictions else None,
-            )
+            yield seen, ref_loss, member_losses, y, ref_pred
             seen += len(ref_loss)
             if bar is not None:
                 bar.update(seen)
@@ -207,6 +261,17 @@ def _check_same_first_batch(source: DataSource, first) -> None:
             f"Argument `{source.name}` yields its examples in a different order on "
             "each iteration, so scores could not be matched to examples. Remove "
             "any shuffling (or use `reshuffle_each_iteration=False`)."
+        )
+
+
+def _check_gathered_labels(source: DataSource, first, gathered) -> None:
+    """The first distributed batch must come back as the first batch, in order."""
+    if not np.array_equal(np.asarray(first[1]), np.asarray(gathered)):
+        raise ValueError(
+            f"Argument `{source.name}`: the labels gathered from the replicas differ "
+            "from the dataset's first batch, so scores could not be matched to "
+            "examples. Pass a dataset whose order is fixed, without a "
+            "`tf.data.Options` that allows non-deterministic order."
         )
 
 

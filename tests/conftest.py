@@ -11,8 +11,27 @@ matplotlib.use("Agg")
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_gex.datasets import noisy_digits
+
+#: Logical CPU devices for the `tf.distribute` tests (1, 2 and 4 replicas). They
+#: must be configured before TensorFlow initialises its devices, hence here, at
+#: import; every other test keeps running on the first one as before.
+NUM_LOGICAL_CPUS = 4
+
+
+def _split_cpu(count: int) -> None:
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * count
+        )
+    except RuntimeError:  # TensorFlow was initialised first (e.g. by a plugin)
+        pass
+
+
+_split_cpu(NUM_LOGICAL_CPUS)
 
 
 def make_mlp(seed=0, hidden=128, num_classes=10, input_dim=64, loss=None):
