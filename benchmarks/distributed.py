@@ -234,10 +234,16 @@ def _child(argv) -> int:
 # -- parent ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list:
+    """`count` distinct free loopback ports (all bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _run(job: str, kind: str, replicas: int, arg, mode: str = "-") -> dict:
@@ -248,7 +254,7 @@ def _run(job: str, kind: str, replicas: int, arg, mode: str = "-") -> dict:
         if out.returncode != 0:
             raise RuntimeError(f"{job} {kind} {replicas} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
-    ports = ",".join(str(_free_port()) for _ in range(replicas))
+    ports = ",".join(map(str, _free_ports(replicas)))
     env = dict(os.environ)
     env.pop("TF_CONFIG", None)
     procs = [

@@ -152,7 +152,10 @@ class GeometricEnsemble:
             per_replica_members: With a strategy, fine-tune one member per
                 replica instead, independently and without gradient
                 synchronisation (the official code's `--ft_local`): M members
-                in about M / replicas rounds. Defaults to `False`.
+                in about M / replicas rounds. With a fixed `learning_rate`
+                each member equals the sequential member of the same index;
+                with `"auto"` the members of a round share one step size.
+                Defaults to `False`.
 
         Returns:
             A `GeometricEnsemble`.

@@ -298,10 +298,16 @@ WORKER_TIMEOUT_S = 240
 MW_DATA = 21  # batch 5: the last batch has one row, so worker 0's replica gets zero
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list:
+    """`count` distinct free loopback ports (all bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _mw_setup():
@@ -357,7 +363,7 @@ def _worker_main(index: int, ports: list, out_path: str) -> None:
 
 @pytest.mark.slow
 def test_two_workers_equal_single_process(tmp_path):
-    ports = [_free_port(), _free_port()]
+    ports = _free_ports(2)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     env.pop("TF_CONFIG", None)
     procs = [
