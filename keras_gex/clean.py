@@ -9,7 +9,16 @@ from keras_gex import _validation
 from keras_gex.prune import select
 
 
-def clean(train_data, report, *, action: str = "relabel", batch_size: int | None = None):
+def clean(
+    train_data,
+    report,
+    *,
+    action: str = "relabel",
+    batch_size: int | None = None,
+    shuffle: bool = True,
+    seed: int | None = None,
+    source: str = "auto",
+):
     """Relabels (Kong et al.) or drops the examples `report` flags.
 
     Args:
@@ -21,32 +30,58 @@ def clean(train_data, report, *, action: str = "relabel", batch_size: int | None
             Defaults to `"relabel"`.
         batch_size: Batch size of the returned dataset. Defaults to `None`
             (256 for arrays, the input's batch size for datasets).
+        shuffle: Reshuffle the examples on every epoch, as `model.fit` does
+            for arrays. Defaults to `True`.
+        seed: Seed of the shuffle. Defaults to `None`.
+        source: Whose probabilities drive relabeling (see
+            `NoisyLabelReport.relabeled_targets`). Defaults to `"auto"`.
 
     Returns:
         A batched `tf.data.Dataset` of `(x, target)` ("relabel") or of the kept
-        `(x, y)` ("drop").
+        `(x, y)` ("drop"), with a known cardinality (`len(ds)` works).
+
+    Raises:
+        ValueError: If the data and the report disagree on the number of rows,
+            or for invalid arguments.
     """
     _validation.one_of("action", action, ("relabel", "drop"))
     if batch_size is not None:
         batch_size = _validation.positive_int("batch_size", batch_size)
+    if not isinstance(shuffle, bool):
+        raise ValueError(f"Argument `shuffle` must be a bool. Received: shuffle={shuffle!r}")
     n = len(report.scores)
-    if action == "drop":
-        kept = select(train_data, ~report.noisy_mask, batch_size=batch_size)
-        if isinstance(kept, tuple):
-            return tf.data.Dataset.from_tensor_slices(kept).batch(batch_size or 256)
-        return kept
-    targets = report.relabeled_targets().astype(np.float32)
     if isinstance(train_data, (tuple, list)):
-        x = np.asarray(train_data[0])
-        if len(x) != n:
-            raise ValueError(f"The data has {len(x)} examples but the report scored {n}.")
-        return tf.data.Dataset.from_tensor_slices((x, targets)).batch(batch_size or 256)
-    if batch_size is None:
+        size = len(np.asarray(train_data[0]))
+        if size != n:
+            raise ValueError(f"The data has {size} examples but the report scored {n}.")
+    elif batch_size is None:
         for x, _ in train_data.take(1):
             batch_size = int(tf.shape(tf.nest.flatten(x)[0])[0])
-    table = tf.constant(targets)
-    rows = train_data.unbatch().enumerate()
-    return rows.map(lambda i, example: (example[0], tf.gather(table, i))).batch(batch_size)
+    batch_size = batch_size or 256
+
+    if action == "drop":
+        kept = select(train_data, ~report.noisy_mask, batch_size=batch_size)
+        rows = (
+            tf.data.Dataset.from_tensor_slices(kept)
+            if isinstance(kept, tuple)
+            else kept.unbatch().apply(
+                tf.data.experimental.assert_cardinality(int((~report.noisy_mask).sum()))
+            )
+        )
+        count = int((~report.noisy_mask).sum())
+    else:
+        targets = report.relabeled_targets(source=source).astype(np.float32)
+        if isinstance(train_data, (tuple, list)):
+            rows = tf.data.Dataset.from_tensor_slices((np.asarray(train_data[0]), targets))
+        else:
+            table = tf.constant(targets)
+            rows = train_data.unbatch().enumerate()
+            rows = rows.map(lambda i, example: (example[0], tf.gather(table, i)))
+            rows = rows.apply(tf.data.experimental.assert_cardinality(n))
+        count = n
+    if shuffle and count > 1:
+        rows = rows.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
+    return rows.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def compare_models(models: dict, test_data, *, print_fn=print) -> dict:

@@ -180,11 +180,15 @@ def _detect(args) -> None:
     np.save(os.path.join(args.out, "scores.npy"), report.scores)
     given = report.given_labels()
     predicted = report.predicted_labels()
+    suggested = report.suggested_labels()
     with open(os.path.join(args.out, "scores.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", "self_influence", "flagged", "given_label", "predicted_label"])
+        header = ["index", "self_influence", "flagged", "given_label", "predicted_label"]
+        writer.writerow([*header, "suggested_label"])
         for i, score in enumerate(report.scores):
-            writer.writerow([i, f"{score:.6g}", int(report.noisy_mask[i]), given[i], predicted[i]])
+            writer.writerow(
+                [i, f"{score:.6g}", int(report.noisy_mask[i]), given[i], predicted[i], suggested[i]]
+            )
     with open(os.path.join(args.out, "flagged.txt"), "w") as handle:
         handle.writelines(f"{i}\n" for i in report.noisy_indices)
     report.plot(path=os.path.join(args.out, "self_influence.png"))

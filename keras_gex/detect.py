@@ -18,6 +18,7 @@ def detect_noisy(
     batch_size: int | None = None,
     reference_floor: float = 0.0,
     verbose="auto",
+    strategy=None,
     **collect_kwargs,
 ) -> NoisyLabelReport:
     """Scores every training example by GEX self-influence and flags outliers.
@@ -38,11 +39,16 @@ def detect_noisy(
         reference_floor: Clamp for ℓ(z, θ*) (see
             `GeometricEnsemble.deviations`). Defaults to `0.0`.
         verbose: 0, or 1 / "auto" for progress. Defaults to `"auto"`.
+        strategy: A `tf.distribute.Strategy` to collect (when `ensemble` is a
+            model) and score under; by default the active strategy or the
+            model's, else one device. Defaults to `None`.
         **collect_kwargs: Arguments of `GeometricEnsemble.collect` when
             `ensemble` is a model (`num_members`, `steps`, `learning_rate`, ...).
 
     Returns:
-        A `NoisyLabelReport`; `report.scores` is higher for more suspect rows.
+        A `NoisyLabelReport`; `report.scores` is higher for more suspect rows
+        and `report.ensemble` is the ensemble used (the collected one when
+        `ensemble` was a model).
 
     Raises:
         TypeError: If `ensemble` is neither a `GeometricEnsemble` nor a model.
@@ -50,7 +56,7 @@ def detect_noisy(
     """
     if isinstance(ensemble, keras.Model):
         ensemble = GeometricEnsemble.collect(
-            ensemble, train_data, verbose=verbose, **collect_kwargs
+            ensemble, train_data, verbose=verbose, strategy=strategy, **collect_kwargs
         )
     elif not isinstance(ensemble, GeometricEnsemble):
         raise TypeError(
@@ -70,6 +76,7 @@ def detect_noisy(
         reference_floor=reference_floor,
         with_predictions=True,
         verbose=verbose,
+        strategy=strategy,
     )
     scores = dev.self_influence
     cut = threshold_scores(scores, threshold)
@@ -85,6 +92,12 @@ def detect_noisy(
         info=ensemble.info,
         loss_kind=ensemble.loss.kind,
         from_logits=ensemble.loss.from_logits,
+        ensemble=ensemble,
+        _ensemble_probs_fn=(
+            (lambda: ensemble.predict(train_data, batch_size=batch_size, verbose=0))
+            if ensemble.loss.is_classification
+            else None
+        ),
     )
 
 

@@ -14,6 +14,7 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_gex import _validation, distribute, persistence
 from keras_gex.collect import (
@@ -21,7 +22,7 @@ from keras_gex.collect import (
     CollectionResult,
     collect_members,
 )
-from keras_gex.data import DataSource
+from keras_gex.data import DEFAULT_BATCH_SIZE, DataSource, reshuffles_each_iteration
 from keras_gex.losses import PerExampleLoss, resolve_loss
 from keras_gex.scoring import ScoredLosses, Scorer
 from keras_gex.version import __version__
@@ -486,6 +487,89 @@ class GeometricEnsemble:
                 os.remove(tmp)
         persistence._atomic_write_text(meta_path, json.dumps(key))
         return np.load(path, mmap_mode="r")
+
+    def predict(self, data, *, batch_size: int | None = None, verbose="auto") -> np.ndarray:
+        """The members' mean predicted probabilities, in dataset order.
+
+        The fine-tuned members have partly forgotten labels that θ* only
+        memorised, so on a mislabeled example they spread probability back to
+        the class the input looks like, while θ* still predicts the given
+        label. This is what `NoisyLabelReport.relabeled_targets` and
+        `suggested_labels` use.
+
+        Args:
+            data: Inputs `x` (array or a dataset of batches), `(x, y)` arrays or
+                a `tf.data.Dataset` of `(x, y)` batches; labels are ignored.
+            batch_size: Batch size for arrays. Defaults to `None` (256).
+            verbose: 0, or 1 / "auto" for a progress bar. Defaults to `"auto"`.
+
+        Returns:
+            `(N, K)` float64 probabilities: softmax (or sigmoid for binary
+            cross-entropy) of each member's logits, averaged over members; the
+            outputs themselves, averaged, when the model outputs probabilities.
+
+        Raises:
+            ValueError: If the ensemble's loss is not a classification loss.
+        """
+        if not self.loss.is_classification:
+            raise ValueError(
+                "`predict` returns class probabilities and needs a classification "
+                f"loss; this ensemble's loss kind is {self.loss.kind!r}."
+            )
+        verbose = _validation.verbose_level(verbose)
+        x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 else data
+        if isinstance(x, tf.data.Dataset):
+            spec = x.element_spec
+            inputs = x.map(lambda *e: e[0]) if isinstance(spec, tuple) else x
+            if reshuffles_each_iteration(inputs):
+                raise ValueError(
+                    "Argument `data` reshuffles on every iteration, so predictions "
+                    "would not line up with its order. Pass an ordered dataset."
+                )
+        else:
+            arrays = np.asarray(x)
+            if arrays.ndim == 0 or len(arrays) == 0:
+                raise ValueError("Argument `data` must hold at least one example.")
+            size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+            size = _validation.positive_int("batch_size", size)
+            inputs = tf.data.Dataset.from_tensor_slices(arrays).batch(size)
+        fn = self._predict_fn(inputs.element_spec)
+        bar = keras.utils.Progbar(None, unit_name="example") if verbose else None
+        out, seen = [], 0
+        for batch in inputs:
+            out.append(fn(batch).numpy())
+            seen += len(out[-1])
+            if bar is not None:
+                bar.update(seen)
+        if not out:
+            raise ValueError("Argument `data` is empty: it has no examples.")
+        return np.concatenate(out).astype(np.float64)
+
+    def _predict_fn(self, spec):
+        """Compiled mean-of-members probabilities for an input spec (traced once)."""
+        key = str(spec)
+        cache = self.__dict__.setdefault("_predict_fns", {})
+        if key in cache:
+            return cache[key]
+        scorer = self._get_scorer()
+        activation = None
+        if self.loss.from_logits:
+            activation = tf.sigmoid if self.loss.kind == "binary_crossentropy" else tf.nn.softmax
+        members = scorer._members
+
+        def mean_probs(x):
+            total = 0.0
+            for tv, ntv in members:
+                out, _ = self.model.stateless_call(tv, ntv, x, training=False)
+                out = tf.cast(out, "float32")
+                total += activation(out) if activation is not None else out
+            return total / len(members)
+
+        relaxed = tf.nest.map_structure(
+            lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec
+        )
+        cache[key] = tf.function(mean_probs, input_signature=[relaxed])
+        return cache[key]
 
     def fingerprint(self) -> str:
         """Hash of θ*, every member's weights and the loss: identifies scores."""

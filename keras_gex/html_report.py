@@ -48,7 +48,10 @@ def write_html_report(
         except ValueError:
             pass  # not image-like inputs
     given = report.given_labels() if np.asarray(report.labels).ndim <= 2 else None
-    predicted = report.predicted_labels() if report.predictions is not None else None
+    try:
+        predicted = report.suggested_labels()
+    except ValueError:
+        predicted = None  # no class probabilities (e.g. a regression loss)
 
     def name(label):
         if label is None:
@@ -80,7 +83,7 @@ img {{ max-width: 100%; }}
 <pre>{html.escape(summary)}</pre>
 {figure_html}
 <h2>Flagged examples (most suspect first; {report.num_flagged} in all)</h2>
-<table><tr><th>rank</th><th>index</th><th>self-influence</th><th>given</th><th>predicted</th></tr>
+<table><tr><th>rank</th><th>index</th><th>self-influence</th><th>given</th><th>suggested</th></tr>
 {"".join(rows)}
 </table>
 <p>Scores are GEX self-influence, mean over ensemble members of the squared loss

@@ -68,7 +68,10 @@ def select(data, mask: np.ndarray, *, batch_size: int | None = None):
     keep = tf.constant(mask)
     rows = data.unbatch().enumerate()
     rows = rows.filter(lambda i, example: tf.gather(keep, tf.minimum(i, len(mask) - 1)))
-    return rows.map(lambda i, example: example).batch(batch_size)
+    rows = rows.map(lambda i, example: example)
+    # `filter` forgets the size; Keras progress bars and `steps_per_epoch` want it.
+    rows = rows.apply(tf.data.experimental.assert_cardinality(int(mask.sum())))
+    return rows.batch(batch_size)
 
 
 def prune(train_data, ensemble_or_scores, *, fraction: float, verbose="auto") -> PruneResult:

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tolerances import DATA_PARALLEL_ATOL, DIST_SCORE_ATOL, PER_REPLICA_ATOL, SCORE_RTOL
 
 import keras_gex
 from keras_gex import distribute
@@ -25,13 +26,6 @@ from keras_gex.collect import FineTuner, ReplicaFineTuner
 from keras_gex.data import DataSource
 from keras_gex.losses import resolve_loss
 from keras_gex.weights import WeightSet
-
-#: Scores on any number of replicas vs one device (float32, the issue's bound).
-DIST_SCORE_ATOL = 1e-5
-#: Data-parallel members vs sequential ones: same SGD, gradients summed in another order.
-DATA_PARALLEL_ATOL = 1e-5
-#: One-member-per-replica members vs sequential ones: the same computation.
-PER_REPLICA_ATOL = 1e-6
 
 _STRATEGIES = {}
 
@@ -130,6 +124,19 @@ def test_scores_on_replicas_equal_single_device(bn_ensemble, replicas):
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
         tiny = bn_ensemble.loss_deviations(ds, verbose=0, strategy=strategy)
         np.testing.assert_allclose(tiny, base.deviations, rtol=0, atol=DIST_SCORE_ATOL)
+
+
+def test_detect_noisy_scores_under_the_given_strategy(bn_ensemble):
+    x, y = small_data(23)
+    base = keras_gex.detect_noisy((x, y), bn_ensemble, batch_size=5, verbose=0)
+    dist = keras_gex.detect_noisy(
+        (x, y), bn_ensemble, batch_size=5, verbose=0, strategy=mirrored(2)
+    )
+    # Scores are squared deviations: compare relatively (deviations agree to 1e-5 abs).
+    np.testing.assert_allclose(dist.scores, base.scores, rtol=SCORE_RTOL, atol=DIST_SCORE_ATOL)
+    assert dist.ensemble is bn_ensemble
+    with pytest.raises(TypeError, match=r"tf\.distribute\.Strategy"):
+        keras_gex.detect_noisy((x, y), bn_ensemble, verbose=0, strategy="mirrored")
 
 
 def test_distributed_scores_follow_dataset_order_and_stream_to_cache(bn_ensemble, tmp_path):

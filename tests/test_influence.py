@@ -45,10 +45,30 @@ def test_top_k_matches_brute_force_sort(tiny_kernel):
         np.testing.assert_allclose(col[top.opponents[j]], top.opponent_scores[j])
 
 
+def test_normalized_kernel_is_cosine_of_deviation_vectors(tiny_kernel, digits_ensemble):
+    _, train, query = tiny_kernel
+    d_train = digits_ensemble.loss_deviations(train, verbose=0).astype(np.float64)
+    d_query = digits_ensemble.loss_deviations(query, verbose=0).astype(np.float64)
+    d_train[7] = 0.0  # an example the members never move stays at zero influence
+    cosine = InfluenceKernel(d_train, d_query, normalize=True).matrix()
+    for i in (0, 7, 50):
+        for j in (0, 13):
+            a, b = d_train[i], d_query[j]
+            expected = 0.0 if i == 7 else a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+            assert cosine[i, j] == pytest.approx(expected, abs=1e-12)
+    assert np.all(np.abs(cosine) <= 1 + 1e-12)
+    with pytest.raises(ValueError, match="normalize"):
+        InfluenceKernel(d_train, d_query, normalize="yes")
+
+
 def test_top_k_function_and_errors(digits_ensemble, tiny_kernel):
     _, train, query = tiny_kernel
     top = keras_gex.top_k(digits_ensemble, train, query, 3, verbose=0)
     assert top.proponents.shape == (30, 3)
+    cosine = keras_gex.influence(digits_ensemble, train, query, normalize=True, verbose=0)
+    np.testing.assert_array_equal(top.proponents, cosine.top_k(3).proponents)
+    raw = keras_gex.top_k(digits_ensemble, train, query, 3, normalize=False, verbose=0)
+    np.testing.assert_array_equal(raw.proponents, tiny_kernel[0].top_k(3).proponents)
     with pytest.raises(ValueError, match="at most N=120"):
         tiny_kernel[0].top_k(121)
     with pytest.raises(ValueError, match="k=0"):
@@ -82,18 +102,37 @@ def test_prune_keeps_requested_count_and_lowest_scores_go_first(digits_ensemble,
 
 def test_clean_relabel_and_drop(digits_ensemble, digits):
     data = (digits.x_train, digits.y_train)
+    n = len(digits.x_train)
     report = keras_gex.detect_noisy(data, digits_ensemble, verbose=0)
-    relabeled = keras_gex.clean(data, report, action="relabel", batch_size=100)
+    relabeled = keras_gex.clean(data, report, action="relabel", batch_size=100, shuffle=False)
+    assert len(relabeled) == -(-n // 100)
     targets = np.concatenate([t.numpy() for _, t in relabeled])
     np.testing.assert_allclose(targets, report.relabeled_targets().astype(np.float32))
     ds = tf.data.Dataset.from_tensor_slices(data).batch(50)
-    from_ds = np.concatenate([t.numpy() for _, t in keras_gex.clean(ds, report)])
-    np.testing.assert_array_equal(from_ds, targets)
-    dropped = keras_gex.clean(ds, report, action="drop")
+    from_ds = keras_gex.clean(ds, report, shuffle=False)
+    assert len(from_ds) == -(-n // 50)
+    np.testing.assert_array_equal(np.concatenate([t.numpy() for _, t in from_ds]), targets)
+    dropped = keras_gex.clean(ds, report, action="drop", shuffle=False)
+    kept = int((~report.noisy_mask).sum())
+    assert len(dropped) == -(-kept // 50)
     ys = np.concatenate([y.numpy() for _, y in dropped])
     np.testing.assert_array_equal(ys, digits.y_train[~report.noisy_mask])
     with pytest.raises(ValueError, match="action"):
         keras_gex.clean(data, report, action="fix")
+    with pytest.raises(ValueError, match="report scored"):
+        keras_gex.clean((digits.x_train[:10], digits.y_train[:10]), report)
+
+
+def test_clean_shuffles_each_epoch_without_losing_rows(digits_ensemble, digits):
+    data = (digits.x_train, digits.y_train)
+    report = keras_gex.detect_noisy(data, digits_ensemble, verbose=0)
+    ds = keras_gex.clean(data, report, action="drop", seed=0)
+    first = np.concatenate([x.numpy()[:, :8] for x, _ in ds])
+    second = np.concatenate([x.numpy()[:, :8] for x, _ in ds])
+    kept = digits.x_train[~report.noisy_mask][:, :8]
+    assert not np.array_equal(first, second)
+    key = lambda a: sorted(map(bytes, a.astype(np.float32)))  # noqa: E731
+    assert key(first) == key(kept) == key(second)
 
 
 def test_source_separation():

@@ -24,6 +24,7 @@ EXPECTED = {
     "01_fashion_mnist_noisy_labels.py": [
         r"detection vs known flips: AUC (?P<auc>\d\.\d+)\s+AP (?P<ap>\d\.\d+)",
         r"flagged \d+ examples: precision \d\.\d+\s+recall \d\.\d+",
+        r"suggested label equals the original label on (?P<suggested>\d+\.\d)% of flagged flips",
         r"test accuracy: noisy (?P<noisy>\d\.\d+) -> relabeled (?P<relabeled>\d\.\d+)",
         r"test accuracy: noisy \d\.\d+ -> dropped \d\.\d+",
     ],
@@ -39,6 +40,12 @@ EXPECTED = {
         r"\(opponents \d\.\d+, chance (?P<chance>\d\.\d+)\)",
         r"wrote fashion_proponents_0\.png",
     ],
+    "05_distributed.py": [
+        r"replicas in sync: 2",
+        r"data-parallel collection: AUC (?P<auc_dp>\d\.\d+)",
+        r"one member per replica: AUC (?P<auc_pr>\d\.\d+)",
+        r"max \|score difference\|, 2 replicas vs one device: (?P<diff>\S+)",
+    ],
     "04_prune_dataset.py": [
         r"test accuracy after pruning",
         r"30%\s+\d+\s+(?P<gex>\d\.\d+)\s+(?P<random>\d\.\d+)",
@@ -53,6 +60,9 @@ CHECKS = {
         float(f["auc"]) > 0.8 and float(f["loaded"]) < 1e-4 and float(f["resumed"]) < 1e-4
     ),
     "03_explain_predictions.py": lambda f: float(f["share"]) > float(f["chance"]),
+    "05_distributed.py": lambda f: (
+        float(f["auc_dp"]) > 0.8 and float(f["auc_pr"]) > 0.8 and float(f["diff"]) < 1e-5
+    ),
 }
 
 PNGS = {

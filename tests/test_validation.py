@@ -174,10 +174,17 @@ def test_other_losses_end_to_end(kind):
     assert dev.deviations.shape == (64, 2) and np.all(np.isfinite(dev.deviations))
     report = keras_gex.detect_noisy((x, y), ens, verbose=0)
     if kind == "binary_multilabel":
-        targets = report.relabeled_targets()
+        targets = report.relabeled_targets(source="model")
         assert targets.shape == (64, 4)
         probs = 1 / (1 + np.exp(-report.predictions))
         np.testing.assert_allclose(targets[report.noisy_mask], probs[report.noisy_mask], rtol=1e-6)
+        from_members = report.relabeled_targets()
+        member_probs = report.ensemble_probs()
+        assert member_probs.shape == (64, 4)
+        assert np.all((member_probs > 0) & (member_probs < 1))
+        np.testing.assert_allclose(
+            from_members[report.noisy_mask], member_probs[report.noisy_mask], rtol=1e-6
+        )
     if kind == "mse":
         with pytest.raises(ValueError, match="classification loss"):
             report.relabeled_targets()

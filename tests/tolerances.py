@@ -9,3 +9,11 @@ EXACT_ATOL = 1e-10
 WEIGHTS_ATOL = 0.0
 #: Detection quality bar on digits with tiny settings.
 MIN_DIGITS_AUC = 0.97
+#: float32 probabilities computed by two routes (compiled mean vs eager).
+PROB_ATOL = 1e-5
+#: Scores on any number of replicas vs one device (float32, the issue's bound).
+DIST_SCORE_ATOL = 1e-5
+#: Data-parallel members vs sequential ones: same SGD, gradients summed in another order.
+DATA_PARALLEL_ATOL = 1e-5
+#: One-member-per-replica members vs sequential ones: the same computation.
+PER_REPLICA_ATOL = 1e-6

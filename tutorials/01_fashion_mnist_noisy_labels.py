@@ -217,18 +217,28 @@ print(f"loss of θ* as a score: AUC {loss_auc:.4f}")
 
 The histogram shows the scores with the threshold; flipped rows are outlined because we
 know them here. `report.plot_gallery` shows the most suspect images captioned
-"given → predicted", red where θ* disagrees with the given label.
+"given → suggested": for a flagged image the suggestion is the class the GE members find
+most likely besides the given one (`report.suggested_labels()`). θ* itself is no help
+here: having memorised its training set, it predicts the given label for practically
+every training image. The fine-tuned members have partly forgotten labels that were only
+memorised, so their mean prediction (`report.ensemble_probs()`) points back to what the
+image looks like.
 """
 
 report.plot(known_noisy=is_flipped, path="fashion_self_influence.png")
 report.plot_gallery(x_train, k=16, class_names=CLASS_NAMES, path="fashion_suspects.png")
+suggested = report.suggested_labels()
+flagged_flips = report.noisy_mask & is_flipped
+print(
+    "suggested label equals the original label on "
+    f"{np.mean(suggested[flagged_flips] == y_train_clean[flagged_flips]):.1%} of flagged flips "
+    f"(θ*'s prediction: "
+    f"{np.mean(report.predicted_labels()[flagged_flips] == y_train_clean[flagged_flips]):.1%})"
+)
 
 """
-A model that has memorised its training set predicts the given label for practically
-every training image, so on this gallery the captions mostly read "Sneaker → Sneaker" even
-under a pair of trousers: the images, not θ*'s predictions, tell the story. Since we know
-the original labels here, `keras_gex.plot_gallery` can caption the same images with
-"given → original" instead:
+Since we know the original labels here, `keras_gex.plot_gallery` can also caption the
+same images with "given → original":
 """
 
 fig = keras_gex.plot_gallery(
@@ -246,7 +256,9 @@ print("wrote fashion_self_influence.png, fashion_suspects.png, fashion_suspects_
 """
 ![histogram](fashion_self_influence.png)
 
-![gallery](fashion_suspects_truth.png)
+![gallery](fashion_suspects.png)
+
+![gallery with the original labels](fashion_suspects_truth.png)
 
 Some flagged images that are *not* among our flips are genuinely ambiguous — shirts that
 look like T-shirts, coats that look like pullovers: Fashion-MNIST has label noise of its
@@ -255,7 +267,8 @@ own, which the precision above counts as false positives.
 ## Fix the labels and retrain
 
 `report.relabeled_targets()` replaces the labels of the flagged rows with Kong et al.'s
-soft targets (built from θ*'s predictions; the other rows stay one-hot). The rows of these
+soft targets (built from the members' mean prediction; `source="model"` uses θ*'s, as the
+paper does; the other rows stay one-hot). The rows of these
 targets do **not** sum to one, and Keras' built-in cross-entropy assumes they do, so we
 retrain with `keras_gex.SoftTargetCrossentropy`, which stays exact on them.
 """

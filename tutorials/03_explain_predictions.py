@@ -165,18 +165,11 @@ training examples, so for *every* query the top of the ranking is taken by the e
 with the highest self-influence — the hard and ambiguous ones (shirts, pullovers, coats).
 
 For explanations we therefore normalise the deviation vectors and rank by the cosine
-`cos(Δz, Δz')` alone (as RelatIF does for influence functions). `keras_gex.InfluenceKernel`
-accepts any deviation matrices, so the normalised kernel is one line on top of the raw
-one, and `top_k` works on it unchanged:
+`cos(Δz, Δz')` alone (as RelatIF does for influence functions): `normalize=True` does
+that (it is the default of `keras_gex.top_k`), and `top_k` works on it unchanged:
 """
 
-
-def unit_rows(deviations):
-    norms = np.linalg.norm(deviations, axis=1, keepdims=True)
-    return deviations / np.maximum(norms, 1e-12)
-
-
-normalized = keras_gex.InfluenceKernel(unit_rows(kernel.train), unit_rows(kernel.query))
+normalized = keras_gex.influence(ensemble, (x_train, y_train), (x_test, y_pred), normalize=True)
 top = normalized.top_k(K)
 share = np.mean(y_train[top.proponents] == y_pred[:, None], axis=1)
 opp_share = float(np.mean(y_train[top.opponents] == y_pred[:, None]))
