@@ -7,6 +7,7 @@ Checks run in Python at the entry point, never inside a ``tf.function``.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import numpy as np
@@ -88,6 +89,60 @@ def seed_value(value) -> int | None:
     if value is None:
         return None
     return non_negative_int("seed", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionArgs:
+    """The arguments of a GE collection after validation."""
+
+    num_members: int
+    steps: int
+    learning_rate: float | str
+    batch_size: int
+    momentum: float
+    seed: int | None
+    chain: bool
+    bn_batches: int
+    verbose: int
+
+
+def collection_args(
+    *,
+    num_members,
+    steps,
+    learning_rate,
+    batch_size,
+    momentum,
+    seed,
+    chain,
+    bn_batches,
+    verbose,
+) -> CollectionArgs:
+    """Validated, normalised arguments of a GE collection (`GEXCollector`, `collect`).
+
+    One place for both entry points, so the callback fails at construction,
+    before hours of `fit`, for exactly what `collect` would refuse after it.
+    """
+    if learning_rate != "auto":
+        learning_rate = positive_float("learning_rate", learning_rate)
+    momentum_ok = isinstance(momentum, numbers.Real) and 0 <= momentum < 1
+    if isinstance(momentum, bool) or not momentum_ok:
+        raise ValueError(
+            f"Argument `momentum` must be a number in [0, 1). Received: momentum={momentum!r}"
+        )
+    if not isinstance(chain, bool):
+        raise ValueError(f"Argument `chain` must be a bool. Received: chain={chain!r}")
+    return CollectionArgs(
+        num_members=positive_int("num_members", num_members),
+        steps=positive_int("steps", steps),
+        learning_rate=learning_rate,
+        batch_size=positive_int("batch_size", batch_size),
+        momentum=float(momentum),
+        seed=seed_value(seed),
+        chain=chain,
+        bn_batches=non_negative_int("bn_batches", bn_batches),
+        verbose=verbose_level(verbose),
+    )
 
 
 def finite_1d(name: str, values) -> np.ndarray:

@@ -73,19 +73,28 @@ class GEXCollector(keras.callbacks.Callback):
                 "given to `fit`. Pass the same `(x, y)` or dataset."
             )
         self.train_data = train_data
-        self.num_members = _validation.positive_int("num_members", num_members)
-        self.steps = _validation.positive_int("steps", steps)
-        if learning_rate != "auto":
-            learning_rate = _validation.positive_float("learning_rate", learning_rate)
-        self.learning_rate = learning_rate
-        self.batch_size = _validation.positive_int("batch_size", batch_size)
-        self.momentum = momentum
-        self.seed = _validation.seed_value(seed)
-        self.chain = chain
-        self.bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
+        args = _validation.collection_args(
+            num_members=num_members,
+            steps=steps,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            momentum=momentum,
+            seed=seed,
+            chain=chain,
+            bn_batches=bn_batches,
+            verbose=verbose,
+        )
+        self.num_members = args.num_members
+        self.steps = args.steps
+        self.learning_rate = args.learning_rate
+        self.batch_size = args.batch_size
+        self.momentum = args.momentum
+        self.seed = args.seed
+        self.chain = args.chain
+        self.bn_batches = args.bn_batches
+        self.verbose = args.verbose
         self.loss = loss
         self.directory = directory
-        self.verbose = _validation.verbose_level(verbose)
         if strategy is not None:
             distribute.check_strategy(strategy)
         self.strategy = strategy

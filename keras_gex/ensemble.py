@@ -162,19 +162,20 @@ class GeometricEnsemble:
             A `GeometricEnsemble`.
         """
         _validation.check_model(model, need_loss=True, loss=loss)
-        num_members = _validation.positive_int("num_members", num_members)
-        steps = _validation.positive_int("steps", steps)
-        batch_size = _validation.positive_int("batch_size", batch_size)
-        bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
-        if learning_rate != "auto":
-            learning_rate = _validation.positive_float("learning_rate", learning_rate)
-        momentum_ok = isinstance(momentum, numbers.Real) and 0 <= momentum < 1
-        if isinstance(momentum, bool) or not momentum_ok:
-            raise ValueError(
-                f"Argument `momentum` must be a number in [0, 1). Received: momentum={momentum!r}"
-            )
-        seed = _validation.seed_value(seed)
-        verbose = _validation.verbose_level(verbose)
+        args = _validation.collection_args(
+            num_members=num_members,
+            steps=steps,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            momentum=momentum,
+            seed=seed,
+            chain=chain,
+            bn_batches=bn_batches,
+            verbose=verbose,
+        )
+        num_members, steps, learning_rate = args.num_members, args.steps, args.learning_rate
+        batch_size, momentum, seed = args.batch_size, args.momentum, args.seed
+        chain, bn_batches, verbose = args.chain, args.bn_batches, args.verbose
         strategy = distribute.resolve_strategy(strategy, model)
         per_replica_members = distribute.check_per_replica_members(
             per_replica_members, strategy, chain

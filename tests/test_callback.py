@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from conftest import make_mlp
@@ -44,10 +46,13 @@ def test_state_resets_on_train_begin(digits):
         ({"learning_rate": "fast"}, "Argument `learning_rate`"),
         ({"batch_size": 1.5}, "Argument `batch_size` must be a positive integer"),
         ({"verbose": 5}, "Argument `verbose`"),
+        # Refused at construction, before `fit`, not only when collection starts.
+        ({"momentum": 1.0}, "Argument `momentum` must be a number in [0, 1)"),
+        ({"chain": "yes"}, "Argument `chain` must be a bool"),
     ],
 )
 def test_collector_validates_arguments(kwargs, message, small_data):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         keras_gex.GEXCollector(small_data, **kwargs)
 
 

@@ -126,6 +126,7 @@ def test_reduced_loss_refused(small_data):
         ({"momentum": 1.0}, "momentum=1.0"),
         ({"bn_batches": -1}, "bn_batches=-1"),
         ({"seed": -2}, "seed=-2"),
+        ({"chain": 1}, "chain=1"),
     ],
 )
 def test_collect_arguments(kwargs, message, tiny):
