@@ -5,6 +5,13 @@ members on a batch with `model.stateless_call` (no weight assignment, the
 user's model variables are never touched), so scoring costs M+1 forward
 passes. Results are concatenated in dataset order.
 
+The hot path is kept at the cost of those M+1 compiled forward passes
+(`benchmarks/speed.py` measures it against them): one trace per input
+signature (the batch dimension is free, so the last partial batch and later
+calls reuse it), array inputs are sliced directly instead of going through
+`tf.data`, and the first-batch loss check uses a compiled forward pass of θ*
+instead of an eager one. `jit_compile=True` compiles the step with XLA.
+
 Under a `tf.distribute` strategy the reference and member variables are
 replicated (created under `strategy.scope()`), every batch is split into one
 contiguous chunk per replica (`distribute.distribute_batches`; the last
@@ -78,6 +85,9 @@ class Scorer:
         members: The GE members' weights.
         strategy: A validated `tf.distribute.Strategy` to score under, or
             None (one device). Defaults to `None`.
+        jit_compile: Compile the one-device step with XLA. Measured on CPU
+            it is not faster for small dense or convolutional models (see
+            `benchmarks/speed.py`), so it is off. Defaults to `False`.
     """
 
     def __init__(
@@ -87,10 +97,12 @@ class Scorer:
         reference: WeightSet,
         members: list,
         strategy=None,
+        jit_compile: bool = False,
     ):
         self.model = model
         self.loss = loss
         self.strategy = strategy
+        self.jit_compile = bool(jit_compile)
         if strategy is None:
             self._ref = _variables(reference, "ref")
             self._members = [_variables(m, f"m{i}") for i, m in enumerate(members)]
@@ -110,8 +122,9 @@ class Scorer:
             losses.append(self.loss(y, pred))
         return ref_loss, tf.stack(losses, axis=1), ref_pred
 
-    def function_for(self, element_spec, jit_compile: bool = False):
+    def function_for(self, element_spec, jit_compile: bool | None = None):
         """The traced step for `element_spec`, traced at most once."""
+        jit_compile = self.jit_compile if jit_compile is None else bool(jit_compile)
         sig = _signature(element_spec)
         key = (str(sig), jit_compile)
         if key not in self._fns:
@@ -119,6 +132,26 @@ class Scorer:
                 self._step, input_signature=list(sig), jit_compile=jit_compile
             )
         return self._fns[key]
+
+    def forward_for(self, x_spec):
+        """θ*'s compiled inference-mode forward pass for inputs of `x_spec`."""
+        sig = _signature(x_spec)
+        key = ("forward", str(sig))
+        if key not in self._fns:
+            self._fns[key] = tf.function(
+                lambda x: self.model.stateless_call(*self._ref, x, training=False)[0],
+                input_signature=[sig],
+            )
+        return self._fns[key]
+
+    def _check_loss(self, first, eager: bool) -> None:
+        """`check_per_example` on the first batch, before the step is compiled."""
+        x, y = first
+        if eager or self.strategy is not None:
+            pred = self.model.stateless_call(*self._ref, x)[0]
+        else:
+            pred = self.forward_for(_spec_of(x))(x)
+        check_per_example(self.loss, y, pred)
 
     def _distributed_step(self, x, y, with_predictions: bool):
         """`_step` on every replica's chunk; results gathered in dataset order."""
@@ -138,10 +171,10 @@ class Scorer:
 
     def _batches(self, source: DataSource, with_predictions: bool, eager: bool):
         """Yields `(ref (B,), members (B, M), y, predictions)` numpy batches in order."""
-        ds = source.ordered()
         if self.strategy is None:
-            fn = self._step if eager else self.function_for(ds.element_spec)
-            for x, y in ds:
+            batches, spec = _ordered_batches(source)
+            fn = self._step if eager else self.function_for(spec)
+            for x, y in batches:
                 ref_loss, member_losses, ref_pred = fn(x, y)
                 yield (
                     ref_loss.numpy(),
@@ -150,7 +183,7 @@ class Scorer:
                     ref_pred.numpy() if with_predictions else None,
                 )
             return
-        dist = distribute.distribute_batches(self.strategy, ds)
+        dist = distribute.distribute_batches(self.strategy, source.ordered())
         if eager:
             fn = lambda x, y: self._distributed_step(x, y, with_predictions)  # noqa: E731
         else:
@@ -179,8 +212,8 @@ class Scorer:
         yields the same first batch again (order stable across passes).
         """
         source.check_ordered()
-        first = source.first_batch()
-        check_per_example(self.loss, first[1], self.model.stateless_call(*self._ref, first[0])[0])
+        first = _first_batch(source)
+        self._check_loss(first, eager)
         bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
         seen = 0
         for ref_loss, member_losses, y, ref_pred in self._batches(source, with_predictions, eager):
@@ -200,7 +233,8 @@ class Scorer:
                 f"Argument `{source.name}` yielded {seen} examples, expected "
                 f"{source.num_examples}; the dataset changed between passes."
             )
-        _check_same_first_batch(source, first)
+        if not _is_arrays(source):  # arrays cannot change order between passes
+            _check_same_first_batch(source, first)
 
     def score(
         self,
@@ -247,6 +281,37 @@ class Scorer:
             out.flush()
         finally:
             del out
+
+
+def _is_arrays(source: DataSource) -> bool:
+    return getattr(source, "_arrays", None) is not None
+
+
+def _spec_of(value) -> tf.TensorSpec:
+    return tf.TensorSpec([None, *np.shape(value)[1:]], tf.as_dtype(value.dtype))
+
+
+def _ordered_batches(source: DataSource):
+    """`(batches, element_spec)`: every example once, in order.
+
+    Arrays are sliced directly (no `tf.data` pipeline to build and iterate:
+    that costs more than the forward passes on small data); a dataset is
+    iterated as given, prefetched.
+    """
+    if _is_arrays(source):
+        x, y = source._arrays
+        size = source.batch_size
+        batches = ((x[i : i + size], y[i : i + size]) for i in range(0, len(x), size))
+        return batches, (_spec_of(x), _spec_of(y))
+    ds = source.ordered()
+    return ds, ds.element_spec
+
+
+def _first_batch(source: DataSource):
+    if _is_arrays(source):
+        x, y = source._arrays
+        return x[: source.batch_size], y[: source.batch_size]
+    return source.first_batch()
 
 
 def _check_same_first_batch(source: DataSource, first) -> None:

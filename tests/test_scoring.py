@@ -146,3 +146,68 @@ def test_user_model_is_untouched_by_scoring(digits_ensemble, digits):
     digits_ensemble.self_influence((digits.x_train[:100], digits.y_train[:100]), verbose=0)
     for a, v in zip(before, digits_ensemble.model.variables):
         np.testing.assert_array_equal(a, v.numpy())
+
+
+def test_no_retracing_across_batch_sizes_calls_and_input_kinds(digits_ensemble, digits):
+    """One trace of the step (all members inside it) for every batch and call."""
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    scorer = keras_gex.GeometricEnsemble(
+        digits_ensemble.model,
+        digits_ensemble.reference,
+        digits_ensemble.members * 3,  # 12 members: still one trace
+        digits_ensemble.loss,
+    )._get_scorer()
+    for batch_size in (7, 64, 300, 512):
+        scorer.score(DataSource((x, y), batch_size=batch_size))
+    scorer.score(DataSource(tf.data.Dataset.from_tensor_slices((x, y)).batch(50)))
+    spec = DataSource((x, y)).ordered().element_spec
+    assert scorer.function_for(spec).experimental_get_tracing_count() == 1
+    assert scorer.forward_for(spec[0]).experimental_get_tracing_count() == 1
+    assert len([k for k in scorer._fns if k[0] != "forward"]) == 1
+
+
+def test_array_fast_path_matches_dataset_path_and_still_checks_the_loss(digits_ensemble, digits):
+    x, y = digits.x_train[:130], digits.y_train[:130]
+    scorer = digits_ensemble._get_scorer()
+    fast = scorer.score(DataSource((x, y), batch_size=32), with_predictions=True)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    slow = scorer.score(DataSource(ds), with_predictions=True)
+    np.testing.assert_array_equal(fast.labels, slow.labels)
+    np.testing.assert_allclose(fast.members, slow.members, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    np.testing.assert_allclose(fast.predictions, slow.predictions, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    # the first-batch label check runs on every call, also once the step is traced
+    bad = y.copy()
+    bad[0] = 99
+    with pytest.raises(ValueError, match="class ids"):
+        scorer.score(DataSource((x, bad), batch_size=32))
+
+
+def test_jit_compiled_scorer_agrees(digits_ensemble, digits):
+    from keras_gex.scoring import Scorer
+
+    x, y = digits.x_train[:100], digits.y_train[:100]
+    plain = digits_ensemble._get_scorer().score(DataSource((x, y)))
+    xla = Scorer(
+        digits_ensemble.model,
+        digits_ensemble.loss,
+        digits_ensemble.reference,
+        digits_ensemble.members,
+        jit_compile=True,
+    ).score(DataSource((x, y)))
+    np.testing.assert_allclose(xla.members, plain.members, rtol=1e-4, atol=1e-5)
+
+
+def test_fine_tuning_loop_traced_once_across_members(trained_mlp, digits):
+    """The compiled T-step loop is reused for every member, stream and step size."""
+    from keras_gex.collect import FineTuner
+
+    source = DataSource((digits.x_train, digits.y_train))
+    tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp))
+    theta = tuner.snapshot()
+    eval_batches = list(source.shuffled(64, 9).take(2))
+    for index, lr in enumerate((0.01, 0.02, 0.05)):
+        tuner.load(theta)
+        tuner.train(iter(source.shuffled(64, index)), 5 + index, lr)
+        tuner.evaluate(eval_batches)
+    assert tuner._step_fn.experimental_get_tracing_count() == 1
+    assert tuner._eval_fn.experimental_get_tracing_count() == 1
