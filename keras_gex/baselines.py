@@ -1,4 +1,4 @@
-"""Baseline noisy-label scores that GEX is compared with (paper §5.1).
+"""Baseline noisy-label scores that GEX is compared with (paper §5.1, App. F.6).
 
 * `loss_scores`: the per-example training loss of the trained model θ*. On a
   model trained to zero loss every example is memorised, so this baseline
@@ -6,8 +6,22 @@
 * `el2n_scores`: EL2N (Paul et al., 2021), the L2 norm of the error vector
   ``p(x) − y`` of models trained for only a few epochs, averaged over
   independently initialised runs (GEX paper App. E: 20 epochs × 5 repeats).
+* `gex_lin_scores`: the paper's ablation I_GEX-lin, GEX with every loss
+  deviation replaced by its first-order Taylor expansion around θ*,
+  ``Δ_lin(z, m) = ∇_θ ℓ(z, θ*)ᵀ (θ_m − θ*)``, computed with forward-mode
+  JVPs (no per-example gradient is materialised).
+* `tracin_scores`: I_TracInRP (Pruthi et al., 2020) self-influence with the
+  GE members as checkpoints (paper App. F.6), ``mean_c ||Q_Rᵀ g_z^c||²``.
+* `randproj_scores`: I_RandProj, the same random projection at θ* alone
+  (paper §5.1; the official code's `randproj`), optionally with the
+  projected empirical Fisher as curvature (influence sketching).
 
-Both return one score per example in dataset order; **higher = more suspect**,
+Randomly projected gradients ``Q_Rᵀ g_z`` are computed as R JVPs per batch
+along seeded Gaussian directions generated on the fly
+(`tf.random.stateless_normal`), so memory stays O(P + batch × R), never
+O(batch × P) or O(P × R).
+
+All return one score per example in dataset order; **higher = more suspect**,
 as `NoisyLabelReport.scores`.
 """
 
@@ -24,7 +38,9 @@ import tensorflow as tf
 from keras_gex import _validation
 from keras_gex.collect import FineTuner
 from keras_gex.data import DataSource
+from keras_gex.ensemble import GeometricEnsemble
 from keras_gex.losses import check_per_example, resolve_loss
+from keras_gex.weights import WeightSet
 
 _SCORE_BATCH_SIZE = 1024
 
@@ -289,4 +305,413 @@ def el2n_scores(
     return total / repeats
 
 
-__all__ = ["el2n_scores", "loss_scores"]
+# -- gradient baselines: GEX-lin, TracInRP, RandProj ------------------------------------
+
+_CURVATURES = ("identity", "fisher")
+
+
+def _check_ensemble(ensemble) -> None:
+    if not isinstance(ensemble, GeometricEnsemble):
+        raise TypeError(
+            "Argument `ensemble` must be a `GeometricEnsemble` (see "
+            "`GeometricEnsemble.collect`). "
+            f"Received: ensemble of type {type(ensemble).__name__}"
+        )
+
+
+def _projection_dim(value) -> int | None:
+    if value is None:
+        return None
+    return _validation.positive_int("projection_dim", value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Argument `{name}` must be a boolean. Received: {name}={value!r}")
+    return bool(value)
+
+
+def _tensors(weights: WeightSet) -> tuple[list, list]:
+    """A weight set as eager tensors, passed to the compiled steps as arguments."""
+    return (
+        [tf.convert_to_tensor(w) for w in weights.trainable],
+        [tf.convert_to_tensor(w) for w in weights.non_trainable],
+    )
+
+
+def _specs(tensors) -> list:
+    return [tf.TensorSpec(t.shape, t.dtype) for t in tensors]
+
+
+def _losses(model, loss, tv, ntv, x, y):
+    """Per-example losses at the weights `(tv, ntv)`, in inference mode."""
+    pred, _ = model.stateless_call(tv, ntv, x, training=False)
+    return loss(y, pred)
+
+
+def _jvp(model, loss, tv, ntv, x, y, tangents):
+    """`(B,)` directional derivatives ``∇_θ ℓ(z, θ)ᵀ v`` by forward-mode AD."""
+    with tf.autodiff.ForwardAccumulator(tv, tangents) as acc:
+        values = _losses(model, loss, tv, ntv, x, y)
+    return acc.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def _direction(index, seed, tv, projection_dim: int) -> list:
+    """Column `index` of the projection Q_R, entries i.i.d. N(0, 1/R), split like `tv`.
+
+    Generated from `(seed, index)` by a stateless op, so Q_R is never stored
+    and is the same for every checkpoint and every batch.
+    """
+    sizes = [int(np.prod(t.shape)) for t in tv]
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+    flat = tf.random.stateless_normal([sum(sizes)], seed=key, dtype=tf.float32)
+    flat = flat / np.sqrt(projection_dim)
+    return [
+        tf.cast(tf.reshape(part, t.shape), t.dtype) for part, t in zip(tf.split(flat, sizes), tv)
+    ]
+
+
+def _projection_matrix(weights: WeightSet, projection_dim: int, seed: int) -> np.ndarray:
+    """The `(P, R)` projection Q_R the scores use, materialised (tests, small models)."""
+    tv, _ = _tensors(weights)
+    columns = []
+    for index in range(projection_dim):
+        parts = _direction(index, seed, tv, projection_dim)
+        columns.append(np.concatenate([np.asarray(p, np.float64).ravel() for p in parts]))
+    return np.stack(columns, axis=1)
+
+
+def _projected_gradients_fn(model, loss, signature, projection_dim: int, seed: int):
+    """Compiled `(x, y, tv, ntv) -> (B, R)` projected gradients ``Q_Rᵀ ∇_θ ℓ(z, θ)``."""
+
+    def step(x, y, tv, ntv):
+        seed_t = tf.constant(seed, tf.int64)
+        out = tf.TensorArray(tf.float32, size=projection_dim)
+        for index in tf.range(projection_dim):
+            tangents = _direction(index, seed_t, tv, projection_dim)
+            out = out.write(index, tf.cast(_jvp(model, loss, tv, ntv, x, y, tangents), "float32"))
+        return tf.transpose(out.stack())
+
+    return tf.function(step, input_signature=signature)
+
+
+def _squared_gradient_norms_fn(model, loss, signature):
+    """Compiled `(x, y, tv, ntv) -> (B,)` exact ``||∇_θ ℓ(z, θ)||²`` (per-example Jacobian)."""
+
+    def step(x, y, tv, ntv):
+        with tf.GradientTape() as tape:
+            tape.watch(tv)
+            values = _losses(model, loss, tv, ntv, x, y)
+        jacobian = tape.jacobian(
+            values,
+            tv,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            experimental_use_pfor=True,
+        )
+        total = 0.0
+        for block in jacobian:
+            block = tf.square(tf.cast(block, "float32"))
+            total += tf.reduce_sum(tf.reshape(block, [tf.shape(block)[0], -1]), axis=1)
+        return total
+
+    return tf.function(step, input_signature=signature)
+
+
+def _prepare(model, per_example, data, batch_size, weights: WeightSet):
+    """Validated ordered source and the compiled steps' input signature."""
+    source = DataSource(data, batch_size=batch_size)
+    source.check_against_model(model)
+    source.check_ordered()
+    x0, y0 = source.first_batch()
+    tv, ntv = _tensors(weights)
+    check_per_example(per_example, y0, model.stateless_call(tv, ntv, x0, training=False)[0])
+    spec = source.ordered().element_spec
+    signature = [*_relaxed_signature(spec), _specs(tv), _specs(ntv)]
+    return source, signature
+
+
+def _collect(source: DataSource, batch_fn, what: str) -> np.ndarray:
+    """Concatenates `batch_fn(x, y)` over the ordered batches; refuses NaN or inf."""
+    out = [np.asarray(batch_fn(x, y), np.float64) for x, y in source.ordered()]
+    if not out:
+        raise ValueError(f"Argument `{source.name}` is empty: it has no examples.")
+    values = np.concatenate(out)
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        idx = np.flatnonzero(bad)[:5].tolist()
+        raise ValueError(
+            f"The {what} is NaN or inf on {int(bad.sum())} example(s) "
+            f"(first indices {idx}). Check those inputs and labels."
+        )
+    return values
+
+
+def _linearized_deviations(ensemble, data, batch_size: int | None = None) -> np.ndarray:
+    """`(N, M)` ``∇_θ ℓ(z, θ*)ᵀ (θ_m − θ*)`` in dataset order (float64)."""
+    model, per_example = ensemble.model, ensemble.loss
+    source, signature = _prepare(model, per_example, data, batch_size, ensemble.reference)
+    tv, ntv = _tensors(ensemble.reference)
+    tangents = [
+        [
+            tf.convert_to_tensor((np.asarray(w, np.float64) - ref).astype(ref.dtype))
+            for w, ref in zip(member.trainable, ensemble.reference.trainable)
+        ]
+        for member in ensemble.members
+    ]
+
+    def step(x, y, tv, ntv, tangent):
+        return _jvp(model, per_example, tv, ntv, x, y, tangent)
+
+    fn = tf.function(step, input_signature=[*signature, signature[2]])
+
+    def batch(x, y):
+        return np.stack([fn(x, y, tv, ntv, t).numpy() for t in tangents], axis=1)
+
+    return _collect(source, batch, "linearised loss deviation")
+
+
+def gex_lin_scores(ensemble, data, *, batch_size: int | None = None) -> np.ndarray:
+    """GEX-lin self-influence: GEX with linearised loss deviations (paper §5.1).
+
+    The paper's ablation I_GEX-lin keeps the GE members θ_m but replaces each
+    loss deviation by its first-order Taylor expansion around θ* (its eq. 11
+    with LA samples replaced by GE members):
+
+        Δ_lin(z, m) = ∇_θ ℓ(z, θ*)ᵀ (θ_m − θ*),   score(z) = mean_m Δ_lin(z, m)².
+
+    Each Δ_lin is one forward-mode JVP (`tf.autodiff.ForwardAccumulator`) of
+    the batch's per-example losses along θ_m − θ*, so a batch costs M
+    forward-mode passes and no per-example gradient is ever materialised.
+    The expansion point is θ* as scored (`ensemble.reference`, with its
+    BatchNorm statistics), in inference mode; the derivative is taken with
+    respect to the trainable weights only, so the members' re-estimated
+    BatchNorm statistics play no part. The result is a bilinear form of
+    gradients (paper Prop. 3.1) and shows what de-linearisation gains.
+
+    Args:
+        ensemble: A `GeometricEnsemble`.
+        data: `(x, y)` arrays or a `tf.data.Dataset` of `(x, y)` batches, in
+            the order the scores should have. A dataset that reshuffles on
+            every iteration is refused.
+        batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+
+    Returns:
+        `(N,)` float64 scores in dataset order; higher = more suspect.
+
+    Raises:
+        TypeError: If `ensemble` is not a `GeometricEnsemble` or `data` has
+            the wrong type.
+        ValueError: For invalid data or arguments, or non-finite values.
+    """
+    _check_ensemble(ensemble)
+    if batch_size is not None:
+        batch_size = _validation.positive_int("batch_size", batch_size)
+    deviations = _linearized_deviations(ensemble, data, batch_size)
+    return np.mean(deviations * deviations, axis=1)
+
+
+def _squared_norm_scores(model, per_example, data, batch_size, checkpoints, projection_dim, seed):
+    """``mean_c ||Q_Rᵀ ∇ℓ(z, θ_c)||²`` (or the exact norm when `projection_dim` is None)."""
+    source, signature = _prepare(model, per_example, data, batch_size, checkpoints[0])
+    weights = [_tensors(c) for c in checkpoints]
+    if projection_dim is None:
+        fn = _squared_gradient_norms_fn(model, per_example, signature)
+
+        def batch(x, y):
+            return np.mean([fn(x, y, tv, ntv).numpy() for tv, ntv in weights], axis=0)
+
+    else:
+        fn = _projected_gradients_fn(model, per_example, signature, projection_dim, seed)
+
+        def batch(x, y):
+            norms = [
+                np.sum(np.square(fn(x, y, tv, ntv).numpy(), dtype=np.float64), axis=1)
+                for tv, ntv in weights
+            ]
+            return np.mean(norms, axis=0)
+
+    return _collect(source, batch, "projected gradient")
+
+
+def tracin_scores(
+    ensemble,
+    data,
+    *,
+    projection_dim: int | None = 64,
+    seed: int = 0,
+    include_reference: bool = False,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """TracInRP self-influence with the GE members as checkpoints (paper App. F.6).
+
+    TracIn (Pruthi et al., 2020) sums ``η_c ||∇_θ ℓ(z, θ_c)||²`` over
+    checkpoints θ_c of the training trajectory; TracInRP replaces the
+    gradient by a random projection ``Q_Rᵀ g`` with i.i.d. N(0, 1/R) entries,
+    an unbiased estimate since ``E[Q_R Q_Rᵀ] = I``. The paper's App. F.6 makes
+    it post hoc by taking the geometric-ensemble members as the checkpoints
+    (as the official code's `--tracinrp_fge`). Here
+
+        score(z) = 1/C Σ_c ||Q_Rᵀ ∇_θ ℓ(z, θ_c)||²,
+
+    with θ_c the M members (plus θ* when `include_reference`), each
+    evaluated with its own BatchNorm statistics in inference mode. The
+    checkpoints are weighted equally, as in the paper's eq. 6: GE members
+    have no per-checkpoint step size η_c, and a common one only rescales the
+    scores. The same Q_R serves every checkpoint.
+
+    ``Q_Rᵀ g`` is computed as R forward-mode JVPs per batch along directions
+    generated on the fly from `seed`, so memory is O(P + batch × R) and the
+    cost about R × C forward passes per batch. With `projection_dim=None`
+    the exact squared gradient norm (TracIn without projection) is computed
+    instead, from per-example gradients (a per-batch Jacobian: memory
+    O(batch × P), use a small `batch_size` for large models).
+
+    Args:
+        ensemble: A `GeometricEnsemble`.
+        data: `(x, y)` arrays or a `tf.data.Dataset` of `(x, y)` batches, in
+            the order the scores should have. A dataset that reshuffles on
+            every iteration is refused.
+        projection_dim: Number R of random projections, or None for exact
+            gradient norms (the paper uses 20). Defaults to `64`.
+        seed: Seed of the projection Q_R. Defaults to `0`.
+        include_reference: Also use θ* as a checkpoint. Defaults to `False`.
+        batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+
+    Returns:
+        `(N,)` float64 scores in dataset order; higher = more suspect.
+
+    Raises:
+        TypeError: If `ensemble` is not a `GeometricEnsemble` or `data` has
+            the wrong type.
+        ValueError: For invalid data or arguments, or non-finite values.
+    """
+    _check_ensemble(ensemble)
+    projection_dim = _projection_dim(projection_dim)
+    seed = _validation.non_negative_int("seed", seed)
+    include_reference = _check_bool("include_reference", include_reference)
+    if batch_size is not None:
+        batch_size = _validation.positive_int("batch_size", batch_size)
+    checkpoints = list(ensemble.members)
+    if include_reference:
+        checkpoints = [ensemble.reference, *checkpoints]
+    return _squared_norm_scores(
+        ensemble.model, ensemble.loss, data, batch_size, checkpoints, projection_dim, seed
+    )
+
+
+def randproj_scores(
+    model,
+    data,
+    *,
+    projection_dim: int | None = 64,
+    seed: int = 0,
+    curvature: str = "identity",
+    damping: float = 0.01,
+    loss=None,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """RandProj self-influence: randomly projected gradients at θ* (paper §5.1).
+
+    The paper's I_RandProj is the influence function with the Hessian
+    replaced by the identity and the gradient by a random projection, at
+    the final checkpoint θ* only (TracInRP with one checkpoint; App. F.6,
+    and the official code's `randproj`, after Pruthi et al., 2020, App. E and
+    Schioppa et al., 2022, §4). With `curvature="identity"` (the paper's):
+
+        score(z) = ||Q_Rᵀ g_z||²,   g_z = ∇_θ ℓ(z, θ*),
+
+    with Q_R of i.i.d. N(0, 1/R) entries, an unbiased estimate of
+    ``||g_z||²``. With `curvature="fisher"` the Hessian is instead
+    approximated inside the projected space by the empirical Fisher of
+    `data` (influence sketching, Wojnowicz et al., 2016):
+
+        F_R = 1/N Σ_n (Q_Rᵀ g_n)(Q_Rᵀ g_n)ᵀ,   λ = damping · tr(F_R) / R,
+        score(z) = (Q_Rᵀ g_z)ᵀ (F_R + λ I)⁻¹ (Q_Rᵀ g_z),
+
+    i.e. the damping is relative to the mean eigenvalue of F_R. This keeps
+    the `(N, R)` projected gradients in memory (float32) and should be given
+    the training set as `data`.
+
+    ``Q_Rᵀ g`` is computed as R forward-mode JVPs per batch along directions
+    generated on the fly from `seed` (memory O(P + batch × R)). With
+    `projection_dim=None` (identity curvature only), the exact ``||g_z||²``
+    is computed from per-example gradients (memory O(batch × P)).
+
+    Args:
+        model: The trained, built Keras model θ*, evaluated in inference mode
+            with its own weights and BatchNorm statistics, or a
+            `GeometricEnsemble`, whose θ* as scored (`reference`) and loss
+            are used.
+        data: `(x, y)` arrays or a `tf.data.Dataset` of `(x, y)` batches, in
+            the order the scores should have. A dataset that reshuffles on
+            every iteration is refused.
+        projection_dim: Number R of random projections, or None for the
+            exact gradient norm (the paper uses 20). Defaults to `64`.
+        seed: Seed of the projection Q_R. Defaults to `0`.
+        curvature: `"identity"` (the paper's RandProj) or `"fisher"`
+            (projected empirical Fisher). Defaults to `"identity"`.
+        damping: Relative damping of the Fisher (only with
+            `curvature="fisher"`). Defaults to `0.01`.
+        loss: Loss to use instead of the compiled one (a Keras model only).
+            Defaults to `None`.
+        batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+
+    Returns:
+        `(N,)` float64 scores in dataset order; higher = more suspect.
+
+    Raises:
+        TypeError: If `model` is neither a `keras.Model` nor a
+            `GeometricEnsemble`, or `data` has the wrong type.
+        ValueError: For invalid data or arguments, or non-finite values.
+    """
+    if isinstance(model, GeometricEnsemble):
+        if loss is not None:
+            raise ValueError(
+                "Argument `loss` applies to a `keras.Model` only: a `GeometricEnsemble` "
+                "is scored with the loss it was collected with. Received: loss="
+                f"{loss!r}"
+            )
+        keras_model, per_example, weights = model.model, model.loss, model.reference
+    else:
+        _validation.check_model(model, need_loss=True, loss=loss)
+        keras_model, per_example = model, resolve_loss(model, loss)
+        weights = WeightSet.from_model(model)
+    projection_dim = _projection_dim(projection_dim)
+    seed = _validation.non_negative_int("seed", seed)
+    curvature = _validation.one_of("curvature", curvature, _CURVATURES)
+    damping = _validation.positive_float("damping", damping)
+    if batch_size is not None:
+        batch_size = _validation.positive_int("batch_size", batch_size)
+    if curvature == "identity":
+        return _squared_norm_scores(
+            keras_model, per_example, data, batch_size, [weights], projection_dim, seed
+        )
+    if projection_dim is None:
+        raise ValueError(
+            "Argument `projection_dim` must be a positive integer with "
+            "curvature='fisher' (the Fisher is inverted in the projected space). "
+            "Received: projection_dim=None"
+        )
+    source, signature = _prepare(keras_model, per_example, data, batch_size, weights)
+    fn = _projected_gradients_fn(keras_model, per_example, signature, projection_dim, seed)
+    tv, ntv = _tensors(weights)
+    projected = _collect(source, lambda x, y: fn(x, y, tv, ntv).numpy(), "projected gradient")
+    fisher = projected.T @ projected / len(projected)
+    scale = np.trace(fisher) / projection_dim
+    if not scale > 0:
+        raise ValueError(
+            "Every gradient of `data` is zero at θ*, so the projected Fisher is "
+            "zero; RandProj with curvature='fisher' is undefined."
+        )
+    fisher[np.diag_indices(projection_dim)] += damping * scale
+    solved = np.linalg.solve(fisher, projected.T)
+    return np.einsum("nr,rn->n", projected, solved)
+
+
+__all__ = [
+    "el2n_scores",
+    "gex_lin_scores",
+    "loss_scores",
+    "randproj_scores",
+    "tracin_scores",
+]

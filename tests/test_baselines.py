@@ -1,4 +1,7 @@
-"""Tests of the paper's baselines: loss at θ* and EL2N (`keras_gex.baselines`)."""
+"""Tests of the paper's baselines (`keras_gex.baselines`).
+
+Loss at θ*, EL2N, GEX-lin, TracInRP with GE checkpoints and RandProj.
+"""
 
 import os
 
@@ -10,8 +13,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tolerances import SCORE_ATOL, SCORE_RTOL
 
-from keras_gex.baselines import el2n_scores, loss_scores
+from keras_gex.baselines import (
+    _linearized_deviations,
+    _projection_matrix,
+    el2n_scores,
+    gex_lin_scores,
+    loss_scores,
+    randproj_scores,
+    tracin_scores,
+)
+from keras_gex.ensemble import GeometricEnsemble
+from keras_gex.losses import resolve_loss
+from keras_gex.weights import WeightSet
 
 
 def _data(n=20, d=5, k=3, seed=0):
@@ -291,3 +306,263 @@ def test_el2n_refuses_bad_data_and_models():
     column = y[:, None].astype(np.float32)
     with pytest.raises(ValueError, match="shaped like the model's outputs"):
         el2n_scores(mse_model, x, column, epochs=1, repeats=1)
+
+
+# -- gradient baselines: GEX-lin, TracInRP, RandProj -----------------------------------
+
+
+def _grad_model(bn=False, seed=0):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((5,)), keras.layers.Dense(4, activation="tanh", name="d1")]
+    if bn:
+        layers.append(keras.layers.BatchNormalization(name="bn"))
+    layers.append(keras.layers.Dense(3, name="d2"))
+    model = keras.Sequential(layers)
+    model.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    if bn:
+        bn_layer = model.get_layer("bn")
+        bn_layer.moving_mean.assign(np.array([0.3, -0.2, 0.1, 0.0], np.float32))
+        bn_layer.moving_variance.assign(np.array([0.5, 2.0, 1.5, 0.8], np.float32))
+    return model
+
+
+def _tiny_ensemble(scale=0.3, num_members=3, bn=False, seed=0):
+    """A GE of hand-perturbed copies of θ* (members' BN statistics differ too)."""
+    model = _grad_model(bn=bn, seed=seed)
+    ref = WeightSet.from_model(model)
+    rng = np.random.default_rng(seed + 1)
+
+    def jitter(w, s):
+        return (w + s * rng.normal(size=w.shape)).astype(w.dtype)
+
+    members = [
+        WeightSet(
+            [jitter(w, scale) for w in ref.trainable],
+            [
+                np.abs(jitter(w, 0.2)) if w.dtype.kind == "f" else np.array(w)
+                for w in ref.non_trainable
+            ],
+        )
+        for _ in range(num_members)
+    ]
+    return GeometricEnsemble(model, ref, members, resolve_loss(model))
+
+
+def _flat(arrays):
+    return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+
+
+def _per_example_gradients(model, weights, x, y):
+    """`(N, P)` gradients of the per-example loss, one GradientTape per example."""
+    loss = resolve_loss(model)
+    tv = [tf.convert_to_tensor(w) for w in weights.trainable]
+    ntv = [tf.convert_to_tensor(w) for w in weights.non_trainable]
+    rows = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            tape.watch(tv)
+            pred, _ = model.stateless_call(tv, ntv, x[i : i + 1], training=False)
+            value = tf.reduce_sum(loss(y[i : i + 1], pred))
+        rows.append(_flat(tape.gradient(value, tv)))
+    return np.stack(rows)
+
+
+def _weights_of(model):
+    return [np.array(v.numpy()) for v in model.variables]
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_gex_lin_matches_explicit_gradient_dot_products(bn):
+    ens = _tiny_ensemble(bn=bn)
+    x, y = _data(n=10)
+    before = _weights_of(ens.model)
+    grads = _per_example_gradients(ens.model, ens.reference, x, y)
+    steps = np.stack([_flat(m.trainable) - _flat(ens.reference.trainable) for m in ens.members])
+    expected = grads @ steps.T  # (N, M)
+    # batch_size=3 checks the order across batches and the short last batch.
+    deviations = _linearized_deviations(ens, (x, y), batch_size=3)
+    np.testing.assert_allclose(deviations, expected, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    scores = gex_lin_scores(ens, (x, y), batch_size=3)
+    assert scores.shape == (10,)
+    assert scores.dtype == np.float64
+    np.testing.assert_allclose(scores, np.mean(expected**2, axis=1), rtol=1e-4, atol=SCORE_ATOL)
+    for a, b in zip(before, _weights_of(ens.model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gex_lin_approaches_gex_for_members_close_to_theta_star():
+    # Δ(z, m) − Δ_lin(z, m) is second order in the step θ_m − θ*: at a step of
+    # 1e-3 per weight it is about 1e-5, against deviations of about 1e-3. The
+    # members' BN statistics are kept equal to θ*'s so that only the trainable
+    # weights move.
+    ens = _tiny_ensemble(scale=1e-3, bn=True)
+    for member in ens.members:
+        member.non_trainable = [np.array(w) for w in ens.reference.non_trainable]
+    x, y = _data(n=16)
+    exact = ens.deviations((x, y), verbose=0).deviations.astype(np.float64)
+    linear = _linearized_deviations(ens, (x, y))
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(linear, exact, rtol=2e-2, atol=2e-2 * scale)
+    gex = ens.self_influence((x, y), verbose=0)
+    np.testing.assert_allclose(gex_lin_scores(ens, (x, y)), gex, rtol=5e-2, atol=5e-2 * gex.max())
+    # Far from θ* the linearisation no longer describes the deviations.
+    far = _tiny_ensemble(scale=1.0, bn=True)
+    far_exact = far.deviations((x, y), verbose=0).deviations
+    assert np.abs(_linearized_deviations(far, (x, y)) - far_exact).max() > 0.1
+
+
+@pytest.mark.parametrize("include_reference", [False, True])
+def test_tracin_exact_is_the_mean_squared_gradient_norm(include_reference):
+    ens = _tiny_ensemble(bn=True)
+    x, y = _data(n=9)
+    checkpoints = ([ens.reference] if include_reference else []) + ens.members
+    expected = np.mean(
+        [np.sum(_per_example_gradients(ens.model, c, x, y) ** 2, axis=1) for c in checkpoints],
+        axis=0,
+    )
+    got = tracin_scores(
+        ens, (x, y), projection_dim=None, include_reference=include_reference, batch_size=4
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=SCORE_ATOL)
+
+
+def test_tracin_projection_matches_brute_force_and_is_unbiased():
+    ens = _tiny_ensemble(bn=True)
+    x, y = _data(n=8)
+    grads = [_per_example_gradients(ens.model, m, x, y) for m in ens.members]
+    q = _projection_matrix(ens.reference, 16, seed=3)
+    assert q.shape == (sum(w.size for w in ens.reference.trainable), 16)
+    expected = np.mean([np.sum((g @ q) ** 2, axis=1) for g in grads], axis=0)
+    got = tracin_scores(ens, (x, y), projection_dim=16, seed=3, batch_size=3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=SCORE_ATOL)
+    # Same seed, same projection; another seed, another one.
+    np.testing.assert_array_equal(got, tracin_scores(ens, (x, y), projection_dim=16, seed=3))
+    assert not np.allclose(got, tracin_scores(ens, (x, y), projection_dim=16, seed=4))
+    # E[Q Qᵀ] = I: with many projections the estimate nears the exact norm
+    # (relative standard deviation about sqrt(2 / R) ≈ 0.04 per example).
+    exact = tracin_scores(ens, (x, y), projection_dim=None)
+    many = tracin_scores(ens, (x, y), projection_dim=1024)
+    np.testing.assert_allclose(many, exact, rtol=0.2)
+    assert abs(np.mean(many / exact) - 1) < 0.05
+
+
+def test_randproj_identity_matches_brute_force_at_theta_star():
+    model = _grad_model(bn=True)
+    x, y = _data(n=11)
+    ref = WeightSet.from_model(model)
+    g = _per_example_gradients(model, ref, x, y)
+    q = _projection_matrix(ref, 8, seed=0)
+    got = randproj_scores(model, (x, y), projection_dim=8, batch_size=4)
+    np.testing.assert_allclose(got, np.sum((g @ q) ** 2, axis=1), rtol=1e-4, atol=SCORE_ATOL)
+    exact = randproj_scores(model, (x, y), projection_dim=None)
+    np.testing.assert_allclose(exact, np.sum(g**2, axis=1), rtol=1e-4, atol=SCORE_ATOL)
+    # A GeometricEnsemble is scored at its θ* as scored: RandProj is TracInRP
+    # with θ* as the only checkpoint.
+    ens = _tiny_ensemble(bn=True)
+    np.testing.assert_allclose(
+        randproj_scores(ens, (x, y), projection_dim=8),
+        np.sum((_per_example_gradients(ens.model, ens.reference, x, y) @ q) ** 2, axis=1),
+        rtol=1e-4,
+        atol=SCORE_ATOL,
+    )
+
+
+def test_randproj_fisher_matches_brute_force_influence_sketch():
+    model = _grad_model()
+    x, y = _data(n=30)
+    ref = WeightSet.from_model(model)
+    gp = _per_example_gradients(model, ref, x, y) @ _projection_matrix(ref, 6, seed=2)
+    fisher = gp.T @ gp / len(gp)
+    damped = fisher + 0.1 * np.trace(fisher) / 6 * np.eye(6)
+    expected = np.einsum("nr,rs,ns->n", gp, np.linalg.inv(damped), gp)
+    got = randproj_scores(
+        model, (x, y), projection_dim=6, seed=2, curvature="fisher", damping=0.1, batch_size=7
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=SCORE_ATOL)
+
+
+def test_gradient_baselines_keep_dataset_order():
+    ens = _tiny_ensemble(bn=True)
+    x, y = _data(n=13)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    perm = np.random.default_rng(0).permutation(13)
+    calls = {
+        "gex_lin": lambda d, **kw: gex_lin_scores(ens, d, **kw),
+        "tracin": lambda d, **kw: tracin_scores(ens, d, projection_dim=4, **kw),
+        "randproj": lambda d, **kw: randproj_scores(ens, d, projection_dim=4, **kw),
+        "fisher": lambda d, **kw: randproj_scores(
+            ens, d, projection_dim=4, curvature="fisher", **kw
+        ),
+    }
+    for name, fn in calls.items():
+        arrays = fn((x, y), batch_size=5)
+        np.testing.assert_allclose(fn(ds), arrays, rtol=SCORE_RTOL, atol=SCORE_ATOL, err_msg=name)
+        permuted = fn((x[perm], y[perm]))
+        np.testing.assert_allclose(
+            permuted, arrays[perm], rtol=SCORE_RTOL, atol=SCORE_ATOL, err_msg=name
+        )
+        assert arrays.shape == (13,) and np.all(arrays >= 0), name
+
+
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "message"),
+    [
+        (
+            "tracin",
+            {"projection_dim": 0},
+            "Argument `projection_dim` must be a positive integer. Received: projection_dim=0",
+        ),
+        ("tracin", {"projection_dim": 2.5}, "Received: projection_dim=2.5"),
+        ("tracin", {"seed": -1}, "Argument `seed` must be a non-negative integer."),
+        ("tracin", {"include_reference": "yes"}, "Argument `include_reference` must be a"),
+        ("tracin", {"batch_size": 0}, "Argument `batch_size` must be a positive integer."),
+        ("gex_lin", {"batch_size": -3}, "Received: batch_size=-3"),
+        ("randproj", {"projection_dim": -1}, "Received: projection_dim=-1"),
+        ("randproj", {"curvature": "hessian"}, "Argument `curvature` must be one of"),
+        ("randproj", {"damping": 0.0}, "Argument `damping` must be a positive finite number."),
+        (
+            "randproj",
+            {"curvature": "fisher", "projection_dim": None},
+            "Received: projection_dim=None",
+        ),
+        ("randproj", {"loss": "mse"}, "Argument `loss` applies to a `keras.Model` only"),
+    ],
+)
+def test_gradient_baselines_refuse_bad_arguments(fn, kwargs, message):
+    ens = _tiny_ensemble()
+    x, y = _data()
+    call = {"tracin": tracin_scores, "gex_lin": gex_lin_scores, "randproj": randproj_scores}[fn]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(ens, (x, y), **kwargs)
+
+
+def test_gradient_baselines_refuse_bad_inputs():
+    ens = _tiny_ensemble()
+    x, y = _data()
+    with pytest.raises(TypeError, match=re.escape("must be a `GeometricEnsemble`")):
+        gex_lin_scores(ens.model, (x, y))
+    with pytest.raises(TypeError, match=re.escape("must be a `GeometricEnsemble`")):
+        tracin_scores("ensemble", (x, y))
+    with pytest.raises(TypeError, match=re.escape("must be a `keras.Model`")):
+        randproj_scores("model", (x, y))
+    with pytest.raises(ValueError, match="same number of examples"):
+        tracin_scores(ens, (x, y[:-1]))
+    shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(20).batch(4)
+    with pytest.raises(ValueError, match="reshuffles on every iteration"):
+        gex_lin_scores(ens, shuffled)
+    with pytest.raises(ValueError, match=r"Labels must be class ids in \[0, 3\)"):
+        randproj_scores(ens.model, (x, y + 5))
+
+
+def test_gradient_baselines_rank_flipped_digits_labels(digits_ensemble, digits):
+    from sklearn.metrics import roc_auc_score
+
+    data = (digits.x_train, digits.y_train)
+    for name, scores in [
+        ("gex_lin", gex_lin_scores(digits_ensemble, data)),
+        ("tracin", tracin_scores(digits_ensemble, data, projection_dim=32)),
+        ("randproj", randproj_scores(digits_ensemble, data, projection_dim=32)),
+    ]:
+        assert roc_auc_score(digits.is_noisy, scores) > 0.5, name
