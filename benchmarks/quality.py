@@ -91,6 +91,8 @@ FIELDS = (
     "flagged",
     "seconds",
     "calibration_share",
+    "calibration_probes",
+    "members",
     "gex_learning_rate",
     "member_fit",
     "train_fit",
@@ -332,7 +334,8 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
     gex_seconds = time.perf_counter() - start
     info = ens.info
     probes = info.get("calibration") or []
-    wasted = sum(p.get("seconds", 0.0) for p in probes if not p.get("accepted", False))
+    rejected = [p for p in probes if not p.get("accepted", False)]
+    wasted = sum(p.get("seconds", 0.0) for p in rejected)
     share = wasted / max(float(info.get("seconds", 0.0)), 1e-9)
     fits = [s["fit"] for s in info.get("member_stats", []) if s.get("fit") is not None]
     ref_fit = (info.get("reference_stats") or {}).get("fit") or 1.0
@@ -342,7 +345,9 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
         gex_seconds,
         report.noisy_mask,
         calibration_share=share,
-        gex_learning_rate=float(info["learning_rate"]),
+        calibration_probes=len(rejected),
+        gex_learning_rate=float(np.mean([m["learning_rate"] for m in info["member_stats"]])),
+        members=ens.num_members,
         member_fit=float(np.mean(fits) / ref_fit) if fits else None,
         train_fit=train_fit,
         test_accuracy=test_acc,
@@ -396,7 +401,7 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
     print(
         f"{case} seed {seed}: trained {epochs} epochs in {train_seconds:.0f} s "
         f"(train fit {train_fit:.3f}, test acc {test_acc:.3f}); GEX {gex_seconds:.0f} s "
-        f"(lr {info['learning_rate']:.3g}, calibration {share:.0%}); "
+        f"(calibration: {len(rejected)} rejected probes, {share:.0%} of the time); "
         + ", ".join(
             f"{r['method']} AUC {r['auc']:.3f} AP {r['ap']:.3f}" for r in rows if "auc" in r
         ),
@@ -490,22 +495,32 @@ def markdown_tables(rows, seeds) -> str:
         "method's flagged set (GEX: `detect_noisy`'s default threshold; cleanlab: "
         "`find_label_issues`).",
         "",
-        "GEX diagnostics (mean over seeds): calibration share of the collection time, "
-        "calibrated step size, members' fit relative to θ*, θ*'s fit of the noisy labels.",
+        "GEX diagnostics (mean over seeds): wall-time share of the collection spent in "
+        "calibration probes not kept as members (the first probe also pays the one-time "
+        "tf.function tracing), their number and their share of the fine-tuning steps "
+        "(rejected / (rejected + M)), the step size members 1.. used, members' fit "
+        "relative to θ*, θ*'s fit of its noisy training labels.",
         "",
-        "| Case | Calibration share | lr | Member fit / θ* | θ* train fit |",
-        "|---|---|---|---|---|",
+        "| Case | Calibration wall share | Rejected probes | Step share | lr | "
+        "Member fit / θ* | θ* train fit |",
+        "|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         group = [r for r in rows if r["case"] == case and r["method"] == GEX]
-        lines.append(
-            f"| {case} | "
-            + " | ".join(
-                _mean_std([r.get(k) for r in group], 3)
-                for k in ("calibration_share", "gex_learning_rate", "member_fit", "train_fit")
-            )
-            + " |"
+        for r in group:
+            probes = r.get("calibration_probes")
+            members = r.get("members") or 8
+            r["step_share"] = None if probes in (None, "") else probes / (probes + members)
+        keys = (
+            "calibration_share",
+            "calibration_probes",
+            "step_share",
+            "gex_learning_rate",
+            "member_fit",
+            "train_fit",
         )
+        cells = [_mean_std([r.get(k) for r in group], 3) for k in keys]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
     thresholds = [r for r in rows if r.get("kind") == "threshold"]
     if thresholds:
         names = list(dict.fromkeys(r["method"] for r in thresholds))
@@ -546,26 +561,28 @@ def markdown_tables(rows, seeds) -> str:
     return "\n".join(lines)
 
 
-def _write(rows, table: str | None) -> None:
+def _write(rows, table: str | None, tag: str = "") -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS_DIR / "quality.csv", "w", newline="", encoding="utf-8") as f:
+    with open(RESULTS_DIR / f"quality{tag}.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in FIELDS})
     if table is not None:
-        (RESULTS_DIR / "quality.md").write_text(table + "\n", encoding="utf-8")
+        (RESULTS_DIR / f"quality{tag}.md").write_text(table + "\n", encoding="utf-8")
 
 
-def _read_csv() -> list:
+def _read_csv(pattern: str = "quality.csv") -> list:
     def value(v):
         try:
             return float(v) if v != "" else None
         except ValueError:
             return v
 
-    with open(RESULTS_DIR / "quality.csv", encoding="utf-8") as f:
-        rows = [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    rows = []
+    for path in sorted(RESULTS_DIR.glob(pattern)):
+        with open(path, encoding="utf-8") as f:
+            rows += [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
     for row in rows:
         row["seed"] = int(row["seed"])
         row["kind"] = row["kind"] or None
@@ -578,7 +595,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--no-retrain", action="store_true", help="skip relabel → retrain")
     parser.add_argument(
-        "--table-only", action="store_true", help="rebuild the tables from quality.csv"
+        "--table-only",
+        action="store_true",
+        help="rebuild quality.md / quality.csv from every quality*.csv (parallel runs)",
+    )
+    parser.add_argument(
+        "--tag", default="", help="write quality-TAG.csv/.md (for runs in parallel)"
     )
     parser.add_argument(
         "--append", action="store_true", help="keep the rows already in quality.csv"
@@ -590,7 +612,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     if args.table_only:
-        rows = _read_csv()
+        rows = _read_csv("quality-*.csv") or _read_csv("quality.csv")
         seeds = sorted({r["seed"] for r in rows})
         table = markdown_tables(rows, seeds)
         print(table)
@@ -600,7 +622,10 @@ def main(argv=None) -> int:
     scale, repeats = 1.0, EL2N_REPEATS
     if args.quick:
         cases, seeds, scale, repeats = ["digits MLP 10%"], seeds[:1], 0.2, 2
-    rows = _read_csv() if args.append and (RESULTS_DIR / "quality.csv").exists() else []
+    tag = f"-{args.tag}" if args.tag else ""
+    rows = []
+    if args.append and (RESULTS_DIR / f"quality{tag}.csv").exists():
+        rows = _read_csv(f"quality{tag}.csv")
     start = time.perf_counter()
     for case in cases:
         for seed in seeds:
@@ -608,14 +633,14 @@ def main(argv=None) -> int:
                 case, seed, epoch_scale=scale, repeats=repeats, retrain=not args.no_retrain
             )
             rows.extend(new)
-            _write(rows, None)
+            _write(rows, None, tag)
     all_seeds = sorted({r["seed"] for r in rows})
     table = markdown_tables(rows, all_seeds)
     print()
     print(table)
-    _write(rows, table)
+    _write(rows, table, tag)
     print(
-        f"\nwrote {RESULTS_DIR / 'quality.md'} and quality.csv "
+        f"\nwrote {RESULTS_DIR / f'quality{tag}.md'} and quality{tag}.csv "
         f"in {time.perf_counter() - start:.0f} s"
     )
     return 0

@@ -42,14 +42,20 @@ from keras_gex.losses import PerExampleLoss
 from keras_gex.weights import WeightSet
 
 #: Calibration aims for members that still fit this fraction of the training
-#: examples θ* fits (measured on digits: 0.85-0.97 gave AUC 0.999, members
-#: that kept fitting everything or collapsed were useless).
-FIT_WINDOW = (0.80, 0.97)
-FIT_TARGET = 0.90
+#: examples θ* fits: they have forgotten what θ* could only memorise and kept
+#: what generalises. The best fraction falls with the noise rate and the
+#: difficulty of the data (measured, AUC of the best fixed step size against
+#: its members' relative fit: digits MLP 10% flips 0.999 at 0.90 (0.966 at
+#: 1.00); digits MLP 30% 0.977 at 0.85; Fashion-MNIST CNN 10% 0.988 at 0.75
+#: (0.964 at 0.90, 0.80 at 1.00); Fashion 30% 0.956 at 0.63 (0.935 at 0.55)),
+#: so the window spans 0.60-0.92. Members that kept fitting everything or
+#: collapsed to chance were useless everywhere.
+FIT_WINDOW = (0.60, 0.92)
+FIT_TARGET = 0.78
 #: Members below this relative fit have collapsed (measured: one member at
 #: chance-level fit next to a well-placed one took AUC from 0.99 to 0.64) and
 #: are refitted at a smaller step size when the step size is calibrated.
-COLLAPSE_FIT = 0.60
+COLLAPSE_FIT = 0.45
 _INITIAL_LR = 0.1
 _LR_FACTOR = 4.0
 _EVAL_EXAMPLES = 2048
@@ -1108,9 +1114,18 @@ def _calibrate(run_member, theta_star, ref_stats, record, max_probes, log):
     best = None
     for _ in range(max_probes):
         # Every probe replays member 0's stream, so an accepted probe *is* member 0.
+        probe_start = time.perf_counter()
         weights, stats = run_member(theta_star, lr, 0)
         rel = _relative_fit(stats, ref_stats)
-        record.append({"learning_rate": lr, "relative_fit": rel, "loss": stats.loss})
+        record.append(
+            {
+                "learning_rate": lr,
+                "relative_fit": rel,
+                "loss": stats.loss,
+                "seconds": time.perf_counter() - probe_start,
+                "accepted": bool(low <= rel <= high),
+            }
+        )
         log(f"calibration: lr {lr:.4g} -> members keep {rel:.1%} of θ*'s fit")
         if best is None or abs(rel - FIT_TARGET) < abs(best[1] - FIT_TARGET):
             best = (lr, rel)

@@ -1,0 +1,102 @@
+"""Step-size calibration (`learning_rate="auto"`): the search and a tiny model."""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import make_mlp
+from sklearn.metrics import roc_auc_score
+
+import keras_gex
+from keras_gex.collect import (
+    COLLAPSE_FIT,
+    FIT_WINDOW,
+    MemberStats,
+    _calibrate,
+    _next_learning_rate,
+)
+
+REF = MemberStats(0.0, float("nan"), 1.0, 0.01)
+
+
+def _fake_member(fit_of_lr, calls):
+    """A `run_member` whose members keep `fit_of_lr(lr)` of θ*'s fit."""
+
+    def run_member(start, lr, index):
+        calls.append(lr)
+        return f"weights@{lr:.4g}", MemberStats(lr, 0.1, fit_of_lr(lr), 0.5)
+
+    return run_member
+
+
+def _calibrate_fake(fit_of_lr, max_probes=6):
+    calls, record = [], []
+    lr, accepted = _calibrate(
+        _fake_member(fit_of_lr, calls), "θ*", REF, record, max_probes, lambda msg: None
+    )
+    return lr, accepted, record, calls
+
+
+def test_first_probe_in_window_is_kept_as_a_member():
+    lr, accepted, record, calls = _calibrate_fake(lambda lr: 0.8)
+    assert calls == [0.1] and lr == 0.1
+    assert accepted == [("weights@0.1", MemberStats(0.1, 0.1, 0.8, 0.5))]
+    assert record[0]["accepted"] is True and record[0]["seconds"] >= 0.0
+
+
+def test_search_brackets_the_edge_of_the_basin():
+    """Fit 1.0 below lr 0.15 (memorising basin), 0.1 above 0.3 (collapse)."""
+
+    def fit(lr):
+        return 1.0 if lr < 0.15 else (0.85 if lr < 0.3 else 0.1)
+
+    lr, accepted, record, calls = _calibrate_fake(fit)
+    assert 0.15 <= lr < 0.3
+    assert len(accepted) == 1
+    assert calls[:2] == [0.1, 0.4]  # up by the factor, then back by bisection in log
+    assert calls[2] == pytest.approx(math.sqrt(0.1 * 0.4))
+    assert [r["accepted"] for r in record] == [False] * (len(record) - 1) + [True]
+
+
+def test_no_step_size_in_window_warns_and_takes_the_closest():
+    def fit(lr):  # a cliff: from the basin straight to collapse
+        return 1.0 if lr < 0.2 else 0.1
+
+    with pytest.warns(UserWarning, match="found no learning rate"):
+        lr, accepted, record, _ = _calibrate_fake(fit, max_probes=4)
+    assert accepted == [] and len(record) == 4
+    assert lr < 0.2  # fit 1.0 is closer to the target than a collapse
+
+
+def test_controller_moves_only_outside_the_window():
+    low, high = FIT_WINDOW
+    assert _next_learning_rate(1.0, (low + high) / 2) == 1.0
+    assert _next_learning_rate(1.0, high + 0.01) > 1.0
+    assert _next_learning_rate(1.0, low - 0.01) < 1.0
+    assert COLLAPSE_FIT < low
+
+
+def test_auto_picks_a_sane_step_size_on_a_tiny_model_where_a_fixed_one_fails(digits):
+    """A small memorising MLP on 600 digits: a small fixed step never leaves
+    θ*'s basin (members keep fitting every given label, AUC ~0.9); "auto"
+    lands its members in the window without collapsing any of them."""
+    x, y, flipped = digits.x_train[:600], digits.y_train[:600], digits.is_noisy[:600]
+    model = make_mlp(seed=0)
+    model.fit(x, y, epochs=80, batch_size=32, verbose=0)
+    kwargs = dict(num_members=3, steps=100, seed=0, verbose=0)
+    fixed = keras_gex.GeometricEnsemble.collect(model, (x, y), learning_rate=0.01, **kwargs)
+    auto = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    ref_fit = auto.info["reference_stats"]["fit"]
+    assert ref_fit > 0.98  # θ* memorised its noisy labels
+    probes = auto.info["calibration"]
+    assert probes[-1]["accepted"] and all("seconds" in p for p in probes)
+    assert auto.info["learning_rate"] > 0.01
+    assert FIT_WINDOW[0] <= probes[-1]["relative_fit"] <= FIT_WINDOW[1]
+    fits = [s["fit"] / ref_fit for s in auto.info["member_stats"]]
+    assert min(fits) >= COLLAPSE_FIT and np.mean(fits) <= FIT_WINDOW[1]
+    fixed_fits = [s["fit"] / ref_fit for s in fixed.info["member_stats"]]
+    assert min(fixed_fits) > FIT_WINDOW[1]  # never left the memorising basin
+    auc_auto = roc_auc_score(flipped, auto.self_influence((x, y), verbose=0))
+    auc_fixed = roc_auc_score(flipped, fixed.self_influence((x, y), verbose=0))
+    assert auc_auto > 0.97
+    assert auc_auto > auc_fixed + 0.03
