@@ -352,6 +352,12 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
         train_fit=train_fit,
         test_accuracy=test_acc,
     )
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        RESULTS_DIR / f"scores-{case.replace(' ', '_').replace('%', '')}-{seed}.npz",
+        gex=report.scores,
+        is_noisy=noisy,
+    )
     for name in TRANSFORMS:
         cut = threshold_scores(report.scores, name)
         rows.append(

@@ -15,9 +15,16 @@ import numpy as np
 from keras_gex import _validation
 
 #: Transforms applied to scores before thresholding (the cut is mapped back).
+#: Self-influence is a mean of squared loss deviations, heavy-tailed to the right;
+#: powers between 1 (raw, the paper's rule) and 0 (log) trade the raw cut's
+#: conservatism (missed flips) against the log cut's looseness (false flags).
+#: "otsu_sqrt" (the root-mean-square deviation) is the default of `detect_noisy`;
+#: `benchmarks/quality.py` measures the F1 of each.
 TRANSFORMS = {
     "otsu": lambda v: v,
     "otsu_sqrt": np.sqrt,
+    "otsu_cbrt": np.cbrt,
+    "otsu_root4": lambda v: np.sqrt(np.sqrt(v)),
     "otsu_log": lambda v: np.log(np.maximum(v, np.finfo(np.float64).tiny)),
 }
 
@@ -51,7 +58,7 @@ def otsu_threshold(values) -> float:
 
 
 def threshold_scores(scores: np.ndarray, method) -> float:
-    """Threshold for `scores` by `method` ("otsu", "otsu_sqrt", "otsu_log" or a number)."""
+    """Threshold for `scores` by `method` (a name in `TRANSFORMS` or a number)."""
     if isinstance(method, str):
         _validation.one_of("threshold", method, TRANSFORMS)
         transformed = TRANSFORMS[method](np.asarray(scores, dtype=np.float64))
@@ -61,7 +68,7 @@ def threshold_scores(scores: np.ndarray, method) -> float:
         return float(below.max()) if below.size else float(np.min(scores))
     if isinstance(method, bool) or not isinstance(method, numbers.Real) or not np.isfinite(method):
         raise ValueError(
-            "Argument `threshold` must be 'otsu', 'otsu_sqrt', 'otsu_log' or a finite "
+            f"Argument `threshold` must be one of {sorted(TRANSFORMS)} or a finite "
             f"number. Received: threshold={method!r}"
         )
     return float(method)

@@ -61,3 +61,18 @@ def test_transformed_thresholds_cut_raw_scores():
     assert threshold_scores(scores, 0.5) == 0.5
     with pytest.raises(ValueError, match="threshold"):
         threshold_scores(scores, "median")
+
+
+def test_every_transform_orders_its_flags_by_power_on_skewed_scores():
+    """Lower powers (raw → sqrt → cbrt → 4th root → log) loosen the cut on a
+    heavy right tail: each flags at least as many rows as the previous one."""
+    from keras_gex.thresholding import TRANSFORMS
+
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([rng.exponential(0.01, 900), rng.exponential(2.0, 100)])
+    order = ("otsu", "otsu_sqrt", "otsu_cbrt", "otsu_root4", "otsu_log")
+    assert set(order) == set(TRANSFORMS)
+    flagged = [int(np.sum(scores > threshold_scores(scores, m))) for m in order]
+    assert flagged == sorted(flagged) and 0 < flagged[0] < len(scores)
+    with pytest.raises(ValueError, match="otsu_cbrt"):
+        threshold_scores(scores, "otsu_cube")
