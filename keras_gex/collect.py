@@ -1126,7 +1126,7 @@ def _next_learning_rate(lr: float, relative_fit: float) -> float:
     vary widely; a gentle per-member correction keeps the ensemble in the
     window without another search.
 
-    >>> _next_learning_rate(1.0, 0.99), _next_learning_rate(1.0, 0.9), _next_learning_rate(1.0, 0.7)
+    >>> _next_learning_rate(1.0, 0.99), _next_learning_rate(1.0, 0.8), _next_learning_rate(1.0, 0.5)
     (1.15, 1.0, 0.85)
     """
     if relative_fit > FIT_WINDOW[1]:
