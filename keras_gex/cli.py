@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument(
         "--threshold",
         default="otsu_sqrt",
-        help="otsu_sqrt (default), otsu, otsu_log, or a number",
+        help="otsu_sqrt (default), otsu, otsu_cbrt, otsu_root4, otsu_log, or a number",
     )
     detect.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     detect.add_argument("--quiet", action="store_true", help="no progress output")
@@ -139,18 +139,19 @@ def _detect(args) -> None:
 
     import keras_gex
     from keras_gex.html_report import write_html_report
+    from keras_gex.thresholding import TRANSFORMS
 
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"MODEL file {args.model!r} does not exist.")
     model = keras.models.load_model(args.model)
     x, y, class_names = _load_data(args.data)
     threshold = args.threshold
-    if threshold not in ("otsu", "otsu_sqrt", "otsu_log"):
+    if threshold not in TRANSFORMS:
         try:
             threshold = float(threshold)
         except ValueError:
             raise ValueError(
-                "Argument `--threshold` must be otsu_sqrt, otsu, otsu_log or a number. "
+                f"Argument `--threshold` must be one of {', '.join(TRANSFORMS)} or a number. "
                 f"Received: {args.threshold!r}"
             ) from None
     lr = args.learning_rate

@@ -671,35 +671,6 @@ def _relative_fit(stats: MemberStats, ref: MemberStats) -> float:
     return stats.fit / max(ref.fit, 1e-12)
 
 
-@dataclasses.dataclass(frozen=True)
-class _WholeExampleFit(PerExampleLoss):
-    """A binary cross-entropy loss whose fit counts an example only when every
-    one of its labels is predicted right (subset accuracy).
-
-    The per-label agreement of `PerExampleLoss.fit_mask` cannot judge the step
-    size: with one-hot targets over K outputs a member that predicts "no" for
-    every label still agrees on (K−1)/K of them, so calibration read a collapsed
-    member as keeping 90% of θ*'s fit (measured on digits with a sigmoid MLP:
-    step size 6.4, AUC 0.15, i.e. inverted).
-    """
-
-    def fit_mask(self, y_true, y_pred):
-        cut = 0.0 if self.from_logits else 0.5
-        pred = tf.cast(y_pred > cut, "float32")
-        y = tf.cast(tf.cast(y_true, "float32") > 0.5, "float32")
-        same = tf.cast(tf.equal(pred, y), "float32")
-        rank = same.shape.rank
-        if rank is not None and rank > 1:
-            same = tf.reduce_min(same, axis=list(range(1, rank)))
-        return same
-
-
-def _whole_example_fit(loss: PerExampleLoss) -> PerExampleLoss:
-    if loss.kind != "binary_crossentropy" or type(loss) is not PerExampleLoss:
-        return loss
-    return _WholeExampleFit(loss.fn, loss.kind, loss.from_logits, loss.name)
-
-
 def collect_members(
     model: keras.Model,
     source: DataSource,
@@ -760,18 +731,17 @@ def collect_members(
     eval_stream = source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count)
     eval_batches = [batch for batch in eval_stream]  # list() would ask len() of it
 
-    tuned_loss = _whole_example_fit(loss)
     if strategy is None:
 
         def stream(index):
             return iter(source.shuffled(batch_size, stream_seed(seed, index)))
 
-        tuner = FineTuner(model, tuned_loss, momentum)
+        tuner = FineTuner(model, loss, momentum)
     else:
         tuner = _DataParallelTuner(
             ReplicaFineTuner(
                 model,
-                tuned_loss,
+                loss,
                 momentum,
                 strategy,
                 synchronized=True,

@@ -7,7 +7,7 @@ import keras
 from keras_gex import _validation
 from keras_gex.ensemble import GeometricEnsemble
 from keras_gex.report import NoisyLabelReport
-from keras_gex.thresholding import threshold_scores
+from keras_gex.thresholding import TRANSFORMS, threshold_scores
 
 
 def detect_noisy(
@@ -33,7 +33,12 @@ def detect_noisy(
         threshold: How to cut the scores: "otsu_sqrt" (Otsu on the root-mean-
             square deviation sqrt(score)), "otsu" (Otsu on raw scores, the
             paper's rule; measured on digits it misses ~30% of the flips),
-            "otsu_log", or a number (a cut on raw scores). Defaults to
+            "otsu_cbrt" / "otsu_root4" (Otsu on the cube / fourth root),
+            "otsu_log", or a number (a cut on raw scores). Measured by
+            `benchmarks/quality.py` over 7 cases, mean F1 of the flagged set:
+            otsu 0.79, otsu_sqrt 0.93, otsu_cbrt 0.93, otsu_root4 0.91,
+            otsu_log 0.65 (otsu_cbrt wins on digits, loses on Fashion-MNIST
+            10%: 0.72 vs 0.84). Defaults to
             `"otsu_sqrt"`.
         batch_size: Scoring batch size for arrays. Defaults to `None` (256).
         reference_floor: Clamp for ℓ(z, θ*) (see
@@ -69,7 +74,7 @@ def detect_noisy(
             "`ensemble` is a model; this ensemble is already collected."
         )
     if isinstance(threshold, str):
-        _validation.one_of("threshold", threshold, ("otsu", "otsu_sqrt", "otsu_log"))
+        _validation.one_of("threshold", threshold, tuple(TRANSFORMS))
     dev = ensemble.deviations(
         train_data,
         batch_size=batch_size,

@@ -219,7 +219,11 @@ class GeometricEnsemble:
         info = {
             "num_members": num_members,
             "steps": steps,
-            "learning_rate": result.learning_rate,
+            # The step size the members were fine-tuned with (their median: the
+            # per-member controller nudges it), not the controller's next proposal.
+            "learning_rate": float(np.median([s.learning_rate for s in result.member_stats]))
+            if result.member_stats
+            else result.learning_rate,
             "learning_rate_requested": learning_rate,
             "batch_size": batch_size,
             "momentum": float(momentum),

@@ -107,17 +107,16 @@ def test_sigmoid_members_are_judged_on_whole_examples():
     9 of 10 outputs; calibration must read that as no fit at all."""
     import keras
 
-    from keras_gex.collect import _whole_example_fit
     from keras_gex.losses import resolve_loss
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(10)])
     model.compile(loss=keras.losses.BinaryCrossentropy(from_logits=True))
-    per_label = resolve_loss(model)
-    whole = _whole_example_fit(per_label)
+    loss = resolve_loss(model)
     y = np.eye(10, dtype="float32")[[0, 3]]
     all_no = np.full((2, 10), -5.0, dtype="float32")
     right = np.where(y > 0, 5.0, -5.0).astype("float32")
-    np.testing.assert_allclose(per_label.fit_mask(y, all_no).numpy(), [0.9, 0.9])
-    np.testing.assert_allclose(whole.fit_mask(y, all_no).numpy(), [0.0, 0.0])
-    np.testing.assert_allclose(whole.fit_mask(y, right).numpy(), [1.0, 1.0])
-    assert np.allclose(whole(y, right).numpy(), per_label(y, right).numpy())
+    one_wrong = right.copy()
+    one_wrong[1, 7] = 5.0
+    np.testing.assert_allclose(loss.fit_mask(y, all_no).numpy(), [0.0, 0.0])
+    np.testing.assert_allclose(loss.fit_mask(y, right).numpy(), [1.0, 1.0])
+    np.testing.assert_allclose(loss.fit_mask(y, one_wrong).numpy(), [1.0, 0.0])

@@ -97,6 +97,9 @@ def test_calibration_picks_a_step_size_where_a_fixed_one_fails(digits):
     # The accepted probe is member 0; later members may be nudged by the controller.
     assert chosen["accepted"]
     assert auto.info["member_stats"][0]["learning_rate"] == chosen["learning_rate"]
+    # The recorded step size is what the members used, not the controller's next proposal.
+    used = [s["learning_rate"] for s in auto.info["member_stats"]]
+    assert auto.info["learning_rate"] == float(np.median(used))
     assert FIT_WINDOW[0] <= chosen["relative_fit"] <= FIT_WINDOW[1]
     fixed_fit = np.mean([s["fit"] for s in fixed.info["member_stats"]]) / ref_fit
     assert fixed_fit > FIT_WINDOW[1]  # the fixed small step never left the basin

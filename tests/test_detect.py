@@ -184,3 +184,12 @@ def test_ensemble_predict_accepts_arrays_pairs_and_datasets(report, digits):
         ens.predict(x, batch_size=0, verbose=0)
     with pytest.raises(ValueError, match="at least one example"):
         ens.predict(x[:0], verbose=0)
+
+
+@pytest.mark.parametrize("method", ["otsu", "otsu_sqrt", "otsu_cbrt", "otsu_root4", "otsu_log"])
+def test_every_threshold_rule_is_accepted_and_orders_sensibly(report, digits, method):
+    data = (digits.x_train, digits.y_train)
+    again = keras_gex.detect_noisy(data, report.ensemble, threshold=method, verbose=0)
+    np.testing.assert_array_equal(again.scores, report.scores)
+    assert 0 < again.num_flagged < len(again.scores)
+    np.testing.assert_array_equal(again.noisy_mask, again.scores > again.threshold)
