@@ -671,6 +671,131 @@ def _relative_fit(stats: MemberStats, ref: MemberStats) -> float:
     return stats.fit / max(ref.fit, 1e-12)
 
 
+def _collection_setup(source: DataSource, batch_size: int, seed, store):
+    """`(batch_size, seed, eval_batches)` shared by both collection paths.
+
+    The seed is the store's when resuming, else the given one, else fresh
+    entropy (recorded in the store so a resumed run uses the same streams).
+    """
+    n = source.count_examples()
+    batch_size = min(batch_size, n)
+    if seed is None and store is not None and store.seed is not None:
+        seed = store.seed
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
+    if store is not None and store.seed is None:
+        store.set_seed(seed)
+    eval_count = max(1, min(n, _EVAL_EXAMPLES) // batch_size)
+    eval_stream = source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count)
+    eval_batches = [batch for batch in eval_stream]  # list() would ask len() of it
+    return batch_size, seed, eval_batches
+
+
+def _logger(verbose: int):
+    def log(msg):
+        if verbose:
+            print(f"[keras_gex] {msg}", flush=True)
+
+    return log
+
+
+def _warn_unless_memorised(ref_fit, stacklevel: int) -> None:
+    if ref_fit is not None and ref_fit < 0.95:
+        warnings.warn(
+            f"The trained model predicts only {ref_fit:.1%} of its training labels. GEX "
+            "self-influence assumes a model that fits (memorises) its training set; on "
+            "one that does not, it can rank mislabeled examples below chance. Train "
+            "longer, or also look at the loss of θ* (`report.reference_losses`).",
+            stacklevel=stacklevel + 1,
+        )
+
+
+def _resume(store, num_members: int, log):
+    """`(members, stats, calibration, lr)` restored from `store` (lr None if not
+    calibrated yet); empty lists without a store."""
+    members, stats, calibration, lr = [], [], [], None
+    saved_members = store.saved_members() if store is not None else []
+    if saved_members:
+        for weights, saved in saved_members[:num_members]:
+            members.append(weights)
+            stats.append(MemberStats(**saved))
+        log(f"resumed {len(members)} member(s) from {store.directory}")
+    if store is not None and store.calibrated:
+        lr = store.manifest["calibrated_learning_rate"]
+        calibration = list(store.manifest["calibration"])
+        if stats:
+            lr = stats[-1].learning_rate  # a divergence retry may have lowered it
+    return members, stats, calibration, lr
+
+
+def _fallback_learning_rate(loss: PerExampleLoss, stacklevel: int) -> float:
+    """The fixed step size "auto" uses for losses it cannot judge, with a warning."""
+    warnings.warn(
+        f"learning_rate='auto' calibrates on classification fit; the loss "
+        f"{loss.name!r} is not a recognised classification loss, so the "
+        f"fixed step size {_INITIAL_LR} is used. Check `report.summary()` "
+        "and pass `learning_rate=` if members did not move.",
+        stacklevel=stacklevel + 1,
+    )
+    return _INITIAL_LR
+
+
+class _MemberGate:
+    """The checks every finished member passes, with their retry budgets.
+
+    A member that collapsed (kept less than `COLLAPSE_FIT` of θ*'s fit) under a
+    calibrated step size is refitted at 0.7× the step size; one that diverged
+    is dropped and retried at a quarter of it, at most 6 times.
+    """
+
+    def __init__(self, adaptive: bool, num_members: int, stacklevel: int, log):
+        self.adaptive = adaptive
+        self.num_members = num_members
+        self.stacklevel = stacklevel
+        self.log = log
+        self.retries = 0
+        self.refits = 0
+
+    def reject(self, member_stats: MemberStats, rel: float, lr: float, index: int, what: str):
+        """None if the member is kept, else the step size to redo it with."""
+        if (
+            self.adaptive
+            and member_stats.finite
+            and rel < COLLAPSE_FIT
+            and self.refits < self.num_members
+        ):
+            self.refits += 1
+            self.log(
+                f"member {index + 1}: lr {lr:.4g} collapsed it (keeps {rel:.1%} of θ*'s "
+                f"fit); refitting {what} at a smaller step size"
+            )
+            return lr * 0.7
+        if not member_stats.finite:
+            self.retries += 1
+            warnings.warn(
+                f"GE member {index} diverged (non-finite loss or weights) at "
+                f"learning_rate={lr:.4g}; it was dropped and retried at a quarter "
+                "of the step size.",
+                stacklevel=self.stacklevel + 1,
+            )
+            if self.retries > 6:
+                raise RuntimeError(
+                    "Fine-tuning diverged repeatedly; the model's loss may be "
+                    "non-finite on the training data. Pass a smaller `learning_rate`."
+                )
+            return lr / 4.0
+        return None
+
+    def finish(self) -> None:
+        if self.refits >= self.num_members:
+            warnings.warn(
+                f"{self.refits} GE members collapsed and were refitted; the step size could "
+                "not be held in the useful window. Scores may be unreliable; see "
+                "`report.summary()`.",
+                stacklevel=self.stacklevel + 1,
+            )
+
+
 def collect_members(
     model: keras.Model,
     source: DataSource,
@@ -719,17 +844,8 @@ def collect_members(
             strategy=strategy,
         )
     start = time.perf_counter()
-    n = source.count_examples()
-    batch_size = min(batch_size, n)
-    if seed is None and store is not None and store.seed is not None:
-        seed = store.seed
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**31))
-    if store is not None and store.seed is None:
-        store.set_seed(seed)
-    eval_count = max(1, min(n, _EVAL_EXAMPLES) // batch_size)
-    eval_stream = source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count)
-    eval_batches = [batch for batch in eval_stream]  # list() would ask len() of it
+    batch_size, seed, eval_batches = _collection_setup(source, batch_size, seed, store)
+    log = _logger(verbose)
 
     if strategy is None:
 
@@ -757,18 +873,7 @@ def collect_members(
     reference = tuner.snapshot()
     ref_loss, ref_fit = tuner.evaluate(eval_batches)
     ref_stats = MemberStats(0.0, float("nan"), ref_fit, ref_loss)
-    if ref_fit is not None and ref_fit < 0.95:
-        warnings.warn(
-            f"The trained model predicts only {ref_fit:.1%} of its training labels. GEX "
-            "self-influence assumes a model that fits (memorises) its training set; on "
-            "one that does not, it can rank mislabeled examples below chance. Train "
-            "longer, or also look at the loss of θ* (`report.reference_losses`).",
-            stacklevel=3,
-        )
-
-    def log(msg):
-        if verbose:
-            print(f"[keras_gex] {msg}", flush=True)
+    _warn_unless_memorised(ref_fit, stacklevel=3)
 
     def run_member(start_weights: WeightSet, lr: float, index: int):
         """Fine-tunes one member; its mini-batches depend only on (seed, index)."""
@@ -786,40 +891,20 @@ def collect_members(
             mean_loss, fit = float("nan"), 0.0 if loss.is_classification else None
         return weights, MemberStats(lr, train_loss, fit, mean_loss, finite)
 
-    members, stats, calibration = [], [], []
-    saved_members = store.saved_members() if store is not None else []
-    if saved_members:
-        for weights, saved in saved_members[:num_members]:
+    members, stats, calibration, lr = _resume(store, num_members, log)
+    # `lr` is set when a resumed store was calibrated before the interruption.
+    if lr is None and learning_rate == "auto" and not loss.is_classification:
+        lr = _fallback_learning_rate(loss, stacklevel=3)
+    elif lr is None and learning_rate == "auto":
+        lr, accepted = _calibrate(run_member, theta_star, ref_stats, calibration, max_probes, log)
+        if store is not None:
+            store.save_calibration(lr, calibration)  # before members: see resume
+        for weights, member_stats in accepted[:num_members]:
             members.append(weights)
-            stats.append(MemberStats(**saved))
-        log(f"resumed {len(members)} member(s) from {store.directory}")
-    if store is not None and store.calibrated:
-        lr = store.manifest["calibrated_learning_rate"]
-        calibration = list(store.manifest["calibration"])
-        if stats:
-            lr = stats[-1].learning_rate  # a divergence retry may have lowered it
-    elif learning_rate == "auto":
-        if not loss.is_classification:
-            warnings.warn(
-                f"learning_rate='auto' calibrates on classification fit; the loss "
-                f"{loss.name!r} is not a recognised classification loss, so the "
-                f"fixed step size {_INITIAL_LR} is used. Check `report.summary()` "
-                "and pass `learning_rate=` if members did not move.",
-                stacklevel=3,
-            )
-            lr = _INITIAL_LR
-        else:
-            lr, accepted = _calibrate(
-                run_member, theta_star, ref_stats, calibration, max_probes, log
-            )
+            stats.append(member_stats)
             if store is not None:
-                store.save_calibration(lr, calibration)  # before members: see resume
-            for weights, member_stats in accepted[:num_members]:
-                members.append(weights)
-                stats.append(member_stats)
-                if store is not None:
-                    store.save_member(len(members) - 1, weights, dataclasses.asdict(member_stats))
-    else:
+                store.save_member(len(members) - 1, weights, dataclasses.asdict(member_stats))
+    elif lr is None:
         lr = float(learning_rate)
     if store is not None and not store.calibrated:
         store.save_calibration(lr, calibration)
@@ -828,34 +913,14 @@ def collect_members(
     if stats and adaptive:  # resumed: replay the controller's last decision
         lr = _next_learning_rate(stats[-1].learning_rate, _relative_fit(stats[-1], ref_stats))
     previous = members[-1] if (chain and members) else theta_star
-    retries = 0
-    refits = 0
+    gate = _MemberGate(adaptive, num_members, stacklevel=3, log=log)
     while len(members) < num_members:
         index = len(members)
         weights, member_stats = run_member(previous if chain else theta_star, lr, index)
         rel = _relative_fit(member_stats, ref_stats)
-        if adaptive and member_stats.finite and rel < COLLAPSE_FIT and refits < num_members:
-            refits += 1
-            log(
-                f"member {index + 1}: lr {lr:.4g} collapsed it (keeps {rel:.1%} of θ*'s "
-                "fit); refitting at a smaller step size"
-            )
-            lr *= 0.7
-            continue
-        if not member_stats.finite:
-            retries += 1
-            warnings.warn(
-                f"GE member {index} diverged (non-finite loss or weights) at "
-                f"learning_rate={lr:.4g}; it was dropped and retried at a quarter "
-                "of the step size.",
-                stacklevel=3,
-            )
-            if retries > 6:
-                raise RuntimeError(
-                    "Fine-tuning diverged repeatedly; the model's loss may be "
-                    "non-finite on the training data. Pass a smaller `learning_rate`."
-                )
-            lr /= 4.0
+        retry_lr = gate.reject(member_stats, rel, lr, index, "it")
+        if retry_lr is not None:
+            lr = retry_lr
             continue
         members.append(weights)
         stats.append(member_stats)
@@ -867,12 +932,7 @@ def collect_members(
         log(f"member {index + 1}/{num_members}: lr {lr:.4g}, loss {member_stats.loss:.4f}{fit}")
         if adaptive:
             lr = _next_learning_rate(lr, rel)
-    if refits >= num_members:
-        warnings.warn(
-            f"{refits} GE members collapsed and were refitted; the step size could not be "
-            "held in the useful window. Scores may be unreliable; see `report.summary()`.",
-            stacklevel=3,
-        )
+    gate.finish()
     return CollectionResult(
         reference,
         members,
@@ -920,17 +980,8 @@ def _collect_per_replica(
     same checks as any other member.
     """
     start = time.perf_counter()
-    n = source.count_examples()
-    batch_size = min(batch_size, n)
-    if seed is None and store is not None and store.seed is not None:
-        seed = store.seed
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**31))
-    if store is not None and store.seed is None:
-        store.set_seed(seed)
-    eval_count = max(1, min(n, _EVAL_EXAMPLES) // batch_size)
-    eval_stream = source.shuffled(batch_size, stream_seed(seed, "eval")).take(eval_count)
-    eval_batches = [batch for batch in eval_stream]
+    batch_size, seed, eval_batches = _collection_setup(source, batch_size, seed, store)
+    log = _logger(verbose)
     tuner = ReplicaFineTuner(
         model, loss, momentum, strategy, synchronized=False, global_batch_size=batch_size
     )
@@ -941,24 +992,13 @@ def _collect_per_replica(
             lambda r: source.shuffled(batch_size, stream_seed(seed, keys[r]))
         )
 
-    def log(msg):
-        if verbose:
-            print(f"[keras_gex] {msg}", flush=True)
-
     theta_star = tuner.snapshots()[0]
     tuner.load(theta_star)
     tuner.refresh_batchnorm(streams(["reference"] * replicas), bn_batches)
     reference = tuner.snapshots()[0]
     ref_loss, ref_fit = tuner.evaluate(eval_batches)[0]
     ref_stats = MemberStats(0.0, float("nan"), ref_fit, ref_loss)
-    if ref_fit is not None and ref_fit < 0.95:
-        warnings.warn(
-            f"The trained model predicts only {ref_fit:.1%} of its training labels. GEX "
-            "self-influence assumes a model that fits (memorises) its training set; on "
-            "one that does not, it can rank mislabeled examples below chance. Train "
-            "longer, or also look at the loss of θ* (`report.reference_losses`).",
-            stacklevel=4,
-        )
+    _warn_unless_memorised(ref_fit, stacklevel=4)
 
     def run_round(lr: float, first: int) -> list:
         """Members `first .. first+R-1` from θ* at `lr`: `[(weights, stats)]`."""
@@ -977,42 +1017,22 @@ def _collect_per_replica(
             out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite)))
         return out
 
-    members, stats, calibration = [], [], []
     pending = None  # an accepted calibration round, taken as the first round
-    saved_members = store.saved_members() if store is not None else []
-    if saved_members:
-        for weights, saved in saved_members[:num_members]:
-            members.append(weights)
-            stats.append(MemberStats(**saved))
-        log(f"resumed {len(members)} member(s) from {store.directory}")
-    if store is not None and store.calibrated:
-        lr = store.manifest["calibrated_learning_rate"]
-        calibration = list(store.manifest["calibration"])
-        if stats:
-            lr = stats[-1].learning_rate
-    elif learning_rate == "auto":
-        if not loss.is_classification:
-            warnings.warn(
-                f"learning_rate='auto' calibrates on classification fit; the loss "
-                f"{loss.name!r} is not a recognised classification loss, so the "
-                f"fixed step size {_INITIAL_LR} is used. Check `report.summary()` "
-                "and pass `learning_rate=` if members did not move.",
-                stacklevel=4,
-            )
-            lr = _INITIAL_LR
-        else:
-            probe = {}
+    members, stats, calibration, lr = _resume(store, num_members, log)
+    # `lr` is set when a resumed store was calibrated before the interruption.
+    if lr is None and learning_rate == "auto" and not loss.is_classification:
+        lr = _fallback_learning_rate(loss, stacklevel=4)
+    elif lr is None and learning_rate == "auto":
+        probe = {}
 
-            def run_probe(start_weights, probe_lr, index):
-                probe["round"] = run_round(probe_lr, index)
-                return probe["round"][0]
+        def run_probe(start_weights, probe_lr, index):
+            probe["round"] = run_round(probe_lr, index)
+            return probe["round"][0]
 
-            lr, accepted = _calibrate(
-                run_probe, theta_star, ref_stats, calibration, max_probes, log
-            )
-            if accepted:
-                pending = probe["round"]
-    else:
+        lr, accepted = _calibrate(run_probe, theta_star, ref_stats, calibration, max_probes, log)
+        if accepted:
+            pending = probe["round"]
+    elif lr is None:
         lr = float(learning_rate)
     if store is not None and not store.calibrated:
         store.save_calibration(lr, calibration)
@@ -1020,8 +1040,7 @@ def _collect_per_replica(
     adaptive = learning_rate == "auto" and loss.is_classification
     if stats and adaptive:  # resumed: replay the controller's last decision
         lr = _next_learning_rate(stats[-1].learning_rate, _relative_fit(stats[-1], ref_stats))
-    retries = 0
-    refits = 0
+    gate = _MemberGate(adaptive, num_members, stacklevel=4, log=log)
     rounds = 0
     while len(members) < num_members:
         first = len(members)
@@ -1033,30 +1052,9 @@ def _collect_per_replica(
             if index >= num_members:
                 break
             rel = _relative_fit(member_stats, ref_stats)
-            if adaptive and member_stats.finite and rel < COLLAPSE_FIT and refits < num_members:
-                refits += 1
-                log(
-                    f"member {index + 1}: lr {lr:.4g} collapsed it (keeps {rel:.1%} of θ*'s "
-                    "fit); refitting it and the rest of its round at a smaller step size"
-                )
-                lr *= 0.7
-                failed = True
-                break
-            if not member_stats.finite:
-                retries += 1
-                warnings.warn(
-                    f"GE member {index} diverged (non-finite loss or weights) at "
-                    f"learning_rate={lr:.4g}; it was dropped and retried at a quarter "
-                    "of the step size.",
-                    stacklevel=4,
-                )
-                if retries > 6:
-                    raise RuntimeError(
-                        "Fine-tuning diverged repeatedly; the model's loss may be "
-                        "non-finite on the training data. Pass a smaller `learning_rate`."
-                    )
-                lr /= 4.0
-                failed = True
+            retry_lr = gate.reject(member_stats, rel, lr, index, "it and the rest of its round")
+            if retry_lr is not None:
+                lr, failed = retry_lr, True
                 break
             members.append(weights)
             stats.append(member_stats)
@@ -1070,12 +1068,7 @@ def _collect_per_replica(
             )
         if adaptive and fits and not failed:
             lr = _next_learning_rate(lr, float(np.mean(fits)))
-    if refits >= num_members:
-        warnings.warn(
-            f"{refits} GE members collapsed and were refitted; the step size could not be "
-            "held in the useful window. Scores may be unreliable; see `report.summary()`.",
-            stacklevel=4,
-        )
+    gate.finish()
     log(f"{len(members)} members in {rounds} round(s) of {replicas} replica(s)")
     return CollectionResult(
         reference,
