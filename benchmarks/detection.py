@@ -46,6 +46,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import _models
 import numpy as np
 
 NOISE = 0.1
@@ -71,51 +72,11 @@ FIELDS = (
 
 
 def _mlp():
-    import keras
-
-    model = keras.Sequential(
-        [
-            keras.Input((64,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ],
-        name="mlp",
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
+    return _models.compiled(_models.mlp())
 
 
 def _bn_cnn():
-    import keras
-
-    def block(filters):
-        return [
-            keras.layers.Conv2D(filters, 3, padding="same"),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-        ]
-
-    model = keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            *block(32),
-            *block(64),
-            keras.layers.MaxPooling2D(),
-            *block(64),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(10),
-        ],
-        name="bn_cnn",
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
+    return _models.compiled(_models.digits_bn_cnn())
 
 
 #: name -> (model_fn, image inputs, training epochs)

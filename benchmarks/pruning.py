@@ -35,6 +35,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import _models
+
 _SHARED_TFDS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "tfds"
 if "TFDS_DATA_DIR" not in os.environ and _SHARED_TFDS.is_dir():
     os.environ["TFDS_DATA_DIR"] = str(_SHARED_TFDS)
@@ -49,18 +52,7 @@ def _mlp(input_dim, classes, seed):
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((input_dim,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(classes),
-        ]
-    )
-    model.compile(
-        keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    return model
+    return _models.compiled(_models.mlp(input_dim, classes, name="sequential"))
 
 
 def _cnn(seed):

@@ -70,6 +70,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import _models
 import numpy as np
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -102,56 +103,12 @@ FIELDS = (
 
 
 # -- models ----------------------------------------------------------------------------
-def _compile(model, sigmoid: bool):
-    import keras
-
-    loss = (
-        keras.losses.BinaryCrossentropy(from_logits=True)
-        if sigmoid
-        else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
-    return model
-
-
 def _mlp(sigmoid=False):
-    import keras
-
-    model = keras.Sequential(
-        [
-            keras.Input((64,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ],
-        name="mlp",
-    )
-    return _compile(model, sigmoid)
+    return _models.compiled(_models.mlp(), sigmoid)
 
 
 def _digits_cnn(sigmoid=False):
-    import keras
-
-    def block(filters):
-        return [
-            keras.layers.Conv2D(filters, 3, padding="same"),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-        ]
-
-    model = keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            *block(32),
-            *block(64),
-            keras.layers.MaxPooling2D(),
-            *block(64),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(10),
-        ],
-        name="bn_cnn",
-    )
-    return _compile(model, sigmoid)
+    return _models.compiled(_models.digits_bn_cnn(), sigmoid)
 
 
 def _fashion_cnn(sigmoid=False):
@@ -172,7 +129,7 @@ def _fashion_cnn(sigmoid=False):
         ],
         name="fashion_cnn",
     )
-    return _compile(model, sigmoid)
+    return _models.compiled(model, sigmoid)
 
 
 # -- data ------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import _models
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -147,18 +148,7 @@ def _compile(model):
 
 
 def _mlp():
-    import keras
-
-    return _compile(
-        keras.Sequential(
-            [
-                keras.Input((64,)),
-                keras.layers.Dense(256, activation="relu"),
-                keras.layers.Dense(256, activation="relu"),
-                keras.layers.Dense(10),
-            ]
-        )
-    )
+    return _compile(_models.mlp(name="sequential"))
 
 
 def _cnn():

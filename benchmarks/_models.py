@@ -1,0 +1,60 @@
+"""Models the benchmarks share, so a table's "digits MLP" is the same network everywhere.
+
+Imported by the benchmark scripts (run as `python benchmarks/NAME.py`, which puts this
+folder on `sys.path`).
+"""
+
+from __future__ import annotations
+
+
+def compiled(model, sigmoid: bool = False):
+    """`model` compiled with Adam 1e-3 and from-logits (sparse / binary) cross-entropy."""
+    import keras
+
+    loss = (
+        keras.losses.BinaryCrossentropy(from_logits=True)
+        if sigmoid
+        else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    return model
+
+
+def mlp(input_dim: int = 64, classes: int = 10, name: str = "mlp"):
+    """The digits MLP: input-256-256-classes, ReLU, logits out (uncompiled)."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input((input_dim,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(classes),
+        ],
+        name=name,
+    )
+
+
+def digits_bn_cnn():
+    """BN-CNN on 8×8×1 digits: (Conv-BN-ReLU)×2, MaxPool, Conv-BN-ReLU, GAP, Dense10."""
+    import keras
+
+    def block(filters):
+        return [
+            keras.layers.Conv2D(filters, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+        ]
+
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            *block(32),
+            *block(64),
+            keras.layers.MaxPooling2D(),
+            *block(64),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ],
+        name="bn_cnn",
+    )
