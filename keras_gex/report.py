@@ -141,11 +141,10 @@ class NoisyLabelReport:
             self._ensemble_probs = probs
         return self._ensemble_probs
 
-    def _relabel_probs(self, source: str) -> np.ndarray:
+    def _uses_ensemble(self, source: str) -> bool:
+        """Whether `source` ("auto", "ensemble" or "model") picks the members' probabilities."""
         _validation.one_of("source", source, ("auto", "ensemble", "model"))
-        if source == "ensemble" or (source == "auto" and self._has_ensemble_probs()):
-            return self.ensemble_probs()
-        return self.pred_probs()
+        return source == "ensemble" or (source == "auto" and self._has_ensemble_probs())
 
     def _has_ensemble_probs(self) -> bool:
         return self._ensemble_probs is not None or self._ensemble_probs_fn is not None
@@ -169,18 +168,18 @@ class NoisyLabelReport:
         Returns:
             `(N, K)` float64 targets; unflagged rows keep their one-hot label.
         """
+        from_members = self._uses_ensemble(source)
         if self.loss_kind == "binary_crossentropy":
-            probs = self._relabel_probs(source)
+            probs = self.ensemble_probs() if from_members else self.pred_probs()
             return distillation_targets(self.labels, probs, self.noisy_mask)
         if self.loss_kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
-            _validation.one_of("source", source, ("auto", "ensemble", "model"))
-            if source == "model" or (source == "auto" and not self._has_ensemble_probs()):
-                if self.predictions is None:
-                    raise ValueError("This report holds no predictions to relabel with.")
-                return relabel(
-                    self.labels, self.predictions, self.noisy_mask, from_logits=self.from_logits
-                )
-            return relabel(self.labels, self.ensemble_probs(), self.noisy_mask)
+            if from_members:
+                return relabel(self.labels, self.ensemble_probs(), self.noisy_mask)
+            if self.predictions is None:
+                raise ValueError("This report holds no predictions to relabel with.")
+            return relabel(
+                self.labels, self.predictions, self.noisy_mask, from_logits=self.from_logits
+            )
         raise ValueError(
             f"Relabeling needs a classification loss; this model's loss kind is "
             f"{self.loss_kind!r}. Drop the flagged rows instead "
@@ -194,7 +193,7 @@ class NoisyLabelReport:
         Uses `ensemble_probs` when available, else θ*'s predictions.
         """
         given = self.given_labels()
-        probs = (self.ensemble_probs() if self._has_ensemble_probs() else self.pred_probs()).copy()
+        probs = (self.ensemble_probs() if self._uses_ensemble("auto") else self.pred_probs()).copy()
         if probs.ndim != 2 or probs.shape[1] < 2:
             raise ValueError("Suggested labels need (N, K) class probabilities.")
         out = given.astype(np.int64).copy()
