@@ -1140,11 +1140,20 @@ def _calibrate(run_member, theta_star, ref_stats, record, max_probes, log):
             lr = lr * _LR_FACTOR
         else:
             lr = lr / _LR_FACTOR
+    hint = ""
+    kept_all = [r["relative_fit"] for r in record if r["relative_fit"] > high]
+    if too_small is not None and too_large is not None and min(kept_all) >= 0.99:
+        hint = (
+            f" Members kept more than {high:.0%} of the fit up to learning_rate="
+            f"{too_small:.4g} and collapsed from {too_large:.4g}: typical of training "
+            "labels with few or no errors (nothing needs forgetting), where noisy-label "
+            "scores matter little; for pruning or explanations this is harmless."
+        )
     warnings.warn(
         f"Step-size calibration found no learning rate whose members keep "
         f"{low:.0%}-{high:.0%} of θ*'s training fit in {max_probes} probes; "
         f"using the closest, learning_rate={best[0]:.4g} (fit {best[1]:.1%}). "
-        "Scores may be unreliable; see `report.summary()`.",
+        f"Scores may be unreliable; see `report.summary()`.{hint}",
         stacklevel=4,
     )
     return best[0], accepted

@@ -62,10 +62,21 @@ def test_no_step_size_in_window_warns_and_takes_the_closest():
     def fit(lr):  # a cliff: from the basin straight to collapse
         return 1.0 if lr < 0.2 else 0.1
 
-    with pytest.warns(UserWarning, match="found no learning rate"):
+    with pytest.warns(UserWarning, match="found no learning rate") as caught:
         lr, accepted, record, _ = _calibrate_fake(fit, max_probes=4)
     assert accepted == [] and len(record) == 4
     assert lr < 0.2  # fit 1.0 is closer to the target than a collapse
+    # Fit 100% right up to a collapse is what clean labels look like: say so.
+    assert "few or no errors" in str(caught[0].message)
+
+
+def test_no_clean_label_hint_when_members_did_forget_something():
+    def fit(lr):  # forgets some labels, then a cliff past the window
+        return 0.95 if lr < 0.2 else 0.1
+
+    with pytest.warns(UserWarning, match="found no learning rate") as caught:
+        _calibrate_fake(fit, max_probes=4)
+    assert "few or no errors" not in str(caught[0].message)
 
 
 def test_controller_moves_only_outside_the_window():
