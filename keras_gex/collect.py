@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import distribute
-from keras_gex.data import DataSource
+from keras_gex.data import ArrayStream, DataSource
 from keras_gex.losses import PerExampleLoss
 from keras_gex.weights import WeightSet
 
@@ -137,6 +137,7 @@ class FineTuner:
             (ids[id(layer.moving_mean)], ids[id(layer.moving_variance)]) for layer in self._bn
         ]
         self._step_fn = None
+        self._indexed_fn = None
         self._stats_fn = None
         self._eval_fn = None
 
@@ -197,16 +198,45 @@ class FineTuner:
             values = values.write(t, tf.cast(self._step(x, y, lr), tf.float32))
         return values.stack()
 
+    def _train_indexed(self, x_all, y_all, indices, learning_rate):
+        """`_train_loop` for an `ArrayStream`: batch `t` is `x_all[indices[t]]`."""
+        steps = tf.shape(indices)[0]
+        steps_f = tf.cast(steps, tf.float32)
+        values = tf.TensorArray(tf.float32, size=steps)
+        for t in tf.range(steps):
+            rows = indices[t]
+            x, y = tf.gather(x_all, rows), tf.gather(y_all, rows)
+            progress = tf.cast(t, tf.float32) / steps_f
+            lr = learning_rate * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            values = values.write(t, tf.cast(self._step(x, y, lr), tf.float32))
+        return values.stack()
+
     def train(self, iterator, steps: int, learning_rate: float) -> tuple[float, bool]:
         """Runs `steps` SGD steps with cosine decay; returns (late loss, finite).
 
-        The late loss is the mean objective over the last 10% of steps.
+        `iterator` is a `tf.data` iterator or an `ArrayStream` (arrays: the
+        loop gathers batches itself, no pipeline per member). The late loss is
+        the mean objective over the last 10% of steps.
         """
-        if self._step_fn is None:
-            self._step_fn = tf.function(self._train_loop)
-        values = self._step_fn(
-            iterator, tf.constant(steps, tf.int32), tf.constant(learning_rate, tf.float32)
-        ).numpy()
+        lr = tf.constant(learning_rate, tf.float32)
+        if isinstance(iterator, ArrayStream):
+            if self._indexed_fn is None:  # one trace for any N, steps and batch size
+                free = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
+                self._indexed_fn = tf.function(
+                    self._train_indexed,
+                    input_signature=[
+                        free(iterator.x),
+                        free(iterator.y),
+                        tf.TensorSpec([None, None], tf.int64),
+                        tf.TensorSpec([], tf.float32),
+                    ],
+                )
+            indices = tf.constant(iterator.take_indices(steps))
+            values = self._indexed_fn(iterator.x, iterator.y, indices, lr).numpy()
+        else:
+            if self._step_fn is None:
+                self._step_fn = tf.function(self._train_loop)
+            values = self._step_fn(iterator, tf.constant(steps, tf.int32), lr).numpy()
         if not np.all(np.isfinite(values)):
             return float("nan"), False
         tail = max(1, steps // 10)
@@ -850,6 +880,8 @@ def collect_members(
     if strategy is None:
 
         def stream(index):
+            if source.has_arrays:
+                return source.array_stream(batch_size, stream_seed(seed, index))
             return iter(source.shuffled(batch_size, stream_seed(seed, index)))
 
         tuner = FineTuner(model, loss, momentum)

@@ -147,6 +147,11 @@ class DataSource:
                 "`reshuffle_each_iteration=False`."
             )
 
+    @property
+    def has_arrays(self) -> bool:
+        """Whether the source holds `(x, y)` arrays (rather than a dataset)."""
+        return self._arrays is not None
+
     # -- views ------------------------------------------------------------------
     def ordered(self) -> tf.data.Dataset:
         """Every example once, in order, batched."""
@@ -187,6 +192,19 @@ class DataSource:
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
+    def array_stream(self, batch_size: int, seed: int) -> ArrayStream:
+        """The batches of `shuffled(batch_size, seed)`, drawn by index (arrays only).
+
+        Same examples in the same order as the `tf.data` stream, without
+        building a pipeline per member: the fine-tuning loop gathers each
+        batch from the arrays itself.
+        """
+        if self._arrays is None:
+            raise ValueError("`array_stream` needs array inputs; use `shuffled` for datasets.")
+        if getattr(self, "_tensors", None) is None:
+            self._tensors = tuple(tf.constant(a) for a in self._arrays)
+        return ArrayStream(*self._tensors, batch_size=batch_size, seed=seed)
+
     def count_examples(self) -> int:
         """Number of examples (one pass over a dataset's labels, cached)."""
         if self.num_examples is None:
@@ -223,3 +241,52 @@ class DataSource:
         for batch in self.ordered().take(1):
             return batch
         raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
+
+
+class ArrayStream:
+    """Endless shuffled mini-batches of `(x, y)` tensors, drawn by index.
+
+    Yields exactly the batches of `DataSource.shuffled(batch_size, seed)` for
+    arrays: epoch `e` is `stateless_shuffle(range(n), seed=(seed, e))`, epochs
+    are concatenated and cut into batches of `batch_size` (a batch may span
+    two epochs). `take_indices(k)` hands the next `k` batches' row indices to
+    a compiled loop; `next(stream)` gathers one batch eagerly.
+
+    Args:
+        x: Input tensor `(N, ...)`.
+        y: Label tensor `(N, ...)`.
+        batch_size: Examples per batch.
+        seed: Seed of the permutations.
+    """
+
+    def __init__(self, x, y, *, batch_size: int, seed: int):
+        self.x, self.y = x, y
+        self.num_examples = int(x.shape[0])
+        self.batch_size = int(batch_size)
+        self._seed = int(seed) % (2**31)
+        self._epoch = 0
+        self._pending = np.empty(0, np.int64)
+
+    def take_indices(self, num_batches: int) -> np.ndarray:
+        """`(num_batches, batch_size)` int64 row indices of the next batches."""
+        need = num_batches * self.batch_size
+        chunks = [self._pending]
+        have = len(self._pending)
+        while have < need:
+            perm = tf.random.experimental.stateless_shuffle(
+                tf.range(self.num_examples, dtype=tf.int64),
+                seed=tf.constant([self._seed, self._epoch], tf.int64),
+            ).numpy()
+            chunks.append(perm)
+            have += len(perm)
+            self._epoch += 1
+        flat = np.concatenate(chunks)
+        self._pending = flat[need:]
+        return flat[:need].reshape(num_batches, self.batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        idx = tf.constant(self.take_indices(1)[0])
+        return tf.gather(self.x, idx), tf.gather(self.y, idx)

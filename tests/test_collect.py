@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import make_bn_model, make_mlp
 from sklearn.metrics import roc_auc_score
 
@@ -137,3 +138,42 @@ def test_warns_when_theta_star_has_not_memorised(digits):
             )
     report = keras_gex.detect_noisy((x, y), ens, verbose=0)
     assert any("has not memorised" in w for w in report.diagnostics())
+
+
+def test_array_stream_yields_the_batches_of_the_tf_data_stream(digits):
+    """Arrays are fine-tuned from index-drawn batches; they must be the very
+    batches `DataSource.shuffled` gives (members depend only on seed and index)."""
+    from keras_gex.data import DataSource
+
+    source = DataSource((digits.x_train[:300], digits.y_train[:300]))
+    stream = source.array_stream(128, seed=5)
+    expected = list(source.shuffled(128, 5).take(9))  # 9 × 128 rows span 4 epochs of 300
+    got = [next(stream) for _ in range(3)]
+    rows = stream.take_indices(6)
+    got += [(source._arrays[0][r], source._arrays[1][r]) for r in rows]
+    for (gx, gy), (ex, ey) in zip(got, expected):
+        np.testing.assert_array_equal(np.asarray(gx), ex.numpy())
+        np.testing.assert_array_equal(np.asarray(gy), ey.numpy())
+    with pytest.raises(ValueError, match="array inputs"):
+        DataSource(
+            tf.data.Dataset.from_tensor_slices((digits.x_train, digits.y_train)).batch(8)
+        ).array_stream(8, 0)
+
+
+def test_fine_tuning_from_array_stream_equals_tf_data_stream(trained_mlp, digits):
+    from keras_gex.data import DataSource
+
+    source = DataSource((digits.x_train, digits.y_train))
+    tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp))
+    theta = tuner.snapshot()
+    results = []
+    for stream in (iter(source.shuffled(64, 3)), source.array_stream(64, 3)):
+        tuner.load(theta)
+        loss, _ = tuner.train(stream, 30, 0.05)
+        results.append((loss, tuner.snapshot()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1].trainable, results[1][1].trainable):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    for steps in (5, 7):  # one trace across members, streams and lengths
+        tuner.train(source.array_stream(64, steps), steps, 0.01)
+    assert tuner._indexed_fn.experimental_get_tracing_count() == 1
