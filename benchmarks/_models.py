@@ -20,15 +20,15 @@ def compiled(model, sigmoid: bool = False):
     return model
 
 
-def mlp(input_dim: int = 64, classes: int = 10, name: str = "mlp"):
-    """The digits MLP: input-256-256-classes, ReLU, logits out (uncompiled)."""
+def mlp(input_dim: int = 64, classes: int = 10, name: str = "mlp", width: int = 256):
+    """The digits MLP: input-width-width-classes, ReLU, logits out (uncompiled)."""
     import keras
 
     return keras.Sequential(
         [
             keras.Input((input_dim,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(width, activation="relu"),
             keras.layers.Dense(classes),
         ],
         name=name,

@@ -45,6 +45,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import _models
+
 FEATURES = 64
 CLASSES = 10
 HIDDEN = 512
@@ -116,15 +118,7 @@ def _score_job(strategy, n: int) -> dict:
     from keras_gex.weights import WeightSet
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((FEATURES,)),
-            keras.layers.Dense(HIDDEN, activation="relu"),
-            keras.layers.Dense(HIDDEN, activation="relu"),
-            keras.layers.Dense(CLASSES),
-        ]
-    )
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = _models.compiled(_models.mlp(FEATURES, CLASSES, "sequential", width=HIDDEN))
     reference = WeightSet.from_model(model)
     rng = np.random.default_rng(0)
     members = [
@@ -177,19 +171,7 @@ def _collect_job(strategy, mode: str, weights_path: str) -> dict:
 
 def _digits_model(keras):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((64,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
+    return _models.compiled(_models.mlp(name="sequential"))
 
 
 def _prepare(weights_path: str) -> dict:

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+import _models
+
 FEATURES = 32
 CLASSES = 10
 BATCH = 1024
@@ -41,15 +43,7 @@ def _worker(n: int, m: int) -> dict:
     from keras_gex.weights import WeightSet
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((FEATURES,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(CLASSES),
-        ]
-    )
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = _models.compiled(_models.mlp(FEATURES, CLASSES, "sequential"))
     reference = WeightSet.from_model(model)
     rng = np.random.default_rng(0)
     members = [

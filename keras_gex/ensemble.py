@@ -24,7 +24,7 @@ from keras_gex.collect import (
 )
 from keras_gex.data import DEFAULT_BATCH_SIZE, DataSource, reshuffles_each_iteration
 from keras_gex.losses import PerExampleLoss, resolve_loss
-from keras_gex.scoring import ScoredLosses, Scorer
+from keras_gex.scoring import ScoredLosses, Scorer, _signature
 from keras_gex.version import __version__
 from keras_gex.weights import WeightSet
 
@@ -93,6 +93,7 @@ class GeometricEnsemble:
         self.info = dict(info or {})
         self._scorer = None
         self._distributed_scorers = {}
+        self._predict_fns = {}
 
     @property
     def num_members(self) -> int:
@@ -553,7 +554,7 @@ class GeometricEnsemble:
     def _predict_fn(self, spec):
         """Compiled mean-of-members probabilities for an input spec (traced once)."""
         key = str(spec)
-        cache = self.__dict__.setdefault("_predict_fns", {})
+        cache = self._predict_fns
         if key in cache:
             return cache[key]
         scorer = self._get_scorer()
@@ -570,10 +571,7 @@ class GeometricEnsemble:
                 total += activation(out) if activation is not None else out
             return total / len(members)
 
-        relaxed = tf.nest.map_structure(
-            lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec
-        )
-        cache[key] = tf.function(mean_probs, input_signature=[relaxed])
+        cache[key] = tf.function(mean_probs, input_signature=[_signature(spec)])
         return cache[key]
 
     def fingerprint(self) -> str:
