@@ -104,6 +104,7 @@ class CollectionArgs:
     chain: bool
     bn_batches: int
     verbose: int
+    jit_compile: bool | str = "auto"
 
 
 def collection_args(
@@ -117,6 +118,7 @@ def collection_args(
     chain,
     bn_batches,
     verbose,
+    jit_compile="auto",
 ) -> CollectionArgs:
     """Validated, normalised arguments of a GE collection (`GEXCollector`, `collect`).
 
@@ -132,6 +134,11 @@ def collection_args(
         )
     if not isinstance(chain, bool):
         raise ValueError(f"Argument `chain` must be a bool. Received: chain={chain!r}")
+    if not (isinstance(jit_compile, bool) or jit_compile == "auto"):
+        raise ValueError(
+            'Argument `jit_compile` must be True, False or "auto". '
+            f"Received: jit_compile={jit_compile!r}"
+        )
     return CollectionArgs(
         num_members=positive_int("num_members", num_members),
         steps=positive_int("steps", steps),
@@ -142,6 +149,7 @@ def collection_args(
         chain=chain,
         bn_batches=non_negative_int("bn_batches", bn_batches),
         verbose=verbose_level(verbose),
+        jit_compile=jit_compile,
     )
 
 

@@ -47,6 +47,9 @@ class GEXCollector(keras.callbacks.Callback):
             any. Defaults to `None`.
         per_replica_members: Fine-tune one member per replica, without
             gradient synchronisation (needs a strategy). Defaults to `False`.
+        jit_compile: Compile the fine-tuning loop with XLA (arrays, one
+            device); `"auto"`: for models without convolution or pooling
+            layers. Defaults to `"auto"`.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class GEXCollector(keras.callbacks.Callback):
         verbose="auto",
         strategy=None,
         per_replica_members: bool = False,
+        jit_compile="auto",
     ):
         super().__init__()
         if train_data is None:
@@ -83,6 +87,7 @@ class GEXCollector(keras.callbacks.Callback):
             chain=chain,
             bn_batches=bn_batches,
             verbose=verbose,
+            jit_compile=jit_compile,
         )
         self.num_members = args.num_members
         self.steps = args.steps
@@ -93,6 +98,7 @@ class GEXCollector(keras.callbacks.Callback):
         self.chain = args.chain
         self.bn_batches = args.bn_batches
         self.verbose = args.verbose
+        self.jit_compile = args.jit_compile
         self.loss = loss
         self.directory = directory
         if strategy is not None:
@@ -124,4 +130,5 @@ class GEXCollector(keras.callbacks.Callback):
             verbose=self.verbose,
             strategy=self.strategy,
             per_replica_members=self.per_replica_members,
+            jit_compile=self.jit_compile,
         )

@@ -21,6 +21,7 @@ from keras_gex.collect import (
     FIT_WINDOW,
     CollectionResult,
     collect_members,
+    resolve_jit_compile,
 )
 from keras_gex.data import DEFAULT_BATCH_SIZE, DataSource, reshuffles_each_iteration
 from keras_gex.losses import PerExampleLoss, resolve_loss
@@ -119,6 +120,7 @@ class GeometricEnsemble:
         verbose="auto",
         strategy=None,
         per_replica_members: bool = False,
+        jit_compile="auto",
     ) -> GeometricEnsemble:
         """Fine-tunes `num_members` copies of the trained `model` (post hoc GEX).
 
@@ -158,6 +160,13 @@ class GeometricEnsemble:
                 each member equals the sequential member of the same index;
                 with `"auto"` the members of a round share one step size.
                 Defaults to `False`.
+            jit_compile: Compile the fine-tuning loop with XLA when the data
+                are arrays and no strategy is used. `"auto"` does so for
+                models without convolution or pooling layers (on CPU XLA sped
+                up an MLP's fine-tuning about 1.5x and slowed small CNNs down
+                7-10x). If XLA cannot compile the model, the members are
+                fine-tuned without it and a warning says so. The flag used is
+                recorded in `info["jit_compile"]`. Defaults to `"auto"`.
 
         Returns:
             A `GeometricEnsemble`.
@@ -173,6 +182,7 @@ class GeometricEnsemble:
             chain=chain,
             bn_batches=bn_batches,
             verbose=verbose,
+            jit_compile=jit_compile,
         )
         num_members, steps, learning_rate = args.num_members, args.steps, args.learning_rate
         batch_size, momentum, seed = args.batch_size, args.momentum, args.seed
@@ -216,6 +226,7 @@ class GeometricEnsemble:
             store=store,
             strategy=strategy,
             per_replica_members=per_replica_members,
+            jit_compile=resolve_jit_compile(args.jit_compile, model) and strategy is None,
         )
         info = {
             "num_members": num_members,
@@ -233,6 +244,7 @@ class GeometricEnsemble:
             "bn_batches": bn_batches,
             "loss": per_example.name,
             "calibration": result.calibration,
+            "jit_compile": result.jit_compile,
             "reference_stats": dataclasses.asdict(result.reference_stats),
             "member_stats": [dataclasses.asdict(s) for s in result.member_stats],
             "fit_window": FIT_WINDOW,

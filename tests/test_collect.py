@@ -4,9 +4,10 @@ import pytest
 import tensorflow as tf
 from conftest import make_bn_model, make_mlp
 from sklearn.metrics import roc_auc_score
+from tolerances import XLA_WEIGHTS_ATOL
 
 import keras_gex
-from keras_gex.collect import FIT_WINDOW, FineTuner
+from keras_gex.collect import FIT_WINDOW, FineTuner, resolve_jit_compile
 from keras_gex.losses import resolve_loss
 
 
@@ -177,3 +178,82 @@ def test_fine_tuning_from_array_stream_equals_tf_data_stream(trained_mlp, digits
     for steps in (5, 7):  # one trace across members, streams and lengths
         tuner.train(source.array_stream(64, steps), steps, 0.01)
     assert tuner._indexed_fn.experimental_get_tracing_count() == 1
+
+
+def test_jit_compile_auto_means_xla_for_models_without_convolutions(trained_mlp):
+    assert resolve_jit_compile("auto", trained_mlp) is True
+    conv = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten()]
+    )
+    assert resolve_jit_compile("auto", conv) is False
+    assert resolve_jit_compile("auto", make_bn_model()) is True  # Dense + BatchNorm
+    pooled = keras.Sequential(
+        [keras.Input((8, 2)), keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)]
+    )
+    assert resolve_jit_compile("auto", pooled) is False
+    assert resolve_jit_compile(False, trained_mlp) is False
+    assert resolve_jit_compile(True, conv) is True
+
+
+def test_xla_fine_tuning_equals_plain_fine_tuning(trained_mlp, digits):
+    """Two routes, one SGD: the XLA loop and the plain loop give the same member."""
+    from keras_gex.data import DataSource
+
+    source = DataSource((digits.x_train, digits.y_train))
+    results = []
+    for jit in (False, True):
+        tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp), jit_compile=jit)
+        loss, finite = tuner.train(source.array_stream(64, 3), 30, 0.05)
+        assert finite
+        results.append((loss, tuner.snapshot()))
+        for steps in (5, 7):  # still one trace (and one XLA program per shape)
+            tuner.train(source.array_stream(64, steps), steps, 0.01)
+        assert tuner._indexed_fn.experimental_get_tracing_count() == 1
+        assert tuner.xla_error is None and tuner.jit_compile is jit
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
+    for a, b in zip(results[0][1].trainable, results[1][1].trainable):
+        np.testing.assert_allclose(a, b, rtol=0, atol=XLA_WEIGHTS_ATOL)
+
+
+def test_collect_records_xla_and_the_option_is_validated(digits):
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model = make_mlp(seed=2, hidden=32)
+    model.fit(x, y, epochs=3, verbose=0)
+    kwargs = dict(num_members=1, steps=5, learning_rate=0.05, seed=0, verbose=0)
+    ens = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    assert ens.info["jit_compile"] is True  # "auto" on a dense model with arrays
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    ens = keras_gex.GeometricEnsemble.collect(model, dataset, **kwargs)
+    assert ens.info["jit_compile"] is False  # a tf.data stream is never compiled with XLA
+    with pytest.raises(ValueError, match="jit_compile"):
+        keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile="yes", **kwargs)
+    with pytest.raises(ValueError, match="jit_compile"):
+        keras_gex.GEXCollector((x, y), jit_compile=1)
+
+
+def test_model_that_xla_cannot_compile_falls_back_with_a_warning(digits):
+    """A layer calling back into Python cannot be compiled by XLA: collection
+    warns, restores the tuner's state and fine-tunes without XLA."""
+
+    class NumpyTanh(keras.layers.Layer):
+        def call(self, x):
+            out = tf.numpy_function(np.tanh, [x], tf.float32)
+            return tf.ensure_shape(out, x.shape)
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((64,)), NumpyTanh(), keras.layers.Dense(16, "relu"), keras.layers.Dense(10)]
+    )
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model.fit(x, y, epochs=2, verbose=0)
+    kwargs = dict(num_members=2, steps=5, learning_rate=0.05, seed=0, verbose=0)
+    with pytest.warns(UserWarning, match="XLA could not compile"):
+        fallback = keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile=True, **kwargs)
+    plain = keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile=False, **kwargs)
+    assert fallback.info["jit_compile"] is False
+    for ma, mb in zip(fallback.members, plain.members):
+        for wa, wb in zip(ma.trainable, mb.trainable):
+            np.testing.assert_array_equal(wa, wb)

@@ -17,3 +17,5 @@ DIST_SCORE_ATOL = 1e-5
 DATA_PARALLEL_ATOL = 1e-5
 #: One-member-per-replica members vs sequential ones: the same computation.
 PER_REPLICA_ATOL = 1e-6
+#: Fine-tuning compiled with XLA vs without: the same SGD, fused float32 arithmetic.
+XLA_WEIGHTS_ATOL = 1e-5
