@@ -41,7 +41,12 @@ Sections (tables printed in this order):
     (M + probes) x 200 steps of 128 examples whatever N is, so its share of a
     training run of E epochs over N examples is about
     (M + probes) x 200 x 128 / (E x N): below 0.25 only from E x N ≳ 0.9M
-    example passes (e.g. 18 epochs of 50k images, not 150 epochs of 1.3k digits).
+    example passes. The 3,000-row BatchNorm model trained 5 epochs (15k
+    example passes) therefore cannot meet it; a last row repeats (b) for the
+    same ResNet-BN trained on the full Fashion-MNIST training split (60,000
+    rows, 20 epochs, 1.2M example passes), the size of run GEX is meant for.
+    On arrays of a model without convolutions the library compiles the
+    fine-tuning loop with XLA (`jit_compile="auto"`).
 (c) **End-to-end detection.** `detect_noisy(model, (x, y), seed=0)` (collection
     + scoring + threshold) against cleanlab's `find_label_issues` on 5-fold
     cross-validated probabilities of the same architecture and recipe (time
@@ -66,7 +71,7 @@ Sections (tables printed in this order):
     Target: GEX end to end ≥ 100x faster than first-order IF at equal or
     higher AUC.
 
-Run (about 25 minutes on 2 busy CPU cores, plus ~35 with `--exact-if`;
+Run (about 30 minutes on 2 idle CPU cores, plus ~35 with `--exact-if`;
 `--quick` is a few-minute smoke run on small subsets and short trainings,
 collection for the MLP only, not for reporting)::
 
@@ -111,6 +116,7 @@ FULL = dict(
     epochs={"digits MLP": 150, "F-MNIST CNN": 8, "F-MNIST ResNet-BN": 5},
     reps={"digits MLP": 7, "F-MNIST CNN": 3, "F-MNIST ResNet-BN": 3},
     collect_models=("digits MLP", "F-MNIST ResNet-BN"),
+    full_data=("F-MNIST ResNet-BN", 60000, 20),
     fit_without_xla=("digits MLP",),
     detect_models=("digits MLP",),
     cleanlab_epochs_fraction=1.0,
@@ -123,6 +129,7 @@ QUICK = dict(
     epochs={"digits MLP": 50, "F-MNIST CNN": 1, "F-MNIST ResNet-BN": 1},
     reps={"digits MLP": 3, "F-MNIST CNN": 2, "F-MNIST ResNet-BN": 2},
     collect_models=("digits MLP",),
+    full_data=None,
     fit_without_xla=(),
     detect_models=("digits MLP",),
     cleanlab_epochs_fraction=0.2,
@@ -693,11 +700,13 @@ def _targets(a, b, c, d) -> list:
             f"| GE ≤ 1.1x the same compiled training steps | worst {worst['ge_over_fit']:.2f}x "
             f"({worst['model']}) | {'yes' if worst['ge_over_fit'] <= 1.1 else 'no'} |"
         )
-        worst = max(b, key=lambda r: r["ge_over_train"])
-        lines.append(
-            f"| GE ≤ 0.25x the original training run | worst {worst['ge_over_train']:.2f}x "
-            f"({worst['model']}) | {'yes' if worst['ge_over_train'] <= 0.25 else 'no'} |"
-        )
+        for r in b:  # one line a run: the ratio depends on the run's length
+            passes = r.get("train_example_passes")
+            size = f", {passes / 1e6:.2f}M example passes" if passes else ""
+            lines.append(
+                f"| GE ≤ 0.25x the original training run ({r['model']}{size}) "
+                f"| {r['ge_over_train']:.2f}x | {'yes' if r['ge_over_train'] <= 0.25 else 'no'} |"
+            )
     gex = {r["model"]: r for r in c if r["method"].startswith("GEX")}
     for r in c:
         if r["method"].startswith("cleanlab") and r.get("seconds"):
@@ -774,7 +783,16 @@ def main(argv=None) -> int:
     def collection(name, model, x, y, train_seconds, epochs):
         row = collection_row(name, model, x, y, train_seconds, name in cfg["fit_without_xla"])
         row["train_steps"] = epochs * -(-len(x) // TRAIN_BATCH)
+        row["train_example_passes"] = epochs * len(x)
         return [row]
+
+    def full_data_collection():
+        name, n, epochs = cfg["full_data"]
+        make = {"F-MNIST ResNet-BN": _resnet, "F-MNIST CNN": _cnn}[name]
+        x, y, _ = _fmnist(n)
+        log(f"training {name} on {len(x)} rows, {epochs} epochs (full-size run for (b))")
+        model, train_seconds, _ = _train(make, x, y, epochs)
+        return collection(f"{name}, {len(x) // 1000}k rows", model, x, y, train_seconds, epochs)
 
     for name, make, x, y, is_noisy in models:
         epochs = cfg["epochs"][name]
@@ -798,6 +816,8 @@ def main(argv=None) -> int:
                 cfg["influenciae"],
                 cfg["influenciae_timeout"],
             )
+    if cfg["full_data"] and len(models) > 1:
+        rows += attempt("(b) full data", full_data_collection)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS_DIR / f"speed{suffix}_rows.json").write_text(json.dumps([meta, rows], default=str))
