@@ -57,7 +57,8 @@ class NoisyLabelReport:
     """The result of `detect_noisy`, in dataset order.
 
     Attributes:
-        scores: `(N,)` self-influence; **higher = more likely mislabeled**.
+        scores: `(N,)` self-influence (or the members' mean loss, see
+            `score_method`); **higher = more likely mislabeled**.
         threshold: Cut on `scores`; rows strictly above it are flagged.
         noisy_mask: `(N,)` bool, True for flagged rows.
         deviations: `(N, M)` loss deviations Δ(z, m).
@@ -71,6 +72,9 @@ class NoisyLabelReport:
         from_logits: Whether `predictions` are logits.
         ensemble: The `GeometricEnsemble` that produced the scores (also when
             `detect_noisy` collected it from a model), or None.
+        score_method: "self_influence" or "member_loss" (see `detect_noisy`).
+        member_losses: `(N, M)` ℓ(z, θ_m) when `score_method` is
+            "member_loss", else None.
     """
 
     scores: np.ndarray
@@ -84,6 +88,8 @@ class NoisyLabelReport:
     info: dict
     loss_kind: str = "other"
     from_logits: bool = False
+    score_method: str = "self_influence"
+    member_losses: np.ndarray | None = dataclasses.field(default=None, repr=False)
     ensemble: object = dataclasses.field(default=None, repr=False, compare=False)
     _ensemble_probs_fn: object = dataclasses.field(default=None, repr=False, compare=False)
     _ensemble_probs: object = dataclasses.field(default=None, repr=False, compare=False)
@@ -210,7 +216,8 @@ class NoisyLabelReport:
             "GEX noisy-label report",
             f"  examples: {n}   flagged: {self.num_flagged} ({self.num_flagged / n:.1%})",
             f"  threshold: {self.threshold:.4g} ({self.threshold_method})",
-            f"  self-influence: median {q[0]:.3g}, p90 {q[1]:.3g}, p99 {q[2]:.3g}, "
+            f"  {self.score_method.replace('_', ' ')}: median {q[0]:.3g}, p90 {q[1]:.3g}, "
+            f"p99 {q[2]:.3g}, "
             f"max {self.scores.max():.3g}",
         ]
         info = self.info
@@ -314,14 +321,14 @@ class NoisyLabelReport:
         """
         num_resamples = _validation.positive_int("num_resamples", num_resamples)
         target = _validation.fraction("target", target, inclusive_low=False)
-        dev_sq = np.square(self.deviations.astype(np.float64))
-        m = dev_sq.shape[1]
+        per_member = self._per_member_scores()
+        m = per_member.shape[1]
         rng = np.random.default_rng(seed)
         method = self.threshold_method
 
         def resample(size):
             cols = rng.integers(0, m, size=size)
-            scores = dev_sq[:, cols].mean(axis=1)
+            scores = per_member[:, cols].mean(axis=1)
             flagged = scores > threshold_scores(scores, method)
             return scores, flagged
 
@@ -353,6 +360,14 @@ class NoisyLabelReport:
             suggested,
             target,
         )
+
+    def _per_member_scores(self) -> np.ndarray:
+        """`(N, M)` float64 terms whose mean over members is `scores`."""
+        if self.score_method == "member_loss":
+            if self.member_losses is None:
+                raise ValueError('A "member_loss" report must hold `member_losses`.')
+            return self.member_losses.astype(np.float64)
+        return np.square(self.deviations.astype(np.float64))
 
     def predicted_labels(self) -> np.ndarray:
         """θ*'s predicted class per row (argmax of `predictions`)."""

@@ -193,3 +193,23 @@ def test_every_threshold_rule_is_accepted_and_orders_sensibly(report, digits, me
     np.testing.assert_array_equal(again.scores, report.scores)
     assert 0 < again.num_flagged < len(again.scores)
     np.testing.assert_array_equal(again.noisy_mask, again.scores > again.threshold)
+
+
+def test_member_loss_score_is_the_members_mean_loss(report, digits_ensemble, digits):
+    """Two routes: `score="member_loss"` equals θ*'s loss plus the mean deviation."""
+    data = (digits.x_train, digits.y_train)
+    by_loss = keras_gex.detect_noisy(data, digits_ensemble, score="member_loss", verbose=0)
+    expected = np.mean(
+        report.deviations.astype(np.float64) + report.reference_losses[:, None], axis=1
+    )
+    np.testing.assert_allclose(by_loss.scores, expected, rtol=1e-5, atol=1e-6)
+    assert by_loss.score_method == "member_loss" and report.score_method == "self_influence"
+    # threshold="auto": Otsu on member losses, on sqrt(self-influence) otherwise.
+    assert by_loss.threshold_method == "otsu" and report.threshold_method == "otsu_sqrt"
+    assert roc_auc_score(digits.is_noisy, by_loss.scores) >= MIN_DIGITS_AUC
+    np.testing.assert_array_equal(by_loss.noisy_mask, by_loss.scores > by_loss.threshold)
+    assert "member loss: median" in by_loss.summary(print_fn=None)
+    unc = by_loss.uncertainty(num_resamples=20)
+    assert unc.score_stderr.shape == by_loss.scores.shape and unc.score_stderr.max() > 0
+    with pytest.raises(ValueError, match="score"):
+        keras_gex.detect_noisy(data, digits_ensemble, score="loss", verbose=0)
