@@ -900,7 +900,7 @@ def collect_members(
     store=None,
     strategy=None,
     per_replica_members: bool = False,
-    jit_compile: bool = False,
+    jit_compile="auto",
 ) -> CollectionResult:
     """Fine-tunes `num_members` copies of θ* (validated arguments only).
 
@@ -912,6 +912,10 @@ def collect_members(
     With a `strategy`, every member is fine-tuned data-parallel across its
     replicas; with `per_replica_members=True` as well, `_collect_per_replica`
     fine-tunes one member per replica instead.
+
+    `jit_compile` (True, False or "auto", see `resolve_jit_compile`) applies
+    to array inputs on one device only; distributed and `tf.data` fine-tuning
+    is never compiled with XLA.
     """
     if strategy is not None and per_replica_members:
         return _collect_per_replica(
@@ -941,7 +945,8 @@ def collect_members(
                 return source.array_stream(batch_size, stream_seed(seed, index))
             return iter(source.shuffled(batch_size, stream_seed(seed, index)))
 
-        tuner = FineTuner(model, loss, momentum, jit_compile=jit_compile and source.has_arrays)
+        xla = source.has_arrays and resolve_jit_compile(jit_compile, model)
+        tuner = FineTuner(model, loss, momentum, jit_compile=xla)
     else:
         tuner = _DataParallelTuner(
             ReplicaFineTuner(

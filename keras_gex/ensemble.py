@@ -21,7 +21,6 @@ from keras_gex.collect import (
     FIT_WINDOW,
     CollectionResult,
     collect_members,
-    resolve_jit_compile,
 )
 from keras_gex.data import DEFAULT_BATCH_SIZE, DataSource, reshuffles_each_iteration
 from keras_gex.losses import PerExampleLoss, resolve_loss
@@ -226,7 +225,7 @@ class GeometricEnsemble:
             store=store,
             strategy=strategy,
             per_replica_members=per_replica_members,
-            jit_compile=resolve_jit_compile(args.jit_compile, model) and strategy is None,
+            jit_compile=args.jit_compile,
         )
         info = {
             "num_members": num_members,

@@ -39,10 +39,17 @@ def test_members_differ_from_reference_and_each_other(digits_ensemble):
     assert digits_ensemble.members[0].distance(digits_ensemble.members[1]) > 0
 
 
-def test_same_seed_same_members(digits):
+@pytest.fixture(scope="module")
+def small_mlp(digits):
+    """A small MLP trained briefly on 200 digits: `(model, x, y)`."""
     x, y = digits.x_train[:200], digits.y_train[:200]
     model = make_mlp(seed=2, hidden=32)
     model.fit(x, y, epochs=3, verbose=0)
+    return model, x, y
+
+
+def test_same_seed_same_members(small_mlp):
+    model, x, y = small_mlp
     kwargs = dict(num_members=2, steps=10, learning_rate=0.05, seed=5, verbose=0)
     a = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
     b = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
@@ -215,10 +222,8 @@ def test_xla_fine_tuning_equals_plain_fine_tuning(trained_mlp, digits):
         np.testing.assert_allclose(a, b, rtol=0, atol=XLA_WEIGHTS_ATOL)
 
 
-def test_collect_records_xla_and_the_option_is_validated(digits):
-    x, y = digits.x_train[:200], digits.y_train[:200]
-    model = make_mlp(seed=2, hidden=32)
-    model.fit(x, y, epochs=3, verbose=0)
+def test_collect_records_xla_and_the_option_is_validated(small_mlp):
+    model, x, y = small_mlp
     kwargs = dict(num_members=1, steps=5, learning_rate=0.05, seed=0, verbose=0)
     ens = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
     assert ens.info["jit_compile"] is True  # "auto" on a dense model with arrays
