@@ -29,7 +29,7 @@ Sections (tables printed in this order):
     `experimental_get_tracing_count()` after every call: 1 means no
     retracing across batches, calls and members. Target: limit / GEX ≥ 0.9.
 (b) **GE collection vs training.** `GeometricEnsemble.collect(model, (x, y),
-    seed=0)` with the library defaults (M=8, T=200, batch 128, calibrated
+    seed=0)` with the library defaults (M=8, T="auto", batch 128, calibrated
     step size), end to end, against `model.fit` of a copy of θ* for the same
     number of SGD-momentum steps at the same batch size on the same batch
     stream (Keras defaults, i.e. XLA; also without), cold like the
@@ -38,15 +38,17 @@ Sections (tables printed in this order):
     reported separately. Targets: ≤ 1.1x the same steps, ≤ 0.25x training.
     Run for the digits MLP and the BatchNorm model (the CNN's would add
     ~10 minutes and nothing new). With the defaults the collection is
-    (M + probes) x 200 steps of 128 examples whatever N is, so its share of a
-    training run of E epochs over N examples is about
-    (M + probes) x 200 x 128 / (E x N): below 0.25 only from E x N ≳ 0.9M
-    example passes. The 3,000-row BatchNorm model trained 5 epochs (15k
-    example passes) therefore cannot meet it; a last row repeats (b) for the
-    same ResNet-BN trained on the full Fashion-MNIST training split (60,000
-    rows, 20 epochs, 1.2M example passes), the size of run GEX is meant for.
-    On arrays of a model without convolutions the library compiles the
-    fine-tuning loop with XLA (`jit_compile="auto"`).
+    (M + probes) x T steps of 128 examples, T = 10 epochs of the data within
+    50-200 steps (106 on digits, 200 from 2,560 rows), so from 2,560 rows its
+    share of a training run of E epochs over N examples is about
+    (M + probes) x 200 x 128 / (E x N) in example passes: below 0.25 only from
+    E x N ≳ 0.9M example passes. The 3,000-row BatchNorm model trained 5 epochs
+    (15k example passes) therefore cannot meet it; a last row repeats (b) for
+    the same ResNet-BN trained on the full Fashion-MNIST training split
+    (60,000 rows, 20 epochs, 1.2M example passes), the size of run GEX is
+    meant for.
+    On CPU the library's fine-tuning loop runs without XLA
+    (`jit_compile="auto"`); Keras `fit` uses XLA by default.
 (c) **End-to-end detection.** `detect_noisy(model, (x, y), seed=0)` (collection
     + scoring + threshold) against cleanlab's `find_label_issues` on 5-fold
     cross-validated probabilities of the same architecture and recipe (time
@@ -621,7 +623,7 @@ def render(rows, meta) -> str:
     b = [r for r in rows if r["section"] == "b"]
     out += [
         "",
-        "**(b) GE collection (defaults: M=8, T=200, batch 128, lr auto) vs training**",
+        "**(b) GE collection (defaults: M=8, T auto, batch 128, lr auto) vs training**",
         "",
         "| model | N | steps run (probes) | GE s | of which calibration s | fine-tune loop s "
         "| fit same steps s (XLA / no XLA) | training run s | GE / fit steps | GE / training "

@@ -91,12 +91,23 @@ def seed_value(value) -> int | None:
     return non_negative_int("seed", value)
 
 
+def _steps_value(steps) -> int | str:
+    """`steps` as a positive int, or `"auto"`."""
+    if isinstance(steps, str) and steps == "auto":
+        return "auto"
+    if isinstance(steps, str):
+        raise ValueError(
+            f'Argument `steps` must be a positive integer or "auto". Received: steps={steps!r}'
+        )
+    return positive_int("steps", steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class CollectionArgs:
     """The arguments of a GE collection after validation."""
 
     num_members: int
-    steps: int
+    steps: int | str
     learning_rate: float | str
     batch_size: int
     momentum: float
@@ -141,7 +152,7 @@ def collection_args(
         )
     return CollectionArgs(
         num_members=positive_int("num_members", num_members),
-        steps=positive_int("steps", steps),
+        steps=_steps_value(steps),
         learning_rate=learning_rate,
         batch_size=positive_int("batch_size", batch_size),
         momentum=float(momentum),

@@ -28,7 +28,8 @@ class GEXCollector(keras.callbacks.Callback):
         train_data: The training data, as `(x, y)` arrays or a
             `tf.data.Dataset` of `(x, y)` batches (the same data given to fit).
         num_members: Number of members M. Defaults to `8`.
-        steps: SGD steps T per member. Defaults to `200`.
+        steps: SGD steps T per member, or `"auto"`: about 10 epochs of the
+            training data, within 50-200 steps. Defaults to `"auto"`.
         learning_rate: Peak step size, or `"auto"` to calibrate it so members
             leave the memorising basin without collapsing. Defaults to `"auto"`.
         batch_size: Fine-tuning batch size. Defaults to `128`.
@@ -48,15 +49,15 @@ class GEXCollector(keras.callbacks.Callback):
         per_replica_members: Fine-tune one member per replica, without
             gradient synchronisation (needs a strategy). Defaults to `False`.
         jit_compile: Compile the fine-tuning loop with XLA (arrays, one
-            device); `"auto"`: for models without convolution or pooling
-            layers. Defaults to `"auto"`.
+            device); `"auto"`: on an accelerator, for models without
+            convolution or pooling layers; never on CPU. Defaults to `"auto"`.
     """
 
     def __init__(
         self,
         train_data,
         num_members: int = DEFAULTS["num_members"],
-        steps: int = DEFAULTS["steps"],
+        steps=DEFAULTS["steps"],
         learning_rate="auto",
         batch_size: int = DEFAULTS["batch_size"],
         momentum: float = DEFAULTS["momentum"],

@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("data", help="x/y .npz file or tfds name[:split]")
     detect.add_argument("--out", default="gex_report", help="output directory (default gex_report)")
     detect.add_argument("--members", type=int, default=8, help="GE members M (default 8)")
-    detect.add_argument("--steps", type=int, default=200, help="SGD steps per member (default 200)")
+    detect.add_argument(
+        "--steps",
+        default="auto",
+        help="SGD steps per member, or 'auto' (default: ~10 epochs, 50-200 steps)",
+    )
     detect.add_argument(
         "--learning-rate", default="auto", help="peak fine-tuning step size or 'auto' (default)"
     )
@@ -162,13 +166,21 @@ def _detect(args) -> None:
             raise ValueError(
                 f"Argument `--learning-rate` must be 'auto' or a number. Received: {lr!r}"
             ) from None
+    steps = args.steps
+    if steps != "auto":
+        try:
+            steps = int(steps)
+        except ValueError:
+            raise ValueError(
+                f"Argument `--steps` must be 'auto' or a positive integer. Received: {steps!r}"
+            ) from None
     verbose = 0 if args.quiet else 1
     os.makedirs(args.out, exist_ok=True)
     ensemble = keras_gex.GeometricEnsemble.collect(
         model,
         (x, y),
         num_members=args.members,
-        steps=args.steps,
+        steps=steps,
         learning_rate=lr,
         batch_size=args.batch_size,
         seed=args.seed,

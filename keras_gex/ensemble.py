@@ -21,6 +21,7 @@ from keras_gex.collect import (
     FIT_WINDOW,
     CollectionResult,
     collect_members,
+    resolve_steps,
 )
 from keras_gex.data import DEFAULT_BATCH_SIZE, DataSource, reshuffles_each_iteration
 from keras_gex.losses import PerExampleLoss, resolve_loss
@@ -31,7 +32,7 @@ from keras_gex.weights import WeightSet
 #: Defaults of the fine-tuning (see `GEXCollector` for their meaning).
 DEFAULTS = dict(
     num_members=8,
-    steps=200,
+    steps="auto",
     learning_rate="auto",
     batch_size=128,
     momentum=0.9,
@@ -107,7 +108,7 @@ class GeometricEnsemble:
         train_data,
         *,
         num_members: int = DEFAULTS["num_members"],
-        steps: int = DEFAULTS["steps"],
+        steps=DEFAULTS["steps"],
         learning_rate="auto",
         batch_size: int = DEFAULTS["batch_size"],
         momentum: float = DEFAULTS["momentum"],
@@ -128,7 +129,10 @@ class GeometricEnsemble:
             train_data: Its training data: `(x, y)` arrays or a `tf.data.Dataset`
                 of `(x, y)` batches.
             num_members: Number of GE members M. Defaults to `8`.
-            steps: SGD steps T per member. Defaults to `200`.
+            steps: SGD steps T per member, or `"auto"`: about 10 epochs of
+                the training data, at least 50 and at most 200 steps (200 from
+                2,560 examples at batch 128). The number used is recorded in
+                `info["steps"]`. Defaults to `"auto"`.
             learning_rate: Peak step size of the cosine schedule, or `"auto"` to
                 calibrate it (recommended). Defaults to `"auto"`.
             batch_size: Fine-tuning mini-batch size. Defaults to `128`.
@@ -160,10 +164,11 @@ class GeometricEnsemble:
                 with `"auto"` the members of a round share one step size.
                 Defaults to `False`.
             jit_compile: Compile the fine-tuning loop with XLA when the data
-                are arrays and no strategy is used. `"auto"` does so for
-                models without convolution or pooling layers (on CPU XLA sped
-                up an MLP's fine-tuning about 1.5x and slowed small CNNs down
-                7-10x). If XLA cannot compile the model, the members are
+                are arrays and no strategy is used. `"auto"` does so on an
+                accelerator for models without convolution or pooling layers,
+                and never on CPU (where XLA's compile time cancelled its
+                faster steps for an MLP and small CNNs were 7-10x slower with
+                it). If XLA cannot compile the model, the members are
                 fine-tuned without it and a warning says so. The flag used is
                 recorded in `info["jit_compile"]`. Defaults to `"auto"`.
 
@@ -193,6 +198,8 @@ class GeometricEnsemble:
         per_example = resolve_loss(model, loss)
         source = DataSource(train_data, name="train_data")
         source.check_against_model(model)
+        steps_requested = steps
+        steps = resolve_steps(steps, source.count_examples(), batch_size)
         store = None
         if directory is not None:
             store = persistence.MemberStore(
@@ -230,6 +237,7 @@ class GeometricEnsemble:
         info = {
             "num_members": num_members,
             "steps": steps,
+            "steps_requested": steps_requested,
             # The step size the members were fine-tuned with (their median: the
             # per-member controller nudges it), not the controller's next proposal.
             "learning_rate": float(np.median([s.learning_rate for s in result.member_stats]))

@@ -224,9 +224,10 @@ class NoisyLabelReport:
         if info:
             lr = info.get("learning_rate")
             how = "calibrated" if info.get("learning_rate_requested") == "auto" else "given"
+            steps_how = " (auto)" if info.get("steps_requested") == "auto" else ""
             lines.append(
                 f"  ensemble: M={info.get('num_members')} members, T={info.get('steps')} "
-                f"steps, lr={lr:.4g} ({how}), batch {info.get('batch_size')}"
+                f"steps{steps_how}, lr={lr:.4g} ({how}), batch {info.get('batch_size')}"
             )
             ref = info.get("reference_stats") or {}
             stats = info.get("member_stats") or []

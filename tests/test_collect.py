@@ -7,7 +7,7 @@ from sklearn.metrics import roc_auc_score
 from tolerances import XLA_WEIGHTS_ATOL
 
 import keras_gex
-from keras_gex.collect import FIT_WINDOW, FineTuner, resolve_jit_compile
+from keras_gex.collect import FIT_WINDOW, FineTuner, resolve_jit_compile, resolve_steps
 from keras_gex.losses import resolve_loss
 
 
@@ -187,19 +187,24 @@ def test_fine_tuning_from_array_stream_equals_tf_data_stream(trained_mlp, digits
     assert tuner._indexed_fn.experimental_get_tracing_count() == 1
 
 
-def test_jit_compile_auto_means_xla_for_models_without_convolutions(trained_mlp):
-    assert resolve_jit_compile("auto", trained_mlp) is True
+def test_jit_compile_auto_means_xla_only_on_accelerators_for_models_without_convolutions(
+    trained_mlp, monkeypatch
+):
     conv = keras.Sequential(
         [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten()]
     )
-    assert resolve_jit_compile("auto", conv) is False
-    assert resolve_jit_compile("auto", make_bn_model()) is True  # Dense + BatchNorm
     pooled = keras.Sequential(
         [keras.Input((8, 2)), keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)]
     )
-    assert resolve_jit_compile("auto", pooled) is False
     assert resolve_jit_compile(False, trained_mlp) is False
     assert resolve_jit_compile(True, conv) is True
+    if not tf.config.list_logical_devices("GPU"):  # CI: XLA did not pay on CPU
+        assert resolve_jit_compile("auto", trained_mlp) is False
+        monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["gpu:0"])
+    assert resolve_jit_compile("auto", trained_mlp) is True
+    assert resolve_jit_compile("auto", conv) is False
+    assert resolve_jit_compile("auto", make_bn_model()) is True  # Dense + BatchNorm
+    assert resolve_jit_compile("auto", pooled) is False
 
 
 def test_xla_fine_tuning_equals_plain_fine_tuning(trained_mlp, digits):
@@ -225,15 +230,48 @@ def test_xla_fine_tuning_equals_plain_fine_tuning(trained_mlp, digits):
 def test_collect_records_xla_and_the_option_is_validated(small_mlp):
     model, x, y = small_mlp
     kwargs = dict(num_members=1, steps=5, learning_rate=0.05, seed=0, verbose=0)
+    ens = keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile=True, **kwargs)
+    assert ens.info["jit_compile"] is True
     ens = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
-    assert ens.info["jit_compile"] is True  # "auto" on a dense model with arrays
+    assert ens.info["jit_compile"] is resolve_jit_compile("auto", model)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
-    ens = keras_gex.GeometricEnsemble.collect(model, dataset, **kwargs)
+    ens = keras_gex.GeometricEnsemble.collect(model, dataset, jit_compile=True, **kwargs)
     assert ens.info["jit_compile"] is False  # a tf.data stream is never compiled with XLA
     with pytest.raises(ValueError, match="jit_compile"):
         keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile="yes", **kwargs)
     with pytest.raises(ValueError, match="jit_compile"):
         keras_gex.GEXCollector((x, y), jit_compile=1)
+
+
+def test_steps_auto_is_about_ten_epochs_and_recorded(small_mlp, tmp_path):
+    """200 rows at batch 64: 10 epochs are 32 steps, raised to the minimum of 50;
+    the number used reaches the tuner, `info` and the resumable store."""
+    model, x, y = small_mlp
+    steps_seen = []
+    original = FineTuner.train
+
+    def counting(self, iterator, steps, learning_rate):
+        steps_seen.append(steps)
+        return original(self, iterator, steps, learning_rate)
+
+    kwargs = dict(num_members=2, batch_size=64, learning_rate=0.05, seed=0, verbose=0)
+    FineTuner.train = counting
+    try:
+        ens = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
+    finally:
+        FineTuner.train = original
+    assert resolve_steps("auto", 200, 64) == 50
+    assert steps_seen == [50, 50]
+    assert ens.info["steps"] == 50 and ens.info["steps_requested"] == "auto"
+    # The store holds the resolved number: an explicit 50 resumes the same collection.
+    again = keras_gex.GeometricEnsemble.collect(
+        model, (x, y), directory=tmp_path, steps=50, **kwargs
+    )
+    np.testing.assert_array_equal(again.members[1].trainable[0], ens.members[1].trainable[0])
+    assert resolve_steps("auto", 1347, 128) == 106  # digits: 10 epochs
+    assert resolve_steps("auto", 60000, 128) == 200  # capped
+    with pytest.raises(ValueError, match="steps='fast'"):
+        keras_gex.GEXCollector((x, y), steps="fast")
 
 
 def test_model_that_xla_cannot_compile_falls_back_with_a_warning(digits):

@@ -121,6 +121,7 @@ def test_reduced_loss_refused(small_data):
     [
         ({"num_members": 0}, "num_members=0"),
         ({"steps": 0}, "steps=0"),
+        ({"steps": "many"}, "steps='many'"),
         ({"learning_rate": -1.0}, "learning_rate=-1.0"),
         ({"learning_rate": float("nan")}, "learning_rate=nan"),
         ({"momentum": 1.0}, "momentum=1.0"),
