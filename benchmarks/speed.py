@@ -43,7 +43,8 @@ Sections (tables printed in this order):
     share of a training run of E epochs over N examples is about
     (M + probes) x 200 x 128 / (E x N) in example passes: below 0.25 only from
     E x N ≳ 0.9M example passes. The 3,000-row BatchNorm model trained 5 epochs
-    (15k example passes) therefore cannot meet it; a last row repeats (b) for
+    (15k example passes) therefore cannot meet it (shown, its target line
+    reads n/a); a last row repeats (b) for
     the same ResNet-BN trained on the full Fashion-MNIST training split
     (60,000 rows, 20 epochs, 1.2M example passes), the size of run GEX is
     meant for.
@@ -118,6 +119,10 @@ FULL = dict(
     epochs={"digits MLP": 150, "F-MNIST CNN": 8, "F-MNIST ResNet-BN": 5},
     reps={"digits MLP": 7, "F-MNIST CNN": 3, "F-MNIST ResNet-BN": 3},
     collect_models=("digits MLP", "F-MNIST ResNet-BN"),
+    # Shown in (b) for the record, not held to the 0.25x-training target: a
+    # 5-epoch run on 3,000 rows (15k example passes) is shorter than the GE's
+    # fixed (M + probes) x 200 x 128; the 60k-row run below is the real one.
+    short_runs=("F-MNIST ResNet-BN",),
     full_data=("F-MNIST ResNet-BN", 60000, 20),
     fit_without_xla=("digits MLP",),
     detect_models=("digits MLP",),
@@ -131,6 +136,7 @@ QUICK = dict(
     epochs={"digits MLP": 50, "F-MNIST CNN": 1, "F-MNIST ResNet-BN": 1},
     reps={"digits MLP": 3, "F-MNIST CNN": 2, "F-MNIST ResNet-BN": 2},
     collect_models=("digits MLP",),
+    short_runs=(),
     full_data=None,
     fit_without_xla=(),
     detect_models=("digits MLP",),
@@ -408,6 +414,7 @@ def collection_row(name, model, x, y, train_seconds, without_xla: bool) -> dict:
         "ge_over_fit_noxla": total / fit_plain if fit_plain else None,
         "ge_over_train": total / train_seconds,
         "ge_after_calibration_over_train": (total - calibration) / train_seconds,
+        "theta_fit": ensemble.info["reference_stats"].get("fit"),
     }
     log(
         f"(b) {name}: GE {total:.1f}s, {steps} steps; fit {fit_auto:.1f}s; "
@@ -625,14 +632,15 @@ def render(rows, meta) -> str:
         "",
         "**(b) GE collection (defaults: M=8, T auto, batch 128, lr auto) vs training**",
         "",
-        "| model | N | steps run (probes) | GE s | of which calibration s | fine-tune loop s "
-        "| fit same steps s (XLA / no XLA) | training run s | GE / fit steps | GE / training "
-        "| GE after calibration / training |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | N | θ* fit | steps run (probes) | GE s | of which calibration s "
+        "| fine-tune loop s | fit same steps s (XLA / no XLA) | training run s | GE / fit steps "
+        "| GE / training | GE after calibration / training |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in b:
         out.append(
-            f"| {r['model']} | {r['N']:,} | {r['steps']:,} ({r['probes']}) | {r['ge_s']:.1f} "
+            f"| {r['model']} | {r['N']:,} | {_f(r.get('theta_fit'))} "
+            f"| {r['steps']:,} ({r['probes']}) | {r['ge_s']:.1f} "
             f"| {r['calibration_s']:.1f} | {r['ge_loop_s']:.1f} "
             f"| {r['fit_steps_s']:.1f} / {_f(r['fit_steps_noxla_s'], '{:.1f}')} "
             f"| {r['train_s']:.1f} ({r['train_steps']:,} steps) "
@@ -705,9 +713,12 @@ def _targets(a, b, c, d) -> list:
         for r in b:  # one line a run: the ratio depends on the run's length
             passes = r.get("train_example_passes")
             size = f", {passes / 1e6:.2f}M example passes" if passes else ""
+            met = "yes" if r["ge_over_train"] <= 0.25 else "no"
+            if r.get("short_run"):
+                met = "n/a: a 5-epoch run, shorter than the GE's fixed steps (for the record)"
             lines.append(
                 f"| GE ≤ 0.25x the original training run ({r['model']}{size}) "
-                f"| {r['ge_over_train']:.2f}x | {'yes' if r['ge_over_train'] <= 0.25 else 'no'} |"
+                f"| {r['ge_over_train']:.2f}x | {met} |"
             )
     gex = {r["model"]: r for r in c if r["method"].startswith("GEX")}
     for r in c:
@@ -786,6 +797,7 @@ def main(argv=None) -> int:
         row = collection_row(name, model, x, y, train_seconds, name in cfg["fit_without_xla"])
         row["train_steps"] = epochs * -(-len(x) // TRAIN_BATCH)
         row["train_example_passes"] = epochs * len(x)
+        row["short_run"] = name in cfg["short_runs"]
         return [row]
 
     def full_data_collection():
