@@ -135,6 +135,18 @@ def _load_data(spec: str):
     return x, y, names
 
 
+def _auto_or(value: str, convert, flag: str, what: str):
+    """`"auto"`, or `value` converted by `convert` (a clear error otherwise)."""
+    if value == "auto":
+        return value
+    try:
+        return convert(value)
+    except ValueError:
+        raise ValueError(
+            f"Argument `{flag}` must be 'auto' or {what}. Received: {value!r}"
+        ) from None
+
+
 def _detect(args) -> None:
     import csv
 
@@ -158,22 +170,8 @@ def _detect(args) -> None:
                 f"Argument `--threshold` must be one of {', '.join(TRANSFORMS)} or a number. "
                 f"Received: {args.threshold!r}"
             ) from None
-    lr = args.learning_rate
-    if lr != "auto":
-        try:
-            lr = float(lr)
-        except ValueError:
-            raise ValueError(
-                f"Argument `--learning-rate` must be 'auto' or a number. Received: {lr!r}"
-            ) from None
-    steps = args.steps
-    if steps != "auto":
-        try:
-            steps = int(steps)
-        except ValueError:
-            raise ValueError(
-                f"Argument `--steps` must be 'auto' or a positive integer. Received: {steps!r}"
-            ) from None
+    lr = _auto_or(args.learning_rate, float, "--learning-rate", "a number")
+    steps = _auto_or(args.steps, int, "--steps", "a positive integer")
     verbose = 0 if args.quiet else 1
     os.makedirs(args.out, exist_ok=True)
     ensemble = keras_gex.GeometricEnsemble.collect(

@@ -113,3 +113,13 @@ def test_detect_bad_inputs_exit_2(tmp_path):
     assert proc.returncode == 2 and "must contain arrays 'x' and 'y'" in proc.stderr
     proc = _run_cli(["detect", "m.keras"], tmp_path)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_auto_or_number_arguments():
+    from keras_gex.cli import _auto_or
+
+    assert _auto_or("auto", int, "--steps", "a positive integer") == "auto"
+    assert _auto_or("80", int, "--steps", "a positive integer") == 80
+    assert _auto_or("0.2", float, "--learning-rate", "a number") == 0.2
+    with pytest.raises(ValueError, match="`--steps` must be 'auto' or a positive integer"):
+        _auto_or("many", int, "--steps", "a positive integer")
