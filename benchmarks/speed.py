@@ -715,7 +715,9 @@ def _targets(a, b, c, d) -> list:
             size = f", {passes / 1e6:.2f}M example passes" if passes else ""
             met = "yes" if r["ge_over_train"] <= 0.25 else "no"
             if r.get("short_run"):
-                met = "n/a: a 5-epoch run, shorter than the GE's fixed steps (for the record)"
+                epochs = round(passes / r["N"]) if passes else "?"
+                met = f"n/a: a {epochs}-epoch run, shorter than the GE's fixed steps"
+                met += " (for the record)"
             lines.append(
                 f"| GE ≤ 0.25x the original training run ({r['model']}{size}) "
                 f"| {r['ge_over_train']:.2f}x | {met} |"

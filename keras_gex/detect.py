@@ -7,7 +7,7 @@ import numpy as np
 
 from keras_gex import _validation
 from keras_gex.ensemble import GeometricEnsemble
-from keras_gex.report import NoisyLabelReport
+from keras_gex.report import NoisyLabelReport, score_terms
 from keras_gex.thresholding import TRANSFORMS, threshold_scores
 
 #: What `detect_noisy(score=...)` ranks by. Both come from the same members.
@@ -136,9 +136,7 @@ def detect_noisy(
 
 def _compute_scores(dev, score: str) -> np.ndarray:
     """`(N,)` float64 scores of a `Deviations`; higher = more suspect."""
-    if score == "member_loss":
-        return np.mean(dev.member_losses.astype(np.float64), axis=1)
-    return dev.self_influence
+    return np.mean(score_terms(score, dev.deviations, dev.member_losses), axis=1)
 
 
 __all__ = ["SCORES", "detect_noisy"]

@@ -12,6 +12,17 @@ from keras_gex.relabel import distillation_targets, relabel
 from keras_gex.thresholding import threshold_scores
 
 
+def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray:
+    """`(N, M)` float64 per-member terms of a score; their member mean is the score.
+
+    "self_influence": Δ(z, m)²; "member_loss": ℓ(z, θ_m). One definition for
+    `detect_noisy`'s scores and the bootstrap of `NoisyLabelReport.uncertainty`.
+    """
+    if score == "member_loss":
+        return np.asarray(member_losses, dtype=np.float64)
+    return np.square(np.asarray(deviations, dtype=np.float64))
+
+
 @dataclasses.dataclass
 class Uncertainty:
     """How much the scores and the flagged set depend on the finite ensemble.
@@ -364,11 +375,9 @@ class NoisyLabelReport:
 
     def _per_member_scores(self) -> np.ndarray:
         """`(N, M)` float64 terms whose mean over members is `scores`."""
-        if self.score_method == "member_loss":
-            if self.member_losses is None:
-                raise ValueError('A "member_loss" report must hold `member_losses`.')
-            return self.member_losses.astype(np.float64)
-        return np.square(self.deviations.astype(np.float64))
+        if self.score_method == "member_loss" and self.member_losses is None:
+            raise ValueError('A "member_loss" report must hold `member_losses`.')
+        return score_terms(self.score_method, self.deviations, self.member_losses)
 
     def predicted_labels(self) -> np.ndarray:
         """θ*'s predicted class per row (argmax of `predictions`)."""
