@@ -6,11 +6,12 @@ the training labels flipped to another class (`keras_gex.datasets.noisy_digits`,
 
 * **GEX (default)**: `GeometricEnsemble.collect(model, (x, y), seed=s)` with
   every other argument at its default, then `detect_noisy` with its default
-  threshold. AUC and AP of the scores against the known flips, precision /
-  recall / F1 of the rows the threshold flags, and wall time (collection +
-  scoring).
-* **GEX (floor 0.05)**: the same ensemble scored with `reference_floor=0.05`,
-  the clamp of ℓ(z, θ*) in the official code (AUC / AP only).
+  score (the members' mean loss) and threshold. AUC and AP of the scores
+  against the known flips, precision / recall / F1 of the rows the threshold
+  flags, and wall time (collection + scoring).
+* **GEX (floor 0.05)**: the same ensemble's self-influence (the paper's score)
+  with `reference_floor=0.05`, the clamp of ℓ(z, θ*) in the official code
+  (AUC / AP only).
 * **Loss at θ***: `keras_gex.baselines.loss_scores` of the trained model.
 * **EL2N**: `keras_gex.baselines.el2n_scores`, scaled as in the paper's App. E
   (20 of 200 epochs, 5 repeats): 10% of the model's training epochs × 5

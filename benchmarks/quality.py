@@ -20,9 +20,12 @@ Methods, each scored by AUC and AP of its scores against the known flips:
 
 * **GEX (default)**: `GeometricEnsemble.collect(model, (x, y), seed=s)` with
   every other argument at its default, then `detect_noisy` with its default
-  threshold; precision / recall / F1 of the flagged rows; wall time
-  (collection + scoring); the share of the collection spent on calibration
-  probes that were not kept as members (`calib %`).
+  threshold (its score is the members' mean loss); precision / recall / F1 of
+  the flagged rows; wall time (collection + scoring); the share of the
+  collection spent on calibration probes that were not kept as members, in
+  wall time and in fine-tuning steps.
+* **GEX self-influence (paper's score)**: the same members scored by
+  `score="self_influence"` with its default threshold (same time).
 * **Loss at θ***, **EL2N** (10% of the model's training epochs × 5 repeats,
   paper App. E scaled down), **GEX-lin**, **TracInRP** (GE members as
   checkpoints) and **RandProj**: the in-library baselines of
@@ -49,7 +52,8 @@ Run (the full run takes hours on 2 CPU cores; `--quick` is a ~3 minute smoke
 run on digits MLP 10% only, seed 0, a fifth of the epochs, not for reporting):
 
     TFDS_DATA_DIR=/path/to/tfds python benchmarks/quality.py [--seeds 0 1 2]
-        [--cases ...] [--no-retrain] [--quick]
+        [--cases ...] [--no-retrain] [--skip BASELINE ...] [--model-cache DIR]
+        [--quick]
 
 Prints one Markdown table of mean ± std over seeds per (case, method), the
 threshold-transform F1 table, the calibration share and the relabel table,
@@ -80,6 +84,9 @@ CLEANLAB_FOLDS = 2
 FASHION_TRAIN = 10_000
 FASHION_TEST = 10_000
 GEX = "GEX (default)"
+GEX_PAPER = "GEX self-influence (paper's score)"
+#: In-library baselines `--skip` can leave out (by their `keras_gex.baselines` name).
+SLOW_BASELINES = ("gex_lin_scores", "tracin_scores", "randproj_scores")
 FIELDS = (
     "case",
     "seed",
@@ -92,6 +99,7 @@ FIELDS = (
     "flagged",
     "seconds",
     "calibration_share",
+    "calibration_step_share",
     "calibration_probes",
     "members",
     "gex_learning_rate",
@@ -197,6 +205,27 @@ def _targets(y, sigmoid):
     return np.eye(10, dtype="float32")[y] if sigmoid else y
 
 
+#: `--model-cache DIR`: θ* of each (case, seed) is saved there and loaded on later runs.
+MODEL_CACHE = None
+
+
+def _theta_star(case, model_fn, x, y, epochs, batch_size, seed, sigmoid):
+    """θ* for a case and seed: trained, or loaded from `MODEL_CACHE` when there."""
+    import keras
+
+    path = None
+    if MODEL_CACHE is not None and epochs == CASES[case][3]:
+        name = f"{case.replace(' ', '_').replace('%', '')}-{seed}.keras"
+        path = pathlib.Path(MODEL_CACHE) / name
+        if path.exists():
+            return keras.models.load_model(path)
+    model = _train(model_fn, x, y, epochs, batch_size, seed, sigmoid)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+    return model
+
+
 def _train(model_fn, x, y, epochs, batch_size, seed, sigmoid, loss=None):
     import keras
 
@@ -255,7 +284,7 @@ def _cleanlab(model_fn, x, y, epochs, batch_size, seed, sigmoid):
 
 
 # -- one case --------------------------------------------------------------------------
-def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retrain=True):
+def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retrain=True, skip=()):
     """Trains one model on one case and seed; returns `(rows, extras)`."""
     import keras
 
@@ -269,7 +298,7 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
     targets = _targets(y, sigmoid)
 
     start = time.perf_counter()
-    model = _train(model_fn, x, targets, epochs, batch_size, seed, sigmoid)
+    model = _theta_star(case, model_fn, x, targets, epochs, batch_size, seed, sigmoid)
     train_seconds = time.perf_counter() - start
     test_acc = _accuracy(model, x_test, y_test)
     train_fit = float(np.mean(np.argmax(model.predict(x, verbose=0), axis=1) == y))
@@ -294,6 +323,11 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
     rejected = [p for p in probes if not p.get("accepted", False)]
     wasted = sum(p.get("seconds", 0.0) for p in rejected)
     share = wasted / max(float(info.get("seconds", 0.0)), 1e-9)
+    # The same share counted in fine-tuning steps (free of the one-time tracing
+    # that the first probe pays): rejected probes' steps over all steps run.
+    wasted_steps = sum(p.get("steps") or info["steps"] for p in rejected)
+    member_steps = info["steps"] * ens.num_members
+    step_share = wasted_steps / (wasted_steps + member_steps)
     fits = [s["fit"] for s in info.get("member_stats", []) if s.get("fit") is not None]
     ref_fit = (info.get("reference_stats") or {}).get("fit") or 1.0
     add(
@@ -302,6 +336,7 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
         gex_seconds,
         report.noisy_mask,
         calibration_share=share,
+        calibration_step_share=step_share,
         calibration_probes=len(rejected),
         gex_learning_rate=float(np.mean([m["learning_rate"] for m in info["member_stats"]])),
         members=ens.num_members,
@@ -315,6 +350,8 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
         gex=report.scores,
         is_noisy=noisy,
     )
+    paper = keras_gex.detect_noisy((x, targets), ens, score="self_influence", verbose=0)
+    add(GEX_PAPER, paper.scores, gex_seconds, paper.noisy_mask)
     for name in TRANSFORMS:
         cut = threshold_scores(report.scores, name)
         rows.append(
@@ -346,7 +383,7 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
         ("TracInRP (GE)", "tracin_scores", (ens,)),
         ("RandProj", "randproj_scores", (model,)),
     ):
-        if hasattr(baselines, fn):
+        if hasattr(baselines, fn) and fn not in skip:
             start = time.perf_counter()
             values = getattr(baselines, fn)(*args, (x, targets))
             add(method, values, time.perf_counter() - start)
@@ -392,7 +429,7 @@ def _retrain(case, seed, report, scores, noisy, model_fn, x, targets, x_test, y_
 
     _, _, _, epochs, batch_size, _, sigmoid = CASES[case]
     # The best baseline of this seed by AUC (cleanlab keeps its own flags).
-    candidates = [(m, v) for m, v in scores.items() if m != GEX]
+    candidates = [(m, v) for m, v in scores.items() if m not in (GEX, GEX_PAPER)]
     best = max(candidates, key=lambda mv: _ranking(noisy, mv[1][0])["auc"])
     method, (values, flagged) = best
     if flagged is None:
@@ -461,7 +498,7 @@ def markdown_tables(rows, seeds) -> str:
         "GEX diagnostics (mean over seeds): wall-time share of the collection spent in "
         "calibration probes not kept as members (the first probe also pays the one-time "
         "tf.function tracing), their number and their share of the fine-tuning steps "
-        "(rejected / (rejected + M)), the step size members 1.. used, members' fit "
+        "run (a probe abandoned halfway counts half), the step size members 1.. used, members' fit "
         "relative to θ*, θ*'s fit of its noisy training labels.",
         "",
         "| Case | Calibration wall share | Rejected probes | Step share | lr | "
@@ -470,14 +507,10 @@ def markdown_tables(rows, seeds) -> str:
     ]
     for case in cases:
         group = [r for r in rows if r["case"] == case and r["method"] == GEX]
-        for r in group:
-            probes = r.get("calibration_probes")
-            members = r.get("members") or 8
-            r["step_share"] = None if probes in (None, "") else probes / (probes + members)
         keys = (
             "calibration_share",
             "calibration_probes",
-            "step_share",
+            "calibration_step_share",
             "gex_learning_rate",
             "member_fit",
             "train_fit",
@@ -569,11 +602,25 @@ def main(argv=None) -> int:
         "--append", action="store_true", help="keep the rows already in quality.csv"
     )
     parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=SLOW_BASELINES,
+        help="leave out these baselines (on Fashion-MNIST each takes minutes on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--model-cache",
+        metavar="DIR",
+        help="save each trained θ* here and load it on later runs (skips its training)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: digits MLP 10%%, seed 0, a fifth of the epochs, 2 EL2N repeats",
     )
     args = parser.parse_args(argv)
+    global MODEL_CACHE
+    MODEL_CACHE = args.model_cache
     if args.table_only:
         rows = _read_csv("quality-*.csv") or _read_csv("quality.csv")
         seeds = sorted({r["seed"] for r in rows})
@@ -593,7 +640,12 @@ def main(argv=None) -> int:
     for case in cases:
         for seed in seeds:
             new, _ = run_one(
-                case, seed, epoch_scale=scale, repeats=repeats, retrain=not args.no_retrain
+                case,
+                seed,
+                epoch_scale=scale,
+                repeats=repeats,
+                retrain=not args.no_retrain,
+                skip=args.skip,
             )
             rows.extend(new)
             _write(rows, None, tag)

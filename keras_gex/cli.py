@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--members", type=int, default=8, help="GE members M (default 8)")
     demo.add_argument(
         "--plot",
-        default="gex_self_influence.png",
-        help="histogram PNG path, or '' for none (default gex_self_influence.png)",
+        default="gex_scores.png",
+        help="histogram PNG path, or '' for none (default gex_scores.png)",
     )
     demo.add_argument("--quiet", action="store_true", help="print only the results")
 
@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         help="score the training data of a saved model and flag likely mislabeled examples",
         description=(
             "Collect a geometric ensemble from a saved Keras model, score every example "
-            "of DATA by GEX self-influence and flag likely mislabeled ones. Writes "
-            "scores.csv, scores.npy, flagged.txt, self_influence.png, report.html and "
+            "of DATA by its members' losses and flag likely mislabeled ones. Writes "
+            "scores.csv, scores.npy, flagged.txt, scores.png, report.html and "
             "the ensemble (reused by later runs) into --out."
         ),
         epilog=(
@@ -68,8 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
     detect.add_argument(
         "--threshold",
-        default="otsu_sqrt",
-        help="otsu_sqrt (default), otsu, otsu_cbrt, otsu_root4, otsu_log, or a number",
+        default="auto",
+        help=(
+            "auto (default: the score's rule, otsu for member_loss, otsu_sqrt for "
+            "self_influence), otsu, otsu_sqrt, otsu_cbrt, otsu_root4, otsu_log, or a number"
+        ),
+    )
+    detect.add_argument(
+        "--score",
+        default="member_loss",
+        choices=["member_loss", "self_influence"],
+        help="what to rank by (default member_loss; self_influence is the paper's score)",
     )
     detect.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     detect.add_argument("--quiet", action="store_true", help="no progress output")
@@ -162,12 +171,12 @@ def _detect(args) -> None:
     model = keras.models.load_model(args.model)
     x, y, class_names = _load_data(args.data)
     threshold = args.threshold
-    if threshold not in TRANSFORMS:
+    if threshold != "auto" and threshold not in TRANSFORMS:
         try:
             threshold = float(threshold)
         except ValueError:
             raise ValueError(
-                f"Argument `--threshold` must be one of {', '.join(TRANSFORMS)} or a number. "
+                f"Argument `--threshold` must be auto, one of {', '.join(TRANSFORMS)} or a number. "
                 f"Received: {args.threshold!r}"
             ) from None
     lr = _auto_or(args.learning_rate, float, "--learning-rate", "a number")
@@ -185,7 +194,9 @@ def _detect(args) -> None:
         directory=os.path.join(args.out, "ensemble"),
         verbose=verbose,
     )
-    report = keras_gex.detect_noisy((x, y), ensemble, threshold=threshold, verbose=verbose)
+    report = keras_gex.detect_noisy(
+        (x, y), ensemble, threshold=threshold, score=args.score, verbose=verbose
+    )
     if verbose:
         report.summary()
     np.save(os.path.join(args.out, "scores.npy"), report.scores)
@@ -194,7 +205,7 @@ def _detect(args) -> None:
     suggested = report.suggested_labels()
     with open(os.path.join(args.out, "scores.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        header = ["index", "self_influence", "flagged", "given_label", "predicted_label"]
+        header = ["index", report.score_method, "flagged", "given_label", "predicted_label"]
         writer.writerow([*header, "suggested_label"])
         for i, score in enumerate(report.scores):
             writer.writerow(
@@ -202,13 +213,13 @@ def _detect(args) -> None:
             )
     with open(os.path.join(args.out, "flagged.txt"), "w") as handle:
         handle.writelines(f"{i}\n" for i in report.noisy_indices)
-    report.plot(path=os.path.join(args.out, "self_influence.png"))
+    report.plot(path=os.path.join(args.out, "scores.png"))
     write_html_report(
         report, os.path.join(args.out, "report.html"), images=x, class_names=class_names
     )
     print(
         f"{report.num_flagged} of {len(report.scores)} examples flagged; results in {args.out}/ "
-        "(scores.csv, scores.npy, flagged.txt, self_influence.png, report.html)"
+        "(scores.csv, scores.npy, flagged.txt, scores.png, report.html)"
     )
 
 

@@ -56,6 +56,15 @@ FIT_TARGET = 0.78
 #: chance-level fit next to a well-placed one took AUC from 0.99 to 0.64) and
 #: are refitted at a smaller step size when the step size is calibrated.
 COLLAPSE_FIT = 0.45
+#: A calibration probe that still keeps more than this fraction of θ*'s fit
+#: halfway through its steps is abandoned there as a too-small step size: the
+#: second half of the cosine schedule takes smaller steps and does not move it
+#: out of the basin. Measured over 33 (case, step size) probes on the 7 cases
+#: of `benchmarks/quality.py` (seed 0): no probe ended with a lower fit than it
+#: had halfway, and the 13 above 0.99 halfway all ended at or above 1.0. (With
+#: BatchNorm the halfway fit reads low, with statistics not yet re-estimated,
+#: so such probes are abandoned less often, never wrongly.)
+ABANDON_FIT = 0.99
 _INITIAL_LR = 0.1
 _LR_FACTOR = 4.0
 _EVAL_EXAMPLES = 2048
@@ -72,6 +81,12 @@ _EVAL_BATCH_BYTES = 32 * 2**20
 STEP_EPOCHS = 10
 MIN_STEPS = 50
 MAX_STEPS = 200
+
+
+def _cosine(peak, step, total):
+    """Cosine-decayed step size at integer `step` of `total` (a float tensor)."""
+    progress = tf.cast(step, tf.float32) / total
+    return peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
 
 
 @dataclasses.dataclass
@@ -242,53 +257,60 @@ class FineTuner:
         return losses, fit
 
     # -- operations -------------------------------------------------------------------
-    def _train_loop(self, iterator, steps, learning_rate):
-        """`steps` SGD steps in one compiled loop; returns per-step objectives."""
-        steps_f = tf.cast(steps, tf.float32)
+    def _train_loop(self, iterator, steps, learning_rate, start, total):
+        """Steps `start .. start+steps` of a `total`-step cosine schedule, compiled."""
+        total_f = tf.cast(total, tf.float32)
         values = tf.TensorArray(tf.float32, size=steps)
         for t in tf.range(steps):
             x, y = iterator.get_next()
-            progress = tf.cast(t, tf.float32) / steps_f
-            lr = learning_rate * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            lr = _cosine(learning_rate, t + start, total_f)
             values = values.write(t, tf.cast(self._step(x, y, lr), tf.float32))
         return values.stack()
 
-    def _train_indexed(self, x_all, y_all, indices, learning_rate):
+    def _train_indexed(self, x_all, y_all, indices, learning_rate, start, total):
         """`_train_loop` for an `ArrayStream`: batch `t` is `x_all[indices[t]]`."""
         steps = tf.shape(indices)[0]
-        steps_f = tf.cast(steps, tf.float32)
+        total_f = tf.cast(total, tf.float32)
         values = tf.TensorArray(tf.float32, size=steps)
         for t in tf.range(steps):
             rows = indices[t]
             x, y = tf.gather(x_all, rows), tf.gather(y_all, rows)
-            progress = tf.cast(t, tf.float32) / steps_f
-            lr = learning_rate * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            lr = _cosine(learning_rate, t + start, total_f)
             values = values.write(t, tf.cast(self._step(x, y, lr), tf.float32))
         return values.stack()
 
-    def train(self, iterator, steps: int, learning_rate: float) -> tuple[float, bool]:
-        """Runs `steps` SGD steps with cosine decay; returns (late loss, finite).
+    def train(
+        self, iterator, steps: int, learning_rate: float, *, start: int = 0, stop=None
+    ) -> tuple[float, bool]:
+        """Runs SGD steps with cosine decay; returns (late loss, finite).
 
         `iterator` is a `tf.data` iterator or an `ArrayStream` (arrays: the
         loop gathers batches itself, no pipeline per member). The late loss is
-        the mean objective over the last 10% of steps.
+        the mean objective over the last 10% of `steps`. `start` / `stop` run
+        only steps `start .. stop` of the `steps`-step schedule: the segments
+        of one schedule, run in order on one iterator, give the same weights as
+        running it whole.
         """
+        stop = steps if stop is None else stop
         lr = tf.constant(learning_rate, tf.float32)
+        where = (tf.constant(start, tf.int32), tf.constant(steps, tf.int32))
         if isinstance(iterator, ArrayStream):
-            indices = tf.constant(iterator.take_indices(steps))
-            values = self._run_indexed(iterator, indices, lr)
+            indices = tf.constant(iterator.take_indices(stop - start))
+            values = self._run_indexed(iterator, indices, lr, where)
         else:
             if self._step_fn is None:
                 self._step_fn = tf.function(self._train_loop)
-            values = self._step_fn(iterator, tf.constant(steps, tf.int32), lr).numpy()
+            values = self._step_fn(iterator, tf.constant(stop - start, tf.int32), lr, *where)
+            values = values.numpy()
         if not np.all(np.isfinite(values)):
             return float("nan"), False
         tail = max(1, steps // 10)
         return float(np.mean(values[-tail:])), True
 
-    def _run_indexed(self, stream: ArrayStream, indices, lr) -> np.ndarray:
+    def _run_indexed(self, stream: ArrayStream, indices, lr, where) -> np.ndarray:
         if self._indexed_fn is None:  # one trace for any N, steps and batch size
             free = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
+            scalar = tf.TensorSpec([], tf.int32)
             self._indexed_fn = tf.function(
                 self._train_indexed,
                 input_signature=[
@@ -296,14 +318,17 @@ class FineTuner:
                     free(stream.y),
                     tf.TensorSpec([None, None], tf.int64),
                     tf.TensorSpec([], tf.float32),
+                    scalar,
+                    scalar,
                 ],
                 jit_compile=self.jit_compile,
             )
+        args = (stream.x, stream.y, indices, lr, *where)
         if not self.jit_compile or self._jit_proven:
-            return self._indexed_fn(stream.x, stream.y, indices, lr).numpy()
+            return self._indexed_fn(*args).numpy()
         state = [v.numpy() for v in (*self.tv, *self.ntv, *self.velocity)]
         try:
-            values = self._indexed_fn(stream.x, stream.y, indices, lr).numpy()
+            values = self._indexed_fn(*args).numpy()
         except tf.errors.OpError as error:
             first = (str(error).strip().splitlines() or [""])[0][:200]
             self.xla_error = f"{type(error).__name__}: {first}"
@@ -311,7 +336,7 @@ class FineTuner:
                 var.assign(value)
             self.jit_compile = False
             self._indexed_fn = None
-            return self._run_indexed(stream, indices, lr)
+            return self._run_indexed(stream, indices, lr, where)
         self._jit_proven = True
         return values
 
@@ -557,14 +582,13 @@ class ReplicaFineTuner:
             out[i] = value / tf.cast(total, value.dtype)
         return out
 
-    def _train_loop(self, iterator, steps, learning_rate):
-        """`steps` SGD steps in one compiled loop; returns `(steps, replicas)` objectives."""
-        steps_f = tf.cast(steps, tf.float32)
+    def _train_loop(self, iterator, steps, learning_rate, start, total):
+        """`FineTuner._train_loop` per replica; returns `(steps, replicas)` objectives."""
+        total_f = tf.cast(total, tf.float32)
         values = tf.TensorArray(tf.float32, size=steps)
         for t in tf.range(steps):
             x, y = iterator.get_next()
-            progress = tf.cast(t, tf.float32) / steps_f
-            lr = learning_rate * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            lr = _cosine(learning_rate, t + start, total_f)
             objective = self.strategy.run(self._replica_step, args=(x, y, lr))
             values = values.write(
                 t, tf.cast(distribute.gather(self.strategy, objective), tf.float32)
@@ -604,13 +628,18 @@ class ReplicaFineTuner:
         return tf.expand_dims(losses, 0), tf.expand_dims(fit, 0)  # one row per replica
 
     # -- operations ---------------------------------------------------------------------
-    def train(self, iterator, steps: int, learning_rate: float) -> list:
-        """`steps` SGD steps with cosine decay; `(late loss, finite)` per replica."""
+    def train(
+        self, iterator, steps: int, learning_rate: float, *, start: int = 0, stop=None
+    ) -> list:
+        """`FineTuner.train` on every replica; `(late loss, finite)` per replica."""
+        stop = steps if stop is None else stop
         fn = self._fn("train", self._train_loop)
         values = fn(
             _LazyIterator.unwrap(iterator),
-            tf.constant(steps, tf.int32),
+            tf.constant(stop - start, tf.int32),
             tf.constant(learning_rate, tf.float32),
+            tf.constant(start, tf.int32),
+            tf.constant(steps, tf.int32),
         ).numpy()
         if self.synchronized:
             values = values.sum(axis=1, keepdims=True)  # compute_average_loss parts
@@ -734,8 +763,8 @@ class _DataParallelTuner:
     def snapshot(self) -> WeightSet:
         return self.tuner.snapshots()[0]
 
-    def train(self, iterator, steps: int, learning_rate: float):
-        return self.tuner.train(iterator, steps, learning_rate)[0]
+    def train(self, iterator, steps: int, learning_rate: float, **segment):
+        return self.tuner.train(iterator, steps, learning_rate, **segment)[0]
 
     def refresh_batchnorm(self, batches, num_batches: int) -> None:
         self.tuner.refresh_batchnorm(batches, num_batches)
@@ -837,8 +866,9 @@ def _warn_unless_memorised(ref_fit, stacklevel: int) -> None:
         warnings.warn(
             f"The trained model predicts only {ref_fit:.1%} of its training labels. GEX "
             "self-influence assumes a model that fits (memorises) its training set; on "
-            "one that does not, it can rank mislabeled examples below chance. Train "
-            "longer, or also look at the loss of θ* (`report.reference_losses`).",
+            "one that does not, it can rank mislabeled examples below chance. "
+            '`detect_noisy`\'s default `score="member_loss"` suffers less; train longer '
+            "for self-influence, and look at the loss of θ* (`report.reference_losses`).",
             stacklevel=stacklevel + 1,
         )
 
@@ -1016,11 +1046,31 @@ def collect_members(
     ref_stats = MemberStats(0.0, float("nan"), ref_fit, ref_loss)
     _warn_unless_memorised(ref_fit, stacklevel=3)
 
-    def run_member(start_weights: WeightSet, lr: float, index: int):
-        """Fine-tunes one member; its mini-batches depend only on (seed, index)."""
+    def run_member(start_weights: WeightSet, lr: float, index: int, abandon_above=None):
+        """Fine-tunes one member; its mini-batches depend only on (seed, index).
+
+        Returns `(weights, stats, midway)`. With `abandon_above`, the fit is
+        also measured halfway (`midway`, relative to θ*'s, BatchNorm statistics
+        as they are) and the member is abandoned there, returned with
+        `weights=None` and finite stats, if it still keeps more than
+        `abandon_above` of θ*'s fit: the decaying second half cannot move it
+        further. Not abandoning gives the same member as an uninterrupted run.
+        """
         batches = stream(index)
         tuner.load(start_weights)
-        train_loss, finite = tuner.train(batches, steps, lr)
+        midway = None
+        if abandon_above is None:
+            train_loss, finite = tuner.train(batches, steps, lr)
+        else:
+            half = steps // 2
+            train_loss, finite = tuner.train(batches, steps, lr, stop=half)
+            if finite:
+                mid_loss, mid_fit = tuner.evaluate(eval_batches)
+                mid = MemberStats(lr, train_loss, mid_fit, mid_loss)
+                midway = _relative_fit(mid, ref_stats)
+                if midway > abandon_above:
+                    return None, mid, midway
+                train_loss, finite = tuner.train(batches, steps, lr, start=half)
         weights = None
         if finite:
             tuner.refresh_batchnorm(batches, bn_batches)
@@ -1030,14 +1080,16 @@ def collect_members(
             mean_loss, fit = tuner.evaluate(eval_batches)
         else:
             mean_loss, fit = float("nan"), 0.0 if loss.is_classification else None
-        return weights, MemberStats(lr, train_loss, fit, mean_loss, finite)
+        return weights, MemberStats(lr, train_loss, fit, mean_loss, finite), midway
 
     members, stats, calibration, lr = _resume(store, num_members, log)
     # `lr` is set when a resumed store was calibrated before the interruption.
     if lr is None and learning_rate == "auto" and not loss.is_classification:
         lr = _fallback_learning_rate(loss, stacklevel=3)
     elif lr is None and learning_rate == "auto":
-        lr, accepted = _calibrate(run_member, theta_star, ref_stats, calibration, max_probes, log)
+        lr, accepted = _calibrate(
+            run_member, theta_star, ref_stats, calibration, max_probes, log, steps=steps
+        )
         if store is not None:
             store.save_calibration(lr, calibration)  # before members: see resume
         for weights, member_stats in accepted[:num_members]:
@@ -1057,7 +1109,7 @@ def collect_members(
     gate = _MemberGate(adaptive, num_members, stacklevel=3, log=log)
     while len(members) < num_members:
         index = len(members)
-        weights, member_stats = run_member(previous if chain else theta_star, lr, index)
+        weights, member_stats, _ = run_member(previous if chain else theta_star, lr, index)
         rel = _relative_fit(member_stats, ref_stats)
         retry_lr = gate.reject(member_stats, rel, lr, index, "it")
         if retry_lr is not None:
@@ -1174,11 +1226,14 @@ def _collect_per_replica(
     elif lr is None and learning_rate == "auto":
         probe = {}
 
-        def run_probe(start_weights, probe_lr, index):
+        def run_probe(start_weights, probe_lr, index, abandon_above=None):
+            # A round is never abandoned halfway: one member per replica, one loop.
             probe["round"] = run_round(probe_lr, index)
-            return probe["round"][0]
+            return (*probe["round"][0], None)
 
-        lr, accepted = _calibrate(run_probe, theta_star, ref_stats, calibration, max_probes, log)
+        lr, accepted = _calibrate(
+            run_probe, theta_star, ref_stats, calibration, max_probes, log, steps=steps
+        )
         if accepted:
             pending = probe["round"]
     elif lr is None:
@@ -1248,11 +1303,14 @@ def _next_learning_rate(lr: float, relative_fit: float) -> float:
     return lr
 
 
-def _calibrate(run_member, theta_star, ref_stats, record, max_probes, log):
+def _calibrate(run_member, theta_star, ref_stats, record, max_probes, log, steps=None):
     """Geometric search for the step size whose members land in `FIT_WINDOW`.
 
     Probes are full-length members; every probe whose relative fit lies in the
     window is kept as a GE member, so a well-placed first guess costs nothing.
+    A probe still keeping more than `ABANDON_FIT` of θ*'s fit halfway is
+    abandoned there (half the cost). Each probe is appended to `record`, with
+    the number of its `steps` (of `steps` per member) that it ran.
     """
     low, high = FIT_WINDOW
     too_small, too_large = None, None  # step sizes known to be too small / large
@@ -1262,21 +1320,26 @@ def _calibrate(run_member, theta_star, ref_stats, record, max_probes, log):
     for _ in range(max_probes):
         # Every probe replays member 0's stream, so an accepted probe *is* member 0.
         probe_start = time.perf_counter()
-        weights, stats = run_member(theta_star, lr, 0)
+        weights, stats, midway = run_member(theta_star, lr, 0, abandon_above=ABANDON_FIT)
         rel = _relative_fit(stats, ref_stats)
+        abandoned = weights is None and stats.finite
         record.append(
             {
                 "learning_rate": lr,
                 "relative_fit": rel,
                 "loss": stats.loss,
                 "seconds": time.perf_counter() - probe_start,
-                "accepted": bool(low <= rel <= high),
+                "accepted": bool(low <= rel <= high) and not abandoned,
+                "midway_fit": midway,
+                "abandoned": abandoned,
+                "steps": None if steps is None else (steps // 2 if abandoned else steps),
             }
         )
-        log(f"calibration: lr {lr:.4g} -> members keep {rel:.1%} of θ*'s fit")
+        where = "halfway (abandoned)" if abandoned else ""
+        log(f"calibration: lr {lr:.4g} -> members keep {rel:.1%} of θ*'s fit {where}".rstrip())
         if best is None or abs(rel - FIT_TARGET) < abs(best[1] - FIT_TARGET):
             best = (lr, rel)
-        if low <= rel <= high:
+        if low <= rel <= high and not abandoned:
             accepted.append((weights, stats))
             return lr, accepted
         if rel > high:

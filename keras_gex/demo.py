@@ -4,7 +4,7 @@ Runs offline on real data: 10% of the training labels are flipped (seeded),
 a small MLP is trained to zero loss with `GEXCollector`, `detect_noisy` flags
 suspect labels, Kong relabeling fixes them, and the model is retrained.
 Prints detection quality against the known flips and test accuracy of the
-noisy, relabeled and clean models; writes the self-influence histogram.
+noisy, relabeled and clean models; writes the score histogram.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def run_demo(
     seed: int = 0,
     epochs: int = 150,
     num_members: int = 8,
-    plot_path: str | None = "gex_self_influence.png",
+    plot_path: str | None = "gex_scores.png",
     verbose: int = 1,
 ) -> DemoResult:
     """Runs the digits demo end to end and returns its numbers.
@@ -78,7 +78,7 @@ def run_demo(
         epochs: Training epochs (the model must memorise). Defaults to `150`.
         num_members: GE members. Defaults to `8`.
         plot_path: Where to write the histogram PNG, or None. Defaults to
-            `"gex_self_influence.png"`.
+            `"gex_scores.png"`.
         verbose: 1 prints progress and results. Defaults to `1`.
 
     Returns:

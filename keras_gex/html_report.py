@@ -8,6 +8,8 @@ import io
 
 import numpy as np
 
+from keras_gex.report import SCORE_LABELS
+
 
 def _png(fig) -> str:
     buffer = io.BytesIO()
@@ -36,7 +38,8 @@ def write_html_report(
         max_rows: Flagged rows listed in the table. Defaults to `100`.
     """
     summary = report.summary(print_fn=None)
-    figures = [("Self-influence", _png(report.plot()))]
+    name, formula = SCORE_LABELS[report.score_method]
+    figures = [(name, _png(report.plot()))]
     if images is not None:
         try:
             figures.append(
@@ -83,11 +86,11 @@ img {{ max-width: 100%; }}
 <pre>{html.escape(summary)}</pre>
 {figure_html}
 <h2>Flagged examples (most suspect first; {report.num_flagged} in all)</h2>
-<table><tr><th>rank</th><th>index</th><th>self-influence</th><th>given</th><th>suggested</th></tr>
+<table><tr><th>rank</th><th>index</th><th>{html.escape(name)}</th><th>given</th><th>suggested</th></tr>
 {"".join(rows)}
 </table>
-<p>Scores are GEX self-influence, mean over ensemble members of the squared loss
-deviation; higher means more likely mislabeled.</p>
+<p>Scores are the {html.escape(name)}, {html.escape(formula)}, over the GE members
+θ_m (θ* is the trained model); higher means more likely mislabeled.</p>
 </body></html>
 """
     with open(path, "w", encoding="utf-8") as handle:

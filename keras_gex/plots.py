@@ -1,4 +1,4 @@
-"""Plots a user looks at: the self-influence histogram with its threshold."""
+"""Plots a user looks at: the score histogram with its threshold."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ def plot_self_influence(
     bins: int = 60,
     ax=None,
     title: str | None = None,
+    xlabel: str | None = None,
 ):
-    """Histogram of self-influence, split by flagged/kept, with the threshold.
+    """Histogram of scores (self-influence by default), flagged/kept, with the threshold.
 
     Args:
-        scores: `(N,)` self-influence scores.
+        scores: `(N,)` scores, higher = more suspect (e.g. self-influence).
         threshold: Vertical line position. Defaults to `None`.
         noisy_mask: Flagged rows; drawn in a second colour. Defaults to `None`.
         known_noisy: Ground-truth noisy rows (when known); drawn as an outline.
@@ -27,7 +28,8 @@ def plot_self_influence(
         log_x: Log-spaced bins and axis (scores span decades). Defaults to `True`.
         bins: Number of bins. Defaults to `60`.
         ax: A matplotlib axes to draw on. Defaults to `None` (new figure).
-        title: Axes title. Defaults to `None`.
+        title: Axes title. Defaults to `None` ("GEX self-influence").
+        xlabel: Score axis label. Defaults to `None` (self-influence's).
 
     Returns:
         The matplotlib `Figure`.
@@ -73,7 +75,7 @@ def plot_self_influence(
         )
     if threshold is not None:
         ax.axvline(max(threshold, edges[0]), color="black", linestyle="--", label="threshold")
-    ax.set_xlabel("self-influence  mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²")
+    ax.set_xlabel(xlabel or "self-influence  mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²")
     ax.set_ylabel("examples")
     ax.set_title(title or "GEX self-influence")
     ax.legend()

@@ -11,6 +11,12 @@ from keras_gex.plots import plot_gallery, plot_self_influence
 from keras_gex.relabel import distillation_targets, relabel
 from keras_gex.thresholding import threshold_scores
 
+#: How each `score_method` is named on plots and pages: (name, formula).
+SCORE_LABELS = {
+    "member_loss": ("GE members' mean loss", "mean_m ℓ(z,θ_m)"),
+    "self_influence": ("GEX self-influence", "mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²"),
+}
+
 
 def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray:
     """`(N, M)` float64 per-member terms of a score; their member mean is the score.
@@ -21,6 +27,14 @@ def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray
     if score == "member_loss":
         return np.asarray(member_losses, dtype=np.float64)
     return np.square(np.asarray(deviations, dtype=np.float64))
+
+
+def _probe_text(probe: dict) -> str:
+    """One calibration probe for `summary()`, e.g. "0.1 → 100% (abandoned halfway)"."""
+    text = f"{probe['learning_rate']:.3g} → {probe['relative_fit']:.0%}"
+    if probe.get("abandoned"):
+        return text + " (abandoned halfway)"
+    return text + (" (kept)" if probe.get("accepted") else "")
 
 
 @dataclasses.dataclass
@@ -240,6 +254,13 @@ class NoisyLabelReport:
                 f"  ensemble: M={info.get('num_members')} members, T={info.get('steps')} "
                 f"steps{steps_how}, lr={lr:.4g} ({how}), batch {info.get('batch_size')}"
             )
+            probes = info.get("calibration") or []
+            if probes:
+                lines.append(
+                    "  calibration: lr → fit kept: "
+                    + ", ".join(_probe_text(p) for p in probes)
+                    + " (of θ*'s fit)"
+                )
             ref = info.get("reference_stats") or {}
             stats = info.get("member_stats") or []
             if stats:
@@ -278,12 +299,18 @@ class NoisyLabelReport:
                     f"members fit only {np.mean(rel):.1%} of what θ* fits: fine-tuning "
                     "moved far from θ*; decrease `learning_rate`."
                 )
-        if ref_fit is not None and ref_fit < 0.95:
+        if ref_fit is not None and ref_fit < 0.95 and self.score_method == "self_influence":
             out.append(
                 f"θ* predicts only {ref_fit:.1%} of its training labels: it has not memorised "
                 "its training set, which GEX self-influence assumes (measured: an MLP stopped "
-                "early scored AUC 0.40, below chance, while its loss scored 0.99). Train "
-                "longer, or rank by `report.reference_losses` as well."
+                "early scored AUC 0.40, below chance, while its loss scored 0.99). Rank by "
+                'the default `score="member_loss"`, train longer, or rank by '
+                "`report.reference_losses` as well."
+            )
+        elif ref_fit is not None and ref_fit < 0.95:
+            out.append(
+                f"θ* predicts only {ref_fit:.1%} of its training labels: labels it never "
+                "fitted rank high by their loss alone, mislabeled or merely hard."
             )
         spread = np.std(self.deviations)
         if spread == 0:
@@ -302,6 +329,7 @@ class NoisyLabelReport:
         Returns:
             The matplotlib `Figure`.
         """
+        name, formula = SCORE_LABELS[self.score_method]
         fig = plot_self_influence(
             self.scores,
             self.threshold,
@@ -309,6 +337,8 @@ class NoisyLabelReport:
             known_noisy=known_noisy,
             log_x=log_x,
             ax=ax,
+            title=name,
+            xlabel=f"{name}  {formula}",
         )
         if path is not None:
             fig.savefig(path, dpi=120)

@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 import keras_gex
 from keras_gex.collect import (
+    ABANDON_FIT,
     COLLAPSE_FIT,
     FIT_WINDOW,
     MemberStats,
@@ -19,20 +20,32 @@ from keras_gex.collect import (
 REF = MemberStats(0.0, float("nan"), 1.0, 0.01)
 
 
-def _fake_member(fit_of_lr, calls):
-    """A `run_member` whose members keep `fit_of_lr(lr)` of θ*'s fit."""
+def _fake_member(fit_of_lr, calls, midway_of_lr=None):
+    """A `run_member` whose members keep `fit_of_lr(lr)` of θ*'s fit.
 
-    def run_member(start, lr, index):
+    Halfway they keep `midway_of_lr(lr)` (by default their final fit).
+    """
+    midway_of_lr = midway_of_lr or fit_of_lr
+
+    def run_member(start, lr, index, abandon_above=None):
         calls.append(lr)
-        return f"weights@{lr:.4g}", MemberStats(lr, 0.1, fit_of_lr(lr), 0.5)
+        midway = midway_of_lr(lr)
+        if abandon_above is not None and midway > abandon_above:
+            return None, MemberStats(lr, 0.2, midway, 0.3), midway
+        return f"weights@{lr:.4g}", MemberStats(lr, 0.1, fit_of_lr(lr), 0.5), midway
 
     return run_member
 
 
-def _calibrate_fake(fit_of_lr, max_probes=6):
+def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None):
     calls, record = [], []
     lr, accepted = _calibrate(
-        _fake_member(fit_of_lr, calls), "θ*", REF, record, max_probes, lambda msg: None
+        _fake_member(fit_of_lr, calls, midway_of_lr),
+        "θ*",
+        REF,
+        record,
+        max_probes,
+        lambda msg: None,
     )
     return lr, accepted, record, calls
 
@@ -56,6 +69,21 @@ def test_search_brackets_the_edge_of_the_basin():
     assert calls[:2] == [0.1, 0.4]  # up by the factor, then back by bisection in log
     assert calls[2] == pytest.approx(math.sqrt(0.1 * 0.4))
     assert [r["accepted"] for r in record] == [False] * (len(record) - 1) + [True]
+
+
+def test_probe_that_has_not_moved_halfway_is_abandoned_as_too_small():
+    """Halfway fit above `ABANDON_FIT`: recorded, not kept, the step size goes up."""
+
+    def fit(lr):
+        return 1.0 if lr < 0.15 else 0.8
+
+    lr, accepted, record, calls = _calibrate_fake(fit, midway_of_lr=fit)
+    assert calls == [0.1, 0.4] and lr == 0.4 and len(accepted) == 1
+    assert record[0]["abandoned"] is True and record[0]["accepted"] is False
+    assert record[0]["midway_fit"] == 1.0 and record[1]["abandoned"] is False
+    # Halfway below the bar: the probe runs to its end and is judged there.
+    lr, _, record, calls = _calibrate_fake(fit, midway_of_lr=lambda lr: ABANDON_FIT - 0.01)
+    assert record[0]["abandoned"] is False and record[0]["relative_fit"] == 1.0
 
 
 def test_no_step_size_in_window_warns_and_takes_the_closest():
@@ -111,6 +139,10 @@ def test_auto_picks_a_sane_step_size_on_a_tiny_model_where_a_fixed_one_fails(dig
     auc_fixed = roc_auc_score(flipped, fixed.self_influence((x, y), verbose=0))
     assert auc_auto > 0.97
     assert auc_auto > auc_fixed + 0.03
+    # Every probe ran whole or (abandoned) half of the steps; the summary lists them.
+    assert all(p["steps"] == (50 if p["abandoned"] else 100) for p in probes)
+    summary = keras_gex.detect_noisy((x, y), auto, verbose=0).summary(print_fn=None)
+    assert "calibration: lr → fit kept: " in summary and "(kept)" in summary
 
 
 def test_sigmoid_members_are_judged_on_whole_examples():

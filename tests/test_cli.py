@@ -75,13 +75,14 @@ def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
-    for name in ("scores.csv", "scores.npy", "flagged.txt", "self_influence.png", "report.html"):
+    for name in ("scores.csv", "scores.npy", "flagged.txt", "scores.png", "report.html"):
         assert (out / name).stat().st_size > 0, name
     scores = np.load(out / "scores.npy")
     assert scores.shape == (len(digits.x_train),)
     with open(out / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(scores) and int(rows[5]["given_label"]) == digits.y_train[5]
+    assert float(rows[5]["member_loss"]) == pytest.approx(scores[5], rel=1e-5)  # the default
     flagged = [int(line) for line in (out / "flagged.txt").read_text().split()]
     assert flagged and set(flagged) == {i for i, r in enumerate(rows) if r["flagged"] == "1"}
     from sklearn.metrics import roc_auc_score
@@ -89,6 +90,7 @@ def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
     assert roc_auc_score(digits.is_noisy, scores) > 0.97
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "Flagged examples" in page
+    assert "mean_m ℓ(z,θ_m)" in page
     assert "flagged; results in out/" in proc.stdout
     # A second run reuses the saved ensemble: same scores.
     again = _run_cli(
@@ -97,6 +99,13 @@ def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
     )
     assert again.returncode == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), scores)
+    # The paper's score from the same ensemble: its own column name.
+    args = ["detect", "model.keras", "data.npz", "--out", "out", "--members", "3", "--quiet"]
+    paper = _run_cli([*args, "--score", "self_influence"], tmp_path)
+    assert paper.returncode == 0, paper.stderr[-3000:]
+    with open(out / "scores.csv") as handle:
+        assert "self_influence" in next(csv.DictReader(handle))
+    assert roc_auc_score(digits.is_noisy, np.load(out / "scores.npy")) > 0.97
 
 
 def test_detect_bad_inputs_exit_2(tmp_path):

@@ -144,8 +144,10 @@ def test_warns_when_theta_star_has_not_memorised(digits):
             ens = keras_gex.GeometricEnsemble.collect(
                 model, (x, y), num_members=1, steps=5, learning_rate=0.01, verbose=0
             )
-    report = keras_gex.detect_noisy((x, y), ens, verbose=0)
+    report = keras_gex.detect_noisy((x, y), ens, score="self_influence", verbose=0)
     assert any("has not memorised" in w for w in report.diagnostics())
+    report = keras_gex.detect_noisy((x, y), ens, verbose=0)  # member loss
+    assert any("never fitted" in w for w in report.diagnostics())
 
 
 def test_array_stream_yields_the_batches_of_the_tf_data_stream(digits):
@@ -185,6 +187,33 @@ def test_fine_tuning_from_array_stream_equals_tf_data_stream(trained_mlp, digits
     for steps in (5, 7):  # one trace across members, streams and lengths
         tuner.train(source.array_stream(64, steps), steps, 0.01)
     assert tuner._indexed_fn.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("kind", ["array", "tf.data"])
+def test_two_segments_of_a_schedule_equal_the_whole_run(trained_mlp, digits, kind):
+    """Two routes: steps 0..12 then 12..30 of a 30-step schedule, or all 30 at once."""
+    from keras_gex.data import DataSource
+
+    source = DataSource((digits.x_train, digits.y_train))
+
+    def stream():
+        if kind == "array":
+            return source.array_stream(64, 3)
+        return iter(source.shuffled(64, 3))
+
+    tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp))
+    theta = tuner.snapshot()
+    whole_loss, _ = tuner.train(stream(), 30, 0.05)
+    whole = tuner.snapshot()
+    tuner.load(theta)
+    batches = stream()
+    tuner.train(batches, 30, 0.05, stop=12)
+    halfway = tuner.snapshot()
+    loss, finite = tuner.train(batches, 30, 0.05, start=12)
+    assert finite and loss == whole_loss
+    for a, b, c in zip(whole.trainable, tuner.snapshot().trainable, halfway.trainable):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
 
 
 def test_jit_compile_auto_means_xla_only_on_accelerators_for_models_without_convolutions(

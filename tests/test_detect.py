@@ -12,7 +12,15 @@ import keras_gex
 
 @pytest.fixture(scope="module")
 def report(digits_ensemble, digits):
+    """The default report: the members' mean loss, Otsu threshold."""
     return keras_gex.detect_noisy((digits.x_train, digits.y_train), digits_ensemble, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def si_report(digits_ensemble, digits):
+    """The paper's score: self-influence, Otsu on its square root."""
+    data = (digits.x_train, digits.y_train)
+    return keras_gex.detect_noisy(data, digits_ensemble, score="self_influence", verbose=0)
 
 
 def test_flipped_labels_rank_high_on_digits(report, digits):
@@ -24,10 +32,17 @@ def test_flipped_labels_rank_high_on_digits(report, digits):
     assert precision > 0.8 and recall > 0.6
 
 
-def test_report_fields_line_up(report, digits):
+@pytest.mark.parametrize("which", ["report", "si_report"])
+def test_report_fields_line_up(which, digits, request):
+    report = request.getfixturevalue(which)
     n = len(digits.x_train)
     assert report.deviations.shape == (n, 4)
-    np.testing.assert_allclose(report.scores, np.mean(report.deviations.astype(float) ** 2, 1))
+    d = report.deviations.astype(float)
+    if which == "si_report":
+        np.testing.assert_allclose(report.scores, np.mean(d**2, 1))
+    else:
+        expected = np.mean(d + report.reference_losses[:, None], 1)
+        np.testing.assert_allclose(report.scores, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(report.noisy_mask, report.scores > report.threshold)
     np.testing.assert_array_equal(report.labels, digits.y_train)
     assert report.predictions.shape == (n, 10)
@@ -128,7 +143,8 @@ def test_detect_refuses_non_ensemble(digits):
         keras_gex.detect_noisy((digits.x_train, digits.y_train), "model")
 
 
-def test_uncertainty_bootstrap(report):
+def test_uncertainty_bootstrap(si_report):
+    report = si_report
     unc = report.uncertainty(num_resamples=50, seed=1)
     n = len(report.scores)
     assert unc.score_stderr.shape == (n,) and np.all(unc.score_stderr >= 0)
@@ -151,8 +167,10 @@ def test_uncertainty_bootstrap(report):
         report.uncertainty(num_resamples=0)
 
 
-def test_uncertainty_identical_members_is_perfectly_stable(report):
+def test_uncertainty_identical_members_is_perfectly_stable(si_report):
     import dataclasses
+
+    report = si_report
 
     from keras_gex.thresholding import threshold_scores
 
@@ -195,17 +213,21 @@ def test_every_threshold_rule_is_accepted_and_orders_sensibly(report, digits, me
     np.testing.assert_array_equal(again.noisy_mask, again.scores > again.threshold)
 
 
-def test_member_loss_score_is_the_members_mean_loss(report, digits_ensemble, digits):
-    """Two routes: `score="member_loss"` equals θ*'s loss plus the mean deviation."""
+def test_member_loss_score_is_the_members_mean_loss(report, si_report, digits_ensemble, digits):
+    """Two routes: the default `score="member_loss"` is θ*'s loss plus the mean deviation."""
     data = (digits.x_train, digits.y_train)
-    by_loss = keras_gex.detect_noisy(data, digits_ensemble, score="member_loss", verbose=0)
+    by_loss, self_inf = report, si_report
     expected = np.mean(
-        report.deviations.astype(np.float64) + report.reference_losses[:, None], axis=1
+        self_inf.deviations.astype(np.float64) + self_inf.reference_losses[:, None], axis=1
     )
     np.testing.assert_allclose(by_loss.scores, expected, rtol=1e-5, atol=1e-6)
-    assert by_loss.score_method == "member_loss" and report.score_method == "self_influence"
+    np.testing.assert_allclose(
+        self_inf.scores, digits_ensemble.self_influence(data, verbose=0), rtol=1e-5
+    )
+    assert by_loss.score_method == "member_loss" and self_inf.score_method == "self_influence"
     # threshold="auto": Otsu on member losses, on sqrt(self-influence) otherwise.
-    assert by_loss.threshold_method == "otsu" and report.threshold_method == "otsu_sqrt"
+    assert by_loss.threshold_method == "otsu" and self_inf.threshold_method == "otsu_sqrt"
+    assert roc_auc_score(digits.is_noisy, self_inf.scores) >= MIN_DIGITS_AUC
     assert roc_auc_score(digits.is_noisy, by_loss.scores) >= MIN_DIGITS_AUC
     np.testing.assert_array_equal(by_loss.noisy_mask, by_loss.scores > by_loss.threshold)
     assert "member loss: median" in by_loss.summary(print_fn=None)

@@ -67,7 +67,7 @@ CHECKS = {
 
 PNGS = {
     "01_fashion_mnist_noisy_labels.py": [
-        "fashion_self_influence.png",
+        "fashion_scores.png",
         "fashion_suspects.png",
         "fashion_suspects_truth.png",
     ],

@@ -15,12 +15,12 @@ Description: Collect a GEX ensemble inside `model.fit`, flag flipped labels, rel
 Real training sets contain wrong labels, and a network trained long enough memorises
 them. GEX (Kim, Kim & Yang, NeurIPS 2023) finds them from the trained model alone: it
 fine-tunes a few copies of the final weights θ* with SGD (the *geometric ensemble*) and
-scores every training example z by its self-influence
-
-    mean_m (ℓ(z, θ_m) − ℓ(z, θ*))²
+scores every training example z by how its loss changes across the copies θ_m: the
+paper's self-influence mean_m (ℓ(z, θ_m) − ℓ(z, θ*))², or (keras_gex's default) the
+copies' mean loss mean_m ℓ(z, θ_m).
 
 An example that the model could only fit by memorising it — typically a mislabeled one —
-loses that fit as soon as the weights move, so its loss deviates a lot across the copies.
+loses that fit as soon as the weights move, so the copies' loss on it is large.
 
 In this tutorial we:
 
@@ -179,8 +179,8 @@ wrong). The probe that lands in that window becomes the first member.
 
 ## Detect the mislabeled examples
 
-`detect_noisy` scores every training example (M + 1 forward passes each) and cuts the
-scores with Otsu's method on the root-mean-square loss deviation. `summary()` prints
+`detect_noisy` scores every training example (M + 1 forward passes each) by the members'
+mean loss and cuts the scores with Otsu's method. `summary()` prints
 the threshold and diagnostics of the ensemble: the calibrated step size, and how much of
 θ*'s training fit the members kept.
 """
@@ -225,7 +225,7 @@ memorised, so their mean prediction (`report.ensemble_probs()`) points back to w
 image looks like.
 """
 
-report.plot(known_noisy=is_flipped, path="fashion_self_influence.png")
+report.plot(known_noisy=is_flipped, path="fashion_scores.png")
 report.plot_gallery(x_train, k=16, class_names=CLASS_NAMES, path="fashion_suspects.png")
 suggested = report.suggested_labels()
 flagged_flips = report.noisy_mask & is_flipped
@@ -251,10 +251,10 @@ fig = keras_gex.plot_gallery(
     title="most suspect training examples: given label → original label",
 )
 fig.savefig("fashion_suspects_truth.png", dpi=120)
-print("wrote fashion_self_influence.png, fashion_suspects.png, fashion_suspects_truth.png")
+print("wrote fashion_scores.png, fashion_suspects.png, fashion_suspects_truth.png")
 
 """
-![histogram](fashion_self_influence.png)
+![histogram](fashion_scores.png)
 
 ![gallery](fashion_suspects.png)
 

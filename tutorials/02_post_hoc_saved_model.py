@@ -194,7 +194,7 @@ print("the interrupted run left:", sorted(os.listdir(RESUME_DIR)))
 resumed = keras_gex.GeometricEnsemble.collect(
     model, (x_train, y_train), num_members=NUM_MEMBERS, **collect_args
 )
-resumed_scores = resumed.self_influence((x_train, y_train))
+resumed_scores = keras_gex.detect_noisy((x_train, y_train), resumed, verbose=0).scores
 resume_diff = float(np.max(np.abs(resumed_scores - report.scores)))
 print(f"resumed ensemble vs uninterrupted: max |score difference| {resume_diff:.3g}")
 
