@@ -38,8 +38,8 @@ def write_html_report(
         max_rows: Flagged rows listed in the table. Defaults to `100`.
     """
     summary = report.summary(print_fn=None)
-    name, formula = SCORE_LABELS[report.score_method]
-    figures = [(name, _png(report.plot()))]
+    score_name, formula = SCORE_LABELS[report.score_method]
+    figures = [(score_name, _png(report.plot()))]
     if images is not None:
         try:
             figures.append(
@@ -86,10 +86,10 @@ img {{ max-width: 100%; }}
 <pre>{html.escape(summary)}</pre>
 {figure_html}
 <h2>Flagged examples (most suspect first; {report.num_flagged} in all)</h2>
-<table><tr><th>rank</th><th>index</th><th>{html.escape(name)}</th><th>given</th><th>suggested</th></tr>
+<table><tr><th>rank</th><th>index</th><th>{html.escape(score_name)}</th><th>given</th><th>suggested</th></tr>
 {"".join(rows)}
 </table>
-<p>Scores are the {html.escape(name)}, {html.escape(formula)}, over the GE members
+<p>Scores are the {html.escape(score_name)}, {html.escape(formula)}, over the GE members
 θ_m (θ* is the trained model); higher means more likely mislabeled.</p>
 </body></html>
 """

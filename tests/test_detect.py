@@ -110,6 +110,20 @@ def test_summary_and_plot(report, digits, tmp_path):
     assert path.stat().st_size > 5000
     fig_lin = report.plot(log_x=False)
     assert fig_lin.axes[0].get_xscale() == "linear"
+    assert fig_lin.axes[0].get_title() == "GE members' mean loss"  # names the score used
+
+
+@pytest.mark.parametrize("which", ["report", "si_report"])
+def test_html_report_names_the_score(which, request, digits, tmp_path):
+    from keras_gex.html_report import write_html_report
+
+    report = request.getfixturevalue(which)
+    path = tmp_path / "report.html"
+    write_html_report(report, path, class_names=[f"digit {k}" for k in range(10)])
+    page = path.read_text(encoding="utf-8")
+    formula = "mean_m ℓ(z,θ_m)" if which == "report" else "mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²"
+    assert formula in page and page.count("data:image/png;base64,") == 1
+    assert "<td>digit " in page
 
 
 def test_threshold_choices(digits_ensemble, digits):
