@@ -41,29 +41,28 @@ def detect_noisy(
             square deviation sqrt(score)), "otsu" (Otsu on raw scores, the
             paper's rule; measured on digits it misses ~30% of the flips),
             "otsu_cbrt" / "otsu_root4" (Otsu on the cube / fourth root),
-            "otsu_log", or a number (a cut on raw scores). Measured by
-            `benchmarks/quality.py` over 7 cases, mean F1 of the flagged set:
-            otsu 0.79, otsu_sqrt 0.93, otsu_cbrt 0.93, otsu_root4 0.91,
-            otsu_log 0.65 (otsu_cbrt wins on digits, loses on Fashion-MNIST
-            10%: 0.72 vs 0.84). "auto" is "otsu_sqrt" for self-influence
-            and "otsu" for "member_loss" (a loss, not a squared deviation):
-            mean F1 over the 13 runs measured for `score` below, otsu_sqrt on
-            self-influence 0.889, otsu on member loss 0.908 (otsu_sqrt on it
-            0.858). `report.threshold_method` holds the rule used. Defaults
-            to `"auto"`.
+            "otsu_log", or a number (a cut on raw scores). "auto" is "otsu"
+            for "member_loss" (a loss, not a squared deviation) and
+            "otsu_sqrt" for self-influence. Measured by `benchmarks/quality.py`
+            (7 cases, seeds 0-2), mean F1 of the flagged set on the member
+            loss: otsu 0.925, otsu_sqrt 0.893, otsu_cbrt 0.854, otsu_root4
+            0.829, otsu_log 0.671; on self-influence (an earlier run): otsu
+            0.79, otsu_sqrt 0.93, otsu_cbrt 0.93, otsu_root4 0.91, otsu_log
+            0.65. `report.threshold_method` holds the rule used. Defaults to
+            `"auto"`.
         score: What to rank by; both come from the same members at the same
             cost. "member_loss": the members' mean loss mean_m ℓ(z, θ_m) on
             the given label. "self_influence": GEX self-influence
             mean_m (ℓ(z, θ_m) − ℓ(z, θ*))², the paper's score; subtracting
             θ*'s loss hurts when θ* has not fitted every label (a flipped
             label θ* never fitted keeps a large ℓ(z, θ*) and a small
-            deviation). Measured from the same default members, 6 cases of
-            `benchmarks/quality.py`, seeds 0-2, mean AUC / AP, self_influence
-            → member_loss: Fashion-MNIST CNN 30% flips 0.949 / 0.887 →
+            deviation). Measured from the same default members, the 7 cases
+            of `benchmarks/quality.py`, seeds 0-2, mean AUC / AP,
+            self_influence → member_loss: Fashion-MNIST CNN 30% flips 0.949 / 0.887 →
             0.978 / 0.955; Fashion 10% 0.986 / 0.931 → 0.989 / 0.942; digits
             MLP 30% 0.993 / 0.976 → 0.997 / 0.992; digits MLP 10% 0.9989 /
-            0.990 → 0.9991 / 0.992; digits BN-CNN 10% and 30% equal within
-            0.0001 AUC. Defaults to `"member_loss"`.
+            0.990 → 0.9991 / 0.992; digits BN-CNN 10% / 30% and sigmoid
+            equal within 0.0002 AUC. Defaults to `"member_loss"`.
         batch_size: Scoring batch size for arrays. Defaults to `None` (256).
         reference_floor: Clamp for ℓ(z, θ*) (see
             `GeometricEnsemble.deviations`). Defaults to `0.0`.

@@ -257,9 +257,8 @@ class NoisyLabelReport:
             probes = info.get("calibration") or []
             if probes:
                 lines.append(
-                    "  calibration: lr → fit kept: "
+                    "  calibration probes (lr → share of θ*'s fit kept): "
                     + ", ".join(_probe_text(p) for p in probes)
-                    + " (of θ*'s fit)"
                 )
             ref = info.get("reference_stats") or {}
             stats = info.get("member_stats") or []

@@ -142,7 +142,7 @@ def test_auto_picks_a_sane_step_size_on_a_tiny_model_where_a_fixed_one_fails(dig
     # Every probe ran whole or (abandoned) half of the steps; the summary lists them.
     assert all(p["steps"] == (50 if p["abandoned"] else 100) for p in probes)
     summary = keras_gex.detect_noisy((x, y), auto, verbose=0).summary(print_fn=None)
-    assert "calibration: lr → fit kept: " in summary and "(kept)" in summary
+    assert "calibration probes (lr → share of θ*'s fit kept): " in summary and "(kept)" in summary
 
 
 def test_sigmoid_members_are_judged_on_whole_examples():
