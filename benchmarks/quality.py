@@ -205,18 +205,17 @@ def _targets(y, sigmoid):
     return np.eye(10, dtype="float32")[y] if sigmoid else y
 
 
-#: `--model-cache DIR`: θ* of each (case, seed) is saved there and loaded on later runs.
-MODEL_CACHE = None
+def _theta_star(case, model_fn, x, y, epochs, batch_size, seed, sigmoid, cache=None):
+    """θ* for a case and seed: trained, or loaded from the `cache` folder when there.
 
-
-def _theta_star(case, model_fn, x, y, epochs, batch_size, seed, sigmoid):
-    """θ* for a case and seed: trained, or loaded from `MODEL_CACHE` when there."""
+    A trained θ* is saved into `cache` (full-length runs only, not `--quick`).
+    """
     import keras
 
     path = None
-    if MODEL_CACHE is not None and epochs == CASES[case][3]:
+    if cache is not None and epochs == CASES[case][3]:
         name = f"{case.replace(' ', '_').replace('%', '')}-{seed}.keras"
-        path = pathlib.Path(MODEL_CACHE) / name
+        path = pathlib.Path(cache) / name
         if path.exists():
             return keras.models.load_model(path)
     model = _train(model_fn, x, y, epochs, batch_size, seed, sigmoid)
@@ -284,7 +283,16 @@ def _cleanlab(model_fn, x, y, epochs, batch_size, seed, sigmoid):
 
 
 # -- one case --------------------------------------------------------------------------
-def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retrain=True, skip=()):
+def run_one(
+    case: str,
+    seed: int,
+    *,
+    epoch_scale=1.0,
+    repeats=EL2N_REPEATS,
+    retrain=True,
+    skip=(),
+    model_cache=None,
+):
     """Trains one model on one case and seed; returns `(rows, extras)`."""
     import keras
 
@@ -298,7 +306,9 @@ def run_one(case: str, seed: int, *, epoch_scale=1.0, repeats=EL2N_REPEATS, retr
     targets = _targets(y, sigmoid)
 
     start = time.perf_counter()
-    model = _theta_star(case, model_fn, x, targets, epochs, batch_size, seed, sigmoid)
+    model = _theta_star(
+        case, model_fn, x, targets, epochs, batch_size, seed, sigmoid, cache=model_cache
+    )
     train_seconds = time.perf_counter() - start
     test_acc = _accuracy(model, x_test, y_test)
     train_fit = float(np.mean(np.argmax(model.predict(x, verbose=0), axis=1) == y))
@@ -619,8 +629,6 @@ def main(argv=None) -> int:
         help="smoke run: digits MLP 10%%, seed 0, a fifth of the epochs, 2 EL2N repeats",
     )
     args = parser.parse_args(argv)
-    global MODEL_CACHE
-    MODEL_CACHE = args.model_cache
     if args.table_only:
         rows = _read_csv("quality-*.csv") or _read_csv("quality.csv")
         seeds = sorted({r["seed"] for r in rows})
@@ -646,6 +654,7 @@ def main(argv=None) -> int:
                 repeats=repeats,
                 retrain=not args.no_retrain,
                 skip=args.skip,
+                model_cache=args.model_cache,
             )
             rows.extend(new)
             _write(rows, None, tag)

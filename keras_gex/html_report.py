@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 
-from keras_gex.report import SCORE_LABELS
+from keras_gex.plots import SCORE_LABELS
 
 
 def _png(fig) -> str:

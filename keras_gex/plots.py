@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+#: How each score (`NoisyLabelReport.score_method`) is named on plots and pages:
+#: (name, formula).
+SCORE_LABELS = {
+    "member_loss": ("GE members' mean loss", "mean_m ℓ(z,θ_m)"),
+    "self_influence": ("GEX self-influence", "mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²"),
+}
+
 
 def plot_self_influence(
     scores,
@@ -16,6 +23,7 @@ def plot_self_influence(
     ax=None,
     title: str | None = None,
     xlabel: str | None = None,
+    score: str = "self_influence",
 ):
     """Histogram of scores (self-influence by default), flagged/kept, with the threshold.
 
@@ -28,8 +36,10 @@ def plot_self_influence(
         log_x: Log-spaced bins and axis (scores span decades). Defaults to `True`.
         bins: Number of bins. Defaults to `60`.
         ax: A matplotlib axes to draw on. Defaults to `None` (new figure).
-        title: Axes title. Defaults to `None` ("GEX self-influence").
-        xlabel: Score axis label. Defaults to `None` (self-influence's).
+        title: Axes title. Defaults to `None` (the name of `score`).
+        xlabel: Score axis label. Defaults to `None` (name and formula of `score`).
+        score: Which score `scores` are, a key of `SCORE_LABELS`; it names the
+            axes. Defaults to `"self_influence"`.
 
     Returns:
         The matplotlib `Figure`.
@@ -75,9 +85,10 @@ def plot_self_influence(
         )
     if threshold is not None:
         ax.axvline(max(threshold, edges[0]), color="black", linestyle="--", label="threshold")
-    ax.set_xlabel(xlabel or "self-influence  mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²")
+    name, formula = SCORE_LABELS[score]
+    ax.set_xlabel(xlabel or f"{name}  {formula}")
     ax.set_ylabel("examples")
-    ax.set_title(title or "GEX self-influence")
+    ax.set_title(title or name)
     ax.legend()
     fig.tight_layout()
     return fig

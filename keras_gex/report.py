@@ -11,12 +11,6 @@ from keras_gex.plots import plot_gallery, plot_self_influence
 from keras_gex.relabel import distillation_targets, relabel
 from keras_gex.thresholding import threshold_scores
 
-#: How each `score_method` is named on plots and pages: (name, formula).
-SCORE_LABELS = {
-    "member_loss": ("GE members' mean loss", "mean_m ℓ(z,θ_m)"),
-    "self_influence": ("GEX self-influence", "mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²"),
-}
-
 
 def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray:
     """`(N, M)` float64 per-member terms of a score; their member mean is the score.
@@ -328,7 +322,6 @@ class NoisyLabelReport:
         Returns:
             The matplotlib `Figure`.
         """
-        name, formula = SCORE_LABELS[self.score_method]
         fig = plot_self_influence(
             self.scores,
             self.threshold,
@@ -336,8 +329,7 @@ class NoisyLabelReport:
             known_noisy=known_noisy,
             log_x=log_x,
             ax=ax,
-            title=name,
-            xlabel=f"{name}  {formula}",
+            score=self.score_method,
         )
         if path is not None:
             fig.savefig(path, dpi=120)

@@ -113,6 +113,17 @@ def test_summary_and_plot(report, digits, tmp_path):
     assert fig_lin.axes[0].get_title() == "GE members' mean loss"  # names the score used
 
 
+def test_histogram_is_labelled_by_the_score(report, si_report):
+    from keras_gex.plots import SCORE_LABELS, plot_self_influence
+
+    for rep in (report, si_report):
+        name, formula = SCORE_LABELS[rep.score_method]
+        ax = rep.plot().axes[0]
+        assert ax.get_title() == name and ax.get_xlabel() == f"{name}  {formula}"
+    default = plot_self_influence(si_report.scores).axes[0]  # self-influence by default
+    assert default.get_title() == "GEX self-influence" and "ℓ(z,θ*)" in default.get_xlabel()
+
+
 @pytest.mark.parametrize("which", ["report", "si_report"])
 def test_html_report_names_the_score(which, request, digits, tmp_path):
     from keras_gex.html_report import write_html_report
