@@ -29,7 +29,7 @@ class GEXCollector(keras.callbacks.Callback):
             `tf.data.Dataset` of `(x, y)` batches (the same data given to fit).
         num_members: Number of members M. Defaults to `8`.
         steps: SGD steps T per member, or `"auto"`: about 10 epochs of the
-            training data, within 50-200 steps. Defaults to `"auto"`.
+            training data, within 50-800 steps. Defaults to `"auto"`.
         learning_rate: Peak step size, or `"auto"` to calibrate it so members
             leave the memorising basin without collapsing. Defaults to `"auto"`.
         batch_size: Fine-tuning batch size. Defaults to `128`.

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument(
         "--steps",
         default="auto",
-        help="SGD steps per member, or 'auto' (default: ~10 epochs, 50-200 steps)",
+        help="SGD steps per member, or 'auto' (default: ~10 epochs, 50-800 steps)",
     )
     detect.add_argument(
         "--learning-rate", default="auto", help="peak fine-tuning step size or 'auto' (default)"

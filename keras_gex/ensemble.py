@@ -130,8 +130,8 @@ class GeometricEnsemble:
                 of `(x, y)` batches.
             num_members: Number of GE members M. Defaults to `8`.
             steps: SGD steps T per member, or `"auto"`: about 10 epochs of
-                the training data, at least 50 and at most 200 steps (200 from
-                2,560 examples at batch 128). The number used is recorded in
+                the training data, at least 50 and at most 800 steps (800 from
+                10,240 examples at batch 128). The number used is recorded in
                 `info["steps"]`. Defaults to `"auto"`.
             learning_rate: Peak step size of the cosine schedule, or `"auto"` to
                 calibrate it (recommended). Defaults to `"auto"`.
@@ -256,6 +256,8 @@ class GeometricEnsemble:
             "member_stats": [dataclasses.asdict(s) for s in result.member_stats],
             "fit_window": FIT_WINDOW,
             "seconds": result.seconds,
+            # One-time tracing of the fine-tuning loop, part of `seconds`.
+            "warmup_seconds": result.warmup_seconds,
         }
         if strategy is not None:
             info["strategy"] = {

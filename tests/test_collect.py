@@ -279,9 +279,9 @@ def test_steps_auto_is_about_ten_epochs_and_recorded(small_mlp, tmp_path):
     steps_seen = []
     original = FineTuner.train
 
-    def counting(self, iterator, steps, learning_rate):
+    def counting(self, iterator, steps, learning_rate, **segment):
         steps_seen.append(steps)
-        return original(self, iterator, steps, learning_rate)
+        return original(self, iterator, steps, learning_rate, **segment)
 
     kwargs = dict(num_members=2, batch_size=64, learning_rate=0.05, seed=0, verbose=0)
     FineTuner.train = counting
@@ -290,7 +290,7 @@ def test_steps_auto_is_about_ten_epochs_and_recorded(small_mlp, tmp_path):
     finally:
         FineTuner.train = original
     assert resolve_steps("auto", 200, 64) == 50
-    assert steps_seen == [50, 50]
+    assert steps_seen == [50, 50, 50]  # the one-step warm-up of a 50-step schedule, 2 members
     assert ens.info["steps"] == 50 and ens.info["steps_requested"] == "auto"
     # The store holds the resolved number: an explicit 50 resumes the same collection.
     again = keras_gex.GeometricEnsemble.collect(
@@ -298,7 +298,8 @@ def test_steps_auto_is_about_ten_epochs_and_recorded(small_mlp, tmp_path):
     )
     np.testing.assert_array_equal(again.members[1].trainable[0], ens.members[1].trainable[0])
     assert resolve_steps("auto", 1347, 128) == 106  # digits: 10 epochs
-    assert resolve_steps("auto", 60000, 128) == 200  # capped
+    assert resolve_steps("auto", 10000, 128) == 782  # Fashion-MNIST subset: 10 epochs
+    assert resolve_steps("auto", 60000, 128) == 800  # capped
     with pytest.raises(ValueError, match="steps='fast'"):
         keras_gex.GEXCollector((x, y), steps="fast")
 

@@ -64,7 +64,8 @@ NUM_TRAIN = 1_000 if FAST else 10_000
 NUM_TEST = 2_000 if FAST else 10_000
 EPOCHS = 30 if FAST else 40
 NUM_MEMBERS = 4 if FAST else 8
-# Fast mode also shortens the fine-tuning of each member (default: 200 SGD steps).
+# Fast mode also shortens the fine-tuning of each member (default: about 10 epochs,
+# at most 800 SGD steps).
 GEX_ARGS = dict(steps=100) if FAST else {}
 
 start_time = time.perf_counter()

@@ -54,7 +54,8 @@ SEED = 0
 NUM_TRAIN = 1_000 if FAST else 10_000
 EPOCHS = 30 if FAST else 40
 NUM_MEMBERS = 4 if FAST else 8
-# Fast mode also shortens the fine-tuning of each member (default: 200 SGD steps).
+# Fast mode also shortens the fine-tuning of each member (default: about 10 epochs,
+# at most 800 SGD steps).
 GEX_ARGS = dict(steps=100) if FAST else {}
 MODEL_PATH = "fashion_cnn.keras"
 ENSEMBLE_DIR = "fashion_gex_ensemble"

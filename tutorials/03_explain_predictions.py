@@ -52,7 +52,8 @@ NUM_QUERIES = 200 if FAST else 1_000
 EPOCHS = 30 if FAST else 40
 NUM_MEMBERS = 8 if FAST else 16
 K = 8
-# Fast mode also shortens the fine-tuning of each member (default: 200 SGD steps).
+# Fast mode also shortens the fine-tuning of each member (default: about 10 epochs,
+# at most 800 SGD steps).
 GEX_ARGS = dict(steps=100) if FAST else {}
 
 CLASS_NAMES = [

@@ -47,7 +47,8 @@ NUM_TEST = 2_000 if FAST else 10_000
 EPOCHS = 20 if FAST else 30
 NUM_MEMBERS = 4 if FAST else 8
 FRACTIONS = [0.3] if FAST else [0.1, 0.3, 0.5]
-# Fast mode also shortens the fine-tuning of each member (default: 200 SGD steps).
+# Fast mode also shortens the fine-tuning of each member (default: about 10 epochs,
+# at most 800 SGD steps).
 GEX_ARGS = dict(steps=100) if FAST else {}
 
 CLASS_NAMES = [
