@@ -78,6 +78,23 @@ def test_batchnorm_statistics_are_population_statistics():
     np.testing.assert_array_equal(model.layers[0].moving_mean.numpy(), np.zeros(3))
 
 
+def test_warm_up_is_timed_and_leaves_the_members_unchanged(small_mlp):
+    """Two routes to member 0: the collection, which first runs its loop once with
+    a zero step size, and a bare `FineTuner` on member 0's batch stream."""
+    from keras_gex.collect import stream_seed
+    from keras_gex.data import DataSource
+
+    model, x, y = small_mlp
+    kwargs = dict(num_members=1, steps=20, learning_rate=0.05, batch_size=64, seed=3)
+    ens = keras_gex.GeometricEnsemble.collect(model, (x, y), verbose=0, **kwargs)
+    assert ens.info["warmup_seconds"] > 0
+    assert ens.info["warmup_seconds"] < ens.info["seconds"]
+    tuner = FineTuner(model, resolve_loss(model))
+    tuner.train(DataSource((x, y)).array_stream(64, stream_seed(3, 0)), 20, 0.05)
+    for a, b in zip(ens.members[0].trainable, tuner.snapshot().trainable):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_chain_option_starts_from_previous_member(digits):
     x, y = digits.x_train[:200], digits.y_train[:200]
     model = make_mlp(seed=3, hidden=32)
@@ -189,7 +206,7 @@ def test_fine_tuning_from_array_stream_equals_tf_data_stream(trained_mlp, digits
     assert tuner._indexed_fn.experimental_get_tracing_count() == 1
 
 
-@pytest.mark.parametrize("kind", ["array", "tf.data"])
+@pytest.mark.parametrize("kind", ["array", "array-xla", "tf.data"])
 def test_two_segments_of_a_schedule_equal_the_whole_run(trained_mlp, digits, kind):
     """Two routes: steps 0..12 then 12..30 of a 30-step schedule, or all 30 at once."""
     from keras_gex.data import DataSource
@@ -197,11 +214,11 @@ def test_two_segments_of_a_schedule_equal_the_whole_run(trained_mlp, digits, kin
     source = DataSource((digits.x_train, digits.y_train))
 
     def stream():
-        if kind == "array":
+        if kind.startswith("array"):
             return source.array_stream(64, 3)
         return iter(source.shuffled(64, 3))
 
-    tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp))
+    tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp), jit_compile=kind == "array-xla")
     theta = tuner.snapshot()
     whole_loss, _ = tuner.train(stream(), 30, 0.05)
     whole = tuner.snapshot()
