@@ -65,6 +65,14 @@ COLLAPSE_FIT = 0.45
 #: BatchNorm the halfway fit reads low, with statistics not yet re-estimated,
 #: so such probes are abandoned less often, never wrongly.)
 ABANDON_FIT = 0.99
+#: A probe keeping less than `COLLAPSE_FIT` of θ*'s fit halfway is abandoned
+#: there too, as a too-large step size, on models without BatchNorm (whose
+#: halfway fit reads low until the statistics are re-estimated: a BN-CNN probe
+#: read 0.10 halfway and ended at 0.90). Measured on the non-BatchNorm cases of
+#: `benchmarks/quality.py` (digits MLP 10% / 30%, sigmoid MLP; seeds 0-2, step
+#: sizes 0.0125-3.2): every probe below 0.45 halfway ended below `FIT_WINDOW`,
+#: the highest at 0.556 (0.437 halfway); above 0.45 a probe could still rise by
+#: 0.19 (0.554 -> 0.748), so the bar is not higher.
 _INITIAL_LR = 0.1
 _LR_FACTOR = 4.0
 _EVAL_EXAMPLES = 2048
@@ -1061,7 +1069,9 @@ def collect_members(
     ref_stats = MemberStats(0.0, float("nan"), ref_fit, ref_loss)
     _warn_unless_memorised(ref_fit, stacklevel=3)
 
-    def run_member(start_weights: WeightSet, lr: float, index: int, abandon_above=None):
+    def run_member(
+        start_weights: WeightSet, lr: float, index: int, abandon_above=None, abandon_below=None
+    ):
         """Fine-tunes one member; its mini-batches depend only on (seed, index).
 
         Returns `(weights, stats, midway)`. With `abandon_above`, the fit is
@@ -1069,7 +1079,8 @@ def collect_members(
         as they are) and the member is abandoned there, returned with
         `weights=None` and finite stats, if it still keeps more than
         `abandon_above` of θ*'s fit: the decaying second half cannot move it
-        further. Not abandoning gives the same member as an uninterrupted run.
+        further; likewise if it keeps less than `abandon_below` (collapsed).
+        Not abandoning gives the same member as an uninterrupted run.
         """
         batches = stream(index)
         tuner.load(start_weights)
@@ -1083,7 +1094,7 @@ def collect_members(
                 mid_loss, mid_fit = tuner.evaluate(eval_batches)
                 mid = MemberStats(lr, train_loss, mid_fit, mid_loss)
                 midway = _relative_fit(mid, ref_stats)
-                if midway > abandon_above:
+                if midway > abandon_above or (abandon_below is not None and midway < abandon_below):
                     return None, mid, midway
                 train_loss, finite = tuner.train(batches, steps, lr, start=half)
         weights = None
@@ -1113,7 +1124,14 @@ def collect_members(
         lr = _fallback_learning_rate(loss, stacklevel=3)
     elif lr is None and learning_rate == "auto":
         lr, accepted = _calibrate(
-            run_member, theta_star, ref_stats, calibration, max_probes, log, steps=steps
+            run_member,
+            theta_star,
+            ref_stats,
+            calibration,
+            max_probes,
+            log,
+            steps=steps,
+            abandon_below=None if tuner.has_batchnorm else COLLAPSE_FIT,
         )
         if store is not None:
             store.save_calibration(lr, calibration)  # before members: see resume
@@ -1252,7 +1270,7 @@ def _collect_per_replica(
     elif lr is None and learning_rate == "auto":
         probe = {}
 
-        def run_probe(start_weights, probe_lr, index, abandon_above=None):
+        def run_probe(start_weights, probe_lr, index, **abandon):
             # A round is never abandoned halfway: one member per replica, one loop.
             probe["round"] = run_round(probe_lr, index)
             return (*probe["round"][0], None)
@@ -1329,12 +1347,15 @@ def _next_learning_rate(lr: float, relative_fit: float) -> float:
     return lr
 
 
-def _calibrate(run_member, theta_star, ref_stats, record, max_probes, log, steps=None):
+def _calibrate(
+    run_member, theta_star, ref_stats, record, max_probes, log, steps=None, abandon_below=None
+):
     """Geometric search for the step size whose members land in `FIT_WINDOW`.
 
     Probes are full-length members; every probe whose relative fit lies in the
     window is kept as a GE member, so a well-placed first guess costs nothing.
-    A probe still keeping more than `ABANDON_FIT` of θ*'s fit halfway is
+    A probe still keeping more than `ABANDON_FIT` of θ*'s fit halfway, or less
+    than `abandon_below` (`COLLAPSE_FIT` for models without BatchNorm), is
     abandoned there (half the cost). Each probe is appended to `record`, with
     the number of its `steps` (of `steps` per member) that it ran.
     """
@@ -1346,7 +1367,9 @@ def _calibrate(run_member, theta_star, ref_stats, record, max_probes, log, steps
     for _ in range(max_probes):
         # Every probe replays member 0's stream, so an accepted probe *is* member 0.
         probe_start = time.perf_counter()
-        weights, stats, midway = run_member(theta_star, lr, 0, abandon_above=ABANDON_FIT)
+        weights, stats, midway = run_member(
+            theta_star, lr, 0, abandon_above=ABANDON_FIT, abandon_below=abandon_below
+        )
         rel = _relative_fit(stats, ref_stats)
         abandoned = weights is None and stats.finite
         record.append(

@@ -27,17 +27,18 @@ def _fake_member(fit_of_lr, calls, midway_of_lr=None):
     """
     midway_of_lr = midway_of_lr or fit_of_lr
 
-    def run_member(start, lr, index, abandon_above=None):
+    def run_member(start, lr, index, abandon_above=None, abandon_below=None):
         calls.append(lr)
         midway = midway_of_lr(lr)
-        if abandon_above is not None and midway > abandon_above:
+        above = abandon_above is not None and midway > abandon_above
+        if above or (abandon_below is not None and midway < abandon_below):
             return None, MemberStats(lr, 0.2, midway, 0.3), midway
         return f"weights@{lr:.4g}", MemberStats(lr, 0.1, fit_of_lr(lr), 0.5), midway
 
     return run_member
 
 
-def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None):
+def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None, abandon_below=None):
     calls, record = [], []
     lr, accepted = _calibrate(
         _fake_member(fit_of_lr, calls, midway_of_lr),
@@ -46,6 +47,7 @@ def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None):
         record,
         max_probes,
         lambda msg: None,
+        abandon_below=abandon_below,
     )
     return lr, accepted, record, calls
 
@@ -84,6 +86,26 @@ def test_probe_that_has_not_moved_halfway_is_abandoned_as_too_small():
     # Halfway below the bar: the probe runs to its end and is judged there.
     lr, _, record, calls = _calibrate_fake(fit, midway_of_lr=lambda lr: ABANDON_FIT - 0.01)
     assert record[0]["abandoned"] is False and record[0]["relative_fit"] == 1.0
+
+
+def test_probe_that_collapsed_halfway_is_abandoned_as_too_large():
+    """Halfway fit below `abandon_below`: recorded as abandoned, the step size goes
+    down exactly as if the probe had run to its (collapsed) end."""
+
+    def fit(lr):
+        return 1.0 if lr < 0.15 else (0.85 if lr < 0.3 else 0.1)
+
+    whole = _calibrate_fake(fit)
+    lr, accepted, record, calls = _calibrate_fake(fit, abandon_below=COLLAPSE_FIT)
+    assert calls == whole[3] and lr == whole[0] and accepted == whole[1]
+    assert record[1]["learning_rate"] == 0.4 and record[1]["abandoned"] is True
+    assert record[1]["relative_fit"] == 0.1 and record[1]["accepted"] is False
+    assert not whole[2][1]["abandoned"]
+    # Halfway above the bar (a probe that may still recover): it runs to its end.
+    _, _, record, _ = _calibrate_fake(
+        fit, midway_of_lr=lambda lr: COLLAPSE_FIT + 0.01, abandon_below=COLLAPSE_FIT
+    )
+    assert not any(r["abandoned"] for r in record)
 
 
 def test_no_step_size_in_window_warns_and_takes_the_closest():
