@@ -490,7 +490,8 @@ def _mean_std(values, digits=3) -> str:
 
 
 def markdown_tables(rows, seeds) -> str:
-    cases = list(dict.fromkeys(r["case"] for r in rows))
+    order = {case: i for i, case in enumerate(CASES)}  # parallel runs: CASES' order
+    cases = sorted(dict.fromkeys(r["case"] for r in rows), key=lambda c: order.get(c, len(order)))
     lines = [
         "| Case | Method | AUC | AP | Precision | Recall | F1 | Time (s) |",
         "|---|---|---|---|---|---|---|---|",
