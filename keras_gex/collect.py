@@ -55,6 +55,14 @@ FIT_TARGET = 0.78
 #: Members below this relative fit have collapsed (measured: one member at
 #: chance-level fit next to a well-placed one took AUC from 0.99 to 0.64) and
 #: are refitted at a smaller step size when the step size is calibrated.
+#: A calibration probe below it halfway through its steps is abandoned there,
+#: as a too-large step size, on models without BatchNorm (with BatchNorm the
+#: halfway fit reads low until the statistics are re-estimated: a BN-CNN probe
+#: read 0.10 halfway and ended at 0.90). Measured on the non-BatchNorm cases of
+#: `benchmarks/quality.py` (digits MLP 10% / 30%, sigmoid MLP; seeds 0-2, step
+#: sizes 0.0125-3.2): every probe below 0.45 halfway ended below `FIT_WINDOW`,
+#: the highest at 0.556 (0.437 halfway); above 0.45 a probe could still rise by
+#: 0.19 (0.554 -> 0.748), so the bar is not higher.
 COLLAPSE_FIT = 0.45
 #: A calibration probe that still keeps more than this fraction of θ*'s fit
 #: halfway through its steps is abandoned there as a too-small step size: the
@@ -65,14 +73,6 @@ COLLAPSE_FIT = 0.45
 #: BatchNorm the halfway fit reads low, with statistics not yet re-estimated,
 #: so such probes are abandoned less often, never wrongly.)
 ABANDON_FIT = 0.99
-#: A probe keeping less than `COLLAPSE_FIT` of θ*'s fit halfway is abandoned
-#: there too, as a too-large step size, on models without BatchNorm (whose
-#: halfway fit reads low until the statistics are re-estimated: a BN-CNN probe
-#: read 0.10 halfway and ended at 0.90). Measured on the non-BatchNorm cases of
-#: `benchmarks/quality.py` (digits MLP 10% / 30%, sigmoid MLP; seeds 0-2, step
-#: sizes 0.0125-3.2): every probe below 0.45 halfway ended below `FIT_WINDOW`,
-#: the highest at 0.556 (0.437 halfway); above 0.45 a probe could still rise by
-#: 0.19 (0.554 -> 0.748), so the bar is not higher.
 _INITIAL_LR = 0.1
 _LR_FACTOR = 4.0
 _EVAL_EXAMPLES = 2048
