@@ -89,7 +89,7 @@ _EVAL_BATCH_BYTES = 32 * 2**20
 #: 0.989 / 0.977 at 30% flips and 0.991 / 0.946 at 10%, where a cap of 200
 #: steps (2.6 epochs) had given 0.978 / 0.955 and 0.988 / 0.942; 1,600 steps
 #: added 0.001 AUC (seed 0, 30%). Below ~10 epochs members have not yet
-#: forgotten the memorised examples. The cap is the paper's 800 steps.
+#: forgotten the memorised examples. The cap is the paper's 800 steps (at its batch 1,024).
 STEP_EPOCHS = 10
 MIN_STEPS = 50
 MAX_STEPS = 800
