@@ -1,10 +1,11 @@
 """Step-size calibration (`learning_rate="auto"`): the search and a tiny model."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
-from conftest import make_mlp
+from conftest import make_bn_model, make_mlp
 from sklearn.metrics import roc_auc_score
 
 import keras_gex
@@ -185,3 +186,25 @@ def test_sigmoid_members_are_judged_on_whole_examples():
     np.testing.assert_allclose(loss.fit_mask(y, all_no).numpy(), [0.0, 0.0])
     np.testing.assert_allclose(loss.fit_mask(y, right).numpy(), [1.0, 1.0])
     np.testing.assert_allclose(loss.fit_mask(y, one_wrong).numpy(), [1.0, 0.0])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "batchnorm"])
+def test_collapse_is_judged_halfway_only_without_batchnorm(kind, digits, monkeypatch):
+    """A first probe at a step size that wrecks the model: on an MLP it is
+    abandoned halfway as collapsed; with BatchNorm (whose halfway fit reads low
+    before the statistics are re-estimated) it runs to its end and is judged there."""
+    from keras_gex import collect
+
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    model = make_mlp(seed=0) if kind == "mlp" else make_bn_model(seed=0)
+    model.fit(x, y, epochs=30, batch_size=32, verbose=0)
+    monkeypatch.setattr(collect, "_INITIAL_LR", 3.0)
+    kwargs = dict(num_members=1, steps=40, batch_size=32, seed=0, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ens = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    first = ens.info["calibration"][0]
+    assert first["learning_rate"] == 3.0 and first["midway_fit"] < COLLAPSE_FIT
+    assert first["abandoned"] is (kind == "mlp")
+    assert first["steps"] == (20 if kind == "mlp" else 40)
+    assert not first["accepted"]
