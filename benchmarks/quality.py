@@ -54,11 +54,17 @@ Run (the full run takes hours on 2 CPU cores; `--quick` is a ~3 minute smoke
 run on digits MLP 10% only, seed 0, a fifth of the epochs, not for reporting):
 
     TFDS_DATA_DIR=/path/to/tfds python benchmarks/quality.py [--seeds 0 1 2]
-        [--cases ...] [--no-retrain] [--skip BASELINE ...] [--model-cache DIR]
-        [--quick]
+        [--cases ...] [--no-retrain] [--skip BASELINE ...] [--all-baselines]
+        [--model-cache DIR] [--quick]
+
+With no arguments it runs every case, seed and baseline, except TracInRP on
+the cases over 5,000 training rows (Fashion-MNIST), where it would add about
+40 minutes on 2 CPU cores (`--all-baselines` runs it there too; the table
+names what was not run).
 
 Prints one Markdown table of mean ± std over seeds per (case, method), the
-threshold-transform F1 table, the calibration share and the relabel table,
+threshold-transform F1 table, the calibration share, the relabel table and
+a check of issue #3's bars case by case (`done_when_check`),
 and writes them (`quality.md`) and the per-seed rows (`quality.csv`, appended
 after every case and seed) under `benchmarks/results/`.
 """
@@ -89,6 +95,16 @@ GEX = "GEX (default)"
 GEX_PAPER = "GEX self-influence (paper's score)"
 #: In-library baselines `--skip` can leave out (by their `keras_gex.baselines` name).
 SLOW_BASELINES = ("gex_lin_scores", "tracin_scores", "randproj_scores")
+#: Baselines left out of cases with more than `LARGE_CASE_ROWS` training rows
+#: unless `--all-baselines` is given: TracInRP costs `projection_dim` (64) JVPs
+#: per member and batch; on 2 CPU cores 41 s per 1,000 Fashion-MNIST rows (one
+#: seed, 8 members), so about 7 minutes per seed there, 41 minutes over the two
+#: Fashion cases (GEX-lin 0.9 s and RandProj 5 s per 1,000 rows stay in).
+SLOW_ON_LARGE = ("tracin_scores",)
+LARGE_CASE_ROWS = 5_000
+#: Issue #3's bars for GEX with default arguments, on every case.
+AUC_BAR = 0.99
+AP_BAR = 0.95
 FIELDS = (
     "case",
     "seed",
@@ -294,6 +310,7 @@ def run_one(
     retrain=True,
     skip=(),
     model_cache=None,
+    all_baselines=False,
 ):
     """Trains one model on one case and seed; returns `(rows, extras)`."""
     import keras
@@ -306,6 +323,14 @@ def run_one(
     epochs = max(1, round(epochs * epoch_scale))
     x, y, noisy, x_test, y_test = data_fn(noise, seed, image)
     targets = _targets(y, sigmoid)
+    skip = set(skip)
+    if len(x) > LARGE_CASE_ROWS and not all_baselines:
+        skip |= set(SLOW_ON_LARGE)
+        print(
+            f"{case}: {len(x):,} rows, leaving out {', '.join(SLOW_ON_LARGE)} "
+            "(--all-baselines runs it)",
+            flush=True,
+        )
 
     start = time.perf_counter()
     model = _theta_star(
@@ -510,6 +535,18 @@ def markdown_tables(rows, seeds) -> str:
         f"Seeds {seeds_text}; mean ± std over seeds. Precision / recall / F1: the "
         "method's flagged set (GEX: `detect_noisy`'s default threshold; cleanlab: "
         "`find_label_issues`).",
+    ]
+    # Method names without their settings ("EL2N (15 ep × 5)" -> "EL2N").
+    every = {}
+    for r in rows:
+        if not r.get("kind"):
+            every.setdefault(r["method"].split(" (")[0], r["method"])
+    for case in cases:
+        ran = {r["method"].split(" (")[0] for r in rows if r["case"] == case and not r.get("kind")}
+        missing = [name for family, name in every.items() if family not in ran]
+        if missing:
+            lines.append(f"Not run on {case}: {', '.join(missing)}.")
+    lines += [
         "",
         "GEX diagnostics (mean over seeds): wall-time share of the collection spent in "
         "calibration probes not kept as members (out of the collection's time less the "
@@ -571,6 +608,90 @@ def markdown_tables(rows, seeds) -> str:
                     f"{_mean_std([r['test_accuracy'] for r in sub])} | "
                     f"{_mean_std([r.get('f1') for r in sub])} |"
                 )
+    lines += ["", done_when_table(rows)]
+    return "\n".join(lines)
+
+
+def _is_hard(case: str) -> bool:
+    """Issue #3's harder cases: Fashion-MNIST and 30% noise."""
+    return case.startswith("Fashion") or CASES.get(case, (0,) * 6)[5] >= 0.3
+
+
+def _seed_stats(rows, method: str, metric: str) -> tuple[float, float]:
+    """Mean and standard deviation over seeds of `metric` for `method`."""
+    values = [float(r[metric]) for r in rows if r["method"] == method]
+    return float(np.mean(values)), float(np.std(values))
+
+
+def done_when_check(rows) -> dict:
+    """Issue #3's "done when" bars, case by case, from per-seed rows.
+
+    GEX (default) must reach AUC ≥ `AUC_BAR` and AP ≥ `AP_BAR` (seed means),
+    be at or above every baseline within one standard deviation (its mean AUC
+    and AP at least the baseline's mean less the larger of the two methods'
+    standard deviations over seeds), and on the harder cases (`_is_hard`)
+    strictly above every baseline's mean AUC and AP. The baselines are every
+    method but GEX's two scores of the same members.
+
+    >>> rows = [
+    ...     {"case": "c", "seed": s, "method": m, "auc": a, "ap": p}
+    ...     for s in (0, 1)
+    ...     for m, a, p in ((GEX, 0.995, 0.96), ("EL2N", 0.996, 0.95))
+    ... ]
+    >>> done_when_check(rows)["c"]["short"]
+    ['EL2N AUC 0.9960 > 0.9950']
+    """
+    out = {}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        case_rows = [r for r in rows if r["case"] == case and not r.get("kind")]
+        if not any(r["method"] == GEX for r in case_rows):
+            continue
+
+        gex = {m: _seed_stats(case_rows, GEX, m) for m in ("auc", "ap")}
+        hard = _is_hard(case)
+        short = []
+        for method in dict.fromkeys(r["method"] for r in case_rows):
+            if method in (GEX, GEX_PAPER):
+                continue
+            for metric in ("auc", "ap"):
+                (g, g_std), (b, b_std) = gex[metric], _seed_stats(case_rows, method, metric)
+                if hard and g <= b:
+                    short.append(f"{method} {metric.upper()} {b:.4f} ≥ {g:.4f}")
+                elif not hard and g < b - max(g_std, b_std):
+                    short.append(f"{method} {metric.upper()} {b:.4f} > {g:.4f}")
+        out[case] = {
+            "auc": gex["auc"][0],
+            "ap": gex["ap"][0],
+            "hard": hard,
+            "short": short,
+            "met": gex["auc"][0] >= AUC_BAR and gex["ap"][0] >= AP_BAR and not short,
+        }
+    return out
+
+
+def done_when_table(rows) -> str:
+    """`done_when_check` as Markdown: one row per case and a final count."""
+    check = done_when_check(rows)
+    order = {case: i for i, case in enumerate(CASES)}
+    check = dict(sorted(check.items(), key=lambda item: order.get(item[0], len(order))))
+    lines = [
+        f"Issue #3's bars for GEX (default): AUC ≥ {AUC_BAR}, AP ≥ {AP_BAR}, at or above "
+        "every baseline within one std (the larger of the two methods' std over seeds), "
+        "strictly above every baseline's mean on the harder cases (Fashion-MNIST, 30% "
+        "noise):",
+        "",
+        f"| Case | Harder | GEX AUC | GEX AP | AUC ≥ {AUC_BAR} | AP ≥ {AP_BAR} | "
+        "Baselines GEX does not beat | Met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case, c in check.items():
+        lines.append(
+            f"| {case} | {'yes' if c['hard'] else 'no'} | {c['auc']:.4f} | {c['ap']:.4f} | "
+            f"{'yes' if c['auc'] >= AUC_BAR else 'no'} | {'yes' if c['ap'] >= AP_BAR else 'no'} | "
+            f"{'; '.join(c['short']) or '—'} | {'yes' if c['met'] else 'no'} |"
+        )
+    met = sum(c["met"] for c in check.values())
+    lines += ["", f"Bars met on {met} of {len(check)} cases."]
     return "\n".join(lines)
 
 
@@ -626,6 +747,12 @@ def main(argv=None) -> int:
         help="leave out these baselines (on Fashion-MNIST each takes minutes on 2 CPU cores)",
     )
     parser.add_argument(
+        "--all-baselines",
+        action="store_true",
+        help=f"also run {', '.join(SLOW_ON_LARGE)} on cases over {LARGE_CASE_ROWS:,} rows "
+        "(about 7 minutes per Fashion-MNIST seed on 2 CPU cores)",
+    )
+    parser.add_argument(
         "--model-cache",
         metavar="DIR",
         help="save each trained θ* here and load it on later runs (skips its training)",
@@ -662,6 +789,7 @@ def main(argv=None) -> int:
                 retrain=not args.no_retrain,
                 skip=args.skip,
                 model_cache=args.model_cache,
+                all_baselines=args.all_baselines,
             )
             rows.extend(new)
             _write(rows, None, tag)

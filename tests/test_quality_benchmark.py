@@ -1,0 +1,99 @@
+"""The quality benchmark's bookkeeping: its check of issue #3's bars and its tables.
+
+Runs on synthetic rows: no model is trained here (the benchmark itself is not a
+test; see `benchmarks/quality.py`).
+"""
+
+import doctest
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return quality
+
+
+def _rows(quality, case, gex, baselines, seeds=(0, 1, 2)):
+    """Per-seed rows: `gex` and each baseline value are lists of (auc, ap), one per seed."""
+    rows = []
+    for i, seed in enumerate(seeds):
+        for method, values in [(quality.GEX, gex), *baselines.items()]:
+            auc, ap = values[i]
+            rows.append({"case": case, "seed": seed, "method": method, "auc": auc, "ap": ap})
+    return rows
+
+
+def test_doctests_pass(quality):
+    result = doctest.testmod(quality)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_bars_met_when_gex_is_above_every_baseline(quality):
+    rows = _rows(
+        quality,
+        "digits MLP 10%",
+        gex=[(0.999, 0.99)] * 3,
+        baselines={"EL2N (15 ep × 5)": [(0.998, 0.98)] * 3},
+    )
+    check = quality.done_when_check(rows)["digits MLP 10%"]
+    assert check["met"] and not check["hard"] and check["short"] == []
+
+
+def test_easy_case_allows_one_std_below_but_harder_case_needs_strictly_above(quality):
+    # GEX's AUC 0.996 ± 0.0016 over seeds, the baseline's 0.997 ± 0: within one std.
+    gex = [(0.994, 0.99), (0.996, 0.99), (0.998, 0.99)]
+    baseline = {"EL2N (15 ep × 5)": [(0.997, 0.98)] * 3}
+    easy = quality.done_when_check(_rows(quality, "digits MLP 10%", gex, baseline))
+    assert easy["digits MLP 10%"]["met"]
+    hard = quality.done_when_check(_rows(quality, "digits MLP 30%", gex, baseline))
+    check = hard["digits MLP 30%"]
+    assert check["hard"] and not check["met"]
+    assert check["short"] == ["EL2N (15 ep × 5) AUC 0.9970 ≥ 0.9960"]
+
+
+def test_bars_on_auc_and_ap(quality):
+    rows = _rows(quality, "Fashion CNN 10%", gex=[(0.991, 0.946)] * 3, baselines={})
+    check = quality.done_when_check(rows)["Fashion CNN 10%"]
+    assert check["hard"] and check["short"] == [] and not check["met"]
+    rows = _rows(quality, "Fashion CNN 10%", gex=[(0.991, 0.951)] * 3, baselines={})
+    assert quality.done_when_check(rows)["Fashion CNN 10%"]["met"]
+
+
+def test_gex_paper_score_is_not_a_baseline(quality):
+    rows = _rows(
+        quality,
+        "digits MLP 30%",
+        gex=[(0.995, 0.99)] * 3,
+        baselines={quality.GEX_PAPER: [(0.999, 0.999)] * 3},
+    )
+    assert quality.done_when_check(rows)["digits MLP 30%"]["met"]
+
+
+def test_table_names_baselines_not_run_and_counts_cases(quality):
+    rows = _rows(
+        quality,
+        "digits MLP 10%",
+        gex=[(0.999, 0.99)] * 3,
+        baselines={"EL2N (15 ep × 5)": [(0.9, 0.5)] * 3, "TracInRP (GE)": [(0.9, 0.5)] * 3},
+    )
+    rows += _rows(
+        quality,
+        "Fashion CNN 10%",
+        gex=[(0.991, 0.946)] * 3,
+        baselines={"EL2N (4 ep × 5)": [(0.9, 0.5)] * 3},
+    )
+    table = quality.markdown_tables(rows, [0, 1, 2])
+    assert "Not run on Fashion CNN 10%: TracInRP (GE)." in table
+    assert "Not run on digits MLP 10%" not in table  # EL2N's settings differ, not its name
+    assert "Bars met on 1 of 2 cases." in table
+    assert "| Fashion CNN 10% | yes | 0.9910 | 0.9460 | yes | no | — | no |" in table
