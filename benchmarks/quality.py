@@ -50,8 +50,9 @@ flagged set and for the best baseline's (highest mean AUC; its flags are its
 own for cleanlab, else Otsu-sqrt on its scores), with the same ensemble
 probabilities, against the model trained on the noisy labels.
 
-Run (the full run takes hours on 2 CPU cores; `--quick` is a ~3 minute smoke
-run on digits MLP 10% only, seed 0, a fifth of the epochs, not for reporting):
+Run (the full run took 71 minutes on 2 CPU cores, θ* training included;
+`--quick` is a ~3 minute smoke run on digits MLP 10% only, seed 0, a fifth of
+the epochs, not for reporting):
 
     TFDS_DATA_DIR=/path/to/tfds python benchmarks/quality.py [--seeds 0 1 2]
         [--cases ...] [--no-retrain] [--skip BASELINE ...] [--all-baselines]
@@ -646,7 +647,6 @@ def done_when_check(rows) -> dict:
         case_rows = [r for r in rows if r["case"] == case and not r.get("kind")]
         if not any(r["method"] == GEX for r in case_rows):
             continue
-
         gex = {m: _seed_stats(case_rows, GEX, m) for m in ("auc", "ap")}
         hard = _is_hard(case)
         short = []
