@@ -6,6 +6,11 @@ import argparse
 import os
 import sys
 
+# `import keras_gex.cli` runs the package's `__init__` (TensorFlow) anyway, so
+# the choices below come from the library's own tables, not copies.
+from keras_gex.detect import DEFAULT_THRESHOLDS, SCORES
+from keras_gex.thresholding import TRANSFORMS
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -70,14 +75,15 @@ def _parser() -> argparse.ArgumentParser:
         "--threshold",
         default="auto",
         help=(
-            "auto (default: the score's rule, otsu for member_loss, otsu_sqrt for "
-            "self_influence), otsu, otsu_sqrt, otsu_cbrt, otsu_root4, otsu_log, or a number"
+            "auto (default: the score's rule, "
+            + ", ".join(f"{rule} for {score}" for score, rule in DEFAULT_THRESHOLDS.items())
+            + f"), {', '.join(TRANSFORMS)}, or a number"
         ),
     )
     detect.add_argument(
         "--score",
         default="member_loss",
-        choices=["member_loss", "self_influence"],
+        choices=SCORES,
         help="what to rank by (default member_loss; self_influence is the paper's score)",
     )
     detect.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -164,7 +170,6 @@ def _detect(args) -> None:
 
     import keras_gex
     from keras_gex.html_report import write_html_report
-    from keras_gex.thresholding import TRANSFORMS
 
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"MODEL file {args.model!r} does not exist.")

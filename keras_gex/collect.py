@@ -95,6 +95,15 @@ MIN_STEPS = 50
 MAX_STEPS = 800
 
 
+def _halfway(steps: int) -> int:
+    """The step at which a calibration probe is judged, and abandoned if hopeless.
+
+    >>> _halfway(801)
+    400
+    """
+    return steps // 2
+
+
 def _cosine(peak, step, total):
     """Cosine-decayed step size at integer `step` of `total` (a float tensor)."""
     progress = tf.cast(step, tf.float32) / total
@@ -1088,7 +1097,7 @@ def collect_members(
         if abandon_above is None:
             train_loss, finite = tuner.train(batches, steps, lr)
         else:
-            half = steps // 2
+            half = _halfway(steps)
             train_loss, finite = tuner.train(batches, steps, lr, stop=half)
             if finite:
                 mid_loss, mid_fit = tuner.evaluate(eval_batches)
@@ -1381,7 +1390,7 @@ def _calibrate(
                 "accepted": bool(low <= rel <= high) and not abandoned,
                 "midway_fit": midway,
                 "abandoned": abandoned,
-                "steps": None if steps is None else (steps // 2 if abandoned else steps),
+                "steps": None if steps is None else (_halfway(steps) if abandoned else steps),
             }
         )
         where = "halfway (abandoned)" if abandoned else ""

@@ -96,4 +96,29 @@ def test_table_names_baselines_not_run_and_counts_cases(quality):
     assert "Not run on Fashion CNN 10%: TracInRP (GE)." in table
     assert "Not run on digits MLP 10%" not in table  # EL2N's settings differ, not its name
     assert "Bars met on 1 of 2 cases." in table
-    assert "| Fashion CNN 10% | yes | 0.9910 | 0.9460 | yes | no | — | no |" in table
+    assert (
+        "| Fashion CNN 10% | yes | 0.9910 | 0.9460 | yes | no | TracInRP (GE) not run | no |"
+        in table
+    )
+
+
+def test_case_missing_a_baseline_run_elsewhere_is_not_met(quality):
+    # GEX clears every bar on Fashion, but TracInRP, run on digits, was not run there.
+    rows = _rows(
+        quality,
+        "digits MLP 10%",
+        gex=[(0.999, 0.99)] * 3,
+        baselines={"TracInRP (GE)": [(0.9, 0.5)] * 3},
+    )
+    rows += _rows(quality, "Fashion CNN 10%", gex=[(0.995, 0.97)] * 3, baselines={})
+    check = quality.done_when_check(rows)
+    assert check["digits MLP 10%"]["met"] and check["digits MLP 10%"]["not_run"] == []
+    fashion = check["Fashion CNN 10%"]
+    assert fashion["short"] == [] and fashion["not_run"] == ["TracInRP (GE)"]
+    assert not fashion["met"]
+    table = quality.done_when_table(rows)
+    assert (
+        "| Fashion CNN 10% | yes | 0.9950 | 0.9700 | yes | yes | TracInRP (GE) not run | no |"
+        in table
+    )
+    assert "Bars met on 1 of 2 cases." in table
