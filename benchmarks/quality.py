@@ -687,16 +687,16 @@ def done_when_check(rows) -> dict:
                 elif not hard and g < b - max(g_std, b_std):
                     short.append(f"{method} {metric.upper()} {b:.4f} > {g:.4f}")
         not_run = _not_run(rows, case)
+        auc_ok, ap_ok = gex["auc"][0] >= AUC_BAR, gex["ap"][0] >= AP_BAR
         out[case] = {
             "auc": gex["auc"][0],
             "ap": gex["ap"][0],
+            "auc_ok": auc_ok,
+            "ap_ok": ap_ok,
             "hard": hard,
             "short": short,
             "not_run": not_run,
-            "met": gex["auc"][0] >= AUC_BAR
-            and gex["ap"][0] >= AP_BAR
-            and not short
-            and not not_run,
+            "met": auc_ok and ap_ok and not short and not not_run,
         }
     return out
 
@@ -717,7 +717,7 @@ def done_when_table(rows) -> str:
     for case, c in check.items():
         lines.append(
             f"| {case} | {'yes' if c['hard'] else 'no'} | {c['auc']:.4f} | {c['ap']:.4f} | "
-            f"{'yes' if c['auc'] >= AUC_BAR else 'no'} | {'yes' if c['ap'] >= AP_BAR else 'no'} | "
+            f"{'yes' if c['auc_ok'] else 'no'} | {'yes' if c['ap_ok'] else 'no'} | "
             f"{'; '.join(c['short'] + [f'{m} not run' for m in c['not_run']]) or '—'} | "
             f"{'yes' if c['met'] else 'no'} |"
         )
