@@ -1155,8 +1155,9 @@ def collect_members(
         store.save_calibration(lr, calibration)
 
     adaptive = learning_rate == "auto" and loss.is_classification
-    if stats and adaptive:  # resumed: replay the controller's last decision
-        lr = _next_learning_rate(stats[-1].learning_rate, _relative_fit(stats[-1], ref_stats))
+    controller = _StepSizeController()
+    if stats and adaptive:  # calibrated or resumed members: replay the controller
+        lr = controller.replay(lr, stats, ref_stats)
     previous = members[-1] if (chain and members) else theta_star
     gate = _MemberGate(adaptive, num_members, stacklevel=3, log=log)
     while len(members) < num_members:
@@ -1176,7 +1177,7 @@ def collect_members(
         fit = "" if member_stats.fit is None else f", fit {member_stats.fit:.3f}"
         log(f"member {index + 1}/{num_members}: lr {lr:.4g}, loss {member_stats.loss:.4f}{fit}")
         if adaptive:
-            lr = _next_learning_rate(lr, rel)
+            lr = controller.next(lr, rel)
     gate.finish()
     xla_error = getattr(tuner, "xla_error", None)
     if xla_error is not None:
@@ -1295,8 +1296,9 @@ def _collect_per_replica(
         store.save_calibration(lr, calibration)
 
     adaptive = learning_rate == "auto" and loss.is_classification
-    if stats and adaptive:  # resumed: replay the controller's last decision
-        lr = _next_learning_rate(stats[-1].learning_rate, _relative_fit(stats[-1], ref_stats))
+    controller = _StepSizeController()
+    if stats and adaptive:  # calibrated or resumed members: replay the controller
+        lr = controller.replay(lr, stats, ref_stats)
     gate = _MemberGate(adaptive, num_members, stacklevel=4, log=log)
     rounds = 0
     while len(members) < num_members:
@@ -1324,7 +1326,7 @@ def _collect_per_replica(
                 f"{member_stats.learning_rate:.4g}, loss {member_stats.loss:.4f}{fit}"
             )
         if adaptive and fits and not failed:
-            lr = _next_learning_rate(lr, float(np.mean(fits)))
+            lr = controller.next(lr, float(np.mean(fits)))
     gate.finish()
     log(f"{len(members)} members in {rounds} round(s) of {replicas} replica(s)")
     return CollectionResult(
@@ -1339,21 +1341,73 @@ def _collect_per_replica(
     )
 
 
-def _next_learning_rate(lr: float, relative_fit: float) -> float:
-    """Nudges the step size after each member towards `FIT_WINDOW`.
+#: Per-member step-size factors of the controller (`_StepSizeController`).
+_NUDGE_UP, _NUDGE_DOWN = 1.15, 0.85
+#: A member whose fit falls this far below the first in-window member's, one
+#: ×`_NUDGE_UP` step up, shows a steep fit-vs-step-size curve: the controller goes
+#: back to the first member's step size. Members at one step size spread by
+#: about ±0.03 in relative fit (digits MLP, 8 members).
+STEEP_DROP = 0.05
 
-    Near the edge where members escape θ*'s basin, members at one step size
-    vary widely; a gentle per-member correction keeps the ensemble in the
-    window without another search.
 
-    >>> _next_learning_rate(1.0, 0.99), _next_learning_rate(1.0, 0.8), _next_learning_rate(1.0, 0.5)
-    (1.15, 1.0, 0.85)
+class _StepSizeController:
+    """The step size of each member after the first, from the members' fits.
+
+    Outside `FIT_WINDOW` it nudges the step size back (×`_NUDGE_UP` when a member kept too
+    much of θ*'s fit, ×`_NUDGE_DOWN` when it kept too little) and stays
+    where it lands. Inside, members still keeping more than `FIT_TARGET` walk
+    the step size up by ×`_NUDGE_UP` per member, until one lands at or below the
+    target; if a step drops a member's fit more than `STEEP_DROP` below the
+    first in-window member's, the curve is steep there and the controller
+    returns to that member's step size. Either way it then holds. The walk
+    costs nothing (every walked member is in the window and kept) and
+    continues the calibration's search towards `FIT_TARGET` where the
+    calibration's first probe landed high in the window. Measured on
+    `benchmarks/quality.py` (seeds 0-2, mean AUC / AP of the members' mean
+    loss, held step size in brackets): Fashion-MNIST CNN 10% flips 0.9914 /
+    0.9513 [0.9910 / 0.9462], digits BN-CNN 10% 0.9997 / 0.9976 [0.9996 /
+    0.9966], sigmoid MLP 0.9996 / 0.9961 [0.9995 / 0.9950], digits MLP 10%
+    0.9990 / 0.9903 [0.9991 / 0.9918]; the 30% cases start below the target
+    and are unchanged. Walking on along a flat fit curve past the target lost
+    on Fashion 30% (0.9882 [0.9890]).
+
+    >>> c = _StepSizeController()
+    >>> [round(c.next(lr, fit), 4) for lr, fit in [(0.1, 0.82), (0.115, 0.8), (0.1323, 0.775)]]
+    [0.115, 0.1323, 0.1323]
+    >>> c = _StepSizeController()
+    >>> [round(c.next(lr, fit), 4) for lr, fit in [(0.2, 0.87), (0.23, 0.72), (0.2, 0.9)]]
+    [0.23, 0.2, 0.2]
+    >>> _StepSizeController().next(1.0, 0.99), _StepSizeController().next(1.0, 0.5)
+    (1.15, 0.85)
     """
-    if relative_fit > FIT_WINDOW[1]:
-        return lr * 1.15
-    if relative_fit < FIT_WINDOW[0]:
-        return lr * 0.85
-    return lr
+
+    def __init__(self):
+        self.first = None  # (step size, relative fit) of the first in-window member
+        self.holding = False
+
+    def next(self, lr: float, relative_fit: float) -> float:
+        """The step size for the next member, after one at `lr` kept `relative_fit`."""
+        low, high = FIT_WINDOW
+        if not low <= relative_fit <= high:
+            self.holding = True
+            return lr * (_NUDGE_UP if relative_fit > high else _NUDGE_DOWN)
+        if self.first is None:
+            self.first = (lr, relative_fit)
+        if self.holding:
+            return lr
+        if relative_fit < self.first[1] - STEEP_DROP:
+            self.holding = True
+            return self.first[0]
+        if relative_fit <= FIT_TARGET:
+            self.holding = True
+            return lr
+        return lr * _NUDGE_UP
+
+    def replay(self, lr, stats: list, ref_stats: MemberStats) -> float:
+        """The step size after the (resumed) members `stats`, as if just run."""
+        for member_stats in stats:
+            lr = self.next(member_stats.learning_rate, _relative_fit(member_stats, ref_stats))
+        return lr
 
 
 def _calibrate(

@@ -12,10 +12,12 @@ import keras_gex
 from keras_gex.collect import (
     ABANDON_FIT,
     COLLAPSE_FIT,
+    FIT_TARGET,
     FIT_WINDOW,
+    STEEP_DROP,
     MemberStats,
     _calibrate,
-    _next_learning_rate,
+    _StepSizeController,
 )
 
 REF = MemberStats(0.0, float("nan"), 1.0, 0.01)
@@ -130,12 +132,48 @@ def test_no_clean_label_hint_when_members_did_forget_something():
     assert "few or no errors" not in str(caught[0].message)
 
 
-def test_controller_moves_only_outside_the_window():
+def test_controller_nudges_outside_the_window_then_holds():
     low, high = FIT_WINDOW
-    assert _next_learning_rate(1.0, (low + high) / 2) == 1.0
-    assert _next_learning_rate(1.0, high + 0.01) > 1.0
-    assert _next_learning_rate(1.0, low - 0.01) < 1.0
+    controller = _StepSizeController()
+    assert controller.next(1.0, high + 0.01) > 1.0
+    # Once it had to correct, it no longer walks, even above the target.
+    assert controller.next(1.0, (FIT_TARGET + high) / 2) == 1.0
+    assert _StepSizeController().next(1.0, low - 0.01) < 1.0
+    assert _StepSizeController().next(1.0, (low + FIT_TARGET) / 2) == 1.0
     assert COLLAPSE_FIT < low
+
+
+def test_controller_walks_up_while_members_keep_more_than_the_target():
+    controller = _StepSizeController()
+    fits = [FIT_TARGET + 0.04, FIT_TARGET + 0.03, FIT_TARGET + 0.01, FIT_TARGET - 0.01]
+    lrs = [0.1]
+    for fit in fits:
+        lrs.append(controller.next(lrs[-1], fit))
+    assert lrs[1] > lrs[0] and lrs[2] > lrs[1] and lrs[3] > lrs[2]
+    # The member at or below the target stops the walk; later ones hold.
+    assert lrs[4] == lrs[3]
+    assert controller.next(lrs[4], FIT_TARGET + 0.1) == lrs[4]
+
+
+def test_controller_returns_to_the_first_step_size_on_a_steep_drop():
+    controller = _StepSizeController()
+    first_fit = FIT_TARGET + 0.1
+    walked = controller.next(0.2, first_fit)
+    assert walked > 0.2
+    # Still above the target, but a drop this large means a steep fit curve.
+    assert controller.next(walked, first_fit - STEEP_DROP - 0.01) == 0.2
+    assert controller.next(0.2, first_fit) == 0.2
+
+
+def test_controller_replay_matches_running_the_members():
+    ref = MemberStats(0.0, 0.01, 1.0, 0.01)
+    history = [(0.1, 0.88), (0.115, 0.86), (0.1323, 0.75), (0.1323, 0.9)]
+    stats = [MemberStats(lr, 0.1, fit, 0.5) for lr, fit in history]
+    live = _StepSizeController()
+    for lr, fit in history:
+        expected = live.next(lr, fit)
+    assert _StepSizeController().replay(None, stats, ref) == expected
+    assert _StepSizeController().replay(0.3, [], ref) == 0.3
 
 
 def test_auto_picks_a_sane_step_size_on_a_tiny_model_where_a_fixed_one_fails(digits):
