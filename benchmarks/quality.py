@@ -50,7 +50,8 @@ flagged set and for the best baseline's (highest mean AUC; its flags are its
 own for cleanlab, else Otsu-sqrt on its scores), with the same ensemble
 probabilities, against the model trained on the noisy labels.
 
-Run (the full run took 71 minutes on 2 CPU cores, θ* training included;
+Run (the full run took 71 minutes on 2 CPU cores, θ* training included, and
+64 minutes with every θ* loaded from `--model-cache`;
 `--quick` is a ~3 minute smoke run on digits MLP 10% only, seed 0, a fifth of
 the epochs, not for reporting):
 
@@ -99,9 +100,9 @@ SLOW_BASELINES = ("gex_lin_scores", "tracin_scores", "randproj_scores")
 #: Baselines left out of cases with more than `LARGE_CASE_ROWS` training rows
 #: unless `--all-baselines` is given: TracInRP costs `projection_dim` (64) JVPs
 #: per member and batch. Measured with `--all-baselines` on 2 CPU cores (8
-#: members, 10,000 Fashion-MNIST rows): 366-442 s per seed, 39 minutes over
-#: the six Fashion runs, for AUC / AP 0.977 / 0.798 (10% flips) and 0.923 /
-#: 0.805 (30%), far below GEX's 0.991 / 0.946 and 0.989 / 0.977 (seeds 0-2).
+#: members, 10,000 Fashion-MNIST rows): 366-442 s per seed, 40 minutes over
+#: the six Fashion runs, for AUC / AP 0.974 / 0.775 (10% flips) and 0.923 /
+#: 0.805 (30%), far below GEX's 0.991 / 0.951 and 0.989 / 0.977 (seeds 0-2).
 #: GEX-lin (0.9 s) and RandProj (5 s per 1,000 rows) stay in.
 SLOW_ON_LARGE = ("tracin_scores",)
 LARGE_CASE_ROWS = 5_000
