@@ -243,6 +243,10 @@ class NoisyLabelReport:
         if info:
             lr = info.get("learning_rate")
             how = "calibrated" if info.get("learning_rate_requested") == "auto" else "given"
+            member_lrs = [s["learning_rate"] for s in info.get("member_stats") or []]
+            if member_lrs and max(member_lrs) > min(member_lrs):
+                # The controller steered members' step sizes: `lr` is their median.
+                how += f"; members {min(member_lrs):.4g}-{max(member_lrs):.4g}"
             steps_how = " (auto)" if info.get("steps_requested") == "auto" else ""
             lines.append(
                 f"  ensemble: M={info.get('num_members')} members, T={info.get('steps')} "

@@ -104,6 +104,19 @@ def test_report_without_ensemble_explains_missing_probs(report):
 def test_summary_and_plot(report, digits, tmp_path):
     text = report.summary(print_fn=None)
     assert "flagged" in text and "members" in text and "calibrated" in text
+    # Members steered to different step sizes: the summary shows their range.
+    lrs = [0.2, 0.23, 0.2]
+    steered = dataclasses.replace(
+        report,
+        info={
+            **report.info,
+            "member_stats": [
+                {**stats, "learning_rate": lr}
+                for stats, lr in zip(report.info["member_stats"], lrs * 8)
+            ],
+        },
+    )
+    assert "(calibrated; members 0.2-0.23)" in steered.summary(print_fn=None)
     path = tmp_path / "hist.png"
     fig = report.plot(known_noisy=digits.is_noisy, path=str(path))
     assert isinstance(fig, matplotlib.figure.Figure)
