@@ -243,7 +243,8 @@ class NoisyLabelReport:
         if info:
             lr = info.get("learning_rate")
             how = "calibrated" if info.get("learning_rate_requested") == "auto" else "given"
-            member_lrs = [s["learning_rate"] for s in info.get("member_stats") or []]
+            stats = info.get("member_stats") or []
+            member_lrs = [s["learning_rate"] for s in stats]
             if member_lrs and max(member_lrs) > min(member_lrs):
                 # The controller steered members' step sizes: `lr` is their median.
                 how += f"; members {min(member_lrs):.4g}-{max(member_lrs):.4g}"
@@ -259,7 +260,6 @@ class NoisyLabelReport:
                     + ", ".join(_probe_text(p) for p in probes)
                 )
             ref = info.get("reference_stats") or {}
-            stats = info.get("member_stats") or []
             if stats:
                 fits = [s["fit"] for s in stats if s.get("fit") is not None]
                 losses = [s["loss"] for s in stats]
