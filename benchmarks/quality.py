@@ -56,13 +56,12 @@ Run (the full run took 71 minutes on 2 CPU cores, θ* training included, and
 the epochs, not for reporting):
 
     TFDS_DATA_DIR=/path/to/tfds python benchmarks/quality.py [--seeds 0 1 2]
-        [--cases ...] [--no-retrain] [--skip BASELINE ...] [--all-baselines]
+        [--cases ...] [--no-retrain] [--skip BASELINE ...]
         [--model-cache DIR] [--quick]
 
-With no arguments it runs every case, seed and baseline, except TracInRP on
-the cases over 5,000 training rows (Fashion-MNIST), where it would add about
-40 minutes on 2 CPU cores (`--all-baselines` runs it there too; the table
-names what was not run).
+With no arguments it runs every case, seed and baseline (`--skip` leaves
+baselines out; the table then names what was not run, and the bars of a case
+missing a baseline are not met).
 
 Prints one Markdown table of mean ± std over seeds per (case, method), the
 threshold-transform F1 table, the calibration share, the relabel table and
@@ -97,15 +96,6 @@ GEX = "GEX (default)"
 GEX_PAPER = "GEX self-influence (paper's score)"
 #: In-library baselines `--skip` can leave out (by their `keras_gex.baselines` name).
 SLOW_BASELINES = ("gex_lin_scores", "tracin_scores", "randproj_scores")
-#: Baselines left out of cases with more than `LARGE_CASE_ROWS` training rows
-#: unless `--all-baselines` is given: TracInRP costs `projection_dim` (64) JVPs
-#: per member and batch. Measured with `--all-baselines` on 2 CPU cores (8
-#: members, 10,000 Fashion-MNIST rows): 366-442 s per seed, 40 minutes over
-#: the six Fashion runs, for AUC / AP 0.974 / 0.775 (10% flips) and 0.923 /
-#: 0.805 (30%), far below GEX's 0.991 / 0.951 and 0.989 / 0.977 (seeds 0-2).
-#: GEX-lin (0.9 s) and RandProj (5 s per 1,000 rows) stay in.
-SLOW_ON_LARGE = ("tracin_scores",)
-LARGE_CASE_ROWS = 5_000
 #: Issue #3's bars for GEX with default arguments, on every case.
 AUC_BAR = 0.99
 AP_BAR = 0.95
@@ -314,7 +304,6 @@ def run_one(
     retrain=True,
     skip=(),
     model_cache=None,
-    all_baselines=False,
 ):
     """Trains one model on one case and seed; returns `(rows, extras)`."""
     import keras
@@ -328,13 +317,6 @@ def run_one(
     x, y, noisy, x_test, y_test = data_fn(noise, seed, image)
     targets = _targets(y, sigmoid)
     skip = set(skip)
-    if len(x) > LARGE_CASE_ROWS and not all_baselines:
-        skip |= set(SLOW_ON_LARGE)
-        print(
-            f"{case}: {len(x):,} rows, leaving out {', '.join(SLOW_ON_LARGE)} "
-            "(--all-baselines runs it)",
-            flush=True,
-        )
 
     start = time.perf_counter()
     model = _theta_star(
@@ -659,8 +641,8 @@ def done_when_check(rows) -> dict:
     standard deviations over seeds), and on the harder cases (`_is_hard`)
     strictly above every baseline's mean AUC and AP. The baselines are every
     method but GEX's two scores of the same members. A case on which a baseline
-    run on other cases was not run (`_not_run`, e.g. TracInRP on Fashion-MNIST
-    without `--all-baselines`) is not met: it was not compared with everything.
+    run on other cases was not run (`_not_run`, e.g. one left out by `--skip`
+    on some cases only) is not met: it was not compared with everything.
 
     >>> rows = [
     ...     {"case": "c", "seed": s, "method": m, "auc": a, "ap": p}
@@ -780,12 +762,6 @@ def main(argv=None) -> int:
         "7 s, RandProj about 1 minute, TracInRP about 7 minutes)",
     )
     parser.add_argument(
-        "--all-baselines",
-        action="store_true",
-        help=f"also run {', '.join(SLOW_ON_LARGE)} on cases over {LARGE_CASE_ROWS:,} rows "
-        "(about 7 minutes per Fashion-MNIST seed on 2 CPU cores)",
-    )
-    parser.add_argument(
         "--model-cache",
         metavar="DIR",
         help="save each trained θ* here and load it on later runs (skips its training)",
@@ -822,7 +798,6 @@ def main(argv=None) -> int:
                 retrain=not args.no_retrain,
                 skip=args.skip,
                 model_cache=args.model_cache,
-                all_baselines=args.all_baselines,
             )
             rows.extend(new)
             _write(rows, None, tag)

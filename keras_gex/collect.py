@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import distribute
+from keras_gex._tracing import compiled
 from keras_gex.data import ArrayStream, DataSource
 from keras_gex.losses import PerExampleLoss
 from keras_gex.weights import WeightSet
@@ -329,7 +330,7 @@ class FineTuner:
             values = values[: len(rows)]
         else:
             if self._step_fn is None:
-                self._step_fn = tf.function(self._train_loop)
+                self._step_fn = compiled(self._train_loop)
             values = self._step_fn(iterator, tf.constant(stop - start, tf.int32), lr, *where)
             values = values.numpy()
         if not np.all(np.isfinite(values)):
@@ -341,7 +342,7 @@ class FineTuner:
         if self._indexed_fn is None:  # one trace for any N, steps and batch size
             free = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
             scalar = tf.TensorSpec([], tf.int32)
-            self._indexed_fn = tf.function(
+            self._indexed_fn = compiled(
                 self._train_indexed,
                 input_signature=[
                     free(stream.x),
@@ -376,7 +377,7 @@ class FineTuner:
         if not self._bn or num_batches <= 0:
             return
         if self._stats_fn is None:
-            self._stats_fn = tf.function(self._batch_stats)
+            self._stats_fn = compiled(self._batch_stats)
         sums = None
         count = 0
         with _zero_bn_momentum(self._bn):
@@ -404,7 +405,7 @@ class FineTuner:
     def evaluate(self, eval_batches) -> tuple[float, float | None]:
         """Mean loss and fit (classification) on fixed evaluation batches."""
         if self._eval_fn is None:
-            self._eval_fn = tf.function(self._eval)
+            self._eval_fn = compiled(self._eval)
         losses, fits = [], []
         for x, y in eval_batches:
             loss, fit = self._eval_fn(x, y)
@@ -487,7 +488,7 @@ class ReplicaFineTuner:
 
     def _fn(self, name, python_fn):
         if name not in self._fns:
-            self._fns[name] = tf.function(python_fn)
+            self._fns[name] = compiled(python_fn)
         return self._fns[name]
 
     @property

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from keras_gex._tracing import compiled
+
 #: Strategies that need a `ClusterCoordinator` or fixed shapes; refused.
 _UNSUPPORTED = {
     "ParameterServerStrategy": "it needs a `ClusterCoordinator` and has no synchronous `run`",
@@ -241,7 +243,7 @@ def check_replica_order(strategy) -> None:
         context = tf.distribute.get_replica_context()
         return tf.reshape(tf.cast(context.replica_id_in_sync_group, tf.int32), [1])
 
-    got = tf.function(lambda: gather(strategy, strategy.run(replica_id)))().numpy()
+    got = compiled(lambda: gather(strategy, strategy.run(replica_id)))().numpy()
     want = np.arange(strategy.num_replicas_in_sync)
     if not np.array_equal(got, want):  # pragma: no cover - depends on TensorFlow internals
         raise RuntimeError(

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation, distribute, persistence
+from keras_gex._tracing import compiled
 from keras_gex.collect import (
     FIT_WINDOW,
     CollectionResult,
@@ -598,7 +599,7 @@ class GeometricEnsemble:
                 total += activation(out) if activation is not None else out
             return total / len(members)
 
-        cache[key] = tf.function(mean_probs, input_signature=[_signature(spec)])
+        cache[key] = compiled(mean_probs, input_signature=[_signature(spec)])
         return cache[key]
 
     def fingerprint(self) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import distribute
+from keras_gex._tracing import compiled
 from keras_gex.data import DataSource
 from keras_gex.losses import PerExampleLoss, check_per_example
 from keras_gex.weights import WeightSet
@@ -128,7 +129,7 @@ class Scorer:
         sig = _signature(element_spec)
         key = (str(sig), jit_compile)
         if key not in self._fns:
-            self._fns[key] = tf.function(
+            self._fns[key] = compiled(
                 self._step, input_signature=list(sig), jit_compile=jit_compile
             )
         return self._fns[key]
@@ -138,7 +139,7 @@ class Scorer:
         sig = _signature(x_spec)
         key = ("forward", str(sig))
         if key not in self._fns:
-            self._fns[key] = tf.function(
+            self._fns[key] = compiled(
                 lambda x: self.model.stateless_call(*self._ref, x, training=False)[0],
                 input_signature=[sig],
             )
@@ -163,7 +164,7 @@ class Scorer:
         """The traced distributed step for a distributed dataset's `element_spec`."""
         key = ("distributed", str(element_spec), bool(with_predictions))
         if key not in self._fns:
-            self._fns[key] = tf.function(
+            self._fns[key] = compiled(
                 lambda x, y: self._distributed_step(x, y, with_predictions),
                 input_signature=list(element_spec),
             )

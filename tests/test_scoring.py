@@ -1,3 +1,5 @@
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -211,3 +213,28 @@ def test_fine_tuning_loop_traced_once_across_members(trained_mlp, digits):
         tuner.evaluate(eval_batches)
     assert tuner._step_fn.experimental_get_tracing_count() == 1
     assert tuner._eval_fn.experimental_get_tracing_count() == 1
+
+
+def test_many_ensembles_in_one_process_trace_once_and_do_not_warn(trained_mlp, digits):
+    """Six ensembles collected and scored in one process: no function retraces,
+    and TensorFlow's warning, which counts first traces across objects, stays quiet."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    tf.get_logger().addHandler(handler)
+    data = (digits.x_train[:256], digits.y_train[:256])
+    ensembles = []
+    try:
+        for seed in range(6):
+            ensemble = keras_gex.GeometricEnsemble.collect(
+                trained_mlp, data, num_members=2, learning_rate=0.2, steps=4, seed=seed, verbose=0
+            )
+            ensemble.deviations(data, verbose=0)
+            ensemble.predict(data[0], verbose=0)
+            ensembles.append(ensemble)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert [m for m in messages if "retracing" in m] == []
+    for ensemble in ensembles:
+        functions = list(ensemble._scorer._fns.values())
+        assert functions and all(f.experimental_get_tracing_count() == 1 for f in functions)

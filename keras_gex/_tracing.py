@@ -1,0 +1,71 @@
+"""How the library builds its `tf.function`s.
+
+Every compiled function in keras_gex belongs to one object (a `Scorer`, a
+`FineTuner`, an ensemble's prediction cache, a baseline's repeat) and is traced
+once per input signature. TensorFlow counts traces per Python *code object*,
+across every `tf.function` built from it, so a user who collects or scores five
+ensembles in one process was told "5 out of the last 5 calls to <function
+Scorer._step> triggered tf.function retracing": five first traces of five
+functions, not one function retracing. `compiled` builds the function with that
+cross-object warning off; genuine retracing is what the tests measure instead,
+by each function's own tracing count (`tests/test_scoring.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import tensorflow as tf
+
+
+def compiled(python_function, **kwargs):
+    """`tf.function(python_function, **kwargs)` without the cross-object warning.
+
+    Args:
+        python_function: The Python callable to compile.
+        **kwargs: Passed to `tf.function` (`input_signature`, `jit_compile`).
+
+    Returns:
+        The `tf.function`.
+
+    >>> fns = [compiled(lambda v: v + 1) for _ in range(6)]
+    >>> [int(f(tf.constant(1))) for f in fns]
+    [2, 2, 2, 2, 2, 2]
+    >>> fns[0].experimental_get_tracing_count()
+    1
+    """
+    function = tf.function(python_function, **kwargs)
+    # TensorFlow's own switch for the same warning (set on every function a
+    # SavedModel restores); absent in a future release, the warning returns.
+    if hasattr(function, "_omit_frequent_tracing_warning"):
+        function._omit_frequent_tracing_warning = True
+    return function
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_loop_fallback():
+    """Drops TensorFlow's "<Op> uses a while_loop. Fix that!" while tracing.
+
+    `tf.vectorized_map` prints it once per op it cannot vectorise (e.g.
+    `Conv2DBackpropFilter` for per-example convolution gradients) and then
+    computes that op in a loop, correctly; the message is addressed to
+    TensorFlow's developers. Only that message is dropped, only inside the
+    block.
+    """
+    logger = tf.get_logger()
+    drop = _DropMessages("uses a while_loop. Fix that!")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
