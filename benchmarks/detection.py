@@ -149,7 +149,7 @@ def run_one(name: str, seed: int, *, epoch_scale: float = 1.0, repeats: int = EL
     )
 
     start = time.perf_counter()
-    losses = loss_scores(model, (x, y))
+    losses = loss_scores(model, (x, y), verbose=0)
     rows.append(
         {
             **common,

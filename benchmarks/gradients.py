@@ -73,8 +73,8 @@ def case_rows(case: str, rows: int, reps: int, cache) -> list:
     x, targets, noisy = x[:rows], targets[:rows], noisy[:rows]
     weights = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     methods = {
-        "TracInRP (R=64)": lambda: baselines.tracin_scores(ensemble, (x, targets)),
-        "RandProj (R=64)": lambda: baselines.randproj_scores(model, (x, targets)),
+        "TracInRP (R=64)": lambda: baselines.tracin_scores(ensemble, (x, targets), verbose=0),
+        "RandProj (R=64)": lambda: baselines.randproj_scores(model, (x, targets), verbose=0),
     }
     budget = baselines._PER_EXAMPLE_BYTES
     out = []
@@ -105,7 +105,7 @@ def case_rows(case: str, rows: int, reps: int, cache) -> list:
             }
         )
         print(out[-1], flush=True)
-    exact = lambda: baselines.tracin_scores(ensemble, (x, targets), projection_dim=None)  # noqa: E731
+    exact = lambda: baselines.tracin_scores(ensemble, (x, targets), projection_dim=None, verbose=0)  # noqa: E731
     exact()
     seconds = min(_timed(exact)[0] for _ in range(reps))
     out.append(

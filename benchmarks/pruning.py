@@ -152,7 +152,7 @@ def separation_case(seed, log):
     model.fit(x, y, epochs=150, batch_size=64, verbose=0)
     ens = keras_gex.GeometricEnsemble.collect(model, (x, y), seed=seed, verbose=0)
     gex = keras_gex.source_separation(ens.self_influence((x, y), verbose=0), source)
-    loss = keras_gex.source_separation(loss_scores(model, (x, y)), source)
+    loss = keras_gex.source_separation(loss_scores(model, (x, y), verbose=0), source)
     log(f"separation seed {seed} done")
     return gex, loss
 

@@ -391,7 +391,11 @@ def run_one(
 
     # In-library baselines.
     start = time.perf_counter()
-    add("Loss at θ*", baselines.loss_scores(model, (x, targets)), time.perf_counter() - start)
+    add(
+        "Loss at θ*",
+        baselines.loss_scores(model, (x, targets), verbose=0),
+        time.perf_counter() - start,
+    )
     el2n_epochs = max(1, round(EL2N_FRACTION * epochs))
     start = time.perf_counter()
     el2n = baselines.el2n_scores(
@@ -411,7 +415,7 @@ def run_one(
     ):
         if hasattr(baselines, fn) and fn not in skip:
             start = time.perf_counter()
-            values = getattr(baselines, fn)(*args, (x, targets))
+            values = getattr(baselines, fn)(*args, (x, targets), verbose=0)
             add(method, values, time.perf_counter() - start)
 
     # cleanlab on K-fold out-of-sample probabilities.

@@ -439,7 +439,7 @@ def detection_rows(name, make_model, model, x, y, is_noisy, epochs, cfg) -> list
     rows.append(dict(method="GEX detect_noisy (end to end)", seconds=gex, auc=auc, ap=ap))
 
     start = time.perf_counter()
-    scores = loss_scores(model, (x, y))
+    scores = loss_scores(model, (x, y), verbose=0)
     auc, ap = _auc(is_noisy, scores)
     rows.append(dict(method="Loss at θ*", seconds=time.perf_counter() - start, auc=auc, ap=ap))
 

@@ -60,7 +60,7 @@ def _relaxed_signature(spec):
 
 
 def loss_scores(
-    model: keras.Model, data, *, loss=None, batch_size: int | None = None
+    model: keras.Model, data, *, loss=None, batch_size: int | None = None, verbose="auto"
 ) -> np.ndarray:
     """Per-example loss of the trained model θ* (the "loss" baseline).
 
@@ -75,6 +75,8 @@ def loss_scores(
         loss: Loss to use instead of the compiled one (a `keras.losses.Loss`,
             a loss name or a per-example callable). Defaults to `None`.
         batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+        verbose: 0 (silent) or 1 / "auto" (a progress bar over the
+            examples). Defaults to `"auto"`.
 
     Returns:
         `(N,)` float64 losses in dataset order; higher = more suspect.
@@ -86,6 +88,7 @@ def loss_scores(
     _validation.check_model(model, need_loss=True, loss=loss)
     if batch_size is not None:
         batch_size = _validation.positive_int("batch_size", batch_size)
+    verbose = _validation.verbose_level(verbose)
     per_example = resolve_loss(model, loss)
     source = DataSource(data, batch_size=batch_size)
     source.check_against_model(model)
@@ -98,7 +101,12 @@ def loss_scores(
         return per_example(y, model(x, training=False))
 
     fn = compiled(step, input_signature=_relaxed_signature(ds.element_spec))
-    out = [fn(x, y).numpy() for x, y in ds]
+    bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
+    out = []
+    for x, y in ds:
+        out.append(fn(x, y).numpy())
+        if bar is not None:
+            bar.add(len(out[-1]))
     if not out:
         raise ValueError(f"Argument `{source.name}` is empty: it has no examples.")
     scores = np.concatenate(out).astype(np.float64)
@@ -501,9 +509,17 @@ def _prepare(model, per_example, data, batch_size, weights: WeightSet):
     return source, signature
 
 
-def _collect(source: DataSource, batch_fn, what: str) -> np.ndarray:
-    """Concatenates `batch_fn(x, y)` over the ordered batches; refuses NaN or inf."""
-    out = [np.asarray(batch_fn(x, y), np.float64) for x, y in source.ordered()]
+def _collect(source: DataSource, batch_fn, what: str, verbose: int = 0) -> np.ndarray:
+    """Concatenates `batch_fn(x, y)` over the ordered batches; refuses NaN or inf.
+
+    With `verbose`, a Keras progress bar counts the examples done.
+    """
+    bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
+    out = []
+    for x, y in source.ordered():
+        out.append(np.asarray(batch_fn(x, y), np.float64))
+        if bar is not None:
+            bar.add(len(out[-1]))
     if not out:
         raise ValueError(f"Argument `{source.name}` is empty: it has no examples.")
     values = np.concatenate(out)
@@ -517,7 +533,9 @@ def _collect(source: DataSource, batch_fn, what: str) -> np.ndarray:
     return values
 
 
-def _linearized_deviations(ensemble, data, batch_size: int | None = None) -> np.ndarray:
+def _linearized_deviations(
+    ensemble, data, batch_size: int | None = None, verbose: int = 0
+) -> np.ndarray:
     """`(N, M)` ``∇_θ ℓ(z, θ*)ᵀ (θ_m − θ*)`` in dataset order (float64)."""
     model, per_example = ensemble.model, ensemble.loss
     source, signature = _prepare(model, per_example, data, batch_size, ensemble.reference)
@@ -538,10 +556,10 @@ def _linearized_deviations(ensemble, data, batch_size: int | None = None) -> np.
     def batch(x, y):
         return np.stack([fn(x, y, tv, ntv, t).numpy() for t in tangents], axis=1)
 
-    return _collect(source, batch, "linearised loss deviation")
+    return _collect(source, batch, "linearised loss deviation", verbose)
 
 
-def gex_lin_scores(ensemble, data, *, batch_size: int | None = None) -> np.ndarray:
+def gex_lin_scores(ensemble, data, *, batch_size: int | None = None, verbose="auto") -> np.ndarray:
     """GEX-lin self-influence: GEX with linearised loss deviations (paper §5.1).
 
     The paper's ablation I_GEX-lin keeps the GE members θ_m but replaces each
@@ -565,6 +583,8 @@ def gex_lin_scores(ensemble, data, *, batch_size: int | None = None) -> np.ndarr
             the order the scores should have. A dataset that reshuffles on
             every iteration is refused.
         batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+        verbose: 0 (silent) or 1 / "auto" (a progress bar over the
+            examples). Defaults to `"auto"`.
 
     Returns:
         `(N,)` float64 scores in dataset order; higher = more suspect.
@@ -577,11 +597,14 @@ def gex_lin_scores(ensemble, data, *, batch_size: int | None = None) -> np.ndarr
     _check_ensemble(ensemble)
     if batch_size is not None:
         batch_size = _validation.positive_int("batch_size", batch_size)
-    deviations = _linearized_deviations(ensemble, data, batch_size)
+    verbose = _validation.verbose_level(verbose)
+    deviations = _linearized_deviations(ensemble, data, batch_size, verbose)
     return np.mean(deviations * deviations, axis=1)
 
 
-def _squared_norm_scores(model, per_example, data, batch_size, checkpoints, projection_dim, seed):
+def _squared_norm_scores(
+    model, per_example, data, batch_size, checkpoints, projection_dim, seed, verbose=0
+):
     """``mean_c ||Q_Rᵀ ∇ℓ(z, θ_c)||²`` (or the exact norm when `projection_dim` is None)."""
     source, signature = _prepare(model, per_example, data, batch_size, checkpoints[0])
     weights = [_tensors(c) for c in checkpoints]
@@ -601,7 +624,7 @@ def _squared_norm_scores(model, per_example, data, batch_size, checkpoints, proj
             ]
             return np.mean(norms, axis=0)
 
-    return _collect(source, batch, "projected gradient")
+    return _collect(source, batch, "projected gradient", verbose)
 
 
 def tracin_scores(
@@ -612,6 +635,7 @@ def tracin_scores(
     seed: int = 0,
     include_reference: bool = False,
     batch_size: int | None = None,
+    verbose="auto",
 ) -> np.ndarray:
     """TracInRP self-influence with the GE members as checkpoints (paper App. F.6).
 
@@ -647,6 +671,8 @@ def tracin_scores(
         seed: Seed of the projection Q_R. Defaults to `0`.
         include_reference: Also use θ* as a checkpoint. Defaults to `False`.
         batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+        verbose: 0 (silent) or 1 / "auto" (a progress bar over the
+            examples). Defaults to `"auto"`.
 
     Returns:
         `(N,)` float64 scores in dataset order; higher = more suspect.
@@ -666,7 +692,14 @@ def tracin_scores(
     if include_reference:
         checkpoints = [ensemble.reference, *checkpoints]
     return _squared_norm_scores(
-        ensemble.model, ensemble.loss, data, batch_size, checkpoints, projection_dim, seed
+        ensemble.model,
+        ensemble.loss,
+        data,
+        batch_size,
+        checkpoints,
+        projection_dim,
+        seed,
+        _validation.verbose_level(verbose),
     )
 
 
@@ -680,6 +713,7 @@ def randproj_scores(
     damping: float = 0.01,
     loss=None,
     batch_size: int | None = None,
+    verbose="auto",
 ) -> np.ndarray:
     """RandProj self-influence: randomly projected gradients at θ* (paper §5.1).
 
@@ -726,6 +760,8 @@ def randproj_scores(
         loss: Loss to use instead of the compiled one (a Keras model only).
             Defaults to `None`.
         batch_size: Scoring batch size for arrays. Defaults to `None` (256).
+        verbose: 0 (silent) or 1 / "auto" (a progress bar over the
+            examples). Defaults to `"auto"`.
 
     Returns:
         `(N,)` float64 scores in dataset order; higher = more suspect.
@@ -753,9 +789,10 @@ def randproj_scores(
     damping = _validation.positive_float("damping", damping)
     if batch_size is not None:
         batch_size = _validation.positive_int("batch_size", batch_size)
+    verbose = _validation.verbose_level(verbose)
     if curvature == "identity":
         return _squared_norm_scores(
-            keras_model, per_example, data, batch_size, [weights], projection_dim, seed
+            keras_model, per_example, data, batch_size, [weights], projection_dim, seed, verbose
         )
     if projection_dim is None:
         raise ValueError(
@@ -766,7 +803,7 @@ def randproj_scores(
     source, signature = _prepare(keras_model, per_example, data, batch_size, weights)
     fn = _projected_gradients_fn(keras_model, per_example, signature, projection_dim, seed)
     tv, ntv = _tensors(weights)
-    projected = _collect(source, lambda x, y: fn(x, y, tv, ntv), "projected gradient")
+    projected = _collect(source, lambda x, y: fn(x, y, tv, ntv), "projected gradient", verbose)
     fisher = projected.T @ projected / len(projected)
     scale = np.trace(fisher) / projection_dim
     if not scale > 0:

@@ -656,3 +656,21 @@ def test_gradient_baselines_rank_flipped_digits_labels(digits_ensemble, digits):
         ("randproj", randproj_scores(digits_ensemble, data, projection_dim=32)),
     ]:
         assert roc_auc_score(digits.is_noisy, scores) > 0.5, name
+
+
+def test_gradient_baselines_show_progress_unless_silenced(capsys):
+    ens = _tiny_ensemble()
+    x, y = _data(n=9)
+    calls = {
+        "loss": lambda **kw: loss_scores(ens.model, (x, y), batch_size=4, **kw),
+        "gex_lin": lambda **kw: gex_lin_scores(ens, (x, y), batch_size=4, **kw),
+        "tracin": lambda **kw: tracin_scores(ens, (x, y), projection_dim=4, batch_size=4, **kw),
+        "randproj": lambda **kw: randproj_scores(ens, (x, y), projection_dim=4, **kw),
+    }
+    for name, fn in calls.items():
+        quiet = fn(verbose=0)
+        assert capsys.readouterr().out == "", name
+        np.testing.assert_array_equal(fn(verbose=1), quiet)
+        assert "9/9" in capsys.readouterr().out, name
+        with pytest.raises(ValueError, match="Argument `verbose`"):
+            fn(verbose=3)
