@@ -392,7 +392,9 @@ def _per_example_fn(model, loss, signature, projected: bool):
     O(B × P) and the cost about one batched backward pass.
     """
 
-    def gradients(x, y, tv, ntv):
+    def gradients(tv, ntv):
+        """One example's flat float32 gradient blocks, for `tf.vectorized_map`."""
+
         def one(example):
             xi, yi = tf.nest.map_structure(lambda t: t[None], example)
             with tf.GradientTape() as tape:
@@ -408,14 +410,14 @@ def _per_example_fn(model, loss, signature, projected: bool):
         def step(x, y, tv, ntv, q):
             # (B, size) per-example gradient blocks, then one matrix product per
             # block: 2x faster than projecting inside the vectorised map.
-            blocks = tf.vectorized_map(gradients(x, y, tv, ntv), (x, y))
+            blocks = tf.vectorized_map(gradients(tv, ntv), (x, y))
             return tf.add_n([g @ block for g, block in zip(blocks, q)])
 
         q_specs = [tf.TensorSpec([s.shape.num_elements(), None], tf.float32) for s in signature[2]]
         return compiled(step, input_signature=[*signature, q_specs])
 
     def norms(x, y, tv, ntv):
-        one = gradients(x, y, tv, ntv)
+        one = gradients(tv, ntv)
         return tf.vectorized_map(
             lambda example: tf.add_n([tf.reduce_sum(tf.square(g)) for g in one(example)]),
             (x, y),
