@@ -50,8 +50,10 @@ flagged set and for the best baseline's (highest mean AUC; its flags are its
 own for cleanlab, else Otsu-sqrt on its scores), with the same ensemble
 probabilities, against the model trained on the noisy labels.
 
-Run (the full run took 71 minutes on 2 CPU cores, θ* training included, and
-64 minutes with every θ* loaded from `--model-cache`;
+Run (the full run, every baseline on every case, took 56 minutes on 2 CPU
+cores with every θ* loaded from `--model-cache`; training the θ* added 7
+minutes when last measured, 71 against 64 minutes before TracInRP ran on
+Fashion-MNIST;
 `--quick` is a ~3 minute smoke run on digits MLP 10% only, seed 0, a fifth of
 the epochs, not for reporting):
 
@@ -762,8 +764,8 @@ def main(argv=None) -> int:
         nargs="+",
         default=[],
         choices=SLOW_BASELINES,
-        help="leave out these baselines (per Fashion-MNIST seed on 2 CPU cores: GEX-lin about "
-        "7 s, RandProj about 1 minute, TracInRP about 7 minutes)",
+        help="leave out these baselines (per Fashion-MNIST seed on 2 CPU cores: GEX-lin 6-10 s, "
+        "RandProj 7-10 s, TracInRP 49-82 s)",
     )
     parser.add_argument(
         "--model-cache",
