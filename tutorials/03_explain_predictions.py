@@ -158,8 +158,8 @@ print(
 print("  query 0's proponents:", ", ".join(CLASS_NAMES[c] for c in y_train[top.proponents[0]]))
 
 """
-The raw influence does barely better than chance here (0.12 against 0.10 in the full
-setting, with 8 to 32 members), and the same few training images explain every query.
+The raw influence does barely better than chance here (0.11-0.12 against 0.10 in the full
+setting, with 4 to 32 members), and the same few training images explain every query.
 The reason is in the formula: `I(z, z') = |Δz| |Δz'| cos(Δz, Δz')`
 with `Δz` the vector of z's loss deviations over the M members. The factor `|Δz|` is
 the square root of z's self-influence, which varies over orders of magnitude between
