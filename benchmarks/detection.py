@@ -161,7 +161,14 @@ def run_one(name: str, seed: int, *, epoch_scale: float = 1.0, repeats: int = EL
 
     start = time.perf_counter()
     el2n = el2n_scores(
-        model_fn, x, y, epochs=el2n_epochs, repeats=repeats, batch_size=BATCH_SIZE, seed=seed
+        model_fn,
+        x,
+        y,
+        epochs=el2n_epochs,
+        repeats=repeats,
+        batch_size=BATCH_SIZE,
+        seed=seed,
+        verbose=0,
     )
     rows.append(
         {

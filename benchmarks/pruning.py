@@ -119,7 +119,9 @@ def prune_case(name, make, data, epochs, seed, el2n_epochs, members, log):
     )
     gex = ens.self_influence((x, y), verbose=0)
     log(f"{name} seed {seed}: GEX {time.perf_counter() - start:.0f} s")
-    el2n = el2n_scores(lambda: make(seed), x, y, epochs=el2n_epochs, repeats=3, seed=seed)
+    el2n = el2n_scores(
+        lambda: make(seed), x, y, epochs=el2n_epochs, repeats=3, seed=seed, verbose=0
+    )
     rng = np.random.default_rng(seed)
     random_scores = rng.random(len(x))
     for fraction in FRACTIONS:

@@ -408,6 +408,7 @@ def run_one(
         repeats=repeats,
         batch_size=batch_size,
         seed=seed,
+        verbose=0,
     )
     add(f"EL2N ({el2n_epochs} ep × {repeats})", el2n, time.perf_counter() - start)
     for method, fn, args in (

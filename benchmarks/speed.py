@@ -447,7 +447,7 @@ def detection_rows(name, make_model, model, x, y, is_noisy, epochs, cfg) -> list
     start = time.perf_counter()
     repeats = cfg["el2n_repeats"]
     scores = el2n_scores(
-        make_model, x, y, epochs=el2n_epochs, repeats=repeats, batch_size=TRAIN_BATCH
+        make_model, x, y, epochs=el2n_epochs, repeats=repeats, batch_size=TRAIN_BATCH, verbose=0
     )
     auc, ap = _auc(is_noisy, scores)
     rows.append(

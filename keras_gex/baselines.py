@@ -203,6 +203,7 @@ def el2n_scores(
     batch_size: int = 64,
     seed: int = 0,
     bn_batches: int = 20,
+    verbose="auto",
 ) -> np.ndarray:
     """EL2N scores (Paul et al., 2021): error norms of briefly trained models.
 
@@ -233,6 +234,8 @@ def el2n_scores(
         bn_batches: Training batches used to re-estimate BatchNorm moving
             statistics before scoring (0 keeps the statistics of training).
             Defaults to `20`.
+        verbose: 0 (silent) or 1 / "auto" (a progress bar over the repeats,
+            each one a training run). Defaults to `"auto"`.
 
     Returns:
         `(N,)` float64 mean EL2N scores in the order of `x`; higher = more suspect.
@@ -258,6 +261,7 @@ def el2n_scores(
     batch_size = _validation.positive_int("batch_size", batch_size)
     seed = _validation.non_negative_int("seed", seed)
     bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
+    verbose = _validation.verbose_level(verbose)
     x, y = np.asarray(x), np.asarray(y)
     _check_labels(x, y)
     source = DataSource((x, y), name="x")
@@ -268,6 +272,7 @@ def el2n_scores(
     y_spec = tf.TensorSpec([None, *y.shape[1:]], tf.as_dtype(y.dtype))
 
     total = np.zeros(n, dtype=np.float64)
+    bar = keras.utils.Progbar(repeats, unit_name="run") if verbose else None
     for r in range(repeats):
         keras.utils.set_random_seed(seed + r)
         model = _build_model(model_fn)
@@ -296,6 +301,8 @@ def el2n_scores(
                 "Lower the model's learning rate or check the data."
             )
         total += scores
+        if bar is not None:
+            bar.update(r + 1)
     return total / repeats
 
 

@@ -658,7 +658,7 @@ def test_gradient_baselines_rank_flipped_digits_labels(digits_ensemble, digits):
         assert roc_auc_score(digits.is_noisy, scores) > 0.5, name
 
 
-def test_gradient_baselines_show_progress_unless_silenced(capsys):
+def test_baselines_show_progress_unless_silenced(capsys):
     ens = _tiny_ensemble()
     x, y = _data(n=9)
     calls = {
@@ -667,10 +667,13 @@ def test_gradient_baselines_show_progress_unless_silenced(capsys):
         "tracin": lambda **kw: tracin_scores(ens, (x, y), projection_dim=4, batch_size=4, **kw),
         "randproj": lambda **kw: randproj_scores(ens, (x, y), projection_dim=4, **kw),
     }
+    calls["el2n"] = lambda **kw: el2n_scores(
+        lambda: _dense_model(), x, y, epochs=1, repeats=2, batch_size=4, **kw
+    )
     for name, fn in calls.items():
         quiet = fn(verbose=0)
         assert capsys.readouterr().out == "", name
         np.testing.assert_array_equal(fn(verbose=1), quiet)
-        assert "9/9" in capsys.readouterr().out, name
+        assert ("2/2" if name == "el2n" else "9/9") in capsys.readouterr().out, name
         with pytest.raises(ValueError, match="Argument `verbose`"):
             fn(verbose=3)
