@@ -93,31 +93,14 @@ def loss_scores(
     source = DataSource(data, batch_size=batch_size)
     source.check_against_model(model)
     source.check_ordered()
-    ds = source.ordered()
     x0, y0 = source.first_batch()
     check_per_example(per_example, y0, model(x0, training=False))
 
     def step(x, y):
         return per_example(y, model(x, training=False))
 
-    fn = compiled(step, input_signature=_relaxed_signature(ds.element_spec))
-    bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
-    out = []
-    for x, y in ds:
-        out.append(fn(x, y).numpy())
-        if bar is not None:
-            bar.add(len(out[-1]))
-    if not out:
-        raise ValueError(f"Argument `{source.name}` is empty: it has no examples.")
-    scores = np.concatenate(out).astype(np.float64)
-    bad = ~np.isfinite(scores)
-    if bad.any():
-        idx = np.flatnonzero(bad)[:5].tolist()
-        raise ValueError(
-            f"The model's loss is NaN or inf on {int(bad.sum())} example(s) "
-            f"(first indices {idx}). Check those inputs and labels."
-        )
-    return scores
+    fn = compiled(step, input_signature=_relaxed_signature(source.ordered().element_spec))
+    return _collect(source, lambda x, y: fn(x, y).numpy(), "model's loss", verbose)
 
 
 def _check_labels(x: np.ndarray, y: np.ndarray) -> None:
@@ -373,13 +356,10 @@ def _direction(index, seed, tv, projection_dim: int) -> list:
 
 
 def _projection_matrix(weights: WeightSet, projection_dim: int, seed: int) -> np.ndarray:
-    """The `(P, R)` projection Q_R the scores use, materialised (tests, small models)."""
+    """The `(P, R)` projection Q_R the scores use, as one float64 matrix (tests)."""
     tv, _ = _tensors(weights)
-    columns = []
-    for index in range(projection_dim):
-        parts = _direction(index, seed, tv, projection_dim)
-        columns.append(np.concatenate([np.asarray(p, np.float64).ravel() for p in parts]))
-    return np.stack(columns, axis=1)
+    blocks = _projection_blocks(tv, projection_dim, seed)
+    return np.concatenate([np.asarray(b, np.float64) for b in blocks], axis=0)
 
 
 #: Memory the per-example-gradient route may hold at once, in bytes: the
@@ -451,6 +431,12 @@ def _chunks(x, y, rows: int):
         yield tf.nest.map_structure(cut, x), tf.nest.map_structure(cut, y)
 
 
+def _per_example_batch(fn, x, y, rows: int, *args) -> np.ndarray:
+    """`fn(x, y, *args)` of a `_per_example_fn` over chunks of `rows`, concatenated."""
+    with quiet_loop_fallback():
+        return np.concatenate([fn(xc, yc, *args).numpy() for xc, yc in _chunks(x, y, rows)])
+
+
 def _projected_gradients_fn(model, loss, signature, projection_dim: int, seed: int):
     """`(x, y, tv, ntv) -> (B, R)` numpy ``Q_Rᵀ ∇_θ ℓ(z, θ)``, by the cheaper route.
 
@@ -469,9 +455,7 @@ def _projected_gradients_fn(model, loss, signature, projection_dim: int, seed: i
         def project(x, y, tv, ntv):
             if "q" not in cache:  # Q_R depends on the shapes only: built once
                 cache["q"] = _projection_blocks(tv, projection_dim, seed)
-            with quiet_loop_fallback():
-                parts = [fn(xc, yc, tv, ntv, cache["q"]).numpy() for xc, yc in _chunks(x, y, rows)]
-            return np.concatenate(parts)
+            return _per_example_batch(fn, x, y, rows, tv, ntv, cache["q"])
 
         return project
     return _jvp_projection_fn(model, loss, signature, projection_dim, seed)
@@ -497,12 +481,7 @@ def _squared_gradient_norms_fn(model, loss, signature):
     weights = sum(s.shape.num_elements() for s in signature[2])
     rows = max(1, _PER_EXAMPLE_BYTES // (4 * weights))
     fn = _per_example_fn(model, loss, signature, projected=False)
-
-    def norms(x, y, tv, ntv):
-        with quiet_loop_fallback():
-            return np.concatenate([fn(xc, yc, tv, ntv).numpy() for xc, yc in _chunks(x, y, rows)])
-
-    return norms
+    return lambda x, y, tv, ntv: _per_example_batch(fn, x, y, rows, tv, ntv)
 
 
 def _prepare(model, per_example, data, batch_size, weights: WeightSet):

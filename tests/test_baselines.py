@@ -97,6 +97,16 @@ def test_loss_scores_refuse_bad_arguments():
     shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(20).batch(4)
     with pytest.raises(ValueError, match="reshuffles on every iteration"):
         loss_scores(model, shuffled)
+    # Finite inputs whose squared outputs overflow float32, in the third batch of 3.
+    big = x.copy()
+    big[7] = 1e25
+
+    def squared_output(y_true, y_pred):
+        return tf.reduce_sum(tf.square(y_pred), axis=-1)
+
+    message = "The model's loss is NaN or inf on 1 example(s) (first indices [7])"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loss_scores(model, (big, y), loss=squared_output, batch_size=3, verbose=0)
 
 
 # -- el2n_scores: hand-computable cases -------------------------------------------------
