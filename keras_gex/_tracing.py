@@ -43,6 +43,29 @@ def compiled(python_function, **kwargs):
     return function
 
 
+def free_batch(spec):
+    """`spec` with a free batch dimension, so every batch size shares one trace.
+
+    Args:
+        spec: A `tf.TensorSpec` or a nest of them (a dataset's `element_spec`).
+
+    Returns:
+        The same nest, each ranked `tf.TensorSpec` with its first dimension
+        `None`; other entries unchanged.
+
+    >>> spec = (tf.TensorSpec([32, 8]), tf.TensorSpec([32], tf.int64))
+    >>> [s.shape.as_list() for s in free_batch(spec)]
+    [[None, 8], [None]]
+    """
+
+    def relax(s):
+        if isinstance(s, tf.TensorSpec) and s.shape.rank:
+            return tf.TensorSpec([None, *s.shape[1:]], s.dtype)
+        return s
+
+    return tf.nest.map_structure(relax, spec)
+
+
 class _DropMessages(logging.Filter):
     def __init__(self, fragment: str):
         super().__init__()

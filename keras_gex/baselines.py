@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
-from keras_gex._tracing import compiled, quiet_loop_fallback
+from keras_gex._tracing import compiled, free_batch, quiet_loop_fallback
 from keras_gex.collect import FineTuner
 from keras_gex.data import DataSource
 from keras_gex.ensemble import GeometricEnsemble
@@ -46,17 +46,6 @@ from keras_gex.losses import check_per_example, resolve_loss
 from keras_gex.weights import WeightSet
 
 _SCORE_BATCH_SIZE = 1024
-
-
-def _relaxed_signature(spec):
-    """`spec` with a free batch dimension, so the last short batch reuses the trace."""
-
-    def relax(s):
-        if isinstance(s, tf.TensorSpec) and s.shape.rank:
-            return tf.TensorSpec([None, *s.shape[1:]], s.dtype)
-        return s
-
-    return list(tf.nest.map_structure(relax, spec))
 
 
 def loss_scores(
@@ -99,7 +88,7 @@ def loss_scores(
     def step(x, y):
         return per_example(y, model(x, training=False))
 
-    fn = compiled(step, input_signature=_relaxed_signature(source.ordered().element_spec))
+    fn = compiled(step, input_signature=list(free_batch(source.element_spec)))
     return _collect(source, lambda x, y: fn(x, y).numpy(), "model's loss", verbose)
 
 
@@ -492,8 +481,8 @@ def _prepare(model, per_example, data, batch_size, weights: WeightSet):
     x0, y0 = source.first_batch()
     tv, ntv = _tensors(weights)
     check_per_example(per_example, y0, model.stateless_call(tv, ntv, x0, training=False)[0])
-    spec = source.ordered().element_spec
-    signature = [*_relaxed_signature(spec), _specs(tv), _specs(ntv)]
+    spec = source.element_spec
+    signature = [*free_batch(spec), _specs(tv), _specs(ntv)]
     return source, signature
 
 

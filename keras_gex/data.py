@@ -152,6 +152,15 @@ class DataSource:
         """Whether the source holds `(x, y)` arrays (rather than a dataset)."""
         return self._arrays is not None
 
+    @property
+    def element_spec(self):
+        """The `(x, y)` spec of `ordered()`'s batches, without building it."""
+        if self._arrays is None:
+            return self._dataset.element_spec
+        return tuple(
+            tf.TensorSpec([None, *arr.shape[1:]], tf.as_dtype(arr.dtype)) for arr in self._arrays
+        )
+
     # -- views ------------------------------------------------------------------
     def ordered(self) -> tf.data.Dataset:
         """Every example once, in order, batched."""

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation, distribute, persistence
-from keras_gex._tracing import compiled
+from keras_gex._tracing import compiled, free_batch
 from keras_gex.collect import (
     FIT_WINDOW,
     CollectionResult,
@@ -26,7 +26,7 @@ from keras_gex.collect import (
 )
 from keras_gex.data import DEFAULT_BATCH_SIZE, DataSource, reshuffles_each_iteration
 from keras_gex.losses import PerExampleLoss, resolve_loss
-from keras_gex.scoring import ScoredLosses, Scorer, _signature
+from keras_gex.scoring import ScoredLosses, Scorer
 from keras_gex.version import __version__
 from keras_gex.weights import WeightSet
 
@@ -599,7 +599,7 @@ class GeometricEnsemble:
                 total += activation(out) if activation is not None else out
             return total / len(members)
 
-        cache[key] = compiled(mean_probs, input_signature=[_signature(spec)])
+        cache[key] = compiled(mean_probs, input_signature=[free_batch(spec)])
         return cache[key]
 
     def fingerprint(self) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import distribute
-from keras_gex._tracing import compiled
+from keras_gex._tracing import compiled, free_batch
 from keras_gex.data import DataSource
 from keras_gex.losses import PerExampleLoss, check_per_example
 from keras_gex.weights import WeightSet
@@ -63,17 +63,6 @@ def _variables(weight_set: WeightSet, prefix: str):
         for i, w in enumerate(weight_set.non_trainable)
     ]
     return tv, ntv
-
-
-def _signature(spec):
-    """The element spec with a free batch dimension (one trace per dataset)."""
-
-    def relax(s):
-        if isinstance(s, tf.TensorSpec) and s.shape.rank:
-            return tf.TensorSpec([None, *s.shape[1:]], s.dtype)
-        return s
-
-    return tf.nest.map_structure(relax, spec)
 
 
 class Scorer:
@@ -126,7 +115,7 @@ class Scorer:
     def function_for(self, element_spec, jit_compile: bool | None = None):
         """The traced step for `element_spec`, traced at most once."""
         jit_compile = self.jit_compile if jit_compile is None else bool(jit_compile)
-        sig = _signature(element_spec)
+        sig = free_batch(element_spec)
         key = (str(sig), jit_compile)
         if key not in self._fns:
             self._fns[key] = compiled(
@@ -136,7 +125,7 @@ class Scorer:
 
     def forward_for(self, x_spec):
         """θ*'s compiled inference-mode forward pass for inputs of `x_spec`."""
-        sig = _signature(x_spec)
+        sig = free_batch(x_spec)
         key = ("forward", str(sig))
         if key not in self._fns:
             self._fns[key] = compiled(

@@ -238,3 +238,23 @@ def test_many_ensembles_in_one_process_trace_once_and_do_not_warn(trained_mlp, d
     for ensemble in ensembles:
         functions = list(ensemble._scorer._fns.values())
         assert functions and all(f.experimental_get_tracing_count() == 1 for f in functions)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        (np.zeros((5, 3), np.float64), np.arange(5)),
+        (np.zeros((5, 2, 2), np.uint8), np.zeros((5, 3), np.float32)),
+        "dataset",
+    ],
+)
+def test_source_element_spec_equals_the_ordered_batches(data):
+    # Baselines trace from `element_spec` without building a dataset from arrays.
+    if data == "dataset":
+        pairs = (np.zeros((5, 3), np.float32), np.arange(5, dtype=np.int32))
+        data = tf.data.Dataset.from_tensor_slices(pairs).batch(2)
+    source = DataSource(data, batch_size=2)
+    assert source.element_spec == source.ordered().element_spec
+    x, y = next(iter(source.ordered()))
+    assert source.element_spec[0].is_compatible_with(x)
+    assert source.element_spec[1].is_compatible_with(y)
