@@ -20,6 +20,26 @@ def compiled(model, sigmoid: bool = False):
     return model
 
 
+def logits(model, x, batch_size: int = 1024):
+    """`model`'s outputs on `x` in inference mode, batch by batch, as a NumPy array.
+
+    Eager calls instead of `model.predict`: the benchmarks build a fresh model per
+    seed and run, and each `predict` traced a new function, so TensorFlow warned
+    about retracing; these arrays are small enough that tracing buys nothing.
+    """
+    import numpy as np
+
+    chunks = [model(x[i : i + batch_size], training=False) for i in range(0, len(x), batch_size)]
+    return np.concatenate([np.asarray(c) for c in chunks])
+
+
+def accuracy(model, x, y) -> float:
+    """Share of rows of `x` whose arg-max output is `y`."""
+    import numpy as np
+
+    return float(np.mean(np.argmax(logits(model, x), axis=1) == y))
+
+
 def mlp(input_dim: int = 64, classes: int = 10, name: str = "mlp", width: int = 256):
     """The digits MLP: input-width-width-classes, ReLU, logits out (uncompiled)."""
     import keras

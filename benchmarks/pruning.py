@@ -78,11 +78,6 @@ def _cnn(seed):
     return model
 
 
-def _accuracy(model, x, y):
-    logits = np.asarray(model.predict(x, batch_size=1024, verbose=0))
-    return float(np.mean(np.argmax(logits, 1) == y))
-
-
 def _digits(seed):
     from keras_gex.datasets import noisy_digits
 
@@ -112,7 +107,7 @@ def prune_case(name, make, data, epochs, seed, el2n_epochs, members, log):
     x, y, x_test, y_test = data
     model = make(seed)
     model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
-    rows = [(name, "full data", 0.0, seed, _accuracy(model, x_test, y_test))]
+    rows = [(name, "full data", 0.0, seed, _models.accuracy(model, x_test, y_test))]
     start = time.perf_counter()
     ens = keras_gex.GeometricEnsemble.collect(
         model, (x, y), num_members=members, seed=seed, verbose=0
@@ -129,7 +124,7 @@ def prune_case(name, make, data, epochs, seed, el2n_epochs, members, log):
             kept = keras_gex.prune((x, y), scores, fraction=fraction).kept_indices
             retrained = make(seed)
             retrained.fit(x[kept], y[kept], epochs=epochs, batch_size=64, verbose=0)
-            rows.append((name, method, fraction, seed, _accuracy(retrained, x_test, y_test)))
+            rows.append((name, method, fraction, seed, _models.accuracy(retrained, x_test, y_test)))
         log(f"{name} seed {seed}: pruned {fraction:.0%}")
     return rows
 

@@ -250,15 +250,10 @@ def _train(model_fn, x, y, epochs, batch_size, seed, sigmoid, loss=None):
     return model
 
 
-def _accuracy(model, x, y) -> float:
-    out = np.asarray(model.predict(x, batch_size=1024, verbose=0))
-    return float(np.mean(np.argmax(out, axis=1) == y))
-
-
 def _probs(model, x, sigmoid):
     import keras
 
-    logits = model.predict(x, batch_size=1024, verbose=0)
+    logits = _models.logits(model, x)
     act = keras.ops.sigmoid if sigmoid else keras.ops.softmax
     return np.asarray(keras.ops.convert_to_numpy(act(logits)), dtype=np.float64)
 
@@ -325,8 +320,8 @@ def run_one(
         case, model_fn, x, targets, epochs, batch_size, seed, sigmoid, cache=model_cache
     )
     train_seconds = time.perf_counter() - start
-    test_acc = _accuracy(model, x_test, y_test)
-    train_fit = float(np.mean(np.argmax(model.predict(x, verbose=0), axis=1) == y))
+    test_acc = _models.accuracy(model, x_test, y_test)
+    train_fit = _models.accuracy(model, x, y)
     common = {"case": case, "seed": seed}
     rows, scores = [], {}
 
@@ -485,7 +480,7 @@ def _retrain(case, seed, report, scores, noisy, model_fn, x, targets, x_test, y_
                 "seed": seed,
                 "method": name,
                 "kind": "retrain",
-                "test_accuracy": _accuracy(model, x_test, y_test),
+                "test_accuracy": _models.accuracy(model, x_test, y_test),
                 **_flags(noisy, mask),
             }
         )
