@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 import keras_gex
 from keras_gex.collect import (
+    _LR_FACTOR,
     ABANDON_FIT,
     COLLAPSE_FIT,
     FIT_TARGET,
@@ -18,6 +19,7 @@ from keras_gex.collect import (
     MemberStats,
     _calibrate,
     _StepSizeController,
+    nothing_to_forget,
 )
 
 REF = MemberStats(0.0, float("nan"), 1.0, 0.01)
@@ -111,25 +113,39 @@ def test_probe_that_collapsed_halfway_is_abandoned_as_too_large():
     assert not any(r["abandoned"] for r in record)
 
 
-def test_no_step_size_in_window_warns_and_takes_the_closest():
+def test_clean_labels_cliff_steps_back_from_the_edge():
     def fit(lr):  # a cliff: from the basin straight to collapse
         return 1.0 if lr < 0.2 else 0.1
 
     with pytest.warns(UserWarning, match="found no learning rate") as caught:
         lr, accepted, record, _ = _calibrate_fake(fit, max_probes=4)
     assert accepted == [] and len(record) == 4
-    assert lr < 0.2  # fit 1.0 is closer to the target than a collapse
-    # Fit 100% right up to a collapse is what clean labels look like: say so.
-    assert "few or no errors" in str(caught[0].message)
+    # Fit 100% right up to a collapse is what clean labels look like: say so,
+    # and hold a step size one grid factor below the largest that kept the fit.
+    edge = max(r["learning_rate"] for r in record if r["relative_fit"] > FIT_WINDOW[1])
+    assert lr == pytest.approx(edge / _LR_FACTOR)
+    assert nothing_to_forget(record)
+    message = str(caught[0].message)
+    assert "few or no errors" in message and f"learning_rate={lr:.4g}" in message
 
 
-def test_no_clean_label_hint_when_members_did_forget_something():
+def test_no_step_size_in_window_warns_and_takes_the_closest():
     def fit(lr):  # forgets some labels, then a cliff past the window
         return 0.95 if lr < 0.2 else 0.1
 
     with pytest.warns(UserWarning, match="found no learning rate") as caught:
-        _calibrate_fake(fit, max_probes=4)
+        lr, accepted, record, _ = _calibrate_fake(fit, max_probes=4)
+    assert accepted == [] and not nothing_to_forget(record)
+    assert lr < 0.2  # fit 0.95 is closer to the target than a collapse
     assert "few or no errors" not in str(caught[0].message)
+    assert f"using the closest, learning_rate={lr:.4g}" in str(caught[0].message)
+
+
+def test_controller_holds_one_step_size_when_nothing_needs_forgetting():
+    controller = _StepSizeController(hold=True)
+    for fit in (1.0, FIT_TARGET + 0.05, FIT_TARGET - 0.05, COLLAPSE_FIT - 0.1):
+        assert controller.next(0.3, fit) == 0.3
+    assert _StepSizeController().next(0.3, 1.0) > 0.3  # without `hold` it nudges up
 
 
 def test_controller_nudges_outside_the_window_then_holds():
