@@ -1504,9 +1504,9 @@ def _calibrate(
 def nothing_to_forget(record: list) -> bool:
     """Whether calibration probes kept θ*'s whole fit right up to a collapse.
 
-    True when no probe was accepted, some probe kept more than the window
-    (none of them less than 99% of θ*'s fit) and some larger one fell below
-    it: the calibration's sign of training labels with few or no errors.
+    True when no probe was accepted, some probes kept more than the window
+    (none of them less than 99% of θ*'s fit) and another fell below it (a
+    collapse): the calibration's sign of training labels with few or no errors.
     Collection then holds one step size, a factor `_LR_FACTOR` below the
     largest that kept the fit, for every member.
 
