@@ -240,8 +240,7 @@ def el2n_scores(
     if x.dtype == np.float64:
         x = x.astype(np.float32)
     n = len(x)
-    x_spec = tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype))
-    y_spec = tf.TensorSpec([None, *y.shape[1:]], tf.as_dtype(y.dtype))
+    x_spec, y_spec = source.element_spec
 
     total = np.zeros(n, dtype=np.float64)
     bar = keras.utils.Progbar(repeats, unit_name="run") if verbose else None

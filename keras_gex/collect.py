@@ -1376,6 +1376,9 @@ class _StepSizeController:
     cases start at or below the target and are unchanged. Walking on along a
     flat fit curve past the target lost on Fashion 30% (0.9882 [0.9890]).
 
+    With `hold=True` (calibration found `nothing_to_forget`) it returns every
+    member's step size unchanged: there is no window to steer into.
+
     >>> c = _StepSizeController()
     >>> [round(c.next(lr, fit), 4) for lr, fit in [(0.1, 0.82), (0.115, 0.8), (0.1323, 0.775)]]
     [0.115, 0.1323, 0.1323]
