@@ -262,3 +262,30 @@ def test_collapse_is_judged_halfway_only_without_batchnorm(kind, digits, monkeyp
     assert first["abandoned"] is (kind == "mlp")
     assert first["steps"] == (20 if kind == "mlp" else 40)
     assert not first["accepted"]
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_collection_holds_the_step_size_when_nothing_needs_forgetting(clean, digits, monkeypatch):
+    """Wiring: the probe records decide whether later members are steered."""
+    from keras_gex import collect
+
+    kept_fit = 1.0 if clean else 0.95  # 0.95: some labels forgotten, steer as usual
+
+    def fake_calibrate(run_member, theta_star, ref_stats, record, *args, **kwargs):
+        for lr, fit in ((0.0025, kept_fit), (0.04, 0.1)):
+            record.append({"learning_rate": lr, "relative_fit": fit, "accepted": False})
+        return 0.01, []
+
+    monkeypatch.setattr(collect, "_calibrate", fake_calibrate)
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    model = make_mlp(seed=0)
+    model.fit(x, y, epochs=30, batch_size=32, verbose=0)
+    kwargs = dict(num_members=3, steps=20, batch_size=32, seed=0, verbose=0)
+    ens = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    rates = [s["learning_rate"] for s in ens.info["member_stats"]]
+    fits = [s["fit"] / ens.info["reference_stats"]["fit"] for s in ens.info["member_stats"]]
+    assert min(fits) > FIT_WINDOW[1]  # members at lr 0.01 keep their fit: outside the window
+    if clean:
+        assert rates == [0.01, 0.01, 0.01]
+    else:  # the controller nudges members that kept too much up
+        assert rates[0] == 0.01 and rates[1] > rates[0] and rates[2] > rates[1]
