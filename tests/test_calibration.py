@@ -19,6 +19,7 @@ from keras_gex.collect import (
     MemberStats,
     _calibrate,
     _StepSizeController,
+    fit_falls_steeply,
     nothing_to_forget,
 )
 
@@ -111,6 +112,45 @@ def test_probe_that_collapsed_halfway_is_abandoned_as_too_large():
         fit, midway_of_lr=lambda lr: COLLAPSE_FIT + 0.01, abandon_below=COLLAPSE_FIT
     )
     assert not any(r["abandoned"] for r in record)
+
+
+def test_a_whole_factor_past_the_target_is_refined_halfway():
+    """Above the window at 0.1, below the target at 0.4: 0.2 is probed and kept."""
+
+    def fit(lr):
+        return {0.1: 1.0, 0.4: 0.69}.get(lr, 0.9)
+
+    lr, accepted, record, calls = _calibrate_fake(fit)
+    assert calls == [0.1, 0.4, pytest.approx(0.2)] and lr == pytest.approx(0.2)
+    assert accepted == [("weights@0.2", MemberStats(lr, 0.1, 0.9, 0.5))]
+    assert [r["accepted"] for r in record] == [False, False, True]
+    assert fit_falls_steeply(record)  # 0.4 forgot more than the target: hold 0.2
+
+
+def test_refinement_keeps_the_larger_step_size_when_halfway_stays_in_the_basin():
+    def fit(lr):
+        return {0.1: 1.0, 0.4: 0.69}.get(lr, 0.95)
+
+    lr, accepted, record, calls = _calibrate_fake(fit)
+    assert calls == [0.1, 0.4, pytest.approx(0.2)] and lr == 0.4
+    assert accepted == [("weights@0.4", MemberStats(0.4, 0.1, 0.69, 0.5))]
+    assert [r["accepted"] for r in record] == [False, True, False]
+    assert not fit_falls_steeply(record)  # nothing rejected above 0.4
+
+
+@pytest.mark.parametrize("kept", [FIT_TARGET + 0.05, None])
+def test_no_refinement_at_or_above_the_target_or_on_a_first_probe(kept):
+    """Only a whole-factor jump that lands below the target is refined."""
+
+    def fit(lr):
+        if kept is None:  # the first probe lands below the target (30% flips)
+            return 0.68
+        return 1.0 if lr < 0.2 else kept
+
+    lr, accepted, record, calls = _calibrate_fake(fit)
+    assert calls == ([0.1] if kept is None else [0.1, 0.4]) and len(accepted) == 1
+    assert lr == calls[-1]
+    assert not fit_falls_steeply(record)
 
 
 def test_clean_labels_cliff_steps_back_from_the_edge():
@@ -264,16 +304,23 @@ def test_collapse_is_judged_halfway_only_without_batchnorm(kind, digits, monkeyp
     assert not first["accepted"]
 
 
-@pytest.mark.parametrize("clean", [True, False])
-def test_collection_holds_the_step_size_when_nothing_needs_forgetting(clean, digits, monkeypatch):
+RECORDS = {  # (step size, relative fit, accepted) of the calibration's probes
+    "clean": [(0.0025, 1.0, False), (0.04, 0.1, False)],  # nothing to forget
+    "steep": [(0.005, 1.0, False), (0.02, 0.3, False), (0.01, 0.9, True)],
+    "forgetting": [(0.0025, 0.95, False), (0.04, 0.1, False)],  # steer as usual
+}
+
+
+@pytest.mark.parametrize("records", sorted(RECORDS))
+def test_collection_holds_the_step_size_when_nothing_needs_forgetting(records, digits, monkeypatch):
     """Wiring: the probe records decide whether later members are steered."""
     from keras_gex import collect
 
-    kept_fit = 1.0 if clean else 0.95  # 0.95: some labels forgotten, steer as usual
+    held = records != "forgetting"
 
     def fake_calibrate(run_member, theta_star, ref_stats, record, *args, **kwargs):
-        for lr, fit in ((0.0025, kept_fit), (0.04, 0.1)):
-            record.append({"learning_rate": lr, "relative_fit": fit, "accepted": False})
+        for lr, fit, accepted in RECORDS[records]:
+            record.append({"learning_rate": lr, "relative_fit": fit, "accepted": accepted})
         return 0.01, []
 
     monkeypatch.setattr(collect, "_calibrate", fake_calibrate)
@@ -285,7 +332,7 @@ def test_collection_holds_the_step_size_when_nothing_needs_forgetting(clean, dig
     rates = [s["learning_rate"] for s in ens.info["member_stats"]]
     fits = [s["fit"] / ens.info["reference_stats"]["fit"] for s in ens.info["member_stats"]]
     assert min(fits) > FIT_WINDOW[1]  # members at lr 0.01 keep their fit: outside the window
-    if clean:
+    if held:
         assert rates == [0.01, 0.01, 0.01]
     else:  # the controller nudges members that kept too much up
         assert rates[0] == 0.01 and rates[1] > rates[0] and rates[2] > rates[1]
