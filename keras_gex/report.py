@@ -31,6 +31,17 @@ def _probe_text(probe: dict) -> str:
     return text + (" (kept)" if probe.get("accepted") else "")
 
 
+def _held_text(probes: list) -> str:
+    """Why every member kept the calibrated step size, for `summary()`."""
+    from keras_gex.collect import fit_falls_steeply, nothing_to_forget
+
+    if nothing_to_forget(probes):
+        return "; held for every member: nothing to forget"
+    if fit_falls_steeply(probes):
+        return "; held for every member: the fit falls steeply past it"
+    return ""
+
+
 @dataclasses.dataclass
 class Uncertainty:
     """How much the scores and the flagged set depend on the finite ensemble.
@@ -245,15 +256,17 @@ class NoisyLabelReport:
             how = "calibrated" if info.get("learning_rate_requested") == "auto" else "given"
             stats = info.get("member_stats") or []
             member_lrs = [s["learning_rate"] for s in stats]
+            probes = info.get("calibration") or []
             if member_lrs and max(member_lrs) > min(member_lrs):
                 # The controller steered members' step sizes: `lr` is their median.
                 how += f"; members {min(member_lrs):.4g}-{max(member_lrs):.4g}"
+            elif how == "calibrated" and len(member_lrs) > 1:
+                how += _held_text(probes)
             steps_how = " (auto)" if info.get("steps_requested") == "auto" else ""
             lines.append(
                 f"  ensemble: M={info.get('num_members')} members, T={info.get('steps')} "
                 f"steps{steps_how}, lr={lr:.4g} ({how}), batch {info.get('batch_size')}"
             )
-            probes = info.get("calibration") or []
             if probes:
                 lines.append(
                     "  calibration probes (lr → share of θ*'s fit kept): "

@@ -332,7 +332,11 @@ def test_collection_holds_the_step_size_when_nothing_needs_forgetting(records, d
     rates = [s["learning_rate"] for s in ens.info["member_stats"]]
     fits = [s["fit"] / ens.info["reference_stats"]["fit"] for s in ens.info["member_stats"]]
     assert min(fits) > FIT_WINDOW[1]  # members at lr 0.01 keep their fit: outside the window
+    summary = keras_gex.detect_noisy((x, y), ens, verbose=0).summary(print_fn=None)
+    reason = {"clean": "nothing to forget", "steep": "the fit falls steeply past it"}
     if held:
         assert rates == [0.01, 0.01, 0.01]
+        assert f"lr=0.01 (calibrated; held for every member: {reason[records]})" in summary
     else:  # the controller nudges members that kept too much up
         assert rates[0] == 0.01 and rates[1] > rates[0] and rates[2] > rates[1]
+        assert "held" not in summary
