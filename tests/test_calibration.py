@@ -312,7 +312,7 @@ RECORDS = {  # (step size, relative fit, accepted) of the calibration's probes
 
 
 @pytest.mark.parametrize("records", sorted(RECORDS))
-def test_collection_holds_the_step_size_when_nothing_needs_forgetting(records, digits, monkeypatch):
+def test_collection_holds_the_step_size_when_the_probes_say_so(records, digits, monkeypatch):
     """Wiring: the probe records decide whether later members are steered."""
     from keras_gex import collect
 
