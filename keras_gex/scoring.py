@@ -110,7 +110,16 @@ class Scorer:
         for tv, ntv in self._members:
             pred, _ = self.model.stateless_call(tv, ntv, x, training=False)
             losses.append(self.loss(y, pred))
-        return ref_loss, tf.stack(losses, axis=1), ref_pred
+        member_losses = tf.stack(losses, axis=1)
+        # A compiled forward pass can return finite logits for a non-finite input
+        # (seen: TF 2.21's CPU kernels on an `inf` pixel, where the eager pass gave
+        # NaN), so such rows are marked NaN here and refused by `_check_finite`.
+        finite = finite_rows(x)
+        if finite is not None:
+            nan = tf.constant(float("nan"), ref_loss.dtype)
+            ref_loss = tf.where(finite, ref_loss, nan)
+            member_losses = tf.where(finite[:, None], member_losses, nan)
+        return ref_loss, member_losses, ref_pred
 
     def function_for(self, element_spec, jit_compile: bool | None = None):
         """The traced step for `element_spec`, traced at most once."""
@@ -273,6 +282,26 @@ class Scorer:
             del out
 
 
+def finite_rows(x):
+    """`(B,)` bool: whether every floating-point input value of each row is finite.
+
+    None when `x` has no floating-point inputs (e.g. token ids).
+
+    >>> finite_rows(tf.constant([[1.0, 2.0], [float("inf"), 0.0]])).numpy()
+    array([ True, False])
+    >>> finite_rows(tf.constant([[1, 2]])) is None
+    True
+    """
+    rows = None
+    for t in tf.nest.flatten(x):
+        t = tf.convert_to_tensor(t)
+        if not t.dtype.is_floating:
+            continue
+        ok = tf.reduce_all(tf.math.is_finite(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1)
+        rows = ok if rows is None else tf.logical_and(rows, ok)
+    return rows
+
+
 def _is_arrays(source: DataSource) -> bool:
     return getattr(source, "_arrays", None) is not None
 
@@ -308,7 +337,7 @@ def _check_same_first_batch(source: DataSource, first) -> None:
     """Catches datasets whose order differs between passes (e.g. shuffles)."""
     again = source.first_batch()
     same = all(
-        np.array_equal(np.asarray(a), np.asarray(b))
+        _same(np.asarray(a), np.asarray(b))
         for a, b in zip(tf.nest.flatten(first), tf.nest.flatten(again))
     )
     if not same:
@@ -317,6 +346,12 @@ def _check_same_first_batch(source: DataSource, first) -> None:
             "each iteration, so scores could not be matched to examples. Remove "
             "any shuffling (or use `reshuffle_each_iteration=False`)."
         )
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal arrays, NaN equal to NaN (a NaN input is reported by the loss check)."""
+    floating = np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating)
+    return np.array_equal(a, b, equal_nan=floating)
 
 
 def _check_gathered_labels(source: DataSource, first, gathered) -> None:
