@@ -1164,9 +1164,7 @@ def collect_members(
         store.save_calibration(lr, calibration)
 
     adaptive = learning_rate == "auto" and loss.is_classification
-    controller = _StepSizeController(
-        hold=nothing_to_forget(calibration) or fit_falls_steeply(calibration)
-    )
+    controller = _StepSizeController(hold=holds_step_size(calibration))
     if stats and adaptive:  # calibrated or resumed members: replay the controller
         lr = controller.replay(lr, stats, ref_stats)
     previous = members[-1] if (chain and members) else theta_star
@@ -1307,9 +1305,7 @@ def _collect_per_replica(
         store.save_calibration(lr, calibration)
 
     adaptive = learning_rate == "auto" and loss.is_classification
-    controller = _StepSizeController(
-        hold=nothing_to_forget(calibration) or fit_falls_steeply(calibration)
-    )
+    controller = _StepSizeController(hold=holds_step_size(calibration))
     if stats and adaptive:  # calibrated or resumed members: replay the controller
         lr = controller.replay(lr, stats, ref_stats)
     gate = _MemberGate(adaptive, num_members, stacklevel=4, log=log)
@@ -1575,6 +1571,15 @@ def fit_falls_steeply(record: list) -> bool:
         and r["relative_fit"] < FIT_TARGET
         for r in record
     )
+
+
+def holds_step_size(record: list) -> bool:
+    """Whether every member keeps the calibrated step size (no per-member steering).
+
+    True when the probes found `nothing_to_forget` or saw the fit
+    `fit_falls_steeply` past the accepted step size.
+    """
+    return nothing_to_forget(record) or fit_falls_steeply(record)
 
 
 def nothing_to_forget(record: list) -> bool:
