@@ -299,3 +299,23 @@ class ArrayStream:
     def __next__(self):
         idx = tf.constant(self.take_indices(1)[0])
         return tf.gather(self.x, idx), tf.gather(self.y, idx)
+
+
+def finite_rows(x):
+    """`(B,)` bool: whether every floating-point input value of each row is finite.
+
+    None when `x` has no floating-point inputs (e.g. token ids).
+
+    >>> finite_rows(tf.constant([[1.0, 2.0], [float("inf"), 0.0]])).numpy()
+    array([ True, False])
+    >>> finite_rows(tf.constant([[1, 2]])) is None
+    True
+    """
+    rows = None
+    for t in tf.nest.flatten(x):
+        t = tf.convert_to_tensor(t)
+        if not t.dtype.is_floating:
+            continue
+        ok = tf.reduce_all(tf.math.is_finite(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1)
+        rows = ok if rows is None else tf.logical_and(rows, ok)
+    return rows

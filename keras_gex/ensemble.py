@@ -24,7 +24,12 @@ from keras_gex.collect import (
     collect_members,
     resolve_steps,
 )
-from keras_gex.data import DEFAULT_BATCH_SIZE, DataSource, reshuffles_each_iteration
+from keras_gex.data import (
+    DEFAULT_BATCH_SIZE,
+    DataSource,
+    finite_rows,
+    reshuffles_each_iteration,
+)
 from keras_gex.losses import PerExampleLoss, resolve_loss
 from keras_gex.scoring import ScoredLosses, Scorer
 from keras_gex.version import __version__
@@ -543,7 +548,8 @@ class GeometricEnsemble:
             outputs themselves, averaged, when the model outputs probabilities.
 
         Raises:
-            ValueError: If the ensemble's loss is not a classification loss.
+            ValueError: If the ensemble's loss is not a classification loss, or a
+                prediction is NaN or inf (e.g. a NaN or inf input value).
         """
         if not self.loss.is_classification:
             raise ValueError(
@@ -577,7 +583,14 @@ class GeometricEnsemble:
                 bar.update(seen)
         if not out:
             raise ValueError("Argument `data` is empty: it has no examples.")
-        return np.concatenate(out).astype(np.float64)
+        probs = np.concatenate(out).astype(np.float64)
+        bad = ~np.isfinite(probs.reshape(len(probs), -1)).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"The members' predictions are NaN or inf on {int(bad.sum())} example(s) "
+                f"(first indices {np.flatnonzero(bad)[:5].tolist()}). Check those inputs."
+            )
+        return probs
 
     def _predict_fn(self, spec):
         """Compiled mean-of-members probabilities for an input spec (traced once)."""
@@ -597,7 +610,11 @@ class GeometricEnsemble:
                 out, _ = self.model.stateless_call(tv, ntv, x, training=False)
                 out = tf.cast(out, "float32")
                 total += activation(out) if activation is not None else out
-            return total / len(members)
+            probs = total / len(members)
+            finite = finite_rows(x)  # a compiled pass can map an `inf` input to finite values
+            if finite is not None:
+                probs = tf.where(finite[:, None], probs, tf.constant(float("nan"), probs.dtype))
+            return probs
 
         cache[key] = compiled(mean_probs, input_signature=[free_batch(spec)])
         return cache[key]

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from keras_gex import distribute
 from keras_gex._tracing import compiled, free_batch
-from keras_gex.data import DataSource
+from keras_gex.data import DataSource, finite_rows
 from keras_gex.losses import PerExampleLoss, check_per_example
 from keras_gex.weights import WeightSet
 
@@ -280,26 +280,6 @@ class Scorer:
             out.flush()
         finally:
             del out
-
-
-def finite_rows(x):
-    """`(B,)` bool: whether every floating-point input value of each row is finite.
-
-    None when `x` has no floating-point inputs (e.g. token ids).
-
-    >>> finite_rows(tf.constant([[1.0, 2.0], [float("inf"), 0.0]])).numpy()
-    array([ True, False])
-    >>> finite_rows(tf.constant([[1, 2]])) is None
-    True
-    """
-    rows = None
-    for t in tf.nest.flatten(x):
-        t = tf.convert_to_tensor(t)
-        if not t.dtype.is_floating:
-            continue
-        ok = tf.reduce_all(tf.math.is_finite(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1)
-        rows = ok if rows is None else tf.logical_and(rows, ok)
-    return rows
 
 
 def _is_arrays(source: DataSource) -> bool:

@@ -9,6 +9,7 @@ MODULES = [
     "keras_gex.datasets",
     "keras_gex.prune",
     "keras_gex.collect",
+    "keras_gex.data",
 ]
 
 

@@ -246,3 +246,21 @@ def test_numpy_scalars_accepted_and_zero_batch_size_refused(tiny):
         momentum=np.float32(0.5), verbose=0,
     )  # fmt: skip
     assert again.info["momentum"] == 0.5
+
+
+def test_inf_input_refused_by_predict_and_loss_baseline(tiny):
+    """A compiled forward pass can map an `inf` input to finite outputs (TF 2.21 on
+    an AVX-512 CPU): predictions and baseline scores must refuse the row, not
+    return a finite, meaningless value for it."""
+    from keras_gex import baselines
+
+    model, ens, x, y = tiny
+    bad = x.copy()
+    bad[35, 0] = np.inf
+    ds = tf.data.Dataset.from_tensor_slices((bad, y)).batch(8)
+    with pytest.raises(ValueError, match=r"NaN or inf on 1 example\(s\) \(first indices \[35\]\)"):
+        ens.predict(bad, verbose=0)
+    with pytest.raises(ValueError, match=r"NaN or inf on 1 example\(s\) \(first indices \[35\]\)"):
+        ens.predict(ds, verbose=0)
+    with pytest.raises(ValueError, match=r"NaN or inf on 1 example\(s\) \(first indices \[35\]\)"):
+        baselines.loss_scores(model, ds, verbose=0)
