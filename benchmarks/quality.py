@@ -41,6 +41,14 @@ Methods, each scored by AUC and AP of its scores against the known flips:
   is an optional benchmark dependency (`pip install cleanlab`); without it the
   row is skipped.
 
+A reference, not a baseline: the **clean-label oracle**, the same
+architecture trained on the *true* labels for EL2N's epochs, K-fold (K = 5),
+scoring each row by the out-of-fold loss of its given, possibly flipped,
+label. It uses what no method is given (which labels are right), so it is left
+out of the bars and of relabel → retrain; it says how separable the flips are
+for this architecture and data, i.e. how close to 1 an AUC / AP can be expected
+to get. Its table sets GEX beside it (`ceiling_table`).
+
 Also, from the GEX scores: F1 of the flagged set for Otsu's threshold on
 each transform of `keras_gex.thresholding.TRANSFORMS` (the default is
 `detect_noisy`'s); and relabel → retrain: the model retrained from scratch
@@ -61,13 +69,15 @@ the epochs, not for reporting):
         [--cases ...] [--no-retrain] [--skip BASELINE ...]
         [--model-cache DIR] [--quick]
 
-With no arguments it runs every case, seed and baseline (`--skip` leaves
-baselines out; the table then names what was not run, and the bars of a case
-missing a baseline are not met).
+With no arguments it runs every case, seed and baseline, and the oracle (8-27 s
+per case and seed). `--skip` leaves baselines or the oracle out; the table then
+names the baselines not run, and the bars of a case missing a baseline are not
+met.
 
 Prints one Markdown table of mean ± std over seeds per (case, method), the
-threshold-transform F1 table, the calibration share, the relabel table and
-a check of issue #3's bars case by case (`done_when_check`),
+threshold-transform F1 table, the calibration share, the relabel table, a
+check of issue #3's bars case by case (`done_when_check`) and GEX beside the
+clean-label oracle (`ceiling_table`),
 and writes them (`quality.md`) and the per-seed rows (`quality.csv`, appended
 after every case and seed) under `benchmarks/results/`.
 """
@@ -96,8 +106,13 @@ FASHION_TRAIN = 10_000
 FASHION_TEST = 10_000
 GEX = "GEX (default)"
 GEX_PAPER = "GEX self-influence (paper's score)"
+#: The clean-label oracle's name before its settings (`_family` of its rows).
+ORACLE = "Clean-label oracle"
+ORACLE_FOLDS = 5
 #: In-library baselines `--skip` can leave out (by their `keras_gex.baselines` name).
 SLOW_BASELINES = ("gex_lin_scores", "tracin_scores", "randproj_scores")
+#: What `--skip` can leave out: those baselines and the clean-label oracle.
+SKIPPABLE = (*SLOW_BASELINES, "oracle")
 #: Issue #3's bars for GEX with default arguments, on every case.
 AUC_BAR = 0.99
 AP_BAR = 0.95
@@ -181,6 +196,17 @@ def _fashion(noise, seed, image=True):
     x, y_clean = _FASHION["train"]
     y, mask = flip_labels(y_clean, noise, num_classes=10, seed=seed + 1)
     return x, y, mask, *_FASHION["test"]
+
+
+def _clean_labels(case: str, seed: int) -> np.ndarray:
+    """A case's training labels before flipping (only the clean-label oracle sees them)."""
+    data_fn, image, _, _, _, noise, _ = CASES[case]
+    if data_fn is _fashion:
+        data_fn(noise, seed, image)  # loads the images once
+        return _FASHION["train"][1]
+    from keras_gex.datasets import noisy_digits
+
+    return noisy_digits(noise, seed=seed, image=image).y_train_clean
 
 
 #: name -> (data_fn, image inputs, model_fn, epochs, batch size, noise, sigmoid)
@@ -289,6 +315,55 @@ def _cleanlab(model_fn, x, y, epochs, batch_size, seed, sigmoid):
         flagged = find_label_issues(y, probs)
         quality = get_label_quality_scores(y, probs)
     return 1.0 - quality, flagged
+
+
+def _refresh_batchnorm(model, x, batch_size, seed, num_batches=20) -> None:
+    """Sets `model`'s BatchNorm moving statistics to those of `num_batches` batches of `x`."""
+    from keras_gex.collect import FineTuner
+    from keras_gex.data import DataSource
+    from keras_gex.losses import resolve_loss
+
+    tuner = FineTuner(model, resolve_loss(model))
+    if not tuner.has_batchnorm:
+        return
+    labels = np.zeros(len(x), dtype="int64")  # the statistics read the inputs only
+    batches = DataSource((x, labels), name="x").shuffled(min(batch_size, len(x)), seed)
+    tuner.refresh_batchnorm(iter(batches), num_batches)
+    for var, value in zip(model.non_trainable_variables, tuner.ntv):
+        var.assign(value)
+
+
+def _oracle(model_fn, x, y, y_clean, epochs, batch_size, seed, sigmoid) -> np.ndarray:
+    """Out-of-fold loss of the given labels `y` under models fit to the clean labels.
+
+    Each of `ORACLE_FOLDS` folds is scored by the architecture trained on the
+    other folds' *clean* labels, its BatchNorm statistics re-estimated (as for
+    EL2N: they lag far behind a briefly trained model's weights; without it the
+    digits BN-CNN's oracle scored AUC 0.58-0.61); a row's score is its
+    cross-entropy (binary cross-entropy summed over classes for `sigmoid`)
+    against its given label. Higher means more likely flipped.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    probs = np.zeros((len(y), 10))
+    folds = StratifiedKFold(ORACLE_FOLDS, shuffle=True, random_state=seed)
+    for k, (fit_rows, out_rows) in enumerate(folds.split(x, y_clean)):
+        model = _train(
+            model_fn,
+            x[fit_rows],
+            _targets(y_clean[fit_rows], sigmoid),
+            epochs,
+            batch_size,
+            seed + 200 + k,
+            sigmoid,
+        )
+        _refresh_batchnorm(model, x[fit_rows], batch_size, seed + 200 + k)
+        probs[out_rows] = _probs(model, x[out_rows], sigmoid)
+    probs = np.clip(probs, 1e-12, 1.0 - 1e-12)
+    given = np.eye(10, dtype=bool)[y]
+    if sigmoid:
+        return -np.sum(np.where(given, np.log(probs), np.log1p(-probs)), axis=1)
+    return -np.log(probs[given])
 
 
 # -- one case --------------------------------------------------------------------------
@@ -426,6 +501,19 @@ def run_one(
         values, flagged = _cleanlab(model_fn, x, y, epochs, batch_size, seed, sigmoid)
         add(f"cleanlab ({CLEANLAB_FOLDS}-fold)", values, time.perf_counter() - start, flagged)
 
+    # The clean-label oracle: a reference for how separable the flips are.
+    if "oracle" not in skip:
+        y_clean = _clean_labels(case, seed)
+        if not np.array_equal(y_clean != y, noisy):
+            raise RuntimeError(f"{case} seed {seed}: clean labels do not match the flip mask")
+        start = time.perf_counter()
+        values = _oracle(model_fn, x, y, y_clean, el2n_epochs, batch_size, seed, sigmoid)
+        add(
+            f"{ORACLE} ({ORACLE_FOLDS}-fold, {el2n_epochs} ep)",
+            values,
+            time.perf_counter() - start,
+        )
+
     print(
         f"{case} seed {seed}: trained {epochs} epochs in {train_seconds:.0f} s "
         f"(train fit {train_fit:.3f}, test acc {test_acc:.3f}); GEX {gex_seconds:.0f} s "
@@ -457,7 +545,7 @@ def _retrain(case, seed, report, scores, noisy, model_fn, x, targets, x_test, y_
 
     _, _, _, epochs, batch_size, _, sigmoid = CASES[case]
     # The best baseline of this seed by AUC (cleanlab keeps its own flags).
-    candidates = [(m, v) for m, v in scores.items() if m not in (GEX, GEX_PAPER)]
+    candidates = [(m, v) for m, v in scores.items() if not _is_reference(m)]
     best = max(candidates, key=lambda mv: _ranking(noisy, mv[1][0])["auc"])
     method, (values, flagged) = best
     if flagged is None:
@@ -590,6 +678,9 @@ def markdown_tables(rows, seeds) -> str:
                     f"{_mean_std([r.get('f1') for r in sub])} |"
                 )
     lines += ["", done_when_table(rows)]
+    ceiling = ceiling_table(rows)
+    if ceiling:
+        lines += ["", ceiling]
     return "\n".join(lines)
 
 
@@ -604,8 +695,17 @@ def _family(method: str) -> str:
     return method.split(" (")[0]
 
 
+def _is_reference(method: str) -> bool:
+    """GEX's own two scores and the clean-label oracle: not baselines GEX must beat.
+
+    >>> [_is_reference(m) for m in (GEX_PAPER, "Clean-label oracle (5-fold, 4 ep)", "EL2N")]
+    [True, True, False]
+    """
+    return method in (GEX, GEX_PAPER) or _family(method) == ORACLE
+
+
 def _not_run(rows, case: str) -> list:
-    """Methods with rows on some case but none on `case` (compared by `_family`).
+    """Baselines with rows on some case but none on `case` (compared by `_family`).
 
     >>> rows = [
     ...     {"case": "a", "method": "EL2N (15 ep × 5)"},
@@ -617,7 +717,7 @@ def _not_run(rows, case: str) -> list:
     """
     every = {}
     for r in rows:
-        if not r.get("kind"):
+        if not r.get("kind") and not _is_reference(r["method"]):
             every.setdefault(_family(r["method"]), r["method"])
     ran = {_family(r["method"]) for r in rows if r["case"] == case and not r.get("kind")}
     return [name for family, name in every.items() if family not in ran]
@@ -663,7 +763,7 @@ def done_when_check(rows) -> dict:
         hard = _is_hard(case)
         short = []
         for method in dict.fromkeys(r["method"] for r in case_rows):
-            if method in (GEX, GEX_PAPER):
+            if _is_reference(method):
                 continue
             for metric in ("auc", "ap"):
                 (g, g_std), (b, b_std) = gex[metric], _seed_stats(case_rows, method, metric)
@@ -709,6 +809,41 @@ def done_when_table(rows) -> str:
     met = sum(c["met"] for c in check.values())
     lines += ["", f"Bars met on {met} of {len(check)} cases."]
     return "\n".join(lines)
+
+
+def ceiling_table(rows) -> str:
+    """GEX (default) beside the clean-label oracle, case by case; "" if it never ran.
+
+    >>> rows = [
+    ...     {"case": "c", "seed": 0, "method": GEX, "auc": 0.989, "ap": 0.97},
+    ...     {"case": "c", "seed": 0, "method": f"{ORACLE} (5-fold, 4 ep)", "auc": 0.99, "ap": 0.98},
+    ... ]
+    >>> print(ceiling_table(rows).splitlines()[-1])
+    | c | 0.9890 | 0.9900 | -0.0010 | 0.9700 | 0.9800 | -0.0100 |
+    """
+    lines = []
+    for case in _in_case_order(r["case"] for r in rows):
+        case_rows = [r for r in rows if r["case"] == case and not r.get("kind")]
+        oracle = [m for m in dict.fromkeys(r["method"] for r in case_rows) if _family(m) == ORACLE]
+        if not oracle or not any(r["method"] == GEX for r in case_rows):
+            continue
+        cells = []
+        for metric in ("auc", "ap"):
+            g = _seed_stats(case_rows, GEX, metric)[0]
+            o = _seed_stats(case_rows, oracle[0], metric)[0]
+            cells += [f"{g:.4f}", f"{o:.4f}", f"{g - o:+.4f}"]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = [
+        f"How separable the flips are: the clean-label oracle ({ORACLE_FOLDS}-fold models of "
+        "the same architecture fit to the true labels, out-of-fold loss of the given label; "
+        "not a baseline, it knows the answer) beside GEX (default), seed means:",
+        "",
+        "| Case | GEX AUC | Oracle AUC | Δ AUC | GEX AP | Oracle AP | Δ AP |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines)
 
 
 def _write(rows, table: str | None, tag: str = "") -> None:
@@ -759,9 +894,9 @@ def main(argv=None) -> int:
         "--skip",
         nargs="+",
         default=[],
-        choices=SLOW_BASELINES,
-        help="leave out these baselines (per Fashion-MNIST seed on 2 CPU cores: GEX-lin 6-10 s, "
-        "RandProj 7-10 s, TracInRP 49-82 s)",
+        choices=SKIPPABLE,
+        help="leave out these baselines or the clean-label oracle (per Fashion-MNIST seed on "
+        "2 CPU cores: GEX-lin 6-10 s, RandProj 7-10 s, TracInRP 49-82 s)",
     )
     parser.add_argument(
         "--model-cache",

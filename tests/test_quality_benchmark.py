@@ -8,6 +8,7 @@ import doctest
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
@@ -122,3 +123,50 @@ def test_case_missing_a_baseline_run_elsewhere_is_not_met(quality):
         in table
     )
     assert "Bars met on 1 of 2 cases." in table
+
+
+def test_clean_label_oracle_is_a_reference_not_a_baseline(quality):
+    # The oracle knows which labels are right: above GEX on a harder case, and
+    # run on one case only, it neither fails the bars nor counts as "not run".
+    oracle = f"{quality.ORACLE} (5-fold, 15 ep)"
+    rows = _rows(
+        quality,
+        "digits MLP 30%",
+        gex=[(0.995, 0.99)] * 3,
+        baselines={oracle: [(0.9995, 0.999)] * 3},
+    )
+    rows += _rows(quality, "digits MLP 10%", gex=[(0.999, 0.99)] * 3, baselines={})
+    check = quality.done_when_check(rows)
+    assert check["digits MLP 30%"]["met"] and check["digits MLP 10%"]["met"]
+    assert check["digits MLP 10%"]["not_run"] == []
+    table = quality.markdown_tables(rows, [0, 1, 2])
+    assert "| digits MLP 30% | 0.9950 | 0.9995 | -0.0045 | 0.9900 | 0.9990 | -0.0090 |" in table
+    assert "| digits MLP 10% | 0.9990 |" not in table.split("How separable")[1]
+
+
+def test_clean_label_oracle_fits_clean_labels_and_scores_flips_higher(quality, monkeypatch):
+    # Trains 5 small MLPs for 10 epochs each, on 500 rows, for each loss.
+    from sklearn.metrics import roc_auc_score
+
+    from keras_gex.datasets import noisy_digits
+
+    d = noisy_digits(0.2, seed=0)
+    x, y, y_clean, noisy = d.x_train[:500], d.y_train[:500], d.y_train_clean[:500], d.is_noisy[:500]
+    train, fitted = quality._train, []
+
+    def recording_train(model_fn, x, targets, *args):
+        fitted.append(targets if targets.ndim == 1 else np.argmax(targets, axis=1))
+        return train(model_fn, x, targets, *args)
+
+    monkeypatch.setattr(quality, "_train", recording_train)
+    for sigmoid in (False, True):
+        fitted.clear()
+        scores = quality._oracle(quality._mlp, x, y, y_clean, 10, 64, 0, sigmoid)
+        assert scores.shape == (500,) and bool(np.all(np.isfinite(scores)))
+        assert roc_auc_score(noisy, scores) > 0.95
+        # Every row is fit in all folds but its own, with its clean label.
+        counts = np.bincount(np.concatenate(fitted), minlength=10)
+        assert len(fitted) == quality.ORACLE_FOLDS
+        assert np.array_equal(
+            counts, (quality.ORACLE_FOLDS - 1) * np.bincount(y_clean, minlength=10)
+        )
