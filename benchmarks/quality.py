@@ -134,6 +134,7 @@ FIELDS = (
     "gex_learning_rate",
     "member_fit",
     "train_fit",
+    "separability",
     "test_accuracy",
     "kind",
 )
@@ -440,6 +441,7 @@ def run_one(
         members=ens.num_members,
         member_fit=float(np.mean(fits) / ref_fit) if fits else None,
         train_fit=train_fit,
+        separability=keras_gex.otsu_separability(report.scores),
         test_accuracy=test_acc,
     )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -622,11 +624,12 @@ def markdown_tables(rows, seeds) -> str:
         "one-time tracing of its fine-tuning loop, done before the first probe), their "
         "number and their share of the fine-tuning steps run (a probe abandoned halfway "
         "counts half), the step size members 1.. used, members' fit "
-        "relative to θ*, θ*'s fit of its noisy training labels.",
+        "relative to θ*, θ*'s fit of its noisy training labels, and the separability of "
+        "the GEX scores (`keras_gex.otsu_separability`, label-free).",
         "",
         "| Case | Calibration wall share | Rejected probes | Step share | lr | "
-        "Member fit / θ* | θ* train fit |",
-        "|---|---|---|---|---|---|---|",
+        "Member fit / θ* | θ* train fit | Otsu η |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         group = [r for r in rows if r["case"] == case and r["method"] == GEX]
@@ -637,6 +640,7 @@ def markdown_tables(rows, seeds) -> str:
             "gex_learning_rate",
             "member_fit",
             "train_fit",
+            "separability",
         )
         cells = [_mean_std([r.get(k) for r in group], 3) for k in keys]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")

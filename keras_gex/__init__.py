@@ -18,7 +18,7 @@ from keras_gex.prune import PruneResult, prune
 from keras_gex.relabel import distillation_targets, relabel
 from keras_gex.report import NoisyLabelReport
 from keras_gex.sources import SourceSeparation, source_separation
-from keras_gex.thresholding import otsu_threshold
+from keras_gex.thresholding import otsu_separability, otsu_threshold
 from keras_gex.version import __version__
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "distillation_targets",
     "export_scorer",
     "influence",
+    "otsu_separability",
     "otsu_threshold",
     "plot_gallery",
     "plot_proponents",

@@ -9,7 +9,7 @@ import numpy as np
 from keras_gex import _validation
 from keras_gex.plots import plot_gallery, plot_self_influence
 from keras_gex.relabel import distillation_targets, relabel
-from keras_gex.thresholding import threshold_scores
+from keras_gex.thresholding import otsu_separability, threshold_scores
 
 
 def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray:
@@ -249,6 +249,8 @@ class NoisyLabelReport:
             f"  {self.score_method.replace('_', ' ')}: median {q[0]:.3g}, p90 {q[1]:.3g}, "
             f"p99 {q[2]:.3g}, "
             f"max {self.scores.max():.3g}",
+            f"  separability: Otsu η {otsu_separability(self.scores):.3f} (share of the "
+            "scores' variance between two groups; higher is a cleaner split)",
         ]
         info = self.info
         if info:

@@ -104,6 +104,8 @@ def test_report_without_ensemble_explains_missing_probs(report):
 def test_summary_and_plot(report, digits, tmp_path):
     text = report.summary(print_fn=None)
     assert "flagged" in text and "members" in text and "calibrated" in text
+    eta = keras_gex.otsu_separability(report.scores)
+    assert f"separability: Otsu η {eta:.3f}" in text and eta > 0.5
     # Members steered to different step sizes: the summary shows their range.
     lrs = [0.2, 0.23, 0.2]
     steered = dataclasses.replace(

@@ -5,7 +5,7 @@ import keras_gex
 from keras_gex.thresholding import threshold_scores
 
 
-def _brute_force_otsu(values):
+def _brute_force_otsu(values, separability=False):
     v = np.sort(np.asarray(values, dtype=np.float64))
     best, cut = -1.0, None
     for i in range(1, len(v)):
@@ -16,7 +16,7 @@ def _brute_force_otsu(values):
         between = w0 * w1 * (low.mean() - high.mean()) ** 2
         if between > best:
             best, cut = between, v[i - 1]
-    return cut
+    return best / v.var() if separability else cut
 
 
 def test_otsu_separates_known_bimodal_data():
@@ -76,3 +76,27 @@ def test_every_transform_orders_its_flags_by_power_on_skewed_scores():
     assert flagged == sorted(flagged) and 0 < flagged[0] < len(scores)
     with pytest.raises(ValueError, match="otsu_cbrt"):
         threshold_scores(scores, "otsu_cube")
+
+
+def test_separability_matches_brute_force_and_ignores_scale():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        values = np.concatenate([rng.exponential(1.0, 60), rng.normal(5, 2, 15)])
+        eta = keras_gex.otsu_separability(values)
+        np.testing.assert_allclose(eta, _brute_force_otsu(values, separability=True), rtol=1e-12)
+        np.testing.assert_allclose(keras_gex.otsu_separability(3.0 * values + 7.0), eta, rtol=1e-9)
+
+
+def test_separability_is_higher_for_two_groups_than_for_one():
+    rng = np.random.default_rng(4)
+    one = rng.normal(0.0, 1.0, 1000)
+    two = np.concatenate([rng.normal(0.0, 0.3, 900), rng.normal(6.0, 0.5, 100)])
+    assert keras_gex.otsu_separability(two) > 0.9 > keras_gex.otsu_separability(one) > 0.5
+    assert keras_gex.otsu_separability([2.0, 2.0]) == 0.0
+
+
+def test_separability_refuses_bad_input():
+    with pytest.raises(ValueError, match="finite"):
+        keras_gex.otsu_separability([1.0, np.inf])
+    with pytest.raises(ValueError, match="empty"):
+        keras_gex.otsu_separability([])
