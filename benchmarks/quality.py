@@ -285,25 +285,52 @@ def _probs(model, x, sigmoid):
     return np.asarray(keras.ops.convert_to_numpy(act(logits)), dtype=np.float64)
 
 
+def _out_of_fold_probs(
+    model_fn,
+    x,
+    labels,
+    num_folds,
+    epochs,
+    batch_size,
+    seed,
+    model_seed,
+    sigmoid,
+    refresh_batchnorm=False,
+) -> np.ndarray:
+    """`(N, 10)` probabilities, each row's from a model trained on the other folds.
+
+    Folds are stratified on `labels` (split seeded by `seed`); fold `k`'s model is
+    trained on those labels with seed `model_seed + k` and, with
+    `refresh_batchnorm`, its BatchNorm statistics re-estimated before predicting.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    probs = np.zeros((len(labels), 10))
+    folds = StratifiedKFold(num_folds, shuffle=True, random_state=seed)
+    for k, (fit_rows, out_rows) in enumerate(folds.split(x, labels)):
+        model = _train(
+            model_fn,
+            x[fit_rows],
+            _targets(labels[fit_rows], sigmoid),
+            epochs,
+            batch_size,
+            model_seed + k,
+            sigmoid,
+        )
+        if refresh_batchnorm:
+            _refresh_batchnorm(model, x[fit_rows], batch_size, model_seed + k)
+        probs[out_rows] = _probs(model, x[out_rows], sigmoid)
+    return probs
+
+
 def _cleanlab(model_fn, x, y, epochs, batch_size, seed, sigmoid):
     """Out-of-sample probabilities by K-fold, then cleanlab's flags and ranking."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
-    from sklearn.model_selection import StratifiedKFold
 
-    probs = np.zeros((len(y), 10))
-    folds = StratifiedKFold(CLEANLAB_FOLDS, shuffle=True, random_state=seed)
-    for k, (fit_rows, out_rows) in enumerate(folds.split(x, y)):
-        model = _train(
-            model_fn,
-            x[fit_rows],
-            _targets(y[fit_rows], sigmoid),
-            epochs,
-            batch_size,
-            seed + 100 + k,
-            sigmoid,
-        )
-        probs[out_rows] = _probs(model, x[out_rows], sigmoid)
+    probs = _out_of_fold_probs(
+        model_fn, x, y, CLEANLAB_FOLDS, epochs, batch_size, seed, seed + 100, sigmoid
+    )
     if sigmoid:
         from cleanlab.multilabel_classification.rank import (
             get_label_quality_scores as multilabel_scores,
@@ -344,22 +371,18 @@ def _oracle(model_fn, x, y, y_clean, epochs, batch_size, seed, sigmoid) -> np.nd
     cross-entropy (binary cross-entropy summed over classes for `sigmoid`)
     against its given label. Higher means more likely flipped.
     """
-    from sklearn.model_selection import StratifiedKFold
-
-    probs = np.zeros((len(y), 10))
-    folds = StratifiedKFold(ORACLE_FOLDS, shuffle=True, random_state=seed)
-    for k, (fit_rows, out_rows) in enumerate(folds.split(x, y_clean)):
-        model = _train(
-            model_fn,
-            x[fit_rows],
-            _targets(y_clean[fit_rows], sigmoid),
-            epochs,
-            batch_size,
-            seed + 200 + k,
-            sigmoid,
-        )
-        _refresh_batchnorm(model, x[fit_rows], batch_size, seed + 200 + k)
-        probs[out_rows] = _probs(model, x[out_rows], sigmoid)
+    probs = _out_of_fold_probs(
+        model_fn,
+        x,
+        y_clean,
+        ORACLE_FOLDS,
+        epochs,
+        batch_size,
+        seed,
+        seed + 200,
+        sigmoid,
+        refresh_batchnorm=True,
+    )
     probs = np.clip(probs, 1e-12, 1.0 - 1e-12)
     given = np.eye(10, dtype=bool)[y]
     if sigmoid:
