@@ -40,7 +40,7 @@ import tensorflow as tf
 from keras_gex import _validation
 from keras_gex._tracing import compiled, free_batch, quiet_loop_fallback
 from keras_gex.collect import FineTuner
-from keras_gex.data import DataSource, finite_rows
+from keras_gex.data import DataSource, nan_where_not_finite
 from keras_gex.ensemble import GeometricEnsemble
 from keras_gex.losses import check_per_example, resolve_loss
 from keras_gex.weights import WeightSet
@@ -493,11 +493,7 @@ def _collect(source: DataSource, batch_fn, what: str, verbose: int = 0) -> np.nd
     bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
     out = []
     for x, y in source.ordered():
-        values = np.asarray(batch_fn(x, y), np.float64)
-        finite = finite_rows(x)
-        if finite is not None:  # a compiled pass can map an `inf` input to finite values
-            values[~finite.numpy()] = np.nan
-        out.append(values)
+        out.append(np.asarray(nan_where_not_finite(x, batch_fn(x, y)), np.float64))
         if bar is not None:
             bar.add(len(out[-1]))
     if not out:

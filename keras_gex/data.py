@@ -319,3 +319,22 @@ def finite_rows(x):
         ok = tf.reduce_all(tf.math.is_finite(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1)
         rows = ok if rows is None else tf.logical_and(rows, ok)
     return rows
+
+
+def nan_where_not_finite(x, values):
+    """`values` (batch-major) with NaN in the rows whose input `x` is not finite.
+
+    A compiled forward pass can map a non-finite input to finite outputs (seen:
+    TensorFlow 2.21's CPU kernels turned an `inf` pixel into finite logits where
+    the eager pass gave NaN), so every consumer marks those rows itself and then
+    refuses them by index. Inputs without floating-point values pass through.
+
+    >>> nan_where_not_finite(tf.constant([[1.0], [float("inf")]]), tf.constant([0.5, 0.7])).numpy()
+    array([0.5, nan], dtype=float32)
+    """
+    values = tf.convert_to_tensor(values)
+    finite = finite_rows(x)
+    if finite is None:
+        return values
+    finite = tf.reshape(finite, [-1] + [1] * (values.shape.rank - 1))
+    return tf.where(finite, values, tf.constant(float("nan"), values.dtype))

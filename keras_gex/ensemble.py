@@ -27,7 +27,7 @@ from keras_gex.collect import (
 from keras_gex.data import (
     DEFAULT_BATCH_SIZE,
     DataSource,
-    finite_rows,
+    nan_where_not_finite,
     reshuffles_each_iteration,
 )
 from keras_gex.losses import PerExampleLoss, resolve_loss
@@ -610,11 +610,7 @@ class GeometricEnsemble:
                 out, _ = self.model.stateless_call(tv, ntv, x, training=False)
                 out = tf.cast(out, "float32")
                 total += activation(out) if activation is not None else out
-            probs = total / len(members)
-            finite = finite_rows(x)  # a compiled pass can map an `inf` input to finite values
-            if finite is not None:
-                probs = tf.where(finite[:, None], probs, tf.constant(float("nan"), probs.dtype))
-            return probs
+            return nan_where_not_finite(x, total / len(members))
 
         cache[key] = compiled(mean_probs, input_signature=[free_batch(spec)])
         return cache[key]

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from keras_gex import distribute
 from keras_gex._tracing import compiled, free_batch
-from keras_gex.data import DataSource, finite_rows
+from keras_gex.data import DataSource, nan_where_not_finite
 from keras_gex.losses import PerExampleLoss, check_per_example
 from keras_gex.weights import WeightSet
 
@@ -110,15 +110,9 @@ class Scorer:
         for tv, ntv in self._members:
             pred, _ = self.model.stateless_call(tv, ntv, x, training=False)
             losses.append(self.loss(y, pred))
-        member_losses = tf.stack(losses, axis=1)
-        # A compiled forward pass can return finite logits for a non-finite input
-        # (seen: TF 2.21's CPU kernels on an `inf` pixel, where the eager pass gave
-        # NaN), so such rows are marked NaN here and refused by `_check_finite`.
-        finite = finite_rows(x)
-        if finite is not None:
-            nan = tf.constant(float("nan"), ref_loss.dtype)
-            ref_loss = tf.where(finite, ref_loss, nan)
-            member_losses = tf.where(finite[:, None], member_losses, nan)
+        # Rows of non-finite inputs are NaN here and refused by `_check_finite`.
+        ref_loss = nan_where_not_finite(x, ref_loss)
+        member_losses = nan_where_not_finite(x, tf.stack(losses, axis=1))
         return ref_loss, member_losses, ref_pred
 
     def function_for(self, element_spec, jit_compile: bool | None = None):
