@@ -170,3 +170,34 @@ def test_clean_label_oracle_fits_clean_labels_and_scores_flips_higher(quality, m
         assert np.array_equal(
             counts, (quality.ORACLE_FOLDS - 1) * np.bincount(y_clean, minlength=10)
         )
+
+
+def test_extra_cases_run_only_when_named_and_stay_out_of_the_bars(quality):
+    case = "Fashion wide CNN 30%"
+    assert case in quality.EXTRA_CASES and case not in quality.CASES
+    assert quality._parser().parse_args([]).cases == list(quality.CASES)
+    assert quality._parser().parse_args(["--cases", case]).cases == [case]
+    assert quality._is_hard(case)
+    rows = _rows(quality, "digits MLP 10%", gex=[(0.999, 0.99)] * 3, baselines={})
+    rows += _rows(
+        quality, case, gex=[(0.98, 0.96)] * 3, baselines={"EL2N (4 ep × 5)": [(0.99, 0.97)] * 3}
+    )
+    check = quality.done_when_check(rows)
+    assert list(check) == ["digits MLP 10%"]
+    table = quality.markdown_tables(rows, [0, 1, 2])
+    assert "Bars met on 1 of 1 cases." in table
+    assert f"| {case} |" in table.split("Issue #3's bars")[0]  # in the results table
+
+
+def test_wide_fashion_cnn_builds_for_both_losses(quality):
+    import keras
+
+    _, image, model_fn, *_ = quality.ALL_CASES["Fashion wide CNN 30%"]
+    assert image
+    for sigmoid in (False, True):
+        model = model_fn(sigmoid)
+        assert model.output_shape == (None, 10)
+        batchnorm = [
+            layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        assert len(batchnorm) == 4
