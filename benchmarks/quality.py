@@ -857,6 +857,8 @@ def done_when_check(rows) -> dict:
 def done_when_table(rows) -> str:
     """`done_when_check` as Markdown: one row per case and a final count."""
     check = done_when_check(rows)
+    if not check:
+        return "Issue #3's bars: none of its cases was run (`EXTRA_CASES` are outside them)."
     lines = [
         f"Issue #3's bars for GEX (default): AUC ≥ {AUC_BAR}, AP ≥ {AP_BAR}, at or above "
         "every baseline within one std (the larger of the two methods' std over seeds), "

@@ -187,6 +187,8 @@ def test_extra_cases_run_only_when_named_and_stay_out_of_the_bars(quality):
     table = quality.markdown_tables(rows, [0, 1, 2])
     assert "Bars met on 1 of 1 cases." in table
     assert f"| {case} |" in table.split("Issue #3's bars")[0]  # in the results table
+    extra_only = quality.markdown_tables([r for r in rows if r["case"] == case], [0, 1, 2])
+    assert "none of its cases was run" in extra_only and "Bars met on" not in extra_only
 
 
 def test_wide_fashion_cnn_builds_for_both_losses(quality):
