@@ -105,15 +105,13 @@ class Scorer:
 
     def _step(self, x, y):
         ref_pred, _ = self.model.stateless_call(*self._ref, x, training=False)
-        ref_loss = self.loss(y, ref_pred)
-        losses = []
+        losses = [self.loss(y, ref_pred)]  # θ*'s, then each member's
         for tv, ntv in self._members:
             pred, _ = self.model.stateless_call(tv, ntv, x, training=False)
             losses.append(self.loss(y, pred))
         # Rows of non-finite inputs are NaN here and refused by `_check_finite`.
-        ref_loss = nan_where_not_finite(x, ref_loss)
-        member_losses = nan_where_not_finite(x, tf.stack(losses, axis=1))
-        return ref_loss, member_losses, ref_pred
+        losses = nan_where_not_finite(x, tf.stack(losses, axis=1))
+        return losses[:, 0], losses[:, 1:], ref_pred
 
     def function_for(self, element_spec, jit_compile: bool | None = None):
         """The traced step for `element_spec`, traced at most once."""

@@ -89,7 +89,7 @@ def otsu_separability(values) -> float:
     >>> otsu_separability([3.0, 3.0])
     0.0
     """
-    v = np.sort(_validation.finite_1d("values", values)).astype(np.float64)
+    v = np.sort(_validation.finite_1d("values", values))
     if v[0] == v[-1]:
         return 0.0
     return float(np.max(_between_class_variance(v)) / np.var(v))
