@@ -33,8 +33,9 @@ Sections (tables printed in this order):
     step size), end to end, against `model.fit` of a copy of θ* for the same
     number of SGD-momentum steps at the same batch size on the same batch
     stream (Keras defaults, i.e. XLA; also without), cold like the
-    collection, and against the original training run. The calibration
-    probes (full-length members, the accepted one is kept as member 0) are
+    collection, and against the original training run. The time of the
+    calibration probes not kept (a probe is a full-length member, or half of
+    one when abandoned halfway; the accepted one is kept as member 0) is
     reported separately. Targets: ≤ 1.1x the same steps, ≤ 0.25x training.
     Run for the digits MLP and the BatchNorm model (the CNN's would add
     ~10 minutes and nothing new). With the defaults the collection is
@@ -361,10 +362,12 @@ def collection_row(name, model, x, y, train_seconds, without_xla: bool) -> dict:
     calls = []
     original = collect_module.FineTuner.train
 
-    def timed_train(self, iterator, steps, learning_rate):
-        start = time.perf_counter()
-        out = original(self, iterator, steps, learning_rate)
-        calls.append((start, time.perf_counter(), int(steps)))
+    def timed_train(self, iterator, steps, learning_rate, *, start=0, stop=None):
+        # A call may run one segment of the schedule (a probe abandoned halfway).
+        begin = time.perf_counter()
+        out = original(self, iterator, steps, learning_rate, start=start, stop=stop)
+        if learning_rate > 0:  # not the warm-up (one step at lr 0, timed by the collection)
+            calls.append((begin, time.perf_counter(), (steps if stop is None else stop) - start))
         return out
 
     collect_module.FineTuner.train = timed_train
@@ -375,8 +378,10 @@ def collection_row(name, model, x, y, train_seconds, without_xla: bool) -> dict:
     finally:
         collect_module.FineTuner.train = original
     steps = sum(c[2] for c in calls)
-    probes = len(ensemble.info.get("calibration") or [])
-    calibration = (calls[probes][0] - start) if probes < len(calls) else total
+    probes = ensemble.info.get("calibration") or []
+    # What the calibration costs: the probes not kept (the accepted one is
+    # member 0), as in quality.py's "calibration wall share".
+    calibration = sum(p.get("seconds", 0.0) for p in probes if not p.get("accepted", False))
     loop = sum(c[1] - c[0] for c in calls)
 
     batch = min(DEFAULTS["batch_size"], len(x))
@@ -391,7 +396,7 @@ def collection_row(name, model, x, y, train_seconds, without_xla: bool) -> dict:
             jit_compile=jit_compile,
         )
         begin = time.perf_counter()
-        copy.fit(stream, steps_per_epoch=steps, epochs=1, verbose=0)
+        copy.fit(stream, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0)
         return time.perf_counter() - begin
 
     fit_auto = fit_steps("auto")
@@ -401,9 +406,13 @@ def collection_row(name, model, x, y, train_seconds, without_xla: bool) -> dict:
         "model": name,
         "N": len(x),
         "members": ensemble.num_members,
-        "probes": probes,
+        "probes": len(probes),
         "train_calls": len(calls),
         "steps": steps,
+        "steps_per_member": ensemble.info["steps"],
+        "probe_steps": sum(p.get("steps") or ensemble.info["steps"] for p in probes),
+        "redone_members": ensemble.info["redone_members"],
+        "warmup_s": ensemble.info["warmup_seconds"],
         "ge_s": total,
         "ge_loop_s": loop,
         "calibration_s": calibration,
@@ -633,7 +642,7 @@ def render(rows, meta) -> str:
         "",
         "**(b) GE collection (defaults: M=8, T auto, batch 128, lr auto) vs training**",
         "",
-        "| model | N | θ* fit | steps run (probes) | GE s | of which calibration s "
+        "| model | N | θ* fit | steps run (probes) | GE s | of which rejected probes s "
         "| fine-tune loop s | fit same steps s (XLA / no XLA) | training run s | GE / fit steps "
         "| GE / training | GE after calibration / training |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -798,11 +807,13 @@ def main(argv=None) -> int:
     except Exception as error:  # no tfds data here: the digits rows still run
         log(f"Fashion-MNIST unavailable ({type(error).__name__}: {error}); skipping its models")
     rows = []
+    failures = []
 
     def attempt(label, fn, *args):
         try:
             return fn(*args)
         except Exception as error:  # one failed section must not lose the others
+            failures.append(f"{label}: {type(error).__name__}: {error}")
             log(f"{label} failed: {type(error).__name__}: {error}")
             return []
 
@@ -826,14 +837,16 @@ def main(argv=None) -> int:
         log(f"training {name} ({len(x)} rows, {epochs} epochs)")
         checkpoints = 5 if name == "digits MLP" else 0
         model, train_seconds, saved = _train(make, x, y, epochs, checkpoints=checkpoints)
-        rows += attempt("(a)", scoring_rows, name, model, x, y, cfg["reps"][name])
+        rows += attempt(f"(a) {name}", scoring_rows, name, model, x, y, cfg["reps"][name])
         if name in cfg["collect_models"]:
-            rows += attempt("(b)", collection, name, model, x, y, train_seconds, epochs)
+            rows += attempt(f"(b) {name}", collection, name, model, x, y, train_seconds, epochs)
         if name in cfg["detect_models"]:
-            rows += attempt("(c)", detection_rows, name, make, model, x, y, is_noisy, epochs, cfg)
+            rows += attempt(
+                f"(c) {name}", detection_rows, name, make, model, x, y, is_noisy, epochs, cfg
+            )
         if name == "digits MLP" and not args.skip_influenciae:
             rows += attempt(
-                "(d)",
+                "(d) influenciae",
                 influenciae_rows,
                 model,
                 saved,
@@ -849,6 +862,11 @@ def main(argv=None) -> int:
     suffix = "_quick" if args.quick else ""
     (RESULTS_DIR / f"speed{suffix}_rows.json").write_text(json.dumps([meta, rows], default=str))
     text = render(rows, meta)
+    if failures:
+        # A lost section must not read as a complete run (section (b) once
+        # failed on every run unnoticed, its rows simply missing).
+        text += "\n\n**Sections that failed (their rows are missing above):**\n\n"
+        text += "\n".join(f"- {failure}" for failure in failures)
     print(text)
     (RESULTS_DIR / f"speed{suffix}.md").write_text(text + "\n")
     fields = sorted({k for r in rows for k in r})
@@ -856,7 +874,7 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

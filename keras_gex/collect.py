@@ -827,6 +827,8 @@ class CollectionResult:
     seed: int
     jit_compile: bool = False
     warmup_seconds: float = 0.0
+    #: Members run again: {"collapsed": refitted, "diverged": retried}.
+    redone: dict = dataclasses.field(default_factory=dict)
 
 
 def resolve_steps(steps, num_examples: int, batch_size: int) -> int:
@@ -989,6 +991,10 @@ class _MemberGate:
                 )
             return lr / 4.0
         return None
+
+    def counts(self) -> dict:
+        """How many members were run again, by reason."""
+        return {"collapsed": self.refits, "diverged": self.retries}
 
     def finish(self) -> None:
         if self.refits >= self.num_members:
@@ -1206,6 +1212,7 @@ def collect_members(
         seed,
         jit_compile=getattr(tuner, "jit_compile", False),
         warmup_seconds=warmup_seconds,
+        redone=gate.counts(),
     )
 
 
@@ -1347,6 +1354,7 @@ def _collect_per_replica(
         calibration,
         time.perf_counter() - start,
         seed,
+        redone=gate.counts(),
     )
 
 

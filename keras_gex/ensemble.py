@@ -270,6 +270,9 @@ class GeometricEnsemble:
             "seconds": result.seconds,
             # One-time tracing of the fine-tuning loop, part of `seconds`.
             "warmup_seconds": result.warmup_seconds,
+            # Members run again in this call (a resumed collection counts only
+            # its own): collapsed ones refitted, diverged ones retried.
+            "redone_members": result.redone,
         }
         if strategy is not None:
             info["strategy"] = {

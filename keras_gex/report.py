@@ -284,6 +284,13 @@ class NoisyLabelReport:
                 if fits and ref_fit:
                     text += f", fit {np.mean(fits):.3f} (θ*: {ref_fit:.3f})"
                 lines.append(text)
+            redone = info.get("redone_members") or {}
+            if any(redone.values()):
+                lines.append(
+                    f"  members run again: {redone.get('collapsed', 0)} collapsed (refitted at "
+                    f"0.7× the step size), {redone.get('diverged', 0)} diverged (retried at ¼ "
+                    "of it); none of them is among the members"
+                )
             for warning in self.diagnostics():
                 lines.append(f"  WARNING: {warning}")
         text = "\n".join(lines)

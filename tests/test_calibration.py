@@ -362,3 +362,27 @@ def test_collection_holds_the_step_size_when_the_probes_say_so(records, digits, 
     else:  # the controller nudges members that kept too much up
         assert rates[0] == 0.01 and rates[1] > rates[0] and rates[2] > rates[1]
         assert "held" not in summary
+
+
+def test_members_run_again_are_counted_and_summarised(digits, monkeypatch):
+    """A calibrated step size that collapses every member: each is refitted at
+    0.7× (at most M times), and `info` / the summary say how many were run again."""
+    from keras_gex import collect
+
+    def fake_calibrate(run_member, theta_star, ref_stats, record, *args, **kwargs):
+        record.append({"learning_rate": 3.0, "relative_fit": 0.8, "accepted": True})
+        return 3.0, []
+
+    monkeypatch.setattr(collect, "_calibrate", fake_calibrate)
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    model = make_mlp(seed=0)
+    model.fit(x, y, epochs=30, batch_size=32, verbose=0)
+    kwargs = dict(num_members=2, steps=20, batch_size=32, seed=0, verbose=0)
+    with pytest.warns(UserWarning, match="2 GE members collapsed and were refitted"):
+        ens = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    assert ens.info["redone_members"] == {"collapsed": 2, "diverged": 0}
+    # Member 0 kept its second refit (3.0 → 2.1 → 1.47); the controller then
+    # steered member 1 on from there.
+    assert ens.info["member_stats"][0]["learning_rate"] == pytest.approx(3.0 * 0.7**2)
+    summary = keras_gex.detect_noisy((x, y), ens, verbose=0).summary(print_fn=None)
+    assert "members run again: 2 collapsed (refitted at 0.7× the step size), 0 diverged" in summary
