@@ -24,7 +24,7 @@ integer labels with from-logits sparse cross-entropy):
 * BN-CNN on 8×8×1 images: Conv32-BN-ReLU, Conv64-BN-ReLU, MaxPool,
   Conv64-BN-ReLU, global average pooling, Dense10; 60 epochs; EL2N 6 epochs × 5.
 
-Run (4.5 minutes on 2 CPU cores when last measured; `--quick` is a ~1-2 minute smoke
+Run (3.2 minutes on 2 CPU cores when last measured; `--quick` is a ~1-2 minute smoke
 run with seed 0, a fifth of the epochs and 2 EL2N repeats, not for reporting):
 
     python benchmarks/detection.py [--seeds 0 1 2] [--quick]
