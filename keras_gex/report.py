@@ -287,9 +287,9 @@ class NoisyLabelReport:
             redone = info.get("redone_members") or {}
             if any(redone.values()):
                 lines.append(
-                    f"  members run again: {redone.get('collapsed', 0)} collapsed (refitted at "
-                    f"0.7× the step size), {redone.get('diverged', 0)} diverged (retried at ¼ "
-                    "of it); none of them is among the members"
+                    f"  members run again: {redone.get('collapsed', 0)} after collapsing "
+                    f"(refitted at 0.7× the step size), {redone.get('diverged', 0)} after "
+                    "diverging (retried at ¼ of it); the discarded runs are not in the ensemble"
                 )
             for warning in self.diagnostics():
                 lines.append(f"  WARNING: {warning}")

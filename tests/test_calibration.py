@@ -385,4 +385,7 @@ def test_members_run_again_are_counted_and_summarised(digits, monkeypatch):
     # steered member 1 on from there.
     assert ens.info["member_stats"][0]["learning_rate"] == pytest.approx(3.0 * 0.7**2)
     summary = keras_gex.detect_noisy((x, y), ens, verbose=0).summary(print_fn=None)
-    assert "members run again: 2 collapsed (refitted at 0.7× the step size), 0 diverged" in summary
+    assert (
+        "members run again: 2 after collapsing (refitted at 0.7× the step size), 0 after "
+        "diverging" in summary
+    )
