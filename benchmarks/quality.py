@@ -63,8 +63,8 @@ flagged set and for the best baseline's (highest mean AUC; its flags are its
 own for cleanlab, else Otsu-sqrt on its scores), with the same ensemble
 probabilities, against the model trained on the noisy labels.
 
-Run (the full run, every baseline on every case, took 56 minutes on 2 CPU
-cores with every θ* loaded from `--model-cache`; training the θ* added 7
+Run (the full run, every baseline on every case, took 44 minutes on 2 idle
+CPU cores with every θ* loaded from `--model-cache`; training the θ* added 7
 minutes when last measured, 71 against 64 minutes before TracInRP ran on
 Fashion-MNIST;
 `--quick` is a ~3 minute smoke run on digits MLP 10% only, seed 0, a fifth of
