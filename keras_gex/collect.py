@@ -84,6 +84,10 @@ COLLAPSE_FIT = 0.45
 ABANDON_FIT = 0.99
 _INITIAL_LR = 0.1
 _LR_FACTOR = 4.0
+#: A member that collapsed under a calibrated step size is refitted at this
+#: multiple of it; one that diverged is retried at `RETRY_FACTOR` of it.
+REFIT_FACTOR = 0.7
+RETRY_FACTOR = 0.25
 _EVAL_EXAMPLES = 2048
 #: Evaluation examples whose inputs and labels fit in this many bytes are
 #: evaluated in one call instead of one call per batch.
@@ -950,8 +954,9 @@ class _MemberGate:
     """The checks every finished member passes, with their retry budgets.
 
     A member that collapsed (kept less than `COLLAPSE_FIT` of θ*'s fit) under a
-    calibrated step size is refitted at 0.7× the step size; one that diverged
-    is dropped and retried at a quarter of it, at most 6 times.
+    calibrated step size is refitted at `REFIT_FACTOR` (0.7) × the step size; one
+    that diverged is dropped and retried at `RETRY_FACTOR` (a quarter) of it, at
+    most 6 times.
     """
 
     def __init__(self, adaptive: bool, num_members: int, stacklevel: int, log):
@@ -975,7 +980,7 @@ class _MemberGate:
                 f"member {index + 1}: lr {lr:.4g} collapsed it (keeps {rel:.1%} of θ*'s "
                 f"fit); refitting {what} at a smaller step size"
             )
-            return lr * 0.7
+            return lr * REFIT_FACTOR
         if not member_stats.finite:
             self.retries += 1
             warnings.warn(
@@ -989,7 +994,7 @@ class _MemberGate:
                     "Fine-tuning diverged repeatedly; the model's loss may be "
                     "non-finite on the training data. Pass a smaller `learning_rate`."
                 )
-            return lr / 4.0
+            return lr * RETRY_FACTOR
         return None
 
     def counts(self) -> dict:

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from keras_gex import _validation
+from keras_gex.collect import REFIT_FACTOR, RETRY_FACTOR
 from keras_gex.plots import plot_gallery, plot_self_influence
 from keras_gex.relabel import distillation_targets, relabel
 from keras_gex.thresholding import otsu_separability, threshold_scores
@@ -288,8 +289,9 @@ class NoisyLabelReport:
             if any(redone.values()):
                 lines.append(
                     f"  members run again: {redone.get('collapsed', 0)} after collapsing "
-                    f"(refitted at 0.7× the step size), {redone.get('diverged', 0)} after "
-                    "diverging (retried at ¼ of it); the discarded runs are not in the ensemble"
+                    f"(refitted at {REFIT_FACTOR:g}× the step size), {redone.get('diverged', 0)} "
+                    f"after diverging (retried at {RETRY_FACTOR:g}× it); the discarded runs "
+                    "are not in the ensemble"
                 )
             for warning in self.diagnostics():
                 lines.append(f"  WARNING: {warning}")
