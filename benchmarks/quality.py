@@ -475,8 +475,7 @@ def run_one(
     report = keras_gex.detect_noisy((x, targets), ens, verbose=0)
     gex_seconds = time.perf_counter() - start
     info = ens.info
-    probes = info.get("calibration") or []
-    rejected = [p for p in probes if not p.get("accepted", False)]
+    rejected = _models.rejected_probes(info)
     wasted = sum(p.get("seconds", 0.0) for p in rejected)
     # The collection traces its loop before the first probe; that one-time cost
     # is paid with a fixed step size too, so it is not fine-tuning time.

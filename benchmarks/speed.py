@@ -379,9 +379,7 @@ def collection_row(name, model, x, y, train_seconds, without_xla: bool) -> dict:
         collect_module.FineTuner.train = original
     steps = sum(c[2] for c in calls)
     probes = ensemble.info.get("calibration") or []
-    # What the calibration costs: the probes not kept (the accepted one is
-    # member 0), as in quality.py's "calibration wall share".
-    calibration = sum(p.get("seconds", 0.0) for p in probes if not p.get("accepted", False))
+    calibration = sum(p.get("seconds", 0.0) for p in _models.rejected_probes(ensemble.info))
     loop = sum(c[1] - c[0] for c in calls)
 
     batch = min(DEFAULTS["batch_size"], len(x))

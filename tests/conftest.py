@@ -71,6 +71,20 @@ def make_bn_model(seed=0, num_classes=10):
     return model
 
 
+def import_benchmark(name: str):
+    """Imports `benchmarks/NAME.py` as a module (the benchmarks are scripts, not a package)."""
+    import importlib
+    import pathlib
+    import sys
+
+    folder = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
 @pytest.fixture(scope="session")
 def digits():
     return noisy_digits(noise=0.1, seed=0)

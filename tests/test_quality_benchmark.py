@@ -5,23 +5,15 @@ test; see `benchmarks/quality.py`).
 """
 
 import doctest
-import pathlib
-import sys
 
 import numpy as np
 import pytest
-
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return quality
+    return import_benchmark("quality")
 
 
 def _rows(quality, case, gex, baselines, seeds=(0, 1, 2)):

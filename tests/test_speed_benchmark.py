@@ -2,28 +2,19 @@
 
 Section (b) wraps `FineTuner.train` to count the steps the collection runs;
 when the tuner learned to run a probe in two segments the wrapper no longer
-accepted their `start` / `stop` and the section failed on every run, its rows
-simply missing from the table. This runs it for real, at a tiny size.
+accepted their `start` / `stop` and the section failed (seen at f41b627), its
+rows simply missing from the table. This runs it for real, at a tiny size.
 """
-
-import pathlib
-import sys
 
 import keras
 import pytest
+from conftest import import_benchmark
 from sklearn.datasets import load_digits
-
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def speed():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import speed
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return speed
+    return import_benchmark("speed")
 
 
 def test_collection_row_counts_every_step_the_collection_runs(speed):
