@@ -9,7 +9,7 @@ every example z and checkpoint θ. Two routes compute it, with the same Q_R:
   fly (memory O(P + batch × R)).
 
 The library takes the per-example route while Q_R fits half of
-`baselines._PER_EXAMPLE_BYTES` (512 MiB), else JVPs. Here each route is forced
+`baselines.gradients._PER_EXAMPLE_BYTES` (512 MiB), else JVPs. Here each route is forced
 in turn (the budget set to 0 forces JVPs).
 
 For the θ* of `benchmarks/quality.py`'s cases (seed 0, 10% flips, trained or
@@ -74,18 +74,18 @@ def case_rows(case: str, rows: int, reps: int, cache) -> list:
         "TracInRP (R=64)": lambda: baselines.tracin_scores(ensemble, (x, targets), verbose=0),
         "RandProj (R=64)": lambda: baselines.randproj_scores(model, (x, targets), verbose=0),
     }
-    budget = baselines._PER_EXAMPLE_BYTES
+    budget = baselines.gradients._PER_EXAMPLE_BYTES
     out = []
     for method, fn in methods.items():
         best = {"per-example": np.inf, "jvp": np.inf}
         values = {}
         for _ in range(reps):
             for route, bytes_ in (("per-example", budget), ("jvp", 0)):
-                baselines._PER_EXAMPLE_BYTES = bytes_
+                baselines.gradients._PER_EXAMPLE_BYTES = bytes_
                 try:
                     seconds, values[route] = _timed(fn)
                 finally:
-                    baselines._PER_EXAMPLE_BYTES = budget
+                    baselines.gradients._PER_EXAMPLE_BYTES = budget
                 best[route] = min(best[route], seconds)
         scale = np.abs(values["jvp"]).max()
         out.append(

@@ -55,7 +55,7 @@ for this architecture and data, i.e. how close to 1 an AUC / AP can be expected
 to get. Its table sets GEX beside it (`ceiling_table`).
 
 Also, from the GEX scores: F1 of the flagged set for Otsu's threshold on
-each transform of `keras_gex.thresholding.TRANSFORMS` (the default is
+each transform of `keras_gex.analysis.thresholding.TRANSFORMS` (the default is
 `detect_noisy`'s); and relabel → retrain: the model retrained from scratch
 (same epochs) on Kong et al.'s relabeled targets (`report.relabeled_targets()`,
 `SoftTargetCrossentropy`; distillation targets for the sigmoid case) for GEX's
@@ -384,7 +384,7 @@ def _cleanlab(model_fn, x, y, epochs, batch_size, seed, sigmoid):
 
 def _refresh_batchnorm(model, x, batch_size, seed, num_batches=20) -> None:
     """Sets `model`'s BatchNorm moving statistics to those of `num_batches` batches of `x`."""
-    from keras_gex.collect import FineTuner
+    from keras_gex.collection.local import FineTuner
     from keras_gex.data import DataSource
     from keras_gex.losses import resolve_loss
 
@@ -443,7 +443,7 @@ def run_one(
 
     import keras_gex
     from keras_gex import baselines
-    from keras_gex.thresholding import TRANSFORMS, threshold_scores
+    from keras_gex.analysis.thresholding import TRANSFORMS, threshold_scores
 
     data_fn, image, model_fn, epochs, batch_size, noise, sigmoid = ALL_CASES[case]
     epochs = max(1, round(epochs * epoch_scale))
@@ -601,8 +601,8 @@ _BEST_BASELINE = {}
 def _retrain(case, seed, report, scores, noisy, model_fn, x, targets, x_test, y_test, noisy_acc):
     """Relabel → retrain test accuracy for GEX's and the best baseline's flags."""
     import keras_gex
-    from keras_gex.relabel import distillation_targets, relabel
-    from keras_gex.thresholding import threshold_scores
+    from keras_gex.analysis.relabel import distillation_targets, relabel
+    from keras_gex.analysis.thresholding import threshold_scores
 
     _, _, _, epochs, batch_size, _, sigmoid = ALL_CASES[case]
     # The best baseline of this seed by AUC (cleanlab keeps its own flags).

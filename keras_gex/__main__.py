@@ -1,5 +1,5 @@
 import sys
 
-from keras_gex.cli import main
+from keras_gex.app.cli import main
 
 sys.exit(main())

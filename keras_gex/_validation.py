@@ -7,36 +7,29 @@ Checks run in Python at the entry point, never inside a ``tf.function``.
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 
 import numpy as np
 
 
-def positive_int(name: str, value) -> int:
-    """Returns `value` as an int, or raises `ValueError` if it is not > 0."""
+def _integer_at_least(name: str, value, minimum: int, what: str) -> int:
     if (
         isinstance(value, bool)
         or not isinstance(value, (numbers.Integral, np.integer))
-        or value <= 0
+        or value < minimum
     ):
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
-        )
+        raise ValueError(f"Argument `{name}` must be a {what} integer. Received: {name}={value!r}")
     return int(value)
+
+
+def positive_int(name: str, value) -> int:
+    """Returns `value` as an int, or raises `ValueError` if it is not > 0."""
+    return _integer_at_least(name, value, 1, "positive")
 
 
 def non_negative_int(name: str, value) -> int:
     """Returns `value` as an int, or raises `ValueError` if it is not >= 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (numbers.Integral, np.integer))
-        or value < 0
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a non-negative integer. Received: {name}={value!r}"
-        )
-    return int(value)
+    return _integer_at_least(name, value, 0, "non-negative")
 
 
 def positive_float(name: str, value) -> float:
@@ -89,79 +82,6 @@ def seed_value(value) -> int | None:
     if value is None:
         return None
     return non_negative_int("seed", value)
-
-
-def _steps_value(steps) -> int | str:
-    """`steps` as a positive int, or `"auto"`."""
-    if isinstance(steps, str) and steps == "auto":
-        return "auto"
-    if isinstance(steps, str):
-        raise ValueError(
-            f'Argument `steps` must be a positive integer or "auto". Received: steps={steps!r}'
-        )
-    return positive_int("steps", steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class CollectionArgs:
-    """The arguments of a GE collection after validation."""
-
-    num_members: int
-    steps: int | str
-    learning_rate: float | str
-    batch_size: int
-    momentum: float
-    seed: int | None
-    chain: bool
-    bn_batches: int
-    verbose: int
-    jit_compile: bool | str = "auto"
-
-
-def collection_args(
-    *,
-    num_members,
-    steps,
-    learning_rate,
-    batch_size,
-    momentum,
-    seed,
-    chain,
-    bn_batches,
-    verbose,
-    jit_compile="auto",
-) -> CollectionArgs:
-    """Validated, normalised arguments of a GE collection (`GEXCollector`, `collect`).
-
-    One place for both entry points, so the callback fails at construction,
-    before hours of `fit`, for exactly what `collect` would refuse after it.
-    """
-    if learning_rate != "auto":
-        learning_rate = positive_float("learning_rate", learning_rate)
-    momentum_ok = isinstance(momentum, numbers.Real) and 0 <= momentum < 1
-    if isinstance(momentum, bool) or not momentum_ok:
-        raise ValueError(
-            f"Argument `momentum` must be a number in [0, 1). Received: momentum={momentum!r}"
-        )
-    if not isinstance(chain, bool):
-        raise ValueError(f"Argument `chain` must be a bool. Received: chain={chain!r}")
-    if not (isinstance(jit_compile, bool) or jit_compile == "auto"):
-        raise ValueError(
-            'Argument `jit_compile` must be True, False or "auto". '
-            f"Received: jit_compile={jit_compile!r}"
-        )
-    return CollectionArgs(
-        num_members=positive_int("num_members", num_members),
-        steps=_steps_value(steps),
-        learning_rate=learning_rate,
-        batch_size=positive_int("batch_size", batch_size),
-        momentum=float(momentum),
-        seed=seed_value(seed),
-        chain=chain,
-        bn_batches=non_negative_int("bn_batches", bn_batches),
-        verbose=verbose_level(verbose),
-        jit_compile=jit_compile,
-    )
 
 
 def finite_1d(name: str, values) -> np.ndarray:

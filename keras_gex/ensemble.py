@@ -16,36 +16,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_gex import _validation, distribute, persistence
-from keras_gex._tracing import compiled, free_batch
-from keras_gex.collect import (
-    FIT_WINDOW,
-    CollectionResult,
-    collect_members,
-    resolve_steps,
-)
+from keras_gex import _validation, collection, distribute
+from keras_gex.config import CollectionConfig, CollectionRecord
 from keras_gex.data import (
     DEFAULT_BATCH_SIZE,
     DataSource,
-    nan_where_not_finite,
     reshuffles_each_iteration,
 )
+from keras_gex.io import persistence
 from keras_gex.losses import PerExampleLoss, resolve_loss
 from keras_gex.scoring import ScoredLosses, Scorer
-from keras_gex.version import __version__
-from keras_gex.weights import WeightSet
-
-#: Defaults of the fine-tuning (see `GEXCollector` for their meaning).
-DEFAULTS = dict(
-    num_members=8,
-    steps="auto",
-    learning_rate="auto",
-    batch_size=128,
-    momentum=0.9,
-    seed=None,
-    chain=False,
-    bn_batches=20,
-)
 
 
 @dataclasses.dataclass
@@ -86,7 +66,13 @@ class GeometricEnsemble:
             re-estimated the same way as the members').
         members: List of `WeightSet`, one per member.
         loss: `PerExampleLoss` used for all scores.
-        info: Dict of hyperparameters and diagnostics. Defaults to `None`.
+        info: What the collection did: a `CollectionRecord`, or its dict as
+            saved in a manifest. Defaults to `None`.
+
+    Attributes:
+        record: The `CollectionRecord`, typed (None for an ensemble built from
+            weights without a collection).
+        info: The same record as a plain dict.
     """
 
     def __init__(self, model, reference, members, loss: PerExampleLoss, info=None):
@@ -97,10 +83,14 @@ class GeometricEnsemble:
         self.reference = reference
         self.members = list(members)
         self.loss = loss
-        self.info = dict(info or {})
+        if isinstance(info, CollectionRecord):
+            self.record, self.info = info, info.to_dict()
+        else:
+            self.info = dict(info or {})
+            collected = "member_stats" in self.info
+            self.record = CollectionRecord.from_dict(self.info) if collected else None
         self._scorer = None
         self._distributed_scorers = {}
-        self._predict_fns = {}
 
     @property
     def num_members(self) -> int:
@@ -112,48 +102,23 @@ class GeometricEnsemble:
         cls,
         model: keras.Model,
         train_data,
+        config: CollectionConfig | None = None,
         *,
-        num_members: int = DEFAULTS["num_members"],
-        steps=DEFAULTS["steps"],
-        learning_rate="auto",
-        batch_size: int = DEFAULTS["batch_size"],
-        momentum: float = DEFAULTS["momentum"],
-        seed: int | None = None,
-        chain: bool = False,
-        bn_batches: int = DEFAULTS["bn_batches"],
         loss=None,
         directory: str | None = None,
         verbose="auto",
         strategy=None,
         per_replica_members: bool = False,
-        jit_compile="auto",
+        **settings,
     ) -> GeometricEnsemble:
-        """Fine-tunes `num_members` copies of the trained `model` (post hoc GEX).
+        """Fine-tunes copies of the trained `model` (post hoc GEX).
 
         Args:
             model: A trained, built Keras model.
             train_data: Its training data: `(x, y)` arrays or a `tf.data.Dataset`
                 of `(x, y)` batches.
-            num_members: Number of GE members M. More members cost
-                proportionally more and gained little in `benchmarks/quality.py`
-                (digits, seeds 0-2, AUC / AP of the default score): 32 instead
-                of 8 took the MLP at 30% flips from 0.9965 / 0.9918 to
-                0.9974 / 0.9943 and left the BN-CNN at 30% unchanged (0.9990 /
-                0.9978 and 0.9991 / 0.9978). `report.uncertainty()` says whether
-                the flagged set needs more. Defaults to `8`.
-            steps: SGD steps T per member, or `"auto"`: about 10 epochs of
-                the training data, at least 50 and at most 800 steps (800 from
-                10,240 examples at batch 128). The number used is recorded in
-                `info["steps"]`. Defaults to `"auto"`.
-            learning_rate: Peak step size of the cosine schedule, or `"auto"` to
-                calibrate it (recommended). Defaults to `"auto"`.
-            batch_size: Fine-tuning mini-batch size. Defaults to `128`.
-            momentum: SGD momentum. Defaults to `0.9`.
-            seed: Seed of the mini-batch shuffling. Defaults to `None`.
-            chain: Start each member from the previous one instead of θ*
-                (measured to be seed-fragile; off by default). Defaults to `False`.
-            bn_batches: Batches used to re-estimate BatchNorm statistics of
-                every member. Defaults to `20`.
+            config: A `CollectionConfig` (the fine-tuning settings). Defaults
+                to `None` (the defaults).
             loss: Loss to use instead of the compiled one. Defaults to `None`.
             directory: If given, every member is written there as soon as it is
                 finished, and a re-run of the same call resumes at the first
@@ -175,113 +140,33 @@ class GeometricEnsemble:
                 each member equals the sequential member of the same index;
                 with `"auto"` the members of a round share one step size.
                 Defaults to `False`.
-            jit_compile: Compile the fine-tuning loop with XLA when the data
-                are arrays and no strategy is used. `"auto"` does so on an
-                accelerator for models without convolution or pooling layers,
-                and never on CPU (where XLA's compile time cancelled its
-                faster steps for an MLP and small CNNs were 7-10x slower with
-                it). If XLA cannot compile the model, the members are
-                fine-tuned without it and a warning says so. The flag used is
-                recorded in `info["jit_compile"]`. Defaults to `"auto"`.
+            **settings: `CollectionConfig` fields that override `config`'s
+                (e.g. `num_members=4, seed=0`).
 
         Returns:
-            A `GeometricEnsemble`.
+            A `GeometricEnsemble`; `ensemble.record` says what the collection did.
         """
         _validation.check_model(model, need_loss=True, loss=loss)
-        args = _validation.collection_args(
-            num_members=num_members,
-            steps=steps,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            momentum=momentum,
-            seed=seed,
-            chain=chain,
-            bn_batches=bn_batches,
-            verbose=verbose,
-            jit_compile=jit_compile,
-        )
-        num_members, steps, learning_rate = args.num_members, args.steps, args.learning_rate
-        batch_size, momentum, seed = args.batch_size, args.momentum, args.seed
-        chain, bn_batches, verbose = args.chain, args.bn_batches, args.verbose
+        config = CollectionConfig.resolve(config, **settings)
+        verbose = _validation.verbose_level(verbose)
         strategy = distribute.resolve_strategy(strategy, model)
         per_replica_members = distribute.check_per_replica_members(
-            per_replica_members, strategy, chain
+            per_replica_members, strategy, config.chain
         )
         per_example = resolve_loss(model, loss)
         source = DataSource(train_data, name="train_data")
         source.check_against_model(model)
-        steps_requested = steps
-        steps = resolve_steps(steps, source.count_examples(), batch_size)
-        store = None
-        if directory is not None:
-            store = persistence.MemberStore(
-                os.fspath(directory),
-                model,
-                {
-                    "steps": steps,
-                    "batch_size": batch_size,
-                    "momentum": float(momentum),
-                    "chain": bool(chain),
-                    "bn_batches": bn_batches,
-                    "loss": per_example.name,
-                    "learning_rate": learning_rate,
-                    "seed": seed,
-                },
-            )
-        result: CollectionResult = collect_members(
+        result = collection.collect(
             model,
             source,
             per_example,
-            num_members=num_members,
-            steps=steps,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            momentum=float(momentum),
-            seed=seed,
-            chain=bool(chain),
-            bn_batches=bn_batches,
+            config,
+            directory=directory,
             verbose=verbose,
-            store=store,
             strategy=strategy,
             per_replica_members=per_replica_members,
-            jit_compile=args.jit_compile,
         )
-        info = {
-            "num_members": num_members,
-            "steps": steps,
-            "steps_requested": steps_requested,
-            # The step size the members were fine-tuned with (their median: the
-            # per-member controller nudges it), not the controller's next proposal.
-            "learning_rate": float(np.median([s.learning_rate for s in result.member_stats]))
-            if result.member_stats
-            else result.learning_rate,
-            "learning_rate_requested": learning_rate,
-            "batch_size": batch_size,
-            "momentum": float(momentum),
-            "seed": result.seed,
-            "chain": bool(chain),
-            "bn_batches": bn_batches,
-            "loss": per_example.name,
-            "calibration": result.calibration,
-            "jit_compile": result.jit_compile,
-            "reference_stats": dataclasses.asdict(result.reference_stats),
-            "member_stats": [dataclasses.asdict(s) for s in result.member_stats],
-            "fit_window": FIT_WINDOW,
-            "seconds": result.seconds,
-            # One-time tracing of the fine-tuning loop, part of `seconds`.
-            "warmup_seconds": result.warmup_seconds,
-            # Members run again in this call (a resumed collection counts only
-            # its own): collapsed ones refitted, diverged ones retried.
-            "redone_members": result.redone,
-        }
-        if strategy is not None:
-            info["strategy"] = {
-                **distribute.describe(strategy),
-                "per_replica_members": per_replica_members,
-            }
-        if store is not None:
-            store.finalize(result.reference, info, per_example)
-        return cls(model, result.reference, result.members, per_example, info)
+        return cls(model, result.reference, result.members, per_example, result.record)
 
     # -- persistence ---------------------------------------------------------------
     def save(self, directory) -> None:
@@ -291,41 +176,8 @@ class GeometricEnsemble:
             directory: Target directory; created if missing. An existing
                 ensemble there is overwritten file by file, atomically.
         """
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        theta = WeightSet.from_model(self.model)
-        for index, member in enumerate(self.members):
-            persistence.write_weights(
-                self.model, member, os.path.join(directory, persistence.member_file(index))
-            )
-        persistence.write_weights(
-            self.model, self.reference, os.path.join(directory, persistence.REFERENCE_FILE)
-        )
-        manifest = {
-            "format": persistence.FORMAT,
-            "format_version": persistence.FORMAT_VERSION,
-            "library_version": __version__,
-            "architecture_fingerprint": persistence.architecture_fingerprint(self.model),
-            "theta_fingerprint": persistence.weights_fingerprint(theta),
-            "config": {k: self.info.get(k) for k in persistence.RESUME_KEYS},
-            "calibrated_learning_rate": self.info.get("learning_rate"),
-            "calibration": self.info.get("calibration", []),
-            "members": [
-                {"file": persistence.member_file(i), "stats": s}
-                for i, s in enumerate(self.info.get("member_stats") or [{}] * self.num_members)
-            ],
-            "info": self.info,
-            "loss": {
-                "name": self.loss.name,
-                "kind": self.loss.kind,
-                "from_logits": self.loss.from_logits,
-            },
-            "num_members": self.num_members,
-            "complete": True,
-        }
-        persistence._atomic_write_text(
-            os.path.join(directory, persistence.MANIFEST),
-            json.dumps(persistence._jsonable(manifest), indent=2),
+        persistence.save_ensemble(
+            os.fspath(directory), self.model, self.reference, self.members, self.loss, self.info
         )
 
     @classmethod
@@ -349,38 +201,9 @@ class GeometricEnsemble:
         """
         directory = os.fspath(directory)
         _validation.check_model(model, need_loss=True, loss=loss)
-        manifest = persistence.read_manifest(directory)
-        if manifest is None:
-            raise FileNotFoundError(
-                f"No keras_gex ensemble in {directory!r} ({persistence.MANIFEST} missing)."
-            )
-        if not manifest.get("complete"):
-            done = len(manifest.get("members", []))
-            raise ValueError(
-                f"The collection in {directory!r} is incomplete ({done} member(s) "
-                "written). Re-run the same collection with `directory=` to resume it."
-            )
-        persistence.check_compatible(manifest, model, WeightSet.from_model(model), directory)
         per_example = resolve_loss(model, loss)
-        saved_loss = manifest["loss"]
-        if (per_example.kind, per_example.from_logits) != (
-            saved_loss["kind"],
-            saved_loss["from_logits"],
-        ) or (per_example.kind == "other" and per_example.name != saved_loss["name"]):
-            raise ValueError(
-                f"The ensemble in {directory!r} was collected with loss "
-                f"{saved_loss['name']!r} (from_logits={saved_loss['from_logits']}), but "
-                f"the model's loss is {per_example.name!r} "
-                f"(from_logits={per_example.from_logits}). Pass the original `loss=`."
-            )
-        members = [
-            persistence.read_weights(model, os.path.join(directory, entry["file"]))
-            for entry in manifest["members"]
-        ]
-        reference = persistence.read_weights(
-            model, os.path.join(directory, persistence.REFERENCE_FILE)
-        )
-        return cls(model, reference, members, per_example, manifest.get("info"))
+        reference, members, info = persistence.load_ensemble(directory, model, per_example)
+        return cls(model, reference, members, per_example, info)
 
     # -- scoring ---------------------------------------------------------------------
     def _get_scorer(self, strategy=None) -> Scorer:
@@ -429,9 +252,9 @@ class GeometricEnsemble:
                 reshuffles on each iteration is refused.
             batch_size: Scoring batch size for arrays. Defaults to `256`.
             reference_floor: Clamp ℓ(z, θ*) from below at this value before
-                subtracting (the official code uses 0.05). Measured on digits it
-                inverts the ranking when members stay close to θ*, so it is off.
-                Defaults to `0.0`.
+                subtracting (the official code uses 0.05); off, because it can
+                invert the ranking when members stay close to θ*
+                (docs/design.md#reference-floor). Defaults to `0.0`.
             with_predictions: Also return θ*'s outputs. Defaults to `False`.
             verbose: 0 or 1 / "auto" (progress bar). Defaults to `"auto"`.
             strategy: A `tf.distribute.Strategy` to score under: every batch
@@ -576,7 +399,7 @@ class GeometricEnsemble:
             size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
             size = _validation.positive_int("batch_size", size)
             inputs = tf.data.Dataset.from_tensor_slices(arrays).batch(size)
-        fn = self._predict_fn(inputs.element_spec)
+        fn = self._get_scorer().mean_probabilities_for(inputs.element_spec)
         bar = keras.utils.Progbar(None, unit_name="example") if verbose else None
         out, seen = [], 0
         for batch in inputs:
@@ -594,29 +417,6 @@ class GeometricEnsemble:
                 f"(first indices {np.flatnonzero(bad)[:5].tolist()}). Check those inputs."
             )
         return probs
-
-    def _predict_fn(self, spec):
-        """Compiled mean-of-members probabilities for an input spec (traced once)."""
-        key = str(spec)
-        cache = self._predict_fns
-        if key in cache:
-            return cache[key]
-        scorer = self._get_scorer()
-        activation = None
-        if self.loss.from_logits:
-            activation = tf.sigmoid if self.loss.kind == "binary_crossentropy" else tf.nn.softmax
-        members = scorer._members
-
-        def mean_probs(x):
-            total = 0.0
-            for tv, ntv in members:
-                out, _ = self.model.stateless_call(tv, ntv, x, training=False)
-                out = tf.cast(out, "float32")
-                total += activation(out) if activation is not None else out
-            return nan_where_not_finite(x, total / len(members))
-
-        cache[key] = compiled(mean_probs, input_signature=[free_batch(spec)])
-        return cache[key]
 
     def fingerprint(self) -> str:
         """Hash of θ*, every member's weights and the loss: identifies scores."""

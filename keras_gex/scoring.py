@@ -75,9 +75,9 @@ class Scorer:
         members: The GE members' weights.
         strategy: A validated `tf.distribute.Strategy` to score under, or
             None (one device). Defaults to `None`.
-        jit_compile: Compile the one-device step with XLA. Measured on CPU
-            it is not faster for small dense or convolutional models (see
-            `benchmarks/speed.py`), so it is off. Defaults to `False`.
+        jit_compile: Compile the one-device step with XLA; off, since it was
+            not faster on CPU for small dense or convolutional models
+            (docs/design.md#scoring). Defaults to `False`.
     """
 
     def __init__(
@@ -133,6 +133,30 @@ class Scorer:
                 lambda x: self.model.stateless_call(*self._ref, x, training=False)[0],
                 input_signature=[sig],
             )
+        return self._fns[key]
+
+    def mean_probabilities_for(self, x_spec):
+        """Compiled mean over members of their probabilities, for inputs of `x_spec`.
+
+        Logits go through the loss's link (sigmoid or softmax); probabilities
+        are averaged as they are. Rows of non-finite inputs come back NaN.
+        """
+        sig = free_batch(x_spec)
+        key = ("probabilities", str(sig))
+        if key not in self._fns:
+            link = None
+            if self.loss.from_logits:
+                link = tf.sigmoid if self.loss.kind == "binary_crossentropy" else tf.nn.softmax
+
+            def mean_probs(x):
+                total = 0.0
+                for tv, ntv in self._members:
+                    out, _ = self.model.stateless_call(tv, ntv, x, training=False)
+                    out = tf.cast(out, "float32")
+                    total += link(out) if link is not None else out
+                return nan_where_not_finite(x, total / len(self._members))
+
+            self._fns[key] = compiled(mean_probs, input_signature=[sig])
         return self._fns[key]
 
     def _check_loss(self, first, eager: bool) -> None:
@@ -227,29 +251,23 @@ class Scorer:
         if not _is_arrays(source):  # arrays cannot change order between passes
             _check_same_first_batch(source, first)
 
-    def score(
-        self,
-        source: DataSource,
-        *,
-        with_predictions: bool = False,
-        verbose: int = 0,
-        eager: bool = False,
-    ) -> ScoredLosses:
-        """Scores every example of `source` once, in order, in memory."""
+    def score(self, source: DataSource, **options) -> ScoredLosses:
+        """Scores every example of `source` once, in order, in memory.
+
+        `options` (`with_predictions`, `verbose`, `eager`) are `iter_batches`'.
+        """
         refs, mems, labels, preds = [], [], [], []
-        for _, ref, members, y, pred in self.iter_batches(
-            source, with_predictions=with_predictions, verbose=verbose, eager=eager
-        ):
+        for _, ref, members, y, pred in self.iter_batches(source, **options):
             refs.append(ref)
             mems.append(members)
             labels.append(y)
-            if with_predictions:
+            if pred is not None:
                 preds.append(pred)
         return ScoredLosses(
             np.concatenate(refs),
             np.concatenate(mems),
             np.concatenate(labels),
-            np.concatenate(preds) if with_predictions else None,
+            np.concatenate(preds) if preds else None,
         )
 
     def deviations_to_file(

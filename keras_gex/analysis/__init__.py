@@ -1,0 +1,1 @@
+"""Analysis of the loss deviations: detect, report, threshold, relabel, influence, prune, clean."""

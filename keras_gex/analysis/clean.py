@@ -1,0 +1,121 @@
+"""Acting on a noisy-label report: a cleaned dataset ready for `model.fit`."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_gex import _validation
+from keras_gex.analysis.prune import select
+
+
+def clean(
+    train_data,
+    report,
+    *,
+    action: str = "relabel",
+    batch_size: int | None = None,
+    shuffle: bool = True,
+    seed: int | None = None,
+    source: str = "auto",
+):
+    """Relabels (Kong et al.) or drops the examples `report` flags.
+
+    Args:
+        train_data: The training data that `report` scored, `(x, y)` arrays or
+            a `tf.data.Dataset` of `(x, y)` batches in the same order.
+        report: A `NoisyLabelReport` from `detect_noisy`.
+        action: "relabel" (soft targets for flagged rows, one-hot elsewhere;
+            train with `keras_gex.SoftTargetCrossentropy`) or "drop".
+            Defaults to `"relabel"`.
+        batch_size: Batch size of the returned dataset. Defaults to `None`
+            (256 for arrays, the input's batch size for datasets).
+        shuffle: Reshuffle the examples on every epoch, as `model.fit` does
+            for arrays. Defaults to `True`.
+        seed: Seed of the shuffle. Defaults to `None`.
+        source: Whose probabilities drive relabeling (see
+            `NoisyLabelReport.relabeled_targets`). Defaults to `"auto"`.
+
+    Returns:
+        A batched `tf.data.Dataset` of `(x, target)` ("relabel") or of the kept
+        `(x, y)` ("drop"), with a known cardinality (`len(ds)` works).
+
+    Raises:
+        ValueError: If the data and the report disagree on the number of rows,
+            or for invalid arguments.
+    """
+    _validation.one_of("action", action, ("relabel", "drop"))
+    if batch_size is not None:
+        batch_size = _validation.positive_int("batch_size", batch_size)
+    if not isinstance(shuffle, bool):
+        raise ValueError(f"Argument `shuffle` must be a bool. Received: shuffle={shuffle!r}")
+    n = len(report.scores)
+    if isinstance(train_data, (tuple, list)):
+        size = len(np.asarray(train_data[0]))
+        if size != n:
+            raise ValueError(f"The data has {size} examples but the report scored {n}.")
+    elif batch_size is None:
+        for x, _ in train_data.take(1):
+            batch_size = int(tf.shape(tf.nest.flatten(x)[0])[0])
+    batch_size = batch_size or 256
+
+    if action == "drop":
+        kept = select(train_data, ~report.noisy_mask, batch_size=batch_size)
+        rows = (
+            tf.data.Dataset.from_tensor_slices(kept)
+            if isinstance(kept, tuple)
+            else kept.unbatch().apply(
+                tf.data.experimental.assert_cardinality(int((~report.noisy_mask).sum()))
+            )
+        )
+        count = int((~report.noisy_mask).sum())
+    else:
+        targets = report.relabeled_targets(source=source).astype(np.float32)
+        if isinstance(train_data, (tuple, list)):
+            rows = tf.data.Dataset.from_tensor_slices((np.asarray(train_data[0]), targets))
+        else:
+            table = tf.constant(targets)
+            rows = train_data.unbatch().enumerate()
+            rows = rows.map(lambda i, example: (example[0], tf.gather(table, i)))
+            rows = rows.apply(tf.data.experimental.assert_cardinality(n))
+        count = n
+    if shuffle and count > 1:
+        rows = rows.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
+    return rows.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def compare_models(models: dict, test_data, *, print_fn=print) -> dict:
+    """Before/after report: test accuracy and loss of models trained on cleaned data.
+
+    Args:
+        models: `{name: model}`, e.g. `{"noisy": before, "relabeled": after}`.
+            Each model is evaluated with its own compiled loss on its outputs.
+        test_data: `(x, y)` test arrays with integer class ids or one-hot labels.
+        print_fn: Where the Markdown table goes (None: nowhere). Defaults to `print`.
+
+    Returns:
+        `{name: {"accuracy": float, "loss": float}}`.
+    """
+    from keras_gex.losses import resolve_loss
+
+    if not isinstance(models, dict) or not models:
+        raise ValueError("Argument `models` must be a non-empty dict {name: model}.")
+    x, y = (np.asarray(a) for a in test_data)
+    ids = np.argmax(y, axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(len(y))
+    results = {}
+    for name, model in models.items():
+        outputs = np.asarray(model(x, training=False))
+        loss = resolve_loss(model)
+        if loss.kind == "sparse_categorical_crossentropy":
+            y_for_loss = ids
+        elif loss.kind in ("categorical_crossentropy",) and y.ndim == 1:
+            y_for_loss = np.eye(outputs.shape[1], dtype=np.float32)[ids]
+        else:
+            y_for_loss = y
+        value = float(np.mean(np.asarray(loss(y_for_loss, outputs))))
+        results[name] = {"accuracy": float(np.mean(np.argmax(outputs, 1) == ids)), "loss": value}
+    if print_fn is not None:
+        lines = ["| model | test accuracy | test loss |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['accuracy']:.4f} | {v['loss']:.4f} |" for k, v in results.items()]
+        print_fn("\n".join(lines))
+    return results

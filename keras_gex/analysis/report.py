@@ -1,0 +1,465 @@
+"""`NoisyLabelReport`: scores, threshold and flags, with a summary and a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from keras_gex import _validation
+from keras_gex.analysis.relabel import distillation_targets, relabel
+from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
+from keras_gex.collection.step_size import REFIT_FACTOR, RETRY_FACTOR
+from keras_gex.config import CollectionRecord, Probe
+from keras_gex.io.plots import plot_gallery, plot_self_influence
+
+
+def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray:
+    """`(N, M)` float64 per-member terms of a score; their member mean is the score.
+
+    "self_influence": Δ(z, m)²; "member_loss": ℓ(z, θ_m). One definition for
+    `detect_noisy`'s scores and the bootstrap of `NoisyLabelReport.uncertainty`.
+    """
+    if score == "member_loss":
+        return np.asarray(member_losses, dtype=np.float64)
+    return np.square(np.asarray(deviations, dtype=np.float64))
+
+
+def _probe_text(probe: Probe) -> str:
+    """One calibration probe for `summary()`, e.g. "0.1 → 100% (abandoned halfway)"."""
+    text = f"{probe.learning_rate:.3g} → {probe.relative_fit:.0%}"
+    if probe.abandoned:
+        return text + " (abandoned halfway)"
+    return text + (" (kept)" if probe.accepted else "")
+
+
+@dataclasses.dataclass
+class Uncertainty:
+    """How much the scores and the flagged set depend on the finite ensemble.
+
+    Computed by resampling the M members with replacement (bootstrap).
+
+    Attributes:
+        score_stderr: `(N,)` bootstrap standard error of each score.
+        flag_frequency: `(N,)` fraction of resamples in which each row is flagged
+            (threshold recomputed each time); near 0 or 1 means a stable decision.
+        stability: Mean Jaccard similarity between the flagged set of a resample
+            and the reported flagged set (1.0 = identical every time).
+        stability_by_members: `{m: mean Jaccard}` for resamples of m members,
+            m <= M, showing how stability grows with ensemble size.
+        suggested_members: Smallest ensemble size predicted to reach a
+            stability of `target` (from a 1 − c/m fit), at least the current M
+            when the current stability is below target.
+        target: The stability target used. Defaults to 0.95 in `uncertainty`.
+    """
+
+    score_stderr: np.ndarray
+    flag_frequency: np.ndarray
+    stability: float
+    stability_by_members: dict
+    suggested_members: int
+    target: float
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.sum(a | b)
+    return 1.0 if union == 0 else float(np.sum(a & b) / union)
+
+
+def _softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclasses.dataclass
+class NoisyLabelReport:
+    """The result of `detect_noisy`, in dataset order.
+
+    Attributes:
+        scores: `(N,)` self-influence (or the members' mean loss, see
+            `score_method`); **higher = more likely mislabeled**.
+        threshold: Cut on `scores`; rows strictly above it are flagged.
+        noisy_mask: `(N,)` bool, True for flagged rows.
+        deviations: `(N, M)` loss deviations Δ(z, m).
+        reference_losses: `(N,)` loss of the trained model ℓ(z, θ*).
+        labels: Labels in dataset order.
+        predictions: θ*'s outputs in dataset order (logits or probabilities,
+            as the model returns them).
+        threshold_method: How `threshold` was chosen.
+        record: The ensemble's `CollectionRecord` (None for one built by hand).
+        loss_kind: Kind of loss ("sparse_categorical_crossentropy", ...).
+        from_logits: Whether `predictions` are logits.
+        ensemble: The `GeometricEnsemble` that produced the scores (also when
+            `detect_noisy` collected it from a model), or None.
+        score_method: "self_influence" or "member_loss" (see `detect_noisy`).
+        member_losses: `(N, M)` ℓ(z, θ_m) when `score_method` is
+            "member_loss", else None.
+    """
+
+    scores: np.ndarray
+    threshold: float
+    noisy_mask: np.ndarray
+    deviations: np.ndarray
+    reference_losses: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray | None
+    threshold_method: object
+    record: CollectionRecord | None
+    loss_kind: str = "other"
+    from_logits: bool = False
+    score_method: str = "self_influence"
+    member_losses: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    ensemble: object = dataclasses.field(default=None, repr=False, compare=False)
+    _ensemble_probs_fn: object = dataclasses.field(default=None, repr=False, compare=False)
+    _ensemble_probs: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def info(self) -> dict:
+        """`record` as a plain dict (empty without a record)."""
+        return self.record.to_dict() if self.record is not None else {}
+
+    @property
+    def num_flagged(self) -> int:
+        return int(self.noisy_mask.sum())
+
+    @property
+    def noisy_indices(self) -> np.ndarray:
+        """Flagged row indices, most self-influential first."""
+        idx = np.flatnonzero(self.noisy_mask)
+        return idx[np.argsort(-self.scores[idx], kind="stable")]
+
+    def ranking(self) -> np.ndarray:
+        """All row indices, most self-influential (most suspect) first."""
+        return np.argsort(-self.scores, kind="stable")
+
+    def pred_probs(self) -> np.ndarray:
+        """θ*'s predicted probabilities `(N, K)` (softmax/sigmoid applied if logits)."""
+        if self.predictions is None:
+            raise ValueError("This report holds no predictions.")
+        p = np.asarray(self.predictions, dtype=np.float64)
+        if not self.from_logits:
+            return p
+        if self.loss_kind == "binary_crossentropy":
+            return 1.0 / (1.0 + np.exp(-p))
+        return _softmax(p)
+
+    def ensemble_probs(self) -> np.ndarray:
+        """The GE members' mean predicted probabilities `(N, K)`, in dataset order.
+
+        Computed on first use (one pass of the members over the training
+        data) and cached. On a memorising θ* the model's own prediction on a
+        mislabeled row is the given label; the fine-tuned members have partly
+        forgotten it, so their mean points to the class the input looks like
+        (docs/design.md#relabeling-from-the-members).
+
+        Raises:
+            ValueError: If the report was built without an ensemble and data.
+        """
+        if self._ensemble_probs is None:
+            if self._ensemble_probs_fn is None:
+                raise ValueError(
+                    "This report holds no ensemble to predict with; build it with "
+                    "`keras_gex.detect_noisy`."
+                )
+            probs = np.asarray(self._ensemble_probs_fn(), dtype=np.float64)
+            if probs.shape[0] != len(self.scores):
+                raise ValueError(
+                    f"The ensemble predicted {probs.shape[0]} rows but the report scored "
+                    f"{len(self.scores)}; the data changed since scoring."
+                )
+            self._ensemble_probs = probs
+        return self._ensemble_probs
+
+    def _uses_ensemble(self, source: str) -> bool:
+        """Whether `source` ("auto", "ensemble" or "model") picks the members' probabilities."""
+        _validation.one_of("source", source, ("auto", "ensemble", "model"))
+        return source == "ensemble" or (source == "auto" and self._has_ensemble_probs())
+
+    def _has_ensemble_probs(self) -> bool:
+        return self._ensemble_probs is not None or self._ensemble_probs_fn is not None
+
+    def relabeled_targets(self, source: str = "auto") -> np.ndarray:
+        """Training targets with flagged rows relabeled.
+
+        Kong et al.'s function for softmax cross-entropy models; distillation
+        targets for binary cross-entropy / multi-label. Train on the targets
+        with `keras_gex.SoftTargetCrossentropy` (Kong's rows are not
+        normalised).
+
+        Args:
+            source: Whose probabilities drive the new targets: "ensemble" (the
+                GE members' mean, `ensemble_probs`), "model" (θ*, the paper's
+                choice, which on a memorising θ* still favours the given label)
+                or "auto" (the ensemble when the report has one; see
+                docs/design.md#relabeling-from-the-members). Defaults to `"auto"`.
+
+        Returns:
+            `(N, K)` float64 targets; unflagged rows keep their one-hot label.
+        """
+        from_members = self._uses_ensemble(source)
+        if self.loss_kind == "binary_crossentropy":
+            probs = self.ensemble_probs() if from_members else self.pred_probs()
+            return distillation_targets(self.labels, probs, self.noisy_mask)
+        if self.loss_kind in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+            if from_members:
+                return relabel(self.labels, self.ensemble_probs(), self.noisy_mask)
+            if self.predictions is None:
+                raise ValueError("This report holds no predictions to relabel with.")
+            return relabel(
+                self.labels, self.predictions, self.noisy_mask, from_logits=self.from_logits
+            )
+        raise ValueError(
+            f"Relabeling needs a classification loss; this model's loss kind is "
+            f"{self.loss_kind!r}. Drop the flagged rows instead "
+            "(`~report.noisy_mask`)."
+        )
+
+    def suggested_labels(self) -> np.ndarray:
+        """A corrected class id per row: the given label, or for flagged rows the
+        class the ensemble finds most likely among the others.
+
+        Uses `ensemble_probs` when available, else θ*'s predictions.
+        """
+        given = self.given_labels()
+        probs = (self.ensemble_probs() if self._uses_ensemble("auto") else self.pred_probs()).copy()
+        if probs.ndim != 2 or probs.shape[1] < 2:
+            raise ValueError("Suggested labels need (N, K) class probabilities.")
+        out = given.astype(np.int64).copy()
+        rows = np.flatnonzero(self.noisy_mask)
+        probs[rows, given[rows]] = -np.inf
+        out[rows] = np.argmax(probs[rows], axis=1)
+        return out
+
+    def summary(self, print_fn=print) -> str:
+        """Prints and returns a readable summary with ensemble diagnostics."""
+        n = len(self.scores)
+        q = np.quantile(self.scores, [0.5, 0.9, 0.99])
+        lines = [
+            "GEX noisy-label report",
+            f"  examples: {n}   flagged: {self.num_flagged} ({self.num_flagged / n:.1%})",
+            f"  threshold: {self.threshold:.4g} ({self.threshold_method})",
+            f"  {self.score_method.replace('_', ' ')}: median {q[0]:.3g}, p90 {q[1]:.3g}, "
+            f"p99 {q[2]:.3g}, "
+            f"max {self.scores.max():.3g}",
+            f"  separability: Otsu η {otsu_separability(self.scores):.3f} (share of the "
+            "scores' variance between two groups; higher is a cleaner split)",
+        ]
+        record = self.record
+        if record is not None:
+            how = "calibrated" if record.learning_rate_requested == "auto" else "given"
+            member_lrs = [s.learning_rate for s in record.member_stats]
+            if member_lrs and max(member_lrs) > min(member_lrs):
+                # The controller steered members' step sizes: `lr` is their median.
+                how += f"; members {min(member_lrs):.4g}-{max(member_lrs):.4g}"
+            elif how == "calibrated" and len(member_lrs) > 1 and record.step_size_held:
+                how += f"; held for every member: {record.step_size_held}"
+            steps_how = " (auto)" if record.steps_requested == "auto" else ""
+            lines.append(
+                f"  ensemble: M={record.num_members} members, T={record.steps} "
+                f"steps{steps_how}, lr={record.learning_rate:.4g} ({how}), "
+                f"batch {record.batch_size}"
+            )
+            if record.calibration:
+                lines.append(
+                    "  calibration probes (lr → share of θ*'s fit kept): "
+                    + ", ".join(_probe_text(p) for p in record.calibration)
+                )
+            ref = record.reference_stats
+            if record.member_stats:
+                fits = [s.fit for s in record.member_stats if s.fit is not None]
+                losses = [s.loss for s in record.member_stats]
+                text = f"  members: mean loss {np.mean(losses):.4f}"
+                if ref is not None:
+                    text += f" (θ*: {ref.loss:.4f})"
+                if fits and ref is not None and ref.fit:
+                    text += f", fit {np.mean(fits):.3f} (θ*: {ref.fit:.3f})"
+                lines.append(text)
+            redone = record.redone_members
+            if any(redone.values()):
+                lines.append(
+                    f"  members run again: {redone.get('collapsed', 0)} after collapsing "
+                    f"(refitted at {REFIT_FACTOR:g}× the step size), {redone.get('diverged', 0)} "
+                    f"after diverging (retried at {RETRY_FACTOR:g}× it); the discarded runs "
+                    "are not in the ensemble"
+                )
+            for warning in self.diagnostics():
+                lines.append(f"  WARNING: {warning}")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def diagnostics(self) -> list:
+        """Warnings about the ensemble that make scores less trustworthy."""
+        out = []
+        record = self.record
+        stats = record.member_stats if record is not None else []
+        ref = record.reference_stats if record is not None else None
+        window = record.fit_window if record is not None else None
+        ref_fit = ref.fit if ref is not None else None
+        if stats and ref_fit and window:
+            rel = [s.fit / ref_fit for s in stats if s.fit is not None]
+            if rel and np.mean(rel) > window[1]:
+                out.append(
+                    f"members still fit {np.mean(rel):.1%} of what θ* fits: they barely "
+                    "left θ*, so deviations may not separate noisy labels. Increase "
+                    "`learning_rate` or `steps`."
+                )
+            if rel and np.mean(rel) < window[0]:
+                out.append(
+                    f"members fit only {np.mean(rel):.1%} of what θ* fits: fine-tuning "
+                    "moved far from θ*; decrease `learning_rate`."
+                )
+        if ref_fit is not None and ref_fit < 0.95 and self.score_method == "self_influence":
+            out.append(
+                f"θ* predicts only {ref_fit:.1%} of its training labels: it has not memorised "
+                "its training set, which GEX self-influence assumes (on such a model it can "
+                "rank mislabeled rows below chance while their loss ranks them well). Rank by "
+                'the default `score="member_loss"`, train longer, or rank by '
+                "`report.reference_losses` as well."
+            )
+        elif ref_fit is not None and ref_fit < 0.95:
+            out.append(
+                f"θ* predicts only {ref_fit:.1%} of its training labels: labels it never "
+                "fitted rank high by their loss alone, mislabeled or merely hard."
+            )
+        spread = np.std(self.deviations)
+        if spread == 0:
+            out.append("all loss deviations are zero: the members equal θ*.")
+        return out
+
+    def plot(self, *, log_x: bool = True, known_noisy=None, ax=None, path=None):
+        """Histogram of the scores with the threshold; saves a PNG if `path`.
+
+        Args:
+            log_x: Log-scaled score axis. Defaults to `True`.
+            known_noisy: Optional ground-truth mask to outline. Defaults to `None`.
+            ax: Matplotlib axes to draw on. Defaults to `None`.
+            path: File to save the figure to. Defaults to `None`.
+
+        Returns:
+            The matplotlib `Figure`.
+        """
+        fig = plot_self_influence(
+            self.scores,
+            self.threshold,
+            noisy_mask=self.noisy_mask,
+            known_noisy=known_noisy,
+            log_x=log_x,
+            ax=ax,
+            score=self.score_method,
+        )
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+    def uncertainty(
+        self, *, num_resamples: int = 200, target: float = 0.95, seed: int = 0
+    ) -> Uncertainty:
+        """Bootstrap over members: score standard errors and flagged-set stability.
+
+        Tells whether M was large enough: if `stability` is low, the flagged set
+        would change with another ensemble of the same size;
+        `suggested_members` estimates the M that would make it stable.
+
+        Args:
+            num_resamples: Bootstrap resamples. Defaults to `200`.
+            target: Stability (mean Jaccard) to aim for. Defaults to `0.95`.
+            seed: Seed of the resampling. Defaults to `0`.
+
+        Returns:
+            An `Uncertainty`.
+        """
+        num_resamples = _validation.positive_int("num_resamples", num_resamples)
+        target = _validation.fraction("target", target, inclusive_low=False)
+        per_member = self._per_member_scores()
+        m = per_member.shape[1]
+        rng = np.random.default_rng(seed)
+        method = self.threshold_method
+
+        def resample(size):
+            cols = rng.integers(0, m, size=size)
+            scores = per_member[:, cols].mean(axis=1)
+            flagged = scores > threshold_scores(scores, method)
+            return scores, flagged
+
+        samples, flags = [], []
+        for _ in range(num_resamples):
+            scores, flagged = resample(m)
+            samples.append(scores)
+            flags.append(flagged)
+        samples = np.array(samples)
+        flags = np.array(flags)
+        by_size = {}
+        for size in sorted({max(1, m // 4), max(1, m // 2), m}):
+            reps = min(num_resamples, 100)
+            by_size[size] = float(
+                np.mean([_jaccard(resample(size)[1], self.noisy_mask) for _ in range(reps)])
+            )
+        stability = float(np.mean([_jaccard(f, self.noisy_mask) for f in flags]))
+        # Fit J(m) = 1 - c / m through the measured points; solve for the target.
+        sizes = np.array(list(by_size))
+        gaps = 1.0 - np.array(list(by_size.values()))
+        c = float(np.sum(gaps * (1.0 / sizes)) / np.sum((1.0 / sizes) ** 2))
+        needed = m if c <= 0 else int(np.ceil(c / (1.0 - target)))
+        suggested = max(needed, m) if stability < target else min(max(needed, 1), m)
+        return Uncertainty(
+            samples.std(axis=0, ddof=1),
+            flags.mean(axis=0),
+            stability,
+            by_size,
+            suggested,
+            target,
+        )
+
+    def _per_member_scores(self) -> np.ndarray:
+        """`(N, M)` float64 terms whose mean over members is `scores`."""
+        if self.score_method == "member_loss" and self.member_losses is None:
+            raise ValueError('A "member_loss" report must hold `member_losses`.')
+        return score_terms(self.score_method, self.deviations, self.member_losses)
+
+    def predicted_labels(self) -> np.ndarray:
+        """θ*'s predicted class per row (argmax of `predictions`)."""
+        if self.predictions is None:
+            raise ValueError("This report holds no predictions.")
+        return np.argmax(self.predictions, axis=-1)
+
+    def given_labels(self) -> np.ndarray:
+        """Given labels as class ids (argmax of one-hot labels)."""
+        labels = np.asarray(self.labels)
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            return np.argmax(labels, axis=1)
+        return labels.reshape(len(labels))
+
+    def plot_gallery(self, images, *, k=16, class_names=None, image_shape=None, path=None):
+        """The `k` most suspect images, captioned "given → suggested".
+
+        The suggestion is `suggested_labels()` for flagged rows (the class the
+        ensemble prefers besides the given one); unflagged rows show the given
+        label on both sides.
+
+        Args:
+            images: The training inputs, in the scored order.
+            k: Number of images. Defaults to `16`.
+            class_names: Names indexed by class id. Defaults to `None`.
+            image_shape: Shape to reshape flat inputs to. Defaults to `None`.
+            path: File to save the PNG to. Defaults to `None`.
+
+        Returns:
+            The matplotlib `Figure`.
+        """
+        fig = plot_gallery(
+            images,
+            self.scores,
+            self.given_labels(),
+            self.suggested_labels(),
+            k=k,
+            class_names=class_names,
+            image_shape=image_shape,
+            title="most self-influential (most suspect) training examples",
+        )
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig

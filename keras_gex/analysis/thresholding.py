@@ -1,0 +1,109 @@
+"""Otsu's threshold on a 1-D score distribution (pure NumPy).
+
+GEX self-influence is bimodal on noisy data: a mass of typical examples near
+zero and a separate mode of memorised (often mislabeled) examples. Otsu's
+method picks the cut that maximises the between-class variance; here it is
+computed exactly over every split of the sorted values (no histogram bins).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from keras_gex import _validation
+
+#: Transforms applied to scores before thresholding (the cut is mapped back).
+#: Self-influence is a mean of squared loss deviations, heavy-tailed to the right;
+#: powers between 1 (raw, the paper's rule) and 0 (log) trade the raw cut's
+#: conservatism (missed flips) against the log cut's looseness (false flags).
+#: "otsu_sqrt" (the root-mean-square deviation) is the default of `detect_noisy`;
+#: `benchmarks/quality.py` measures the F1 of each.
+TRANSFORMS = {
+    "otsu": lambda v: v,
+    "otsu_sqrt": np.sqrt,
+    "otsu_cbrt": np.cbrt,
+    "otsu_root4": lambda v: np.sqrt(np.sqrt(v)),
+    "otsu_log": lambda v: np.log(np.maximum(v, np.finfo(np.float64).tiny)),
+}
+
+
+def _between_class_variance(v: np.ndarray) -> np.ndarray:
+    """Between-class variance of every split of sorted `v` after its first k values."""
+    n = v.size
+    csum = np.cumsum(v)
+    k = np.arange(1, n, dtype=np.float64)
+    mean_low = csum[:-1] / k
+    mean_high = (csum[-1] - csum[:-1]) / (n - k)
+    between = (k / n) * (1.0 - k / n) * (mean_low - mean_high) ** 2
+    between[v[:-1] == v[1:]] = -np.inf  # a cut must separate distinct values
+    return between
+
+
+def otsu_threshold(values) -> float:
+    """Exact Otsu threshold: values strictly above it form the upper class.
+
+    Args:
+        values: 1-D array-like of finite numbers.
+
+    Returns:
+        The largest value of the lower class (a float). If all values are
+        equal, that value (so nothing is above it).
+
+    >>> otsu_threshold([0.1, 0.2, 0.15, 5.0, 5.2, 4.9])
+    0.2
+    >>> otsu_threshold([3.0, 3.0])
+    3.0
+    """
+    v = np.sort(_validation.finite_1d("values", values))
+    if v[0] == v[-1]:
+        return float(v[0])
+    return float(v[int(np.argmax(_between_class_variance(v)))])
+
+
+def otsu_separability(values) -> float:
+    """Otsu's separability η: the share of the variance between the two classes.
+
+    The between-class variance at Otsu's threshold over the total variance,
+    in [0, 1]: 1 when the values form two tight groups, lower the more they
+    overlap or form one group. Higher is a cleaner split. It needs no labels
+    of which examples are wrong, and on GEX scores it tracks detection
+    quality across ensembles of one model (docs/design.md#otsu-separability).
+    Its absolute value is not comparable across models: compare it between
+    ensembles of one model.
+
+    Args:
+        values: 1-D array-like of finite numbers.
+
+    Returns:
+        η as a float; 0.0 if all values are equal.
+
+    >>> otsu_separability([0.1, 0.2, 0.15, 5.0, 5.2, 4.9]) > 0.99
+    True
+    >>> round(otsu_separability([1.0, 2.0, 3.0, 4.0]), 3)
+    0.8
+    >>> otsu_separability([3.0, 3.0])
+    0.0
+    """
+    v = np.sort(_validation.finite_1d("values", values))
+    if v[0] == v[-1]:
+        return 0.0
+    return float(np.max(_between_class_variance(v)) / np.var(v))
+
+
+def threshold_scores(scores: np.ndarray, method) -> float:
+    """Threshold for `scores` by `method` (a name in `TRANSFORMS` or a number)."""
+    if isinstance(method, str):
+        _validation.one_of("threshold", method, TRANSFORMS)
+        transformed = TRANSFORMS[method](np.asarray(scores, dtype=np.float64))
+        cut = otsu_threshold(transformed)
+        # Map back: the largest original score whose transform is <= cut.
+        below = scores[transformed <= cut]
+        return float(below.max()) if below.size else float(np.min(scores))
+    if isinstance(method, bool) or not isinstance(method, numbers.Real) or not np.isfinite(method):
+        raise ValueError(
+            f"Argument `threshold` must be one of {sorted(TRANSFORMS)} or a finite "
+            f"number. Received: threshold={method!r}"
+        )
+    return float(method)

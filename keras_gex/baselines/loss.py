@@ -1,0 +1,242 @@
+"""Loss-based baselines: the loss at θ* and EL2N."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_gex import _validation
+from keras_gex._tracing import compiled, free_batch
+from keras_gex.baselines._common import _collect, _scoring_args, _shared_doc
+from keras_gex.collection.local import FineTuner
+from keras_gex.data import DataSource
+from keras_gex.losses import check_per_example, resolve_loss
+
+_SCORE_BATCH_SIZE = 1024
+
+
+@_shared_doc
+def loss_scores(
+    model: keras.Model, data, *, loss=None, batch_size: int | None = None, verbose="auto"
+) -> np.ndarray:
+    """Per-example loss of the trained model θ* (the "loss" baseline).
+
+    The model is evaluated in inference mode (`training=False`) with its own
+    weights and BatchNorm statistics, unmodified.
+
+    Args:
+        model: The trained, built Keras model.
+        {data}
+        loss: Loss to use instead of the compiled one (a `keras.losses.Loss`,
+            a loss name or a per-example callable). Defaults to `None`.
+        {scoring_args}
+
+    Returns:
+        `(N,)` float64 losses in dataset order; higher = more suspect.
+
+    Raises:
+        TypeError: If `model` is not a `keras.Model` or `data` has the wrong type.
+        ValueError: For invalid data or arguments, or non-finite losses.
+    """
+    _validation.check_model(model, need_loss=True, loss=loss)
+    batch_size, verbose = _scoring_args(batch_size, verbose)
+    per_example = resolve_loss(model, loss)
+    source = DataSource(data, batch_size=batch_size)
+    source.check_against_model(model)
+    source.check_ordered()
+    x0, y0 = source.first_batch()
+    check_per_example(per_example, y0, model(x0, training=False))
+
+    def step(x, y):
+        return per_example(y, model(x, training=False))
+
+    fn = compiled(step, input_signature=list(free_batch(source.element_spec)))
+    return _collect(source, lambda x, y: fn(x, y).numpy(), "model's loss", verbose)
+
+
+def _check_labels(x: np.ndarray, y: np.ndarray) -> None:
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError("Arguments `x` and `y` must be arrays with one row per example.")
+    if len(x) != len(y):
+        raise ValueError(
+            "Arguments `x` and `y` must have the same number of examples. "
+            f"Received: len(x)={len(x)}, len(y)={len(y)}"
+        )
+    if len(x) == 0:
+        raise ValueError("Arguments `x` and `y` are empty: they have no examples.")
+    for name, arr in (("x", x), ("y", y)):
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise ValueError(f"Argument `{name}` contains NaN or inf values.")
+
+
+def _build_model(model_fn: Callable) -> keras.Model:
+    model = model_fn()
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Argument `model_fn` must return a `keras.Model`. "
+            f"Received: an object of type {type(model).__name__}"
+        )
+    if getattr(model, "optimizer", None) is None or getattr(model, "loss", None) is None:
+        raise ValueError(
+            "Argument `model_fn` must return a compiled model (with an optimizer and "
+            "a loss): EL2N trains a fresh model per repeat. Call "
+            "`model.compile(optimizer=..., loss=...)` inside `model_fn`."
+        )
+    return model
+
+
+def _el2n_fn(tuner: FineTuner, sparse: bool, activation: str, x_spec, y_spec):
+    """Compiled `(x, y) -> ||p(x) − y||₂` in inference mode with the tuner's weights."""
+
+    def step(x, y):
+        pred, _ = tuner.model.stateless_call(tuner.tv, tuner.ntv, x, training=False)
+        pred = tf.cast(pred, "float32")
+        if activation == "softmax":
+            pred = tf.nn.softmax(pred, axis=-1)
+        elif activation == "sigmoid":
+            pred = tf.sigmoid(pred)
+        if sparse:
+            target = tf.one_hot(tf.reshape(tf.cast(y, "int32"), [-1]), tf.shape(pred)[-1])
+        else:
+            target = tf.reshape(tf.cast(y, "float32"), tf.shape(pred))
+        sq = tf.square(pred - target)
+        sq = tf.reshape(sq, [tf.shape(sq)[0], -1])
+        return tf.sqrt(tf.reduce_sum(sq, axis=1))
+
+    return compiled(step, input_signature=[x_spec, y_spec])
+
+
+def _uses_class_ids(y: np.ndarray, kind: str, out_shape: tuple) -> bool:
+    """Whether `y` holds class ids (to one-hot) rather than targets shaped like outputs."""
+    num_outputs = out_shape[-1] if out_shape else 1
+    is_column = y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)
+    if kind == "sparse_categorical_crossentropy" or (
+        is_column and num_outputs > 1 and y.dtype.kind in "iub"
+    ):
+        if not is_column:
+            raise ValueError(
+                "Argument `y` must hold integer class ids of shape (N,) for a sparse "
+                f"categorical loss. Received: y with shape {y.shape}"
+            )
+        return True
+    if int(np.prod(y.shape[1:])) != int(np.prod(out_shape)):
+        raise ValueError(
+            f"Argument `y` must hold class ids of shape (N,) or targets shaped like the "
+            f"model's outputs {(None, *out_shape)}. Received: y with shape {y.shape}"
+        )
+    return False
+
+
+def el2n_scores(
+    model_fn: Callable[[], keras.Model],
+    x,
+    y,
+    *,
+    epochs: int = 20,
+    repeats: int = 5,
+    batch_size: int = 64,
+    seed: int = 0,
+    bn_batches: int = 20,
+    verbose="auto",
+) -> np.ndarray:
+    """EL2N scores (Paul et al., 2021): error norms of briefly trained models.
+
+    For each repeat `r`, seeds Keras with `seed + r`, builds a fresh compiled
+    model with `model_fn()`, trains it for `epochs` epochs on `(x, y)` and
+    scores every example by ``||p(x) − y||₂`` in inference mode, where `p` is
+    the softmax (or sigmoid, for binary cross-entropy) of the model's logits,
+    or the model's output when the loss does not take logits, and `y` the
+    one-hot label. Scores are averaged over repeats.
+
+    A briefly trained model's BatchNorm moving statistics lag far behind its
+    weights, so they are re-estimated on `bn_batches` training batches before
+    scoring (as for GE members); with stale statistics a BatchNorm CNN's
+    EL2N ranks flipped labels barely above chance (docs/benchmarks.md).
+
+    Args:
+        model_fn: Zero-argument callable returning a new compiled Keras model
+            (optimizer and loss) whose compiled loss matches the labels `y`.
+        x: Training inputs, one row per example.
+        y: Training labels: integer class ids `(N,)` or one-hot / target
+            rows shaped like the model's outputs.
+        epochs: Training epochs per repeat (the paper's App. E uses 20 out
+            of 200, about 10% of a full run). Defaults to `20`.
+        repeats: Independently initialised runs averaged. Defaults to `5`.
+        batch_size: Training batch size. Defaults to `64`.
+        seed: Run `r` calls `keras.utils.set_random_seed(seed + r)` before
+            `model_fn()`. Defaults to `0`.
+        bn_batches: Training batches used to re-estimate BatchNorm moving
+            statistics before scoring (0 keeps the statistics of training).
+            Defaults to `20`.
+        verbose: 0 (silent) or 1 / "auto" (a progress bar over the repeats,
+            each one a training run). Defaults to `"auto"`.
+
+    Returns:
+        `(N,)` float64 mean EL2N scores in the order of `x`; higher = more suspect.
+
+    Raises:
+        TypeError: If `model_fn` is a model, is not callable, or does not return a
+            model.
+        ValueError: For invalid data or arguments (see messages).
+    """
+    if isinstance(model_fn, keras.Model):
+        raise TypeError(
+            "Argument `model_fn` must be a callable that builds a new compiled model "
+            "(EL2N trains a fresh model per repeat), not a model. Received: "
+            f"model_fn={model_fn.name!r} of type {type(model_fn).__name__}"
+        )
+    if not callable(model_fn):
+        raise TypeError(
+            "Argument `model_fn` must be a callable returning a compiled `keras.Model`. "
+            f"Received: model_fn of type {type(model_fn).__name__}"
+        )
+    epochs = _validation.positive_int("epochs", epochs)
+    repeats = _validation.positive_int("repeats", repeats)
+    batch_size = _validation.positive_int("batch_size", batch_size)
+    seed = _validation.non_negative_int("seed", seed)
+    bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
+    verbose = _validation.verbose_level(verbose)
+    x, y = np.asarray(x), np.asarray(y)
+    _check_labels(x, y)
+    source = DataSource((x, y), name="x")
+    if x.dtype == np.float64:
+        x = x.astype(np.float32)
+    n = len(x)
+    x_spec, y_spec = source.element_spec
+
+    total = np.zeros(n, dtype=np.float64)
+    bar = keras.utils.Progbar(repeats, unit_name="run") if verbose else None
+    for r in range(repeats):
+        keras.utils.set_random_seed(seed + r)
+        model = _build_model(model_fn)
+        model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
+        per_example = resolve_loss(model)
+        tuner = FineTuner(model, per_example)
+        if tuner.has_batchnorm and bn_batches > 0:
+            batches = iter(source.shuffled(min(batch_size, n), seed + r))
+            tuner.refresh_batchnorm(batches, bn_batches)
+        out_shape = tuple(model(x[:1], training=False).shape[1:])
+        sparse = _uses_class_ids(y, per_example.kind, out_shape)
+        activation = "identity"
+        if per_example.from_logits:
+            binary = per_example.kind == "binary_crossentropy"
+            activation = "sigmoid" if binary else "softmax"
+        fn = _el2n_fn(tuner, sparse, activation, x_spec, y_spec)
+        scores = np.concatenate(
+            [
+                fn(x[i : i + _SCORE_BATCH_SIZE], y[i : i + _SCORE_BATCH_SIZE]).numpy()
+                for i in range(0, n, _SCORE_BATCH_SIZE)
+            ]
+        )
+        if not np.all(np.isfinite(scores)):
+            raise ValueError(
+                f"EL2N run {r} produced NaN or inf scores: its training diverged. "
+                "Lower the model's learning rate or check the data."
+            )
+        total += scores
+        if bar is not None:
+            bar.update(r + 1)
+    return total / repeats

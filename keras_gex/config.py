@@ -1,0 +1,275 @@
+"""The fine-tuning settings of a collection, and the typed record of what it did.
+
+`CollectionConfig` is validated once, where it is built, so the callback fails
+at construction (before hours of `fit`) for exactly what a post-hoc collection
+would refuse. `CollectionRecord` is what a collection did; it is saved in the
+ensemble's manifest as a plain dict (`to_dict` / `from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+from keras_gex import _validation
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionConfig:
+    """How the geometric ensemble is fine-tuned from θ*.
+
+    Example:
+
+    ```python
+    config = keras_gex.CollectionConfig(num_members=16, seed=0)
+    collector = keras_gex.GEXCollector((x, y), config)
+    ensemble = keras_gex.GeometricEnsemble.collect(model, (x, y), config, num_members=4)
+    ```
+
+    Args:
+        num_members: Number of GE members M. More members cost proportionally
+            more; `report.uncertainty()` says whether the flagged set needs
+            more. Defaults to `8`.
+        steps: SGD steps T per member, or `"auto"`: about 10 epochs of the
+            training data, at least 50 and at most 800 steps. Defaults to `"auto"`.
+        learning_rate: Peak step size of the cosine schedule, or `"auto"` to
+            calibrate it from the members' own training fit so that they leave
+            θ*'s memorising basin without collapsing. Defaults to `"auto"`.
+        batch_size: Fine-tuning mini-batch size (global, across replicas).
+            Defaults to `128`.
+        momentum: SGD momentum, in [0, 1). Defaults to `0.9`.
+        seed: Seed of the members' mini-batch shuffling; `None` draws one and
+            records it. Defaults to `None`.
+        chain: Start each member from the previous one instead of θ*.
+            Defaults to `False`.
+        bn_batches: Batches used to re-estimate the BatchNorm statistics of
+            every member (and of θ* as scored). Defaults to `20`.
+        jit_compile: Compile the fine-tuning loop with XLA (array inputs, one
+            device): `True`, `False` or `"auto"` (on an accelerator, for models
+            without convolution or pooling layers; never on CPU). If XLA cannot
+            compile the model the members are fine-tuned without it and a
+            warning says so. Defaults to `"auto"`.
+    """
+
+    num_members: int = 8
+    steps: int | str = "auto"
+    learning_rate: float | str = "auto"
+    batch_size: int = 128
+    momentum: float = 0.9
+    seed: int | None = None
+    chain: bool = False
+    bn_batches: int = 20
+    jit_compile: bool | str = "auto"
+
+    def __post_init__(self):
+        learning_rate = self.learning_rate
+        if learning_rate != "auto":
+            learning_rate = _validation.positive_float("learning_rate", learning_rate)
+        momentum = self.momentum
+        if isinstance(momentum, bool) or not (
+            isinstance(momentum, numbers.Real) and 0 <= momentum < 1
+        ):
+            raise ValueError(
+                f"Argument `momentum` must be a number in [0, 1). Received: momentum={momentum!r}"
+            )
+        if not isinstance(self.chain, bool):
+            raise ValueError(f"Argument `chain` must be a bool. Received: chain={self.chain!r}")
+        if not (isinstance(self.jit_compile, bool) or self.jit_compile == "auto"):
+            raise ValueError(
+                'Argument `jit_compile` must be True, False or "auto". '
+                f"Received: jit_compile={self.jit_compile!r}"
+            )
+        normalised = dict(
+            num_members=_validation.positive_int("num_members", self.num_members),
+            steps=_steps_value(self.steps),
+            learning_rate=learning_rate,
+            batch_size=_validation.positive_int("batch_size", self.batch_size),
+            momentum=float(momentum),
+            seed=_validation.seed_value(self.seed),
+            bn_batches=_validation.non_negative_int("bn_batches", self.bn_batches),
+        )
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def resolve(cls, config: CollectionConfig | None = None, **overrides) -> CollectionConfig:
+        """`config` (or the defaults) with keyword `overrides` applied, validated.
+
+        >>> CollectionConfig.resolve(None, num_members=4).num_members
+        4
+        >>> CollectionConfig.resolve(CollectionConfig(seed=1), steps=20).seed
+        1
+        """
+        if config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(
+                "Argument `config` must be a `keras_gex.CollectionConfig` or None. "
+                f"Received: config of type {type(config).__name__}"
+            )
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(
+                f"Unknown collection setting(s) {unknown}. The settings are {sorted(names)}."
+            )
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _steps_value(steps) -> int | str:
+    """`steps` as a positive int, or `"auto"`."""
+    if isinstance(steps, str) and steps == "auto":
+        return "auto"
+    if isinstance(steps, str):
+        raise ValueError(
+            f'Argument `steps` must be a positive integer or "auto". Received: steps={steps!r}'
+        )
+    return _validation.positive_int("steps", steps)
+
+
+@dataclasses.dataclass
+class MemberStats:
+    """Diagnostics of one fine-tuned member (or of θ*).
+
+    Attributes:
+        learning_rate: Peak step size used.
+        train_loss: Mean training objective over the last 10% of steps.
+        fit: Fraction of evaluation examples whose given label the member
+            predicts (classification losses), or None.
+        loss: Mean per-example loss on the evaluation examples (inference mode).
+        finite: Whether every fine-tuning loss and weight was finite.
+    """
+
+    learning_rate: float
+    train_loss: float
+    fit: float | None
+    loss: float
+    finite: bool = True
+
+
+@dataclasses.dataclass
+class Probe:
+    """One calibration probe: a member fine-tuned at a trial step size.
+
+    Attributes:
+        learning_rate: The trial step size.
+        relative_fit: The fit it kept, as a fraction of θ*'s (0 if it diverged).
+        loss: Its mean evaluation loss.
+        seconds: Wall time of the probe.
+        accepted: Whether its step size was kept (the probe is then member 0).
+        midway_fit: Relative fit halfway through its steps, where measured.
+        abandoned: Whether it was stopped halfway as hopeless.
+        steps: SGD steps it ran.
+    """
+
+    learning_rate: float
+    relative_fit: float
+    loss: float
+    seconds: float = 0.0
+    accepted: bool = False
+    midway_fit: float | None = None
+    abandoned: bool = False
+    steps: int | None = None
+
+
+@dataclasses.dataclass
+class CollectionRecord:
+    """What a collection did: settings used, calibration probes, member diagnostics.
+
+    `ensemble.record` gives it typed; `ensemble.info` is the same as a plain
+    dict (`to_dict`), as written to the manifest.
+
+    Attributes:
+        num_members: Members collected.
+        steps: SGD steps per member; `steps_requested` what was asked ("auto" or a number).
+        learning_rate: The members' median step size; `learning_rate_requested`
+            what was asked ("auto" or a number).
+        batch_size, momentum, seed, chain, bn_batches: The settings used
+            (`seed` is the one drawn when none was given).
+        loss: Name of the per-example loss.
+        calibration: The `Probe`s of the step-size calibration, in order.
+        jit_compile: Whether the fine-tuning loop ran under XLA.
+        reference_stats: `MemberStats` of θ* as scored.
+        member_stats: `MemberStats` of every member, in order.
+        fit_window: The relative-fit window calibration aims members into.
+        seconds: Wall time of the collection; `warmup_seconds` of it traced the loop.
+        redone_members: Members run again in this call: `{"collapsed": n, "diverged": n}`.
+        steps_run: SGD steps this call ran, summed over members, probes and
+            runs redone (the warm-up's one step at step size 0 excluded).
+        step_size_held: Why every member kept the calibrated step size (no
+            per-member steering), or None.
+        strategy: The `tf.distribute` set-up, or None on one device.
+    """
+
+    num_members: int
+    steps: int
+    steps_requested: int | str
+    learning_rate: float
+    learning_rate_requested: float | str
+    batch_size: int
+    momentum: float
+    seed: int | None
+    chain: bool
+    bn_batches: int
+    loss: str
+    calibration: list = dataclasses.field(default_factory=list)
+    jit_compile: bool = False
+    reference_stats: MemberStats | None = None
+    member_stats: list = dataclasses.field(default_factory=list)
+    fit_window: tuple = ()
+    seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    redone_members: dict = dataclasses.field(default_factory=dict)
+    steps_run: int = 0
+    step_size_held: str | None = None
+    strategy: dict | None = None
+
+    def to_dict(self) -> dict:
+        """The record as plain JSON-able values (`ensemble.info`, the manifest)."""
+        out = dataclasses.asdict(self)
+        if self.strategy is None:
+            del out["strategy"]
+        return out
+
+    @classmethod
+    def from_dict(cls, info: dict) -> CollectionRecord:
+        """The record of a saved `info` dict (manifests of earlier versions too).
+
+        >>> record = CollectionRecord.from_dict({"steps": 50, "calibration": [
+        ...     {"learning_rate": 0.1, "relative_fit": 0.8, "loss": 1.0, "accepted": True}]})
+        >>> record.calibration[0].accepted, record.member_stats
+        (True, [])
+        """
+        names = {field.name for field in dataclasses.fields(cls)}
+        values = {k: v for k, v in info.items() if k in names}
+        probe_names = {field.name for field in dataclasses.fields(Probe)}
+        values["calibration"] = [
+            Probe(**{k: v for k, v in p.items() if k in probe_names})
+            for p in info.get("calibration") or []
+        ]
+        values["member_stats"] = [_stats(s) for s in info.get("member_stats") or []]
+        values["reference_stats"] = (
+            _stats(info["reference_stats"]) if info.get("reference_stats") else None
+        )
+        values["fit_window"] = tuple(info.get("fit_window") or ())
+        for name in ("num_members", "steps", "batch_size", "bn_batches"):
+            values.setdefault(name, None)
+        for name in ("steps_requested", "learning_rate_requested", "learning_rate"):
+            values.setdefault(name, None)
+        values.setdefault("momentum", None)
+        values.setdefault("seed", None)
+        values.setdefault("chain", False)
+        values.setdefault("loss", "")
+        return cls(**values)
+
+
+def _stats(saved: dict) -> MemberStats:
+    """`MemberStats` from a manifest, where non-finite floats were saved as None."""
+    nan = float("nan")
+    return MemberStats(
+        learning_rate=saved.get("learning_rate", nan),
+        train_loss=nan if saved.get("train_loss") is None else saved["train_loss"],
+        fit=saved.get("fit"),
+        loss=nan if saved.get("loss") is None else saved["loss"],
+        finite=saved.get("finite", True),
+    )

@@ -1,0 +1,1 @@
+"""On disk and on screen: persistence, export, the HTML report, plots."""

@@ -1,0 +1,341 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_bn_model, make_mlp
+from sklearn.metrics import roc_auc_score
+from tolerances import XLA_WEIGHTS_ATOL
+
+import keras_gex
+from keras_gex.collection.driver import resolve_jit_compile
+from keras_gex.collection.local import FineTuner
+from keras_gex.collection.step_size import FIT_WINDOW
+from keras_gex.collection.tuner import resolve_steps
+from keras_gex.losses import resolve_loss
+
+
+def _weights(model):
+    return [v.numpy().copy() for v in model.variables]
+
+
+def test_collection_leaves_model_and_optimizer_untouched(digits):
+    model = make_bn_model(seed=1)
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    weights = _weights(model)
+    optimizer_state = [v.numpy().copy() for v in model.optimizer.variables]
+    momenta = [layer.momentum for layer in model.layers if hasattr(layer, "momentum")]
+    keras_gex.GeometricEnsemble.collect(
+        model, (x, y), num_members=2, steps=5, learning_rate=0.1, bn_batches=2, verbose=0
+    )
+    for a, b in zip(weights, _weights(model)):
+        np.testing.assert_array_equal(a, b)
+    for a, v in zip(optimizer_state, model.optimizer.variables):
+        np.testing.assert_array_equal(a, v.numpy())
+    assert momenta == [layer.momentum for layer in model.layers if hasattr(layer, "momentum")]
+
+
+def test_members_differ_from_reference_and_each_other(digits_ensemble):
+    ref = digits_ensemble.reference
+    dists = [m.distance(ref) for m in digits_ensemble.members]
+    assert all(d > 0 for d in dists)
+    assert digits_ensemble.members[0].distance(digits_ensemble.members[1]) > 0
+
+
+@pytest.fixture(scope="module")
+def small_mlp(digits):
+    """A small MLP trained briefly on 200 digits: `(model, x, y)`."""
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model = make_mlp(seed=2, hidden=32)
+    model.fit(x, y, epochs=3, verbose=0)
+    return model, x, y
+
+
+def test_same_seed_same_members(small_mlp):
+    model, x, y = small_mlp
+    kwargs = dict(num_members=2, steps=10, learning_rate=0.05, seed=5, verbose=0)
+    a = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    b = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    for ma, mb in zip(a.members, b.members):
+        for wa, wb in zip(ma.trainable, mb.trainable):
+            np.testing.assert_array_equal(wa, wb)
+
+
+def test_batchnorm_statistics_are_population_statistics():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.BatchNormalization(), keras.layers.Dense(2)]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    batches = [
+        (rng.normal(2.0, 3.0, (16, 3)).astype("float32"), np.zeros(16, int)) for _ in range(4)
+    ]
+    tuner = FineTuner(model, resolve_loss(model))
+    tuner.refresh_batchnorm(iter(batches), num_batches=4)
+    allx = np.concatenate([b[0] for b in batches]).astype(np.float64)
+    mean_idx, var_idx = tuner._bn_index[0]
+    np.testing.assert_allclose(tuner.ntv[mean_idx].numpy(), allx.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(tuner.ntv[var_idx].numpy(), allx.var(0), rtol=1e-4)
+    # the user's model keeps its own statistics
+    np.testing.assert_array_equal(model.layers[0].moving_mean.numpy(), np.zeros(3))
+
+
+def test_warm_up_is_timed_and_leaves_the_members_unchanged(small_mlp):
+    """Two routes to member 0: the collection, which first runs its loop once with
+    a zero step size, and a bare `FineTuner` on member 0's batch stream."""
+    from keras_gex.collection.driver import stream_seed
+    from keras_gex.data import DataSource
+
+    model, x, y = small_mlp
+    kwargs = dict(num_members=1, steps=20, learning_rate=0.05, batch_size=64, seed=3)
+    ens = keras_gex.GeometricEnsemble.collect(model, (x, y), verbose=0, **kwargs)
+    assert ens.info["warmup_seconds"] > 0
+    assert ens.info["warmup_seconds"] < ens.info["seconds"]
+    tuner = FineTuner(model, resolve_loss(model))
+    tuner.train(DataSource((x, y)).array_stream(64, stream_seed(3, 0)), 20, 0.05)
+    for a, b in zip(ens.members[0].trainable, tuner.snapshots()[0].trainable):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_chain_option_starts_from_previous_member(digits):
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model = make_mlp(seed=3, hidden=32)
+    model.fit(x, y, epochs=3, verbose=0)
+    ens = keras_gex.GeometricEnsemble.collect(
+        model, (x, y), num_members=3, steps=10, learning_rate=0.05, chain=True, seed=0, verbose=0
+    )
+    ref = ens.reference
+    assert ens.info["chain"] is True
+    assert ens.members[2].distance(ref) > ens.members[0].distance(ref) * 0.5
+
+
+def test_calibration_picks_a_step_size_where_a_fixed_one_fails(digits):
+    """A memorising MLP: lr 0.01 leaves members in θ*'s basin; 'auto' must not."""
+    model = make_mlp(seed=0)
+    data = (digits.x_train, digits.y_train)
+    model.fit(*data, epochs=60, batch_size=64, verbose=0)
+    fixed = keras_gex.GeometricEnsemble.collect(
+        model, data, num_members=2, steps=100, learning_rate=0.01, seed=0, verbose=0
+    )
+    auto = keras_gex.GeometricEnsemble.collect(
+        model, data, num_members=2, steps=100, seed=0, verbose=0
+    )
+    ref_fit = auto.info["reference_stats"]["fit"]
+    chosen = auto.info["calibration"][-1]
+    # The accepted probe is member 0; later members may be nudged by the controller.
+    assert chosen["accepted"]
+    assert auto.info["member_stats"][0]["learning_rate"] == chosen["learning_rate"]
+    # The recorded step size is what the members used, not the controller's next proposal.
+    used = [s["learning_rate"] for s in auto.info["member_stats"]]
+    assert auto.info["learning_rate"] == float(np.median(used))
+    assert FIT_WINDOW[0] <= chosen["relative_fit"] <= FIT_WINDOW[1]
+    fixed_fit = np.mean([s["fit"] for s in fixed.info["member_stats"]]) / ref_fit
+    assert fixed_fit > FIT_WINDOW[1]  # the fixed small step never left the basin
+    auc_auto = roc_auc_score(digits.is_noisy, auto.self_influence(data, verbose=0))
+    auc_fixed = roc_auc_score(digits.is_noisy, fixed.self_influence(data, verbose=0))
+    assert auc_auto > 0.97 and auc_auto > auc_fixed
+
+
+def test_diverging_step_size_is_retried_not_averaged():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32") * 3
+    y = x.sum(axis=1, keepdims=True)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    with pytest.warns(UserWarning, match="diverged"):
+        ens = keras_gex.GeometricEnsemble.collect(
+            model, (x, y), num_members=1, steps=50, learning_rate=10.0, seed=0, verbose=0
+        )
+    assert all(m.is_finite() for m in ens.members)
+    assert ens.info["learning_rate"] < 10.0
+    assert np.all(np.isfinite(ens.self_influence((x, y), verbose=0)))
+
+
+def test_warns_when_theta_star_has_not_memorised(digits):
+    import warnings
+
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model = make_mlp(seed=5, hidden=8)  # untrained: fits ~10% of its labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with pytest.warns(UserWarning, match="predicts only"):
+            ens = keras_gex.GeometricEnsemble.collect(
+                model, (x, y), num_members=1, steps=5, learning_rate=0.01, verbose=0
+            )
+    report = keras_gex.detect_noisy((x, y), ens, score="self_influence", verbose=0)
+    assert any("has not memorised" in w for w in report.diagnostics())
+    report = keras_gex.detect_noisy((x, y), ens, verbose=0)  # member loss
+    assert any("never fitted" in w for w in report.diagnostics())
+
+
+def test_array_stream_yields_the_batches_of_the_tf_data_stream(digits):
+    """Arrays are fine-tuned from index-drawn batches; they must be the very
+    batches `DataSource.shuffled` gives (members depend only on seed and index)."""
+    from keras_gex.data import DataSource
+
+    source = DataSource((digits.x_train[:300], digits.y_train[:300]))
+    stream = source.array_stream(128, seed=5)
+    expected = list(source.shuffled(128, 5).take(9))  # 9 × 128 rows span 4 epochs of 300
+    got = [next(stream) for _ in range(3)]
+    rows = stream.take_indices(6)
+    got += [(source._arrays[0][r], source._arrays[1][r]) for r in rows]
+    for (gx, gy), (ex, ey) in zip(got, expected):
+        np.testing.assert_array_equal(np.asarray(gx), ex.numpy())
+        np.testing.assert_array_equal(np.asarray(gy), ey.numpy())
+    with pytest.raises(ValueError, match="array inputs"):
+        DataSource(
+            tf.data.Dataset.from_tensor_slices((digits.x_train, digits.y_train)).batch(8)
+        ).array_stream(8, 0)
+
+
+def test_fine_tuning_from_array_stream_equals_tf_data_stream(trained_mlp, digits):
+    from keras_gex.data import DataSource
+
+    source = DataSource((digits.x_train, digits.y_train))
+    tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp))
+    theta = tuner.snapshots()[0]
+    results = []
+    for stream in (iter(source.shuffled(64, 3)), source.array_stream(64, 3)):
+        tuner.load(theta)
+        ((loss, _),) = tuner.train(stream, 30, 0.05)
+        results.append((loss, tuner.snapshots()[0]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1].trainable, results[1][1].trainable):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    for steps in (5, 7):  # one trace across members, streams and lengths
+        tuner.train(source.array_stream(64, steps), steps, 0.01)
+    assert tuner._indexed_fn.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("kind", ["array", "array-xla", "tf.data"])
+def test_two_segments_of_a_schedule_equal_the_whole_run(trained_mlp, digits, kind):
+    """Two routes: steps 0..12 then 12..30 of a 30-step schedule, or all 30 at once."""
+    from keras_gex.data import DataSource
+
+    source = DataSource((digits.x_train, digits.y_train))
+
+    def stream():
+        if kind.startswith("array"):
+            return source.array_stream(64, 3)
+        return iter(source.shuffled(64, 3))
+
+    tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp), jit_compile=kind == "array-xla")
+    theta = tuner.snapshots()[0]
+    ((whole_loss, _),) = tuner.train(stream(), 30, 0.05)
+    whole = tuner.snapshots()[0]
+    tuner.load(theta)
+    batches = stream()
+    tuner.train(batches, 30, 0.05, stop=12)
+    halfway = tuner.snapshots()[0]
+    ((loss, finite),) = tuner.train(batches, 30, 0.05, start=12)
+    assert finite and loss == whole_loss
+    for a, b, c in zip(whole.trainable, tuner.snapshots()[0].trainable, halfway.trainable):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+
+
+def test_jit_compile_auto_means_xla_only_on_accelerators_for_models_without_convolutions(
+    trained_mlp, monkeypatch
+):
+    conv = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten()]
+    )
+    pooled = keras.Sequential(
+        [keras.Input((8, 2)), keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)]
+    )
+    assert resolve_jit_compile(False, trained_mlp) is False
+    assert resolve_jit_compile(True, conv) is True
+    if not tf.config.list_logical_devices("GPU"):  # CI: XLA did not pay on CPU
+        assert resolve_jit_compile("auto", trained_mlp) is False
+        monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["gpu:0"])
+    assert resolve_jit_compile("auto", trained_mlp) is True
+    assert resolve_jit_compile("auto", conv) is False
+    assert resolve_jit_compile("auto", make_bn_model()) is True  # Dense + BatchNorm
+    assert resolve_jit_compile("auto", pooled) is False
+
+
+def test_xla_fine_tuning_equals_plain_fine_tuning(trained_mlp, digits):
+    """Two routes, one SGD: the XLA loop and the plain loop give the same member."""
+    from keras_gex.data import DataSource
+
+    source = DataSource((digits.x_train, digits.y_train))
+    results = []
+    for jit in (False, True):
+        tuner = FineTuner(trained_mlp, resolve_loss(trained_mlp), jit_compile=jit)
+        ((loss, finite),) = tuner.train(source.array_stream(64, 3), 30, 0.05)
+        assert finite
+        results.append((loss, tuner.snapshots()[0]))
+        for steps in (5, 7):  # still one trace (and one XLA program per shape)
+            tuner.train(source.array_stream(64, steps), steps, 0.01)
+        assert tuner._indexed_fn.experimental_get_tracing_count() == 1
+        assert tuner.xla_error is None and tuner.jit_compile is jit
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
+    for a, b in zip(results[0][1].trainable, results[1][1].trainable):
+        np.testing.assert_allclose(a, b, rtol=0, atol=XLA_WEIGHTS_ATOL)
+
+
+def test_collect_records_xla_and_the_option_is_validated(small_mlp):
+    model, x, y = small_mlp
+    kwargs = dict(num_members=1, steps=5, learning_rate=0.05, seed=0, verbose=0)
+    ens = keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile=True, **kwargs)
+    assert ens.info["jit_compile"] is True
+    ens = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    assert ens.info["jit_compile"] is resolve_jit_compile("auto", model)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    ens = keras_gex.GeometricEnsemble.collect(model, dataset, jit_compile=True, **kwargs)
+    assert ens.info["jit_compile"] is False  # a tf.data stream is never compiled with XLA
+    with pytest.raises(ValueError, match="jit_compile"):
+        keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile="yes", **kwargs)
+    with pytest.raises(ValueError, match="jit_compile"):
+        keras_gex.GEXCollector((x, y), jit_compile=1)
+
+
+def test_steps_auto_is_about_ten_epochs_and_recorded(small_mlp, tmp_path):
+    """200 rows at batch 64: 10 epochs are 32 steps, raised to the minimum of 50;
+    the number used reaches the tuner, `info` and the resumable store."""
+    model, x, y = small_mlp
+    kwargs = dict(num_members=2, batch_size=64, learning_rate=0.05, seed=0, verbose=0)
+    ens = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
+    assert resolve_steps("auto", 200, 64) == 50
+    assert ens.record.steps_run == 2 * 50  # 2 members, no probes at a given step size
+    assert ens.info["steps"] == 50 and ens.info["steps_requested"] == "auto"
+    # The store holds the resolved number: an explicit 50 resumes the same collection.
+    again = keras_gex.GeometricEnsemble.collect(
+        model, (x, y), directory=tmp_path, steps=50, **kwargs
+    )
+    np.testing.assert_array_equal(again.members[1].trainable[0], ens.members[1].trainable[0])
+    assert resolve_steps("auto", 1347, 128) == 106  # digits: 10 epochs
+    assert resolve_steps("auto", 10000, 128) == 782  # Fashion-MNIST subset: 10 epochs
+    assert resolve_steps("auto", 60000, 128) == 800  # capped
+    with pytest.raises(ValueError, match="steps='fast'"):
+        keras_gex.GEXCollector((x, y), steps="fast")
+
+
+def test_model_that_xla_cannot_compile_falls_back_with_a_warning(digits):
+    """A layer calling back into Python cannot be compiled by XLA: collection
+    warns, restores the tuner's state and fine-tunes without XLA."""
+
+    class NumpyTanh(keras.layers.Layer):
+        def call(self, x):
+            out = tf.numpy_function(np.tanh, [x], tf.float32)
+            return tf.ensure_shape(out, x.shape)
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((64,)), NumpyTanh(), keras.layers.Dense(16, "relu"), keras.layers.Dense(10)]
+    )
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    model.fit(x, y, epochs=2, verbose=0)
+    kwargs = dict(num_members=2, steps=5, learning_rate=0.05, seed=0, verbose=0)
+    with pytest.warns(UserWarning, match="XLA could not compile"):
+        fallback = keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile=True, **kwargs)
+    plain = keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile=False, **kwargs)
+    assert fallback.info["jit_compile"] is False
+    for ma, mb in zip(fallback.members, plain.members):
+        for wa, wb in zip(ma.trainable, mb.trainable):
+            np.testing.assert_array_equal(wa, wb)

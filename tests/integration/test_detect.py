@@ -1,0 +1,277 @@
+import dataclasses
+
+import matplotlib.figure
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+from tolerances import MIN_DIGITS_AUC, PROB_ATOL
+
+import keras_gex
+
+
+@pytest.fixture(scope="module")
+def report(digits_ensemble, digits):
+    """The default report: the members' mean loss, Otsu threshold."""
+    return keras_gex.detect_noisy((digits.x_train, digits.y_train), digits_ensemble, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def si_report(digits_ensemble, digits):
+    """The paper's score: self-influence, Otsu on its square root."""
+    data = (digits.x_train, digits.y_train)
+    return keras_gex.detect_noisy(data, digits_ensemble, score="self_influence", verbose=0)
+
+
+def test_flipped_labels_rank_high_on_digits(report, digits):
+    assert report.scores.shape == (len(digits.x_train),)
+    assert roc_auc_score(digits.is_noisy, report.scores) >= MIN_DIGITS_AUC
+    flagged = report.noisy_mask
+    precision = np.mean(digits.is_noisy[flagged])
+    recall = np.mean(flagged[digits.is_noisy])
+    assert precision > 0.8 and recall > 0.6
+
+
+@pytest.mark.parametrize("which", ["report", "si_report"])
+def test_report_fields_line_up(which, digits, request):
+    report = request.getfixturevalue(which)
+    n = len(digits.x_train)
+    assert report.deviations.shape == (n, 4)
+    d = report.deviations.astype(float)
+    if which == "si_report":
+        np.testing.assert_allclose(report.scores, np.mean(d**2, 1))
+    else:
+        expected = np.mean(d + report.reference_losses[:, None], 1)
+        np.testing.assert_allclose(report.scores, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(report.noisy_mask, report.scores > report.threshold)
+    np.testing.assert_array_equal(report.labels, digits.y_train)
+    assert report.predictions.shape == (n, 10)
+    idx = report.noisy_indices
+    assert np.all(np.diff(report.scores[idx]) <= 0) and len(idx) == report.num_flagged
+    assert report.ranking()[0] == np.argmax(report.scores)
+
+
+def test_relabeled_targets_follow_kong_for_flagged_rows(report, digits):
+    targets = report.relabeled_targets()
+    mask = report.noisy_mask
+    np.testing.assert_array_equal(targets[~mask], np.eye(10)[digits.y_train[~mask]])
+    assert np.all(targets[mask, digits.y_train[mask]] == 0)
+    expected = keras_gex.relabel(
+        digits.y_train, report.ensemble.predict(digits.x_train, verbose=0), mask
+    )
+    np.testing.assert_array_equal(targets, expected)
+    from_model = report.relabeled_targets(source="model")
+    expected = keras_gex.relabel(digits.y_train, report.predictions, mask, from_logits=True)
+    np.testing.assert_array_equal(from_model, expected)
+
+
+def test_ensemble_probs_are_members_mean_softmax(report, digits):
+    ens = report.ensemble
+    probs = report.ensemble_probs()
+    x = digits.x_train[:50]
+    manual = np.mean(
+        [
+            tf.nn.softmax(ens.model.stateless_call(m.trainable, m.non_trainable, x)[0]).numpy()
+            for m in ens.members
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(probs[:50], manual, atol=PROB_ATOL)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=PROB_ATOL)
+
+
+def test_suggested_labels_replace_given_label_on_flagged_rows(report, digits):
+    suggested = report.suggested_labels()
+    mask = report.noisy_mask
+    np.testing.assert_array_equal(suggested[~mask], digits.y_train[~mask])
+    assert np.all(suggested[mask] != digits.y_train[mask])
+    flips = mask & digits.is_noisy
+    # The members recover the true class of most flagged flips (measured 0.98-0.99).
+    assert np.mean(suggested[flips] == digits.y_train_clean[flips]) > 0.8
+
+
+def test_report_without_ensemble_explains_missing_probs(report):
+    bare = dataclasses.replace(report, ensemble=None, _ensemble_probs_fn=None, _ensemble_probs=None)
+    with pytest.raises(ValueError, match="no ensemble"):
+        bare.ensemble_probs()
+    np.testing.assert_array_equal(
+        bare.relabeled_targets(), report.relabeled_targets(source="model")
+    )
+    with pytest.raises(ValueError, match="source"):
+        report.relabeled_targets(source="theta")
+
+
+def test_summary_and_plot(report, digits, tmp_path):
+    text = report.summary(print_fn=None)
+    assert "flagged" in text and "members" in text and "calibrated" in text
+    eta = keras_gex.otsu_separability(report.scores)
+    assert f"separability: Otsu η {eta:.3f}" in text and eta > 0.5
+    # Members steered to different step sizes: the summary shows their range.
+    lrs = [0.2, 0.23, 0.2]
+    steered = dataclasses.replace(
+        report,
+        record=dataclasses.replace(
+            report.record,
+            member_stats=[
+                dataclasses.replace(stats, learning_rate=lr)
+                for stats, lr in zip(report.record.member_stats, lrs * 8)
+            ],
+        ),
+    )
+    assert "(calibrated; members 0.2-0.23)" in steered.summary(print_fn=None)
+    path = tmp_path / "hist.png"
+    fig = report.plot(known_noisy=digits.is_noisy, path=str(path))
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert path.stat().st_size > 5000
+    fig_lin = report.plot(log_x=False)
+    assert fig_lin.axes[0].get_xscale() == "linear"
+    assert fig_lin.axes[0].get_title() == "GE members' mean loss"  # names the score used
+
+
+def test_histogram_is_labelled_by_the_score(report, si_report):
+    from keras_gex.io.plots import SCORE_LABELS, plot_self_influence
+
+    for rep in (report, si_report):
+        name, formula = SCORE_LABELS[rep.score_method]
+        ax = rep.plot().axes[0]
+        assert ax.get_title() == name and ax.get_xlabel() == f"{name}  {formula}"
+    default = plot_self_influence(si_report.scores).axes[0]  # self-influence by default
+    assert default.get_title() == "GEX self-influence" and "ℓ(z,θ*)" in default.get_xlabel()
+
+
+@pytest.mark.parametrize("which", ["report", "si_report"])
+def test_html_report_names_the_score(which, request, digits, tmp_path):
+    from keras_gex.io.html_report import write_html_report
+
+    report = request.getfixturevalue(which)
+    path = tmp_path / "report.html"
+    write_html_report(report, path, class_names=[f"digit {k}" for k in range(10)])
+    page = path.read_text(encoding="utf-8")
+    formula = "mean_m ℓ(z,θ_m)" if which == "report" else "mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²"
+    assert formula in page and page.count("data:image/png;base64,") == 1
+    assert "<td>digit " in page
+
+
+def test_threshold_choices(digits_ensemble, digits):
+    data = (digits.x_train, digits.y_train)
+    raw = keras_gex.detect_noisy(data, digits_ensemble, threshold="otsu", verbose=0)
+    fixed = keras_gex.detect_noisy(data, digits_ensemble, threshold=1.0, verbose=0)
+    assert fixed.threshold == 1.0 and fixed.num_flagged == int(np.sum(fixed.scores > 1.0))
+    assert raw.threshold == keras_gex.otsu_threshold(raw.scores)
+    with pytest.raises(ValueError, match="threshold"):
+        keras_gex.detect_noisy(data, digits_ensemble, threshold="mean", verbose=0)
+
+
+def test_post_hoc_from_model_with_dataset(trained_mlp, digits):
+    ds = tf.data.Dataset.from_tensor_slices((digits.x_train, digits.y_train)).batch(128)
+    report = keras_gex.detect_noisy(
+        ds, trained_mlp, num_members=2, steps=60, learning_rate=0.3, seed=1, verbose=0
+    )
+    assert report.info["num_members"] == 2
+    assert roc_auc_score(digits.is_noisy, report.scores) > 0.9
+
+
+def test_collect_kwargs_refused_with_ready_ensemble(digits_ensemble, digits):
+    with pytest.raises(TypeError, match="num_members"):
+        keras_gex.detect_noisy(
+            (digits.x_train, digits.y_train), digits_ensemble, num_members=3, verbose=0
+        )
+
+
+def test_detect_refuses_non_ensemble(digits):
+    with pytest.raises(TypeError, match="GeometricEnsemble"):
+        keras_gex.detect_noisy((digits.x_train, digits.y_train), "model")
+
+
+def test_uncertainty_bootstrap(si_report):
+    report = si_report
+    unc = report.uncertainty(num_resamples=50, seed=1)
+    n = len(report.scores)
+    assert unc.score_stderr.shape == (n,) and np.all(unc.score_stderr >= 0)
+    # Bootstrap standard error ~ std over members / sqrt(M) for a mean of M values.
+    d2 = report.deviations.astype(float) ** 2
+    approx = d2.std(axis=1, ddof=0) / np.sqrt(d2.shape[1])
+    top = np.argsort(-report.scores)[:50]
+    ratio = np.median(unc.score_stderr[top] / approx[top])
+    assert 0.7 < ratio < 1.3
+    assert unc.flag_frequency.shape == (n,)
+    assert np.all(unc.flag_frequency[report.noisy_mask] > 0.2)
+    assert 0 < unc.stability <= 1
+    sizes = sorted(unc.stability_by_members)
+    assert sizes[-1] == report.deviations.shape[1]
+    assert unc.stability_by_members[sizes[0]] <= unc.stability_by_members[sizes[-1]] + 0.05
+    assert unc.suggested_members >= 1
+    if unc.stability < unc.target:
+        assert unc.suggested_members >= report.deviations.shape[1]
+    with pytest.raises(ValueError, match="num_resamples"):
+        report.uncertainty(num_resamples=0)
+
+
+def test_uncertainty_identical_members_is_perfectly_stable(si_report):
+    import dataclasses
+
+    report = si_report
+
+    from keras_gex.analysis.thresholding import threshold_scores
+
+    same = np.repeat(report.deviations[:, :1], 4, axis=1)
+    scores = np.mean(same.astype(float) ** 2, axis=1)
+    cut = threshold_scores(scores, report.threshold_method)
+    clone = dataclasses.replace(
+        report, deviations=same, scores=scores, threshold=cut, noisy_mask=scores > cut
+    )
+    unc = clone.uncertainty(num_resamples=10)
+    assert np.allclose(unc.score_stderr, 0)
+    assert unc.stability == 1.0 and unc.suggested_members <= 4
+
+
+def test_ensemble_predict_accepts_arrays_pairs_and_datasets(report, digits):
+    ens = report.ensemble
+    x = digits.x_train[:70]
+    expected = ens.predict(x, verbose=0)
+    assert expected.shape == (70, 10) and expected.dtype == np.float64
+    np.testing.assert_allclose(ens.predict((x, digits.y_train[:70]), verbose=0), expected)
+    np.testing.assert_allclose(ens.predict(x, batch_size=16, verbose=0), expected, atol=PROB_ATOL)
+    pairs = tf.data.Dataset.from_tensor_slices((x, digits.y_train[:70])).batch(32)
+    np.testing.assert_allclose(ens.predict(pairs, verbose=0), expected, atol=PROB_ATOL)
+    inputs = tf.data.Dataset.from_tensor_slices(x).batch(32)
+    np.testing.assert_allclose(ens.predict(inputs, verbose=0), expected, atol=PROB_ATOL)
+    with pytest.raises(ValueError, match="reshuffles"):
+        ens.predict(pairs.unbatch().shuffle(70).batch(32), verbose=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        ens.predict(x, batch_size=0, verbose=0)
+    with pytest.raises(ValueError, match="at least one example"):
+        ens.predict(x[:0], verbose=0)
+
+
+@pytest.mark.parametrize("method", ["otsu", "otsu_sqrt", "otsu_cbrt", "otsu_root4", "otsu_log"])
+def test_every_threshold_rule_is_accepted_and_orders_sensibly(report, digits, method):
+    data = (digits.x_train, digits.y_train)
+    again = keras_gex.detect_noisy(data, report.ensemble, threshold=method, verbose=0)
+    np.testing.assert_array_equal(again.scores, report.scores)
+    assert 0 < again.num_flagged < len(again.scores)
+    np.testing.assert_array_equal(again.noisy_mask, again.scores > again.threshold)
+
+
+def test_member_loss_score_is_the_members_mean_loss(report, si_report, digits_ensemble, digits):
+    """Two routes: the default `score="member_loss"` is θ*'s loss plus the mean deviation."""
+    data = (digits.x_train, digits.y_train)
+    by_loss, self_inf = report, si_report
+    expected = np.mean(
+        self_inf.deviations.astype(np.float64) + self_inf.reference_losses[:, None], axis=1
+    )
+    np.testing.assert_allclose(by_loss.scores, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        self_inf.scores, digits_ensemble.self_influence(data, verbose=0), rtol=1e-5
+    )
+    assert by_loss.score_method == "member_loss" and self_inf.score_method == "self_influence"
+    # threshold="auto": Otsu on member losses, on sqrt(self-influence) otherwise.
+    assert by_loss.threshold_method == "otsu" and self_inf.threshold_method == "otsu_sqrt"
+    assert roc_auc_score(digits.is_noisy, self_inf.scores) >= MIN_DIGITS_AUC
+    assert roc_auc_score(digits.is_noisy, by_loss.scores) >= MIN_DIGITS_AUC
+    np.testing.assert_array_equal(by_loss.noisy_mask, by_loss.scores > by_loss.threshold)
+    assert "member loss: median" in by_loss.summary(print_fn=None)
+    unc = by_loss.uncertainty(num_resamples=20)
+    assert unc.score_stderr.shape == by_loss.scores.shape and unc.score_stderr.max() > 0
+    with pytest.raises(ValueError, match="score"):
+        keras_gex.detect_noisy(data, digits_ensemble, score="loss", verbose=0)

@@ -1,0 +1,54 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_gex
+from keras_gex.io.export import export_scorer
+
+
+@pytest.mark.slow
+def test_exported_scorer_reproduces_scores_in_a_fresh_process(digits_ensemble, digits, tmp_path):
+    path = export_scorer(digits_ensemble, tmp_path / "scorer")
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    np.savez(tmp_path / "batch.npz", x=x, y=y)
+    script = textwrap.dedent(
+        """
+        import sys, numpy as np, tensorflow as tf
+        assert "keras_gex" not in sys.modules
+        scorer = tf.saved_model.load(sys.argv[1])
+        data = np.load(sys.argv[2])
+        out = scorer.score(tf.constant(data["x"]), tf.constant(data["y"], tf.int64))
+        np.save(sys.argv[3], out["self_influence"].numpy())
+        sig = scorer.signatures["serving_default"]
+        np.save(sys.argv[4], sig(x=tf.constant(data["x"]), y=tf.constant(data["y"]))["deviations"])
+        assert "keras_gex" not in sys.modules
+        """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, path, str(tmp_path / "batch.npz"),
+         str(tmp_path / "si.npy"), str(tmp_path / "dev.npy")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = digits_ensemble.deviations((x, y), verbose=0)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "si.npy"), expected.self_influence, atol=1e-5, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "dev.npy"), expected.deviations, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_export_validates_specs(digits_ensemble, tmp_path):
+    with pytest.raises(TypeError, match="input_spec"):
+        export_scorer(digits_ensemble, tmp_path / "s", input_spec=(None, 64))
+    assert keras_gex.export_scorer is export_scorer
+    spec = tf.TensorSpec([None, 64], tf.float32)
+    export_scorer(digits_ensemble, tmp_path / "s2", input_spec=spec)
+    assert (tmp_path / "s2" / "saved_model.pb").exists()

@@ -1,0 +1,22 @@
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "keras_gex.analysis.relabel",
+    "keras_gex.analysis.thresholding",
+    "keras_gex.datasets",
+    "keras_gex.analysis.prune",
+    "keras_gex.collection.step_size",
+    "keras_gex.collection.tuner",
+    "keras_gex.collection.driver",
+    "keras_gex.config",
+    "keras_gex.data",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests_pass(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0
