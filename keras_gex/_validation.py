@@ -126,3 +126,145 @@ def check_model(model, *, need_loss: bool, loss=None) -> None:
             "The model is not compiled with a loss and no `loss=` was given. "
             "Call `model.compile(loss=...)` or pass `loss=` explicitly."
         )
+
+
+#: How far a row of probabilities may sum from 1 (and values stray outside
+#: [0, 1]) before it is not read as probabilities; half-precision outputs get
+#: `HALF_PROBABILITY_ATOL`.
+PROBABILITY_ATOL = 1e-3
+HALF_PROBABILITY_ATOL = 1e-2
+
+
+def probability_problem(values, *, rows_sum_to_one: bool, atol: float = PROBABILITY_ATOL):
+    """What keeps finite `values` from being probabilities, in words, or None.
+
+    Values must lie in [0, 1] (within `atol`) and, with `rows_sum_to_one`,
+    every row (last axis) must sum to 1 within `atol`.
+
+    >>> probability_problem(np.array([[0.2, 0.8]]), rows_sum_to_one=True) is None
+    True
+    >>> probability_problem(np.array([[-1.5, 2.0]]), rows_sum_to_one=True)
+    'values in [-1.5, 2]'
+    >>> probability_problem(np.array([[0.5, 0.9]]), rows_sum_to_one=True)
+    'rows summing to values in [1.4, 1.4], not 1'
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return None
+    low, high = float(arr.min()), float(arr.max())
+    if low < -atol or high > 1 + atol:
+        return f"values in [{low:.4g}, {high:.4g}]"
+    if rows_sum_to_one and arr.ndim >= 1:
+        sums = arr.sum(axis=-1)
+        if np.any(np.abs(sums - 1) > atol):
+            return f"rows summing to values in [{sums.min():.4g}, {sums.max():.4g}], not 1"
+    return None
+
+
+def _static_dims(shape):
+    """`shape` as a tuple of ints / None, or None when it is not a plain shape."""
+    import tensorflow as tf
+
+    if isinstance(shape, tf.TensorSpec):
+        shape = shape.shape
+    if isinstance(shape, tf.TensorShape):
+        return None if shape.rank is None else tuple(shape.as_list())
+    if isinstance(shape, (tuple, list)) and all(
+        d is None or (isinstance(d, (numbers.Integral, np.integer)) and not isinstance(d, bool))
+        for d in shape
+    ):
+        return tuple(None if d is None else int(d) for d in shape)
+    return None
+
+
+def shape_text(dims) -> str:
+    """A batch-first shape for messages.
+
+    >>> shape_text((None, 64)), shape_text((32,))
+    ('(batch, 64)', '(batch,)')
+    """
+    parts = ["batch" if i == 0 else str(d) for i, d in enumerate(dims)]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def _dims_conflict(got, want) -> bool:
+    """Keras's `InputSpec` shape test with `allow_last_axis_squeeze` (functional models)."""
+    if got and got[-1] == 1:
+        got = got[:-1]
+    if want and want[-1] == 1:
+        want = want[:-1]
+    return any(g is not None and w is not None and g != w for g, w in zip(got, want))
+
+
+def check_inputs_fit_model(model, x_spec_or_shape, *, name: str = "data") -> None:
+    """Refuses inputs whose static shape the model cannot take, before any work.
+
+    `x_spec_or_shape` is the inputs' `tf.TensorSpec`, `tf.TensorShape` or a
+    shape tuple, batch axis first (e.g. `DataSource.element_spec[0]`). Only
+    what Keras itself would refuse is refused, with the received and expected
+    shapes named instead of a traceback from inside a traced function:
+
+    * a functional model (`keras.Model(inputs, outputs)`) checks the inputs
+      against its `Input` shape, allowing the one-axis rank adjustments Keras
+      makes (a trailing axis of size 1 squeezed or added);
+    * a `Sequential` model accepts other sizes of `Input` axes (e.g. a
+      fully-convolutional model on larger images), so only the rank is
+      checked against its `Input` and the sizes against what its first layer
+      requires (e.g. a `Dense` layer's input width).
+
+    Skipped, never refused: nested inputs (dicts, tuples or lists of
+    tensors), models with several inputs, and models without a static
+    `inputs` list (subclassed models).
+
+    Raises:
+        ValueError: If the inputs cannot fit the model.
+    """
+    import keras
+
+    got = _static_dims(x_spec_or_shape)
+    if got is None or len(got) == 0:
+        return
+    try:
+        inputs = model.inputs
+    except Exception:  # subclassed models have no `inputs`; never refuse on introspection
+        return
+    if not isinstance(inputs, (list, tuple)) or len(inputs) != 1:
+        return
+    want = _static_dims(tuple(getattr(inputs[0], "shape", None) or ()))
+    if not want:
+        return
+    # The rank adjustments of Keras's functional call (`_adjust_input_rank`).
+    adjusted = got
+    if len(got) == len(want) + 1 and got[-1] == 1:
+        adjusted = got[:-1]
+    elif len(got) == len(want) - 1 and want[-1] == 1:
+        adjusted = (*got, 1)
+    expected = shape_text(want)
+    if len(adjusted) != len(want):
+        raise ValueError(
+            f"Argument `{name}` must hold inputs of the model's input shape {expected}. "
+            f"Received: inputs of shape {shape_text(got)} (rank {len(got)}, the model "
+            f"expects rank {len(want)})."
+        )
+    if isinstance(model, keras.Sequential):
+        layers = model.layers
+        spec = getattr(layers[0], "input_spec", None) if layers else None
+        axes = getattr(spec, "axes", None) if isinstance(spec, keras.InputSpec) else None
+        for axis, size in (axes or {}).items():
+            try:
+                have = adjusted[axis]
+            except (IndexError, TypeError):
+                continue
+            if size is not None and have is not None and have != size:
+                where = "last axis" if axis == -1 else f"axis {axis}"
+                raise ValueError(
+                    f"Argument `{name}` must hold inputs whose {where} has size {size} "
+                    f"(what the model's first layer `{layers[0].name}` takes; model input "
+                    f"shape {expected}). Received: inputs of shape {shape_text(got)}."
+                )
+        return
+    if _dims_conflict(adjusted, want):
+        raise ValueError(
+            f"Argument `{name}` must hold inputs of the model's input shape {expected}. "
+            f"Received: inputs of shape {shape_text(got)}."
+        )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from keras_gex import _validation, distribute
 from keras_gex.config import CollectionConfig
+from keras_gex.data import DataSource, reshuffles_each_iteration
 from keras_gex.ensemble import GeometricEnsemble
+from keras_gex.losses import check_first_batch, check_outputs, resolve_loss
 
 
 class GEXCollector(keras.callbacks.Callback):
@@ -16,7 +19,9 @@ class GEXCollector(keras.callbacks.Callback):
     weights θ* with SGD (momentum, cosine-decayed step size) and stores the
     resulting `GeometricEnsemble` in `collector.ensemble`. The model itself,
     its weights and its optimizer state are left exactly as `fit` made them.
-    Every argument is checked here, before `fit` starts.
+    Every argument is checked here, before `fit` starts, and the model, its
+    loss and `train_data` are checked against each other when `fit` begins
+    (labels, outputs against `from_logits`, input shapes).
 
     Example:
 
@@ -76,9 +81,45 @@ class GEXCollector(keras.callbacks.Callback):
             per_replica_members, strategy, self.config.chain, require_strategy=False
         )
         self.ensemble = None
+        self._check_pending = False
 
     def on_train_begin(self, logs=None):
         self.ensemble = None
+        self._check_pending = True
+        self._check_model_and_data()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._check_pending:  # a model built by `fit`'s first step
+            self._check_model_and_data()
+
+    def _check_model_and_data(self) -> None:
+        """The entry checks of `GeometricEnsemble.collect`, before `fit` trains on.
+
+        A mismatch between the model, its loss and `train_data` (labels the
+        loss cannot take, outputs that contradict `from_logits`, inputs of
+        the wrong shape) is refused when `fit` begins rather than after the
+        whole of training; `collect` repeats the checks when `fit` ends. A
+        model without an `Input` is only built by `fit`'s first step, so it is
+        checked at the start of the second batch (building it here would
+        move its weight initialisation out of `fit`). The model is run on the
+        first batch of `train_data`, except for a dataset that reshuffles on
+        every iteration: drawing a batch would move its shuffle on and change
+        the order `fit` sees, so only the checks that need no data run for it.
+        """
+        model = self.model
+        if model is None or not model.built:
+            return
+        self._check_pending = False
+        _validation.check_model(model, need_loss=True, loss=self.loss)
+        per_example = resolve_loss(model, self.loss)
+        source = DataSource(self.train_data, name="train_data")
+        source.check_against_model(model)
+        if isinstance(self.train_data, tf.data.Dataset) and reshuffles_each_iteration(
+            self.train_data
+        ):
+            check_outputs(per_example, None, model)
+        else:
+            check_first_batch(model, per_example, source)
 
     def on_train_end(self, logs=None):
         self.ensemble = GeometricEnsemble.collect(

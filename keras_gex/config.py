@@ -38,8 +38,10 @@ class CollectionConfig:
         batch_size: Fine-tuning mini-batch size (global, across replicas).
             Defaults to `128`.
         momentum: SGD momentum, in [0, 1). Defaults to `0.9`.
-        seed: Seed of the members' mini-batch shuffling; `None` draws one and
-            records it. Defaults to `None`.
+        seed: Seed of the members' mini-batch shuffling; `None` draws one
+            from NumPy's global generator (which `keras.utils.set_random_seed`
+            seeds, so a seeded script gives the same members every run) and
+            records it in `ensemble.record.seed`. Defaults to `None`.
         chain: Start each member from the previous one instead of θ*.
             Defaults to `False`.
         bn_batches: Batches used to re-estimate the BatchNorm statistics of
@@ -187,7 +189,7 @@ class CollectionRecord:
         batch_size, momentum, seed, chain, bn_batches: The settings used
             (`seed` is the one drawn when none was given).
         loss: Name of the per-example loss.
-        calibration: The `Probe`s of the step-size calibration, in order.
+        calibration: The step-size calibration's probes (`Probe`), in order.
         jit_compile: Whether the fine-tuning loop ran under XLA.
         reference_stats: `MemberStats` of θ* as scored.
         member_stats: `MemberStats` of every member, in order.

@@ -1,7 +1,8 @@
 """Turn what `model.fit` accepts into ordered, batched, validated streams.
 
 `DataSource` wraps either a tuple of arrays `(x, y)` or a `tf.data.Dataset`
-of `(x, y)` batches and offers two views of it:
+of `(x, y)` batches and offers two views of it. `x` may be one array or, for
+a multi-input model, a dict, tuple or list of arrays (as `model.fit` takes it):
 
 * `ordered()`: every example exactly once, in dataset order (for scoring);
 * `shuffled(batch_size, seed)`: an endless stream of shuffled mini-batches
@@ -34,6 +35,63 @@ def _dataset_nodes(ds: tf.data.Dataset):
             stack.extend(node._inputs())
         except Exception:
             pass
+
+
+def as_inputs(x):
+    """`x` as NumPy arrays: one array, or a dict / tuple of them (multi-input).
+
+    A list or tuple counts as several inputs when its items are arrays or
+    tensors (as Keras reads it); anything else becomes one array.
+
+    >>> as_inputs([[1, 2], [3, 4]]).shape
+    (2, 2)
+    >>> sorted(as_inputs({"a": [1.0], "b": [[2]]}))
+    ['a', 'b']
+    >>> [a.shape for a in as_inputs((np.zeros((3, 2)), np.zeros(3)))]
+    [(3, 2), (3,)]
+    """
+    if isinstance(x, dict):
+        return {key: np.asarray(value) for key, value in x.items()}
+    if (
+        isinstance(x, (tuple, list))
+        and x
+        and all(isinstance(v, (np.ndarray, tf.Tensor, dict)) for v in x)
+    ):
+        return tuple(as_inputs(v) if isinstance(v, dict) else np.asarray(v) for v in x)
+    return np.asarray(x)
+
+
+def input_leaves(x) -> list:
+    """`[(name, array)]` of every input array of `x`, e.g. `("x['ids']", ...)`.
+
+    >>> [name for name, _ in input_leaves({"ids": np.zeros(2), "mask": np.ones(2)})]
+    ["x['ids']", "x['mask']"]
+    """
+    import keras
+
+    return [
+        ("x" + "".join(f"[{key!r}]" for key in path), value)
+        for path, value in keras.tree.flatten_with_path(x)
+    ]
+
+
+def num_rows(x) -> int:
+    """Examples in `x` (the first dimension of its first input)."""
+    return len(tf.nest.flatten(x)[0])
+
+
+def take_rows(x, rows):
+    """`x` (a nest of arrays or tensors) at `rows`: a slice, or indices gathered."""
+    if isinstance(rows, slice):
+        return tf.nest.map_structure(lambda a: a[rows], x)
+    return tf.nest.map_structure(lambda a: tf.gather(a, rows), x)
+
+
+def spec_of(x):
+    """The spec of batches of `x` (a nest), with a free batch dimension."""
+    return tf.nest.map_structure(
+        lambda a: tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype)), x
+    )
 
 
 def reshuffles_each_iteration(ds: tf.data.Dataset) -> bool:
@@ -82,23 +140,30 @@ class DataSource:
                 f"Argument `{self.name}` must be a pair `(x, y)`; labels are "
                 f"required to compute losses. Received a sequence of {len(data)} items."
             )
-        x, y = (np.asarray(a) for a in data)
-        if x.ndim == 0 or y.ndim == 0:
-            raise ValueError(f"Argument `{self.name}`: `x` and `y` must be arrays.")
-        if len(x) != len(y):
-            raise ValueError(
-                f"Argument `{self.name}`: `x` and `y` must have the same number of "
-                f"examples. Received: len(x)={len(x)}, len(y)={len(y)}"
-            )
-        if len(x) == 0:
+        x, y = as_inputs(data[0]), np.asarray(data[1])
+        if not tf.nest.flatten(x):
+            raise ValueError(f"Argument `{self.name}`: `x` holds no input arrays.")
+        leaves = [*input_leaves(x), ("y", y)]
+        for label, arr in leaves:
+            if arr.ndim == 0:
+                raise ValueError(
+                    f"Argument `{self.name}`: `{label}` must be an array with one row per "
+                    f"example (`x` may also be a dict, tuple or list of such arrays). "
+                    f"Received: {label}={arr!r}"
+                )
+            if len(arr) != len(y):
+                raise ValueError(
+                    f"Argument `{self.name}`: `{label}` and `y` must have the same number of "
+                    f"examples. Received: len({label})={len(arr)}, len(y)={len(y)}"
+                )
+        if len(y) == 0:
             raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
-        for label, arr in (("x", x), ("y", y)):
+        for label, arr in leaves:
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise ValueError(f"Argument `{self.name}`: `{label}` contains NaN or inf values.")
-        if x.dtype == np.float64:
-            x = x.astype(np.float32)
+        x = tf.nest.map_structure(lambda a: a.astype(np.float32) if a.dtype == np.float64 else a, x)
         self._arrays = (x, y)
-        self.num_examples = len(x)
+        self.num_examples = len(y)
 
     def _init_dataset(self, ds: tf.data.Dataset):
         spec = ds.element_spec
@@ -120,6 +185,11 @@ class DataSource:
 
     # -- checks that need the model ------------------------------------------
     def check_against_model(self, model) -> None:
+        """Refuses unbatched datasets and inputs the model cannot take."""
+        self._check_batched(model)
+        _validation.check_inputs_fit_model(model, self.element_spec[0], name=self.name)
+
+    def _check_batched(self, model) -> None:
         """Refuses unbatched datasets by comparing ranks with the model input."""
         inputs = getattr(model, "inputs", None)
         if self._dataset is None or not inputs:
@@ -153,13 +223,16 @@ class DataSource:
         return self._arrays is not None
 
     @property
+    def arrays(self):
+        """The validated `(x, y)` arrays (float64 inputs as float32), or None."""
+        return self._arrays
+
+    @property
     def element_spec(self):
         """The `(x, y)` spec of `ordered()`'s batches, without building it."""
         if self._arrays is None:
             return self._dataset.element_spec
-        return tuple(
-            tf.TensorSpec([None, *arr.shape[1:]], tf.as_dtype(arr.dtype)) for arr in self._arrays
-        )
+        return spec_of(self._arrays)
 
     # -- views ------------------------------------------------------------------
     def ordered(self) -> tf.data.Dataset:
@@ -182,8 +255,8 @@ class DataSource:
         """
         if self._arrays is not None:
             x, y = self._arrays
-            n = len(x)
-            x_t, y_t = tf.constant(x), tf.constant(y)
+            n = len(y)
+            x_t, y_t = tf.nest.map_structure(tf.constant, x), tf.constant(y)
             seed_t = tf.constant(int(seed) % (2**31), tf.int64)
 
             def permutation(epoch):
@@ -193,7 +266,7 @@ class DataSource:
 
             ds = tf.data.Dataset.counter().map(permutation).unbatch()
             ds = ds.batch(batch_size, drop_remainder=True)
-            ds = ds.map(lambda idx: (tf.gather(x_t, idx), tf.gather(y_t, idx)))
+            ds = ds.map(lambda idx: (take_rows(x_t, idx), tf.gather(y_t, idx)))
             return ds.prefetch(tf.data.AUTOTUNE)
         ds = self._dataset.unbatch()
         n = self.num_examples
@@ -211,7 +284,7 @@ class DataSource:
         if self._arrays is None:
             raise ValueError("`array_stream` needs array inputs; use `shuffled` for datasets.")
         if getattr(self, "_tensors", None) is None:
-            self._tensors = tuple(tf.constant(a) for a in self._arrays)
+            self._tensors = tf.nest.map_structure(tf.constant, self._arrays)
         return ArrayStream(*self._tensors, batch_size=batch_size, seed=seed)
 
     def count_examples(self) -> int:
@@ -245,8 +318,19 @@ class DataSource:
             self.num_examples = total
         return f"{total}-{digest.hexdigest()[:16]}"
 
+    def array_batches(self):
+        """Every `(x, y)` batch of arrays in order, sliced without a pipeline."""
+        return self.array_batches_of(self.batch_size)
+
+    def array_batches_of(self, size: int):
+        """Every `(x, y)` batch of `size` rows of the arrays, in order."""
+        for start in range(0, self.num_examples, size):
+            yield take_rows(self._arrays, slice(start, start + size))
+
     def first_batch(self):
         """The first `(x, y)` batch of the ordered view."""
+        if self._arrays is not None:
+            return next(self.array_batches())
         for batch in self.ordered().take(1):
             return batch
         raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
@@ -262,7 +346,7 @@ class ArrayStream:
     a compiled loop; `next(stream)` gathers one batch eagerly.
 
     Args:
-        x: Input tensor `(N, ...)`.
+        x: Input tensor `(N, ...)`, or a nest of them (multi-input).
         y: Label tensor `(N, ...)`.
         batch_size: Examples per batch.
         seed: Seed of the permutations.
@@ -270,7 +354,7 @@ class ArrayStream:
 
     def __init__(self, x, y, *, batch_size: int, seed: int):
         self.x, self.y = x, y
-        self.num_examples = int(x.shape[0])
+        self.num_examples = int(y.shape[0])
         self.batch_size = int(batch_size)
         self._seed = int(seed) % (2**31)
         self._epoch = 0
@@ -298,7 +382,7 @@ class ArrayStream:
 
     def __next__(self):
         idx = tf.constant(self.take_indices(1)[0])
-        return tf.gather(self.x, idx), tf.gather(self.y, idx)
+        return take_rows(self.x, idx), tf.gather(self.y, idx)
 
 
 def finite_rows(x):

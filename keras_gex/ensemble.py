@@ -21,10 +21,12 @@ from keras_gex.config import CollectionConfig, CollectionRecord
 from keras_gex.data import (
     DEFAULT_BATCH_SIZE,
     DataSource,
+    as_inputs,
+    num_rows,
     reshuffles_each_iteration,
 )
 from keras_gex.io import persistence
-from keras_gex.losses import PerExampleLoss, resolve_loss
+from keras_gex.losses import PerExampleLoss, check_first_batch, resolve_loss
 from keras_gex.scoring import ScoredLosses, Scorer
 
 
@@ -156,6 +158,7 @@ class GeometricEnsemble:
         per_example = resolve_loss(model, loss)
         source = DataSource(train_data, name="train_data")
         source.check_against_model(model)
+        check_first_batch(model, per_example, source)
         result = collection.collect(
             model,
             source,
@@ -266,7 +269,7 @@ class GeometricEnsemble:
         Returns:
             A `Deviations`.
         """
-        _check_floor(reference_floor)
+        check_floor(reference_floor)
         scored = self.scored_losses(
             data,
             batch_size=batch_size,
@@ -320,7 +323,7 @@ class GeometricEnsemble:
                 verbose=verbose,
                 strategy=strategy,
             ).deviations
-        _check_floor(reference_floor)
+        check_floor(reference_floor)
         verbose = _validation.verbose_level(verbose)
         strategy = distribute.resolve_strategy(strategy, self.model)
         path = os.fspath(cache)
@@ -393,8 +396,8 @@ class GeometricEnsemble:
                     "would not line up with its order. Pass an ordered dataset."
                 )
         else:
-            arrays = np.asarray(x)
-            if arrays.ndim == 0 or len(arrays) == 0:
+            arrays = as_inputs(x)
+            if any(np.ndim(a) == 0 for a in tf.nest.flatten(arrays)) or not num_rows(arrays):
                 raise ValueError("Argument `data` must hold at least one example.")
             size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
             size = _validation.positive_int("batch_size", size)
@@ -443,7 +446,8 @@ class GeometricEnsemble:
         )
 
 
-def _check_floor(reference_floor) -> None:
+def check_floor(reference_floor) -> None:
+    """Refuses a `reference_floor` that is not a non-negative finite number."""
     if (
         isinstance(reference_floor, bool)
         or not isinstance(reference_floor, numbers.Real)

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from keras_gex import distribute
 from keras_gex._tracing import compiled, free_batch
-from keras_gex.data import DataSource, nan_where_not_finite
+from keras_gex.data import DataSource, nan_where_not_finite, spec_of
 from keras_gex.losses import PerExampleLoss, check_per_example
 from keras_gex.weights import WeightSet
 
@@ -165,7 +165,7 @@ class Scorer:
         if eager or self.strategy is not None:
             pred = self.model.stateless_call(*self._ref, x)[0]
         else:
-            pred = self.forward_for(_spec_of(x))(x)
+            pred = self.forward_for(spec_of(x))(x)
         check_per_example(self.loss, y, pred)
 
     def _distributed_step(self, x, y, with_predictions: bool):
@@ -227,7 +227,7 @@ class Scorer:
         yields the same first batch again (order stable across passes).
         """
         source.check_ordered()
-        first = _first_batch(source)
+        first = source.first_batch()
         self._check_loss(first, eager)
         bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
         seen = 0
@@ -248,7 +248,7 @@ class Scorer:
                 f"Argument `{source.name}` yielded {seen} examples, expected "
                 f"{source.num_examples}; the dataset changed between passes."
             )
-        if not _is_arrays(source):  # arrays cannot change order between passes
+        if not source.has_arrays:  # arrays cannot change order between passes
             _check_same_first_batch(source, first)
 
     def score(self, source: DataSource, **options) -> ScoredLosses:
@@ -292,14 +292,6 @@ class Scorer:
             del out
 
 
-def _is_arrays(source: DataSource) -> bool:
-    return getattr(source, "_arrays", None) is not None
-
-
-def _spec_of(value) -> tf.TensorSpec:
-    return tf.TensorSpec([None, *np.shape(value)[1:]], tf.as_dtype(value.dtype))
-
-
 def _ordered_batches(source: DataSource):
     """`(batches, element_spec)`: every example once, in order.
 
@@ -307,20 +299,10 @@ def _ordered_batches(source: DataSource):
     that costs more than the forward passes on small data); a dataset is
     iterated as given, prefetched.
     """
-    if _is_arrays(source):
-        x, y = source._arrays
-        size = source.batch_size
-        batches = ((x[i : i + size], y[i : i + size]) for i in range(0, len(x), size))
-        return batches, (_spec_of(x), _spec_of(y))
+    if source.has_arrays:
+        return source.array_batches(), source.element_spec
     ds = source.ordered()
     return ds, ds.element_spec
-
-
-def _first_batch(source: DataSource):
-    if _is_arrays(source):
-        x, y = source._arrays
-        return x[: source.batch_size], y[: source.batch_size]
-    return source.first_batch()
 
 
 def _check_same_first_batch(source: DataSource, first) -> None:

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from keras_gex import _validation
 from keras_gex.analysis.prune import select
+from keras_gex.data import as_inputs, num_rows
 
 
 def clean(
@@ -51,7 +52,7 @@ def clean(
         raise ValueError(f"Argument `shuffle` must be a bool. Received: shuffle={shuffle!r}")
     n = len(report.scores)
     if isinstance(train_data, (tuple, list)):
-        size = len(np.asarray(train_data[0]))
+        size = num_rows(as_inputs(train_data[0]))
         if size != n:
             raise ValueError(f"The data has {size} examples but the report scored {n}.")
     elif batch_size is None:
@@ -72,7 +73,7 @@ def clean(
     else:
         targets = report.relabeled_targets(source=source).astype(np.float32)
         if isinstance(train_data, (tuple, list)):
-            rows = tf.data.Dataset.from_tensor_slices((np.asarray(train_data[0]), targets))
+            rows = tf.data.Dataset.from_tensor_slices((as_inputs(train_data[0]), targets))
         else:
             table = tf.constant(targets)
             rows = train_data.unbatch().enumerate()
@@ -100,7 +101,7 @@ def compare_models(models: dict, test_data, *, print_fn=print) -> dict:
 
     if not isinstance(models, dict) or not models:
         raise ValueError("Argument `models` must be a non-empty dict {name: model}.")
-    x, y = (np.asarray(a) for a in test_data)
+    x, y = as_inputs(test_data[0]), np.asarray(test_data[1])
     ids = np.argmax(y, axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(len(y))
     results = {}
     for name, model in models.items():

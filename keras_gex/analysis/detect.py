@@ -9,7 +9,8 @@ from keras_gex import _validation
 from keras_gex.analysis.report import NoisyLabelReport, score_terms
 from keras_gex.analysis.thresholding import TRANSFORMS, threshold_scores
 from keras_gex.config import CollectionConfig
-from keras_gex.ensemble import GeometricEnsemble
+from keras_gex.data import DataSource
+from keras_gex.ensemble import GeometricEnsemble, check_floor
 
 #: What `detect_noisy(score=...)` ranks by. Both come from the same members.
 SCORES = ("self_influence", "member_loss")
@@ -78,6 +79,14 @@ def detect_noisy(
         TypeError: If `ensemble` is neither a `GeometricEnsemble` nor a model.
         ValueError: For invalid data or arguments (see messages).
     """
+    # Every check before any fine-tuning: a collection can take minutes.
+    _validation.one_of("score", score, SCORES)
+    if isinstance(threshold, str):
+        _validation.one_of("threshold", threshold, ("auto", *TRANSFORMS))
+        if threshold == "auto":
+            threshold = DEFAULT_THRESHOLDS[score]
+    check_floor(reference_floor)
+    DataSource(train_data, batch_size=batch_size, name="train_data").check_ordered()
     if isinstance(ensemble, keras.Model):
         ensemble = GeometricEnsemble.collect(
             ensemble, train_data, config, verbose=verbose, strategy=strategy, **collect_kwargs
@@ -93,11 +102,6 @@ def detect_noisy(
             f"Collection arguments {given} only apply when "
             "`ensemble` is a model; this ensemble is already collected."
         )
-    _validation.one_of("score", score, SCORES)
-    if isinstance(threshold, str):
-        _validation.one_of("threshold", threshold, ("auto", *TRANSFORMS))
-        if threshold == "auto":
-            threshold = DEFAULT_THRESHOLDS[score]
     scoring = dict(batch_size=batch_size, verbose=verbose, strategy=strategy)
     dev = ensemble.deviations(
         train_data, reference_floor=reference_floor, with_predictions=True, **scoring

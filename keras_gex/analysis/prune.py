@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
+from keras_gex.data import as_inputs, num_rows
 
 
 @dataclasses.dataclass
@@ -53,10 +54,10 @@ def select(data, mask: np.ndarray, *, batch_size: int | None = None):
     """Rows of `data` where `mask` is True (arrays or a batched dataset)."""
     mask = np.asarray(mask, dtype=bool)
     if isinstance(data, (tuple, list)):
-        x, y = (np.asarray(a) for a in data)
-        if len(x) != len(mask):
-            raise ValueError(f"The data has {len(x)} examples but the mask has {len(mask)}.")
-        return x[mask], y[mask]
+        x, y = as_inputs(data[0]), np.asarray(data[1])
+        if num_rows(x) != len(mask):
+            raise ValueError(f"The data has {num_rows(x)} examples but the mask has {len(mask)}.")
+        return tf.nest.map_structure(lambda a: a[mask], x), y[mask]
     if not isinstance(data, tf.data.Dataset):
         raise TypeError(
             "Argument `data` must be a tuple `(x, y)` or a `tf.data.Dataset`. "

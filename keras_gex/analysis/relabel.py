@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from keras_gex import _validation
+
 
 def _as_class_labels(labels, num_classes: int) -> tuple[np.ndarray, bool]:
     arr = np.asarray(labels)
@@ -54,18 +56,30 @@ def _check_mask(noisy_mask, n: int) -> np.ndarray:
     return mask
 
 
+def _check_pred_probs(pred: np.ndarray, from_logits: bool) -> None:
+    """Refuses non-finite values, and with `from_logits=False` rows that are not probabilities."""
+    if not np.all(np.isfinite(pred)):
+        bad = int(np.sum(~np.isfinite(pred)))
+        what = "logits" if from_logits else "probabilities"
+        raise ValueError(
+            f"Argument `pred_probs` must hold finite {what}. Received: {bad} NaN or inf value(s)."
+        )
+    if from_logits:
+        return
+    problem = _validation.probability_problem(pred, rows_sum_to_one=True)
+    if problem is not None:
+        raise ValueError(
+            "Argument `pred_probs` must hold probabilities: rows of values in [0, 1] summing "
+            "to 1 (softmax outputs); pass `from_logits=True` for logits. "
+            f"Received: {problem}."
+        )
+
+
 def _log_probs_and_a(pred, from_logits: bool):
     """Returns a_k = log((1 − φ_k) / φ_k) computed stably, shape (N, K)."""
     z = np.asarray(pred, dtype=np.float64)
     if not from_logits:
-        if np.any(z < 0) or np.any(~np.isfinite(z)):
-            raise ValueError(
-                "Argument `pred_probs` must hold finite probabilities >= 0; pass "
-                "`from_logits=True` for logits."
-            )
         z = np.log(np.maximum(z, 1e-300))  # log-probs act as logits
-    elif not np.all(np.isfinite(z)):
-        raise ValueError("Argument `pred_probs` (logits) must be finite.")
     k = z.shape[1]
     others = np.empty_like(z)
     for c in range(k):  # logsumexp over j != c, column by column (K is small)
@@ -84,14 +98,21 @@ def relabel(labels, pred_probs, noisy_mask, *, from_logits: bool = False) -> np.
 
     Args:
         labels: Given labels: integer ids `(N,)` or one-hot `(N, K)`.
-        pred_probs: `(N, K)` predicted probabilities of θ* (or logits with
-            `from_logits=True`, which is more accurate).
+        pred_probs: `(N, K)` predicted probabilities of θ*: finite, in [0, 1],
+            each row summing to 1 within `1e-3` (softmax outputs); or logits
+            with `from_logits=True`, which is more accurate.
         noisy_mask: Boolean `(N,)`, True for rows to relabel.
         from_logits: Whether `pred_probs` are logits. Defaults to `False`.
 
     Returns:
         `(N, K)` float64 targets. Flagged rows are not normalised (see module
         docstring); train on them with categorical cross-entropy.
+
+    Raises:
+        ValueError: If `pred_probs` holds NaN or inf, or with
+            `from_logits=False` values outside [0, 1] or rows not summing to
+            1 (e.g. logits passed as probabilities, or sigmoid outputs), or
+            `labels` / `noisy_mask` do not fit it.
 
     >>> t = relabel([0], [[0.5, 0.3, 0.2]], np.array([True]))
     >>> float(t[0, 0]), bool(np.isclose(-(t[0] * np.log([0.5, 0.3, 0.2])).sum(), -np.log(0.5)))
@@ -103,6 +124,7 @@ def relabel(labels, pred_probs, noisy_mask, *, from_logits: bool = False) -> np.
             "Argument `pred_probs` must have shape (N, K) with K >= 2. "
             f"Received: shape {pred.shape}"
         )
+    _check_pred_probs(pred, from_logits)
     n, k = pred.shape
     y, _ = _as_class_labels(labels, k)
     if len(y) != n:

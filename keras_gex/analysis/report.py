@@ -9,7 +9,7 @@ import numpy as np
 from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
 from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
-from keras_gex.collection.step_size import REFIT_FACTOR, RETRY_FACTOR
+from keras_gex.collection.step_size import REFIT_FACTOR, RETRY_FACTOR, WHOLE_FIT
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
 
@@ -31,6 +31,13 @@ def _probe_text(probe: Probe) -> str:
     if probe.abandoned:
         return text + " (abandoned halfway)"
     return text + (" (kept)" if probe.accepted else "")
+
+
+def _saved(fig, path):
+    """`fig`, written to `path` as a PNG first when a path is given."""
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 @dataclasses.dataclass
@@ -126,12 +133,12 @@ class NoisyLabelReport:
 
     @property
     def noisy_indices(self) -> np.ndarray:
-        """Flagged row indices, most self-influential first."""
+        """Flagged row indices, highest score (most suspect) first."""
         idx = np.flatnonzero(self.noisy_mask)
         return idx[np.argsort(-self.scores[idx], kind="stable")]
 
     def ranking(self) -> np.ndarray:
-        """All row indices, most self-influential (most suspect) first."""
+        """All row indices, highest score (most suspect) first."""
         return np.argsort(-self.scores, kind="stable")
 
     def pred_probs(self) -> np.ndarray:
@@ -250,9 +257,13 @@ class NoisyLabelReport:
         if record is not None:
             how = "calibrated" if record.learning_rate_requested == "auto" else "given"
             member_lrs = [s.learning_rate for s in record.member_stats]
+            kept = [p.learning_rate for p in record.calibration if p.accepted]
+            if kept and kept[0] != record.learning_rate:
+                how += f" at {kept[0]:.4g}"  # the kept probe, member 1
             if member_lrs and max(member_lrs) > min(member_lrs):
-                # The controller steered members' step sizes: `lr` is their median.
-                how += f"; members {min(member_lrs):.4g}-{max(member_lrs):.4g}"
+                # Members were steered or refitted: `lr` is their median.
+                lo, hi = min(member_lrs), max(member_lrs)
+                how += f"; members {lo:.4g}-{hi:.4g}, lr is their median"
             elif how == "calibrated" and len(member_lrs) > 1 and record.step_size_held:
                 how += f"; held for every member: {record.step_size_held}"
             steps_how = " (auto)" if record.steps_requested == "auto" else ""
@@ -301,7 +312,13 @@ class NoisyLabelReport:
         ref_fit = ref.fit if ref is not None else None
         if stats and ref_fit and window:
             rel = [s.fit / ref_fit for s in stats if s.fit is not None]
-            if rel and np.mean(rel) > window[1]:
+            # A given step size is judged against the window; a calibrated one was
+            # judged by calibration (which warns when it misses the window), so
+            # here only members that kept θ*'s whole fit count as not having moved.
+            calibrated = record.learning_rate_requested == "auto"
+            high = WHOLE_FIT if calibrated else window[1]
+            nothing_to_forget = record.step_size_held == "nothing to forget"
+            if rel and np.mean(rel) > high and not nothing_to_forget:
                 out.append(
                     f"members still fit {np.mean(rel):.1%} of what θ* fits: they barely "
                     "left θ*, so deviations may not separate noisy labels. Increase "
@@ -351,9 +368,7 @@ class NoisyLabelReport:
             ax=ax,
             score=self.score_method,
         )
-        if path is not None:
-            fig.savefig(path, dpi=120)
-        return fig
+        return _saved(fig, path)
 
     def uncertainty(
         self, *, num_resamples: int = 200, target: float = 0.95, seed: int = 0
@@ -450,16 +465,6 @@ class NoisyLabelReport:
         Returns:
             The matplotlib `Figure`.
         """
-        fig = plot_gallery(
-            images,
-            self.scores,
-            self.given_labels(),
-            self.suggested_labels(),
-            k=k,
-            class_names=class_names,
-            image_shape=image_shape,
-            title="most self-influential (most suspect) training examples",
-        )
-        if path is not None:
-            fig.savefig(path, dpi=120)
-        return fig
+        labels = (self.given_labels(), self.suggested_labels())
+        options = dict(class_names=class_names, image_shape=image_shape, score=self.score_method)
+        return _saved(plot_gallery(images, self.scores, *labels, k=k, **options), path)

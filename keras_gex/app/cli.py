@@ -1,15 +1,56 @@
-"""Command line: `keras-gex demo` (also `python -m keras_gex demo`)."""
+"""Command line: `keras-gex demo`, `keras-gex detect` (also `python -m keras_gex`).
+
+The `keras-gex` entry point imports this module before it parses anything, so the
+module imports nothing heavy: TensorFlow starts only when a command runs, with its
+C++ start-up log silenced (unless `TF_CPP_MIN_LOG_LEVEL` asks for it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
+import tempfile
+import time
+import warnings
 
-# `import keras_gex.app.cli` runs the package's `__init__` (TensorFlow) anyway, so
-# the choices below come from the library's own tables, not copies.
-from keras_gex.analysis.detect import DEFAULT_THRESHOLDS, SCORES
+# NumPy only; `keras_gex.analysis.detect` would start TensorFlow.
 from keras_gex.analysis.thresholding import TRANSFORMS
+
+#: `keras_gex.analysis.detect.SCORES` and `DEFAULT_THRESHOLDS`, restated so that
+#: `--help` needs no TensorFlow; tests/integration/test_cli.py checks they agree.
+SCORES = ("self_influence", "member_loss")
+DEFAULT_THRESHOLDS = {"self_influence": "otsu_sqrt", "member_loss": "otsu"}
+
+#: For each command, the library argument each flag sets: warnings and errors
+#: written for Python callers are reworded with the flags.
+FLAGS = {
+    "demo": {
+        "noise": "--noise",
+        "seed": "--seed",
+        "epochs": "--epochs",
+        "num_members": "--members",
+        "plot_path": "--plot",
+    },
+    "detect": {
+        "num_members": "--members",
+        "steps": "--steps",
+        "learning_rate": "--learning-rate",
+        "batch_size": "--batch-size",
+        "threshold": "--threshold",
+        "score": "--score",
+        "seed": "--seed",
+    },
+}
+
+#: Python-only references in library messages, as a command line user reads them.
+_PHRASES = (
+    ("`detect_noisy`'s default", "the default"),
+    (" (`report.reference_losses`)", ""),
+    ("`report.summary()`", "the report's summary"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="find flipped labels in scikit-learn's digits (offline, ~1-2 min)",
         description=(
-            "Flip 10%% of the digits training labels, train an MLP with "
-            "GEXCollector, detect the flips, relabel and retrain."
+            "Flip a fraction of the digits training labels (--noise, 10% by default), "
+            "train an MLP with GEXCollector, detect the flips, relabel and retrain."
         ),
     )
     demo.add_argument(
@@ -53,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "DATA is an .npz file with arrays `x` and `y` (inputs exactly as the model "
-            "takes them), or a TensorFlow Datasets name such as `fashion_mnist` or "
+            "takes them; for several inputs `x.NAME` arrays by input name, or `x.0`, "
+            "`x.1`, ...), or a TensorFlow Datasets name such as `fashion_mnist` or "
             "`fashion_mnist:train[:10%]` (as_supervised (image, label) pairs). "
             "Exit status: 0 success, 2 bad arguments or input, 1 unexpected error."
         ),
@@ -71,15 +113,10 @@ def _parser() -> argparse.ArgumentParser:
         "--learning-rate", default="auto", help="peak fine-tuning step size or 'auto' (default)"
     )
     detect.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
-    detect.add_argument(
-        "--threshold",
-        default="auto",
-        help=(
-            "auto (default: the score's rule, "
-            + ", ".join(f"{rule} for {score}" for score, rule in DEFAULT_THRESHOLDS.items())
-            + f"), {', '.join(TRANSFORMS)}, or a number"
-        ),
-    )
+    rules = ", ".join(f"{rule} for {score}" for score, rule in DEFAULT_THRESHOLDS.items())
+    transforms = ", ".join(TRANSFORMS)
+    threshold_help = f"auto (default: the score's rule, {rules}), {transforms}, or a number"
+    detect.add_argument("--threshold", default="auto", help=threshold_help)
     detect.add_argument(
         "--score",
         default="member_loss",
@@ -87,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
         help="what to rank by (default member_loss; self_influence is the paper's score)",
     )
     detect.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    detect.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=(
+            "recollect the ensemble in --out/ensemble, replacing one saved for another "
+            "model or other settings (default: reuse or resume it)"
+        ),
+    )
     detect.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -97,28 +142,118 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import matplotlib
-
-    matplotlib.use("Agg")
+    flags = FLAGS[args.command]
     try:
-        if args.command == "demo":
-            from keras_gex.app.demo import run_demo
+        with _warnings_as_messages(flags):
+            _start_tensorflow()
+            import matplotlib
 
-            run_demo(
-                noise=args.noise,
-                seed=args.seed,
-                epochs=args.epochs,
-                num_members=args.members,
-                plot_path=args.plot or None,
-                verbose=0 if args.quiet else 1,
-            )
-        else:
-            _detect(args)
+            matplotlib.use("Agg")
+            if args.command == "demo":
+                _demo(args)
+            else:
+                _detect(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"keras-gex: error: {err}", file=sys.stderr)
+        print(f"keras-gex: error: {cli_message(str(err), flags)}", file=sys.stderr)
         return 2
     return 0
+
+
+def cli_message(message: str, flags: dict) -> str:
+    """`message`, written for Python callers, with the command line's flags.
+
+    `learning_rate=0.2` reads `--learning-rate 0.2`, `` `score="member_loss"` ``
+    reads `` `--score member_loss` ``, `` `learning_rate=` `` and
+    `` `learning_rate` `` read `` `--learning-rate` ``, for the arguments in
+    `flags`; other arguments are left as they are.
+
+    Args:
+        message: A warning or error message of the library.
+        flags: Library argument name -> flag, e.g. `FLAGS["detect"]`.
+
+    Returns:
+        The reworded message.
+    """
+    for phrase, replacement in _PHRASES:
+        capital = replacement[:1].upper() + replacement[1:]
+        sentence_start = rf"(?:^|(?<=[.!?] )){re.escape(phrase)}"
+        message = re.sub(sentence_start, lambda _, c=capital: c, message)
+        message = message.replace(phrase, replacement)
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    assignment = re.compile(rf"(?<![\w.])({names})=(?:(['\"])([^'\"]*)\2|([\w.+-]*\w))?(?![\w(])")
+
+    def with_flag(match: re.Match) -> str:
+        value = match.group(3) if match.group(2) else match.group(4)
+        flag = flags[match.group(1)]
+        return f"{flag} {value}" if value else flag
+
+    message = assignment.sub(with_flag, message)
+    return re.sub(rf"`({names})`", lambda m: f"`{flags[m.group(1)]}`", message)
+
+
+@contextlib.contextmanager
+def _warnings_as_messages(flags: dict):
+    """Shows warnings as `keras-gex: warning: ...` lines on stderr, with CLI flags."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = cli_message(str(message).strip(), flags)
+        print(f"keras-gex: warning: {text}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _start_tensorflow() -> None:
+    """Imports TensorFlow and Keras with TensorFlow's C++ log silenced.
+
+    `TF_CPP_MIN_LOG_LEVEL` defaults to 3 (fatal only; no cuInit error on machines
+    without a GPU). TensorFlow also writes a few lines to stderr before its log
+    level applies; unless `TF_CPP_MIN_LOG_LEVEL` is set below 2, they are held
+    back and shown only if the import fails.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet = level.strip() in ("2", "3")  # else the user asked for TensorFlow's log
+    with _native_stderr_held() if quiet else contextlib.nullcontext():
+        import keras  # noqa: F401
+
+
+@contextlib.contextmanager
+def _native_stderr_held():
+    """Holds back what C/C++ code writes to file descriptor 2; writes it out on error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _demo(args) -> None:
+    from keras_gex.app.demo import result_lines, run_demo
+
+    result = run_demo(
+        noise=args.noise,
+        seed=args.seed,
+        epochs=args.epochs,
+        num_members=args.members,
+        plot_path=args.plot or None,
+        verbose=0 if args.quiet else 1,
+    )
+    if args.quiet:
+        print("\n".join(result_lines(result)))
 
 
 def _load_data(spec: str):
@@ -128,13 +263,7 @@ def _load_data(spec: str):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"DATA file {spec!r} does not exist.")
         with np.load(spec) as archive:
-            missing = {"x", "y"} - set(archive.files)
-            if missing:
-                raise ValueError(
-                    f"DATA file {spec!r} must contain arrays 'x' and 'y'; missing "
-                    f"{sorted(missing)} (has {sorted(archive.files)})."
-                )
-            return archive["x"], archive["y"], None
+            return (*_npz_inputs(spec, archive), None)
     import tensorflow_datasets as tfds
 
     name, _, split = spec.partition(":")
@@ -150,6 +279,22 @@ def _load_data(spec: str):
     return x, y, names
 
 
+def _npz_inputs(spec: str, archive) -> tuple:
+    """`(x, y)` of an .npz: `x`, or `x.NAME` arrays (dict inputs) / `x.0`, `x.1`, ... (tuple)."""
+    parts = {key[2:]: archive[key] for key in archive.files if key.startswith("x.")}
+    if "y" not in archive.files or not ("x" in archive.files or parts):
+        raise ValueError(
+            f"DATA file {spec!r} must contain the labels 'y' and the inputs 'x' (or, for a "
+            "model with several inputs, 'x.NAME' arrays named by its inputs, or 'x.0', "
+            f"'x.1', ... in its input order). Received: arrays {sorted(archive.files)}."
+        )
+    if "x" in archive.files:
+        return archive["x"], archive["y"]
+    if all(key.isdigit() for key in parts):
+        return tuple(parts[key] for key in sorted(parts, key=int)), archive["y"]
+    return parts, archive["y"]
+
+
 def _auto_or(value: str, convert, flag: str, what: str):
     """`"auto"`, or `value` converted by `convert` (a clear error otherwise)."""
     if value == "auto":
@@ -162,19 +307,36 @@ def _auto_or(value: str, convert, flag: str, what: str):
         ) from None
 
 
+def _collect(model, data, directory: str, *, overwrite: bool, **collect_kwargs):
+    """The ensemble saved (or resumed) in `directory`; collected anew with `overwrite`."""
+    import shutil
+
+    from keras_gex.ensemble import GeometricEnsemble
+
+    if overwrite and os.path.exists(os.path.join(directory, "manifest.json")):
+        shutil.rmtree(directory)
+    try:
+        return GeometricEnsemble.collect(model, data, directory=directory, **collect_kwargs)
+    except ValueError as err:
+        if directory not in str(err):
+            raise
+        raise ValueError(
+            f"{err} Run again with `--overwrite` to replace it with a new one, or pass "
+            "another `--out`."
+        ) from None
+
+
 def _detect(args) -> None:
     import csv
 
-    import keras
     import numpy as np
 
-    import keras_gex
+    import keras_gex.losses  # noqa: F401  (registers the library's loss for loading)
+    from keras_gex.analysis.detect import detect_noisy
     from keras_gex.io.html_report import write_html_report
 
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"MODEL file {args.model!r} does not exist.")
-    model = keras.models.load_model(args.model)
-    x, y, class_names = _load_data(args.data)
     threshold = args.threshold
     if threshold != "auto" and threshold not in TRANSFORMS:
         try:
@@ -184,24 +346,36 @@ def _detect(args) -> None:
                 f"Argument `--threshold` must be auto, one of {', '.join(TRANSFORMS)} or a number. "
                 f"Received: {args.threshold!r}"
             ) from None
-    lr = _auto_or(args.learning_rate, float, "--learning-rate", "a number")
+    learning_rate = _auto_or(args.learning_rate, float, "--learning-rate", "a number")
     steps = _auto_or(args.steps, int, "--steps", "a positive integer")
+    import keras
+
+    model = keras.models.load_model(args.model)
+    x, y, class_names = _load_data(args.data)
     verbose = 0 if args.quiet else 1
+    # Keras' progress bar redraws itself with ANSI codes: on a terminal only.
+    progress_bar = verbose and sys.stdout.isatty()
     os.makedirs(args.out, exist_ok=True)
-    ensemble = keras_gex.GeometricEnsemble.collect(
+    ensemble = _collect(
         model,
         (x, y),
+        os.path.join(args.out, "ensemble"),
+        overwrite=args.overwrite,
         num_members=args.members,
         steps=steps,
-        learning_rate=lr,
+        learning_rate=learning_rate,
         batch_size=args.batch_size,
         seed=args.seed,
-        directory=os.path.join(args.out, "ensemble"),
         verbose=verbose,
     )
-    report = keras_gex.detect_noisy(
-        (x, y), ensemble, threshold=threshold, score=args.score, verbose=verbose
+    if verbose and not progress_bar:
+        print(f"scoring {len(y)} examples with {ensemble.num_members} members ...", flush=True)
+    start = time.perf_counter()
+    report = detect_noisy(
+        (x, y), ensemble, threshold=threshold, score=args.score, verbose=int(progress_bar)
     )
+    if verbose and not progress_bar:
+        print(f"scored in {time.perf_counter() - start:.0f} s", flush=True)
     if verbose:
         report.summary()
     np.save(os.path.join(args.out, "scores.npy"), report.scores)
@@ -220,7 +394,10 @@ def _detect(args) -> None:
         handle.writelines(f"{i}\n" for i in report.noisy_indices)
     report.plot(path=os.path.join(args.out, "scores.png"))
     write_html_report(
-        report, os.path.join(args.out, "report.html"), images=x, class_names=class_names
+        report,
+        os.path.join(args.out, "report.html"),
+        images=x if isinstance(x, np.ndarray) else None,  # no gallery for several inputs
+        class_names=class_names,
     )
     print(
         f"{report.num_flagged} of {len(report.scores)} examples flagged; results in {args.out}/ "

@@ -10,6 +10,7 @@ noisy, relabeled and clean models; writes the score histogram.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -56,6 +57,32 @@ def _mlp(num_classes: int, seed: int):
     return model
 
 
+def _progress(label: str, epochs: int, say):
+    """A Keras callback that says `label`'s epochs done, about five times per fit.
+
+    Plain lines, no progress bar: they read the same on a terminal, in a pipe or
+    in a log file.
+    """
+    import keras
+
+    every = max(1, -(-epochs // 5))
+
+    class EpochProgress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            done = epoch + 1
+            if done % every and done != epochs:
+                return
+            loss = (logs or {}).get("loss")
+            loss_text = "" if loss is None else f", loss {float(loss):.4f}"
+            seconds = time.perf_counter() - self.start
+            say(f"  {label}: epoch {done}/{epochs}{loss_text} ({seconds:.0f} s)")
+
+    return EpochProgress()
+
+
 def _test_accuracy(model, x, y) -> float:
     logits = model(x, training=False)
     return float(np.mean(np.argmax(np.asarray(logits), axis=1) == y))
@@ -79,19 +106,23 @@ def run_demo(
         num_members: GE members. Defaults to `8`.
         plot_path: Where to write the histogram PNG, or None. Defaults to
             `"gex_scores.png"`.
-        verbose: 1 prints progress and results. Defaults to `1`.
+        verbose: 1 prints progress (plain lines, about five per training) and
+            the results; 0 prints nothing. Defaults to `1`.
 
     Returns:
         A `DemoResult`.
     """
+    if isinstance(verbose, bool) or verbose not in (0, 1):
+        raise ValueError(f"Argument `verbose` must be 0 or 1. Received: verbose={verbose!r}")
     import keras
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    import keras_gex
+    from keras_gex.analysis.detect import detect_noisy
+    from keras_gex.callback import GEXCollector
     from keras_gex.datasets import noisy_digits
 
     start = time.perf_counter()
-    say = print if verbose else (lambda *a, **k: None)
+    say = functools.partial(print, flush=True) if verbose else (lambda *a, **k: None)
     data = noisy_digits(noise=noise, seed=seed)
     k = data.num_classes
     one_hot = keras.utils.to_categorical
@@ -100,16 +131,29 @@ def run_demo(
         f"labels flipped ({noise:.0%}), {len(data.x_test)} clean test examples"
     )
 
+    def fit(model, targets, label, *callbacks):
+        """Trains on `targets`, saying the epochs done under `label`."""
+        progress = [_progress(label, epochs, say)] if verbose else []
+        model.fit(
+            data.x_train,
+            targets,
+            epochs=epochs,
+            batch_size=64,
+            verbose=0,
+            callbacks=[*progress, *callbacks],
+        )
+
     model = _mlp(k, seed)
     y_noisy = one_hot(data.y_train, k)
-    collector = keras_gex.GEXCollector(
+    collector = GEXCollector(
         (data.x_train, y_noisy), num_members=num_members, seed=seed, verbose=verbose
     )
     say(f"training a 64-256-256-{k} MLP for {epochs} epochs, then collecting the GE ...")
-    model.fit(data.x_train, y_noisy, epochs=epochs, batch_size=64, verbose=0, callbacks=[collector])
+    fit(model, y_noisy, "noisy labels", collector)
     acc_noisy = _test_accuracy(model, data.x_test, data.y_test)
 
-    report = keras_gex.detect_noisy((data.x_train, y_noisy), collector.ensemble, verbose=0)
+    say(f"scoring {len(data.x_train)} examples with {num_members} members ...")
+    report = detect_noisy((data.x_train, y_noisy), collector.ensemble, verbose=0)
     if verbose:
         report.summary()
     auc = roc_auc_score(data.is_noisy, report.scores)
@@ -120,30 +164,18 @@ def run_demo(
     recall = true_pos / max(int(data.is_noisy.sum()), 1)
 
     targets = report.relabeled_targets()
+    say(f"retraining on the relabeled targets ({int(flagged.sum())} flagged rows relabeled) ...")
     relabeled = _mlp(k, seed)
-    relabeled.fit(data.x_train, targets, epochs=epochs, batch_size=64, verbose=0)
+    fit(relabeled, targets, "relabeled")
     acc_relabeled = _test_accuracy(relabeled, data.x_test, data.y_test)
+    say("training on the clean labels, for comparison ...")
     clean = _mlp(k, seed)
-    clean.fit(data.x_train, one_hot(data.y_train_clean, k), epochs=epochs, batch_size=64, verbose=0)
+    fit(clean, one_hot(data.y_train_clean, k), "clean labels")
     acc_clean = _test_accuracy(clean, data.x_test, data.y_test)
 
     if plot_path:
         report.plot(known_noisy=data.is_noisy, path=plot_path)
-    seconds = time.perf_counter() - start
-    say("")
-    say(f"detection vs known flips:  AUC {auc:.4f}   AP {ap:.4f}")
-    say(
-        f"Otsu threshold flags {int(flagged.sum())}: precision {precision:.3f}   "
-        f"recall {recall:.3f}"
-    )
-    say(
-        f"test accuracy:  noisy {acc_noisy:.4f}  ->  relabeled {acc_relabeled:.4f}   "
-        f"(clean labels {acc_clean:.4f})"
-    )
-    if plot_path:
-        say(f"histogram written to {plot_path}")
-    say(f"done in {seconds:.0f} s")
-    return DemoResult(
+    result = DemoResult(
         auc,
         ap,
         precision,
@@ -153,5 +185,31 @@ def run_demo(
         acc_relabeled,
         acc_clean,
         plot_path,
-        seconds,
+        time.perf_counter() - start,
     )
+    say("")
+    for line in result_lines(result):
+        say(line)
+    return result
+
+
+def result_lines(result: DemoResult) -> list[str]:
+    """The lines `run_demo` ends with: detection quality, accuracies, where the plot is.
+
+    Args:
+        result: What `run_demo` returned.
+
+    Returns:
+        The lines, without line breaks.
+    """
+    lines = [
+        f"detection vs known flips:  AUC {result.auc:.4f}   AP {result.ap:.4f}",
+        f"Otsu threshold flags {result.num_flagged}: precision {result.precision:.3f}   "
+        f"recall {result.recall:.3f}",
+        f"test accuracy:  noisy {result.accuracy_noisy:.4f}  ->  relabeled "
+        f"{result.accuracy_relabeled:.4f}   (clean labels {result.accuracy_clean:.4f})",
+    ]
+    if result.plot_path:
+        lines.append(f"histogram written to {result.plot_path}")
+    lines.append(f"done in {result.seconds:.0f} s")
+    return lines

@@ -12,7 +12,7 @@ from keras_gex import _validation
 from keras_gex._tracing import compiled, free_batch
 from keras_gex.baselines._common import _collect, _scoring_args, _shared_doc
 from keras_gex.collection.local import FineTuner
-from keras_gex.data import DataSource
+from keras_gex.data import DataSource, take_rows
 from keras_gex.losses import check_per_example, resolve_loss
 
 _SCORE_BATCH_SIZE = 1024
@@ -55,21 +55,6 @@ def loss_scores(
 
     fn = compiled(step, input_signature=list(free_batch(source.element_spec)))
     return _collect(source, lambda x, y: fn(x, y).numpy(), "model's loss", verbose)
-
-
-def _check_labels(x: np.ndarray, y: np.ndarray) -> None:
-    if x.ndim == 0 or y.ndim == 0:
-        raise ValueError("Arguments `x` and `y` must be arrays with one row per example.")
-    if len(x) != len(y):
-        raise ValueError(
-            "Arguments `x` and `y` must have the same number of examples. "
-            f"Received: len(x)={len(x)}, len(y)={len(y)}"
-        )
-    if len(x) == 0:
-        raise ValueError("Arguments `x` and `y` are empty: they have no examples.")
-    for name, arr in (("x", x), ("y", y)):
-        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            raise ValueError(f"Argument `{name}` contains NaN or inf values.")
 
 
 def _build_model(model_fn: Callable) -> keras.Model:
@@ -199,12 +184,8 @@ def el2n_scores(
     seed = _validation.non_negative_int("seed", seed)
     bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
     verbose = _validation.verbose_level(verbose)
-    x, y = np.asarray(x), np.asarray(y)
-    _check_labels(x, y)
-    source = DataSource((x, y), name="x")
-    if x.dtype == np.float64:
-        x = x.astype(np.float32)
-    n = len(x)
+    source = DataSource((x, y), name="x")  # validated; `x` may be a dict or tuple of arrays
+    (x, y), n = source.arrays, source.num_examples
     x_spec, y_spec = source.element_spec
 
     total = np.zeros(n, dtype=np.float64)
@@ -218,7 +199,7 @@ def el2n_scores(
         if tuner.has_batchnorm and bn_batches > 0:
             batches = iter(source.shuffled(min(batch_size, n), seed + r))
             tuner.refresh_batchnorm(batches, bn_batches)
-        out_shape = tuple(model(x[:1], training=False).shape[1:])
+        out_shape = tuple(model(take_rows(x, slice(0, 1)), training=False).shape[1:])
         sparse = _uses_class_ids(y, per_example.kind, out_shape)
         activation = "identity"
         if per_example.from_logits:
@@ -226,10 +207,7 @@ def el2n_scores(
             activation = "sigmoid" if binary else "softmax"
         fn = _el2n_fn(tuner, sparse, activation, x_spec, y_spec)
         scores = np.concatenate(
-            [
-                fn(x[i : i + _SCORE_BATCH_SIZE], y[i : i + _SCORE_BATCH_SIZE]).numpy()
-                for i in range(0, n, _SCORE_BATCH_SIZE)
-            ]
+            [fn(*batch).numpy() for batch in source.array_batches_of(_SCORE_BATCH_SIZE)]
         )
         if not np.all(np.isfinite(scores)):
             raise ValueError(

@@ -27,7 +27,7 @@ from keras_gex.collection.local import FineTuner
 from keras_gex.collection.replicated import ReplicaFineTuner
 from keras_gex.collection.tuner import flatten_layers, halfway, resolve_steps
 from keras_gex.config import CollectionConfig, CollectionRecord, MemberStats, Probe
-from keras_gex.data import DataSource
+from keras_gex.data import DataSource, take_rows
 from keras_gex.io import persistence
 from keras_gex.losses import PerExampleLoss
 from keras_gex.weights import WeightSet
@@ -95,10 +95,10 @@ def _evaluation_batches(source: DataSource, batch_size: int, seed: int) -> list:
     stream = source.array_stream(batch_size, stream_seed(seed, "eval"))
     rows = stream.take_indices(eval_count)
     tensors = (stream.x, stream.y)
-    example_bytes = sum(t.dtype.size * math.prod(t.shape[1:]) for t in tensors)
+    example_bytes = sum(t.dtype.size * math.prod(t.shape[1:]) for t in tf.nest.flatten(tensors))
     if example_bytes * rows.size <= _EVAL_BATCH_BYTES:  # one call per evaluation
         rows = rows.reshape(1, -1)
-    return [tuple(tf.gather(t, idx) for t in tensors) for idx in rows]
+    return [take_rows(tensors, idx) for idx in rows]
 
 
 def _open_store(directory, model, config: CollectionConfig, steps: int, loss: PerExampleLoss):
@@ -164,7 +164,9 @@ def collect(
     if seed is None and store is not None and store.seed is not None:
         seed = store.seed  # resume with the streams the stored members used
     if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**31))
+        # NumPy's global generator: `keras.utils.set_random_seed` seeds it, so a
+        # seeded script collects the same members in every run.
+        seed = int(np.random.randint(0, 2**31 - 1))  # noqa: NPY002 (the global one, on purpose)
     if store is not None and store.seed is None:
         store.set_seed(seed)
     eval_batches = _evaluation_batches(source, batch_size, seed)
@@ -297,7 +299,8 @@ def collect(
                 store.save_member(index, weights, dataclasses.asdict(member_stats))
             if config.chain:
                 previous = weights
-            fit = "" if member_stats.fit is None else f", fit {member_stats.fit:.3f}"
+            # The same scale as the calibration lines: the share of θ*'s fit kept.
+            fit = "" if member_stats.fit is None else f", keeps {rel:.1%} of θ*'s fit"
             replica = "" if width == 1 else f" (replica {offset})"
             log(
                 f"member {index + 1}/{config.num_members}{replica}: lr "

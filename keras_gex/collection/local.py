@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from keras_gex._tracing import compiled
 from keras_gex.collection import tuner as core
-from keras_gex.data import ArrayStream, DataSource
+from keras_gex.data import ArrayStream, DataSource, spec_of, take_rows
 from keras_gex.losses import PerExampleLoss
 from keras_gex.weights import WeightSet
 
@@ -104,7 +104,7 @@ class FineTuner:
         values = tf.zeros(tf.shape(indices)[:1], tf.float32)
         for t in tf.range(count):
             rows = indices[t]
-            x, y = tf.gather(x_all, rows), tf.gather(y_all, rows)
+            x, y = take_rows(x_all, rows), tf.gather(y_all, rows)
             lr = core.cosine(learning_rate, t + start, total_f)
             step_loss = tf.cast(self._step(x, y, lr), tf.float32)
             values = tf.tensor_scatter_nd_update(values, [[t]], [step_loss])
@@ -140,13 +140,12 @@ class FineTuner:
 
     def _run_indexed(self, stream: ArrayStream, indices, count, lr, where) -> np.ndarray:
         if self._indexed_fn is None:  # one trace for any N, steps and batch size
-            free = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
             scalar = tf.TensorSpec([], tf.int32)
             self._indexed_fn = compiled(
                 self._train_indexed,
                 input_signature=[
-                    free(stream.x),
-                    free(stream.y),
+                    spec_of(stream.x),
+                    spec_of(stream.y),
                     tf.TensorSpec([None, None], tf.int64),
                     scalar,
                     tf.TensorSpec([], tf.float32),

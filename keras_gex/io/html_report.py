@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 
-from keras_gex.io.plots import SCORE_LABELS
+from keras_gex.io.plots import SCORE_LABELS, plot_gallery
 
 
 def _png(fig) -> str:
@@ -39,22 +39,33 @@ def write_html_report(
     """
     summary = report.summary(print_fn=None)
     score_name, formula = SCORE_LABELS[report.score_method]
-    figures = [(score_name, _png(report.plot()))]
-    if images is not None:
-        try:
-            figures.append(
-                (
-                    "Most suspect examples",
-                    _png(report.plot_gallery(images, k=24, class_names=class_names)),
-                )
-            )
-        except ValueError:
-            pass  # not image-like inputs
+    figures = [(score_name, _png(report.plot()), "")]
     given = report.given_labels() if np.asarray(report.labels).ndim <= 2 else None
     try:
         predicted = report.suggested_labels()
     except ValueError:
         predicted = None  # no class probabilities (e.g. a regression loss)
+    if images is not None:
+        try:
+            gallery = plot_gallery(
+                images,
+                report.scores,
+                given,
+                predicted,
+                k=24,
+                cols=6,  # captions stay legible at the page's width
+                class_names=class_names,
+                score=report.score_method,
+            )
+        except ValueError:
+            pass  # not image-like inputs
+        else:
+            note = (
+                "Each image is captioned with its index and “given → suggested” label; "
+                "red marks a suggestion that differs from the given label."
+            )
+            caption = f"Most suspect examples: highest {score_name}"
+            figures.append((caption, _png(gallery), note))
 
     def name(label):
         if label is None:
@@ -71,14 +82,14 @@ def write_html_report(
         )
     figure_html = "\n".join(
         f'<h2>{html.escape(caption)}</h2><img alt="{html.escape(caption)}" '
-        f'src="data:image/png;base64,{data}">'
-        for caption, data in figures
+        f'src="data:image/png;base64,{data}">' + (f"<p>{html.escape(note)}</p>" if note else "")
+        for caption, data, note in figures
     )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
-pre {{ background: #f4f4f4; padding: 1em; overflow-x: auto; }}
+pre {{ background: #f4f4f4; padding: 1em; white-space: pre-wrap; overflow-wrap: anywhere; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; }}
 img {{ max-width: 100%; }}
 </style></head><body>

@@ -118,19 +118,74 @@ def read_weights(model, path: str) -> WeightSet:
         _assign(model, saved)
 
 
+#: Entries every manifest has from its first write (a complete one also has "loss").
+_MANIFEST_KEYS = {
+    "architecture_fingerprint": str,
+    "theta_fingerprint": str,
+    "config": dict,
+    "members": list,
+}
+_LOSS_KEYS = ("name", "kind", "from_logits")
+
+
+def _damaged(path: str, received: str) -> ValueError:
+    return ValueError(
+        f"The ensemble manifest {path!r} is damaged: expected the JSON object keras_gex "
+        f"writes there. Received: {received}. Restore the file, or delete the directory "
+        "(or pass another one) to collect afresh."
+    )
+
+
 def read_manifest(directory: str) -> dict | None:
+    """The manifest of the GE directory `directory`, or None when it has none.
+
+    Raises:
+        ValueError: If the manifest is not valid JSON, not a keras_gex
+            manifest, lacks an entry keras_gex writes, or was written by a
+            newer keras_gex.
+    """
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         return None
-    with open(path) as handle:
-        manifest = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise _damaged(
+            path, f"invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise _damaged(path, f"bytes that are not UTF-8 text ({err.reason})") from err
+    if not isinstance(manifest, dict):
+        raise _damaged(path, f"a JSON {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a keras_gex ensemble manifest.")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is not a keras_gex ensemble manifest: expected format={FORMAT!r}. "
+            f"Received: format={manifest.get('format')!r}"
+        )
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _damaged(path, f"format_version={version!r}")
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by a newer keras_gex (format "
             f"{manifest['format_version']}); upgrade keras_gex to read it."
         )
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            received = "no such entry" if key not in manifest else f"{key}={manifest[key]!r}"
+            raise _damaged(path, f"{received} where a {kind.__name__} `{key}` is expected")
+    if "calibrated_learning_rate" not in manifest:
+        raise _damaged(path, "no `calibrated_learning_rate` entry")
+    for entry in manifest["members"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise _damaged(path, f"member entry {entry!r} without a `file`")
+        if "stats" not in entry:
+            raise _damaged(path, f"member entry {entry!r} without `stats`")
+    if manifest.get("complete"):
+        loss = manifest.get("loss")
+        if not isinstance(loss, dict) or any(key not in loss for key in _LOSS_KEYS):
+            raise _damaged(path, f"loss={loss!r} where a dict with {list(_LOSS_KEYS)} is expected")
     return manifest
 
 

@@ -129,8 +129,9 @@ def plot_gallery(
     image_shape=None,
     cols: int = 8,
     title: str | None = None,
+    score: str = "self_influence",
 ):
-    """The `k` most (or least) self-influential images with given/predicted labels.
+    """The `k` images with the highest (or lowest) scores, with given/predicted labels.
 
     Args:
         images: `(N, H, W[, C])` images, or flat `(N, D)` with `image_shape`.
@@ -142,19 +143,29 @@ def plot_gallery(
         class_names: Names indexed by class id. Defaults to `None`.
         image_shape: Shape to reshape flat inputs to. Defaults to `None`.
         cols: Images per row. Defaults to `8`.
-        title: Figure title. Defaults to `None`.
+        title: Figure title. Defaults to `None` (names `score`, e.g. "the 16
+            examples with the highest GEX self-influence").
+        score: Which score `scores` are, a key of `SCORE_LABELS`; it names the
+            default title. Defaults to `"self_influence"`.
 
     Returns:
-        The matplotlib `Figure`. Titles read "given → predicted"; a red title
-        marks a disagreement.
+        The matplotlib `Figure`. Captions read "#index" and "given → predicted";
+        a red caption marks a disagreement.
     """
     from matplotlib.figure import Figure
 
+    if score not in SCORE_LABELS:
+        raise ValueError(
+            f"Argument `score` must be one of {sorted(SCORE_LABELS)}. Received: score={score!r}"
+        )
     imgs = _as_images(images, image_shape)
     s = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-s if most else s, kind="stable")[: min(k, len(s))]
+    cols = max(1, min(cols, len(order)))
     rows = int(np.ceil(len(order) / cols))
-    fig = Figure(figsize=(1.6 * cols, 1.9 * rows))
+    # Constrained layout keeps each caption (two lines above its image) clear of
+    # the row above and the title clear of the first row.
+    fig = Figure(figsize=(1.6 * cols, 2.1 * rows + 0.4), layout="constrained")
     for pos, idx in enumerate(order):
         ax = fig.add_subplot(rows, cols, pos + 1)
         ax.imshow(imgs[idx], cmap="gray" if imgs[idx].ndim == 2 else None)
@@ -166,9 +177,13 @@ def plot_gallery(
         if pred is not None:
             text += f" → {_name(pred, class_names)}"
         wrong = given is not None and pred is not None and int(given) != int(pred)
-        ax.set_title(text, fontsize=8, color="red" if wrong else "black")
-    fig.suptitle(title or ("most" if most else "least") + " self-influential examples")
-    fig.tight_layout()
+        ax.set_title(text, fontsize=9, color="red" if wrong else "black")
+    if title is None:
+        title = (
+            f"the {len(order)} examples with the {'highest' if most else 'lowest'} "
+            f"{SCORE_LABELS[score][0]}"
+        )
+    fig.suptitle(title)
     return fig
 
 

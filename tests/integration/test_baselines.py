@@ -509,7 +509,6 @@ def test_convolutional_model_takes_the_per_example_route_quietly(monkeypatch):
     notice is not shown."""
     import logging
 
-
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [

@@ -13,15 +13,92 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert "demo" in capsys.readouterr().out
 
 
-def test_help_reads_well():
+def test_help_reads_well(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--help"])
     assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "10%" in out and "%%" not in out  # argparse does not %-format descriptions
+    with pytest.raises(SystemExit):
+        main(["detect", "--help"])
+    out = capsys.readouterr().out
+    assert "--overwrite" in out and "train[:10%]" in out and "%%" not in out
+
+
+def test_help_does_not_start_tensorflow():
+    """`keras-gex --help` imports the CLI and parses: no TensorFlow, so no start-up log."""
+    code = (
+        "import sys\n"
+        "from keras_gex.app.cli import main\n"
+        "assert main([]) == 2\n"
+        "try:\n"
+        "    main(['detect', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted({'tensorflow', 'keras'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == ""
+    assert "usage: keras-gex detect" in proc.stdout
+
+
+def test_choices_match_the_library():
+    """The CLI restates detect's tables (importing them starts TensorFlow)."""
+    from keras_gex.analysis import detect
+    from keras_gex.app import cli
+
+    assert cli.SCORES == detect.SCORES
+    assert cli.DEFAULT_THRESHOLDS == detect.DEFAULT_THRESHOLDS
+
+
+def test_library_messages_read_with_flags():
+    from keras_gex.app.cli import FLAGS, cli_message
+
+    message = (
+        "The trained model predicts only 13.2% of its training labels. "
+        '`detect_noisy`\'s default `score="member_loss"` suffers less; train longer, '
+        "and look at the loss of θ* (`report.reference_losses`). Check `report.summary()` "
+        "and pass `learning_rate=` if members did not move: learning_rate='auto' gave "
+        "learning_rate=0.198. Pass `jit_compile=False` to skip it."
+    )
+    assert cli_message(message, FLAGS["detect"]) == (
+        "The trained model predicts only 13.2% of its training labels. "
+        "The default `--score member_loss` suffers less; train longer, "
+        "and look at the loss of θ*. Check the report's summary "
+        "and pass `--learning-rate` if members did not move: --learning-rate auto gave "
+        "--learning-rate 0.198. Pass `jit_compile=False` to skip it."
+    )
+    error = "Argument `num_members` must be at least 1. Received: num_members=0"
+    assert cli_message(error, FLAGS["detect"]) == (
+        "Argument `--members` must be at least 1. Received: --members 0"
+    )
+    assert cli_message("Received: plot_path='x'", FLAGS["demo"]) == "Received: --plot x"
+
+
+def test_warnings_are_cli_messages(monkeypatch, capsys):
+    import warnings
+
+    from keras_gex.app import cli
+
+    def fake_detect(args):
+        warnings.warn('Try `score="self_influence"` or `learning_rate=`.', stacklevel=2)
+
+    monkeypatch.setattr(cli, "_detect", fake_detect)
+    assert cli.main(["detect", "m.keras", "d.npz"]) == 0
+    err = capsys.readouterr().err
+    assert err == "keras-gex: warning: Try `--score self_influence` or `--learning-rate`.\n"
 
 
 def test_bad_demo_argument_gives_clear_error(capsys):
     assert main(["demo", "--noise", "1.5", "--quiet", "--plot", ""]) == 2
-    assert "Argument `noise`" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the library's message, with the flag
+    assert err.startswith("keras-gex: error: Argument `--noise` must be")
+    assert err.rstrip().endswith("Received: --noise 1.5")
 
 
 @pytest.mark.slow
@@ -108,20 +185,85 @@ def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
     assert roc_auc_score(digits.is_noisy, np.load(out / "scores.npy")) > 0.97
 
 
-def test_detect_bad_inputs_exit_2(tmp_path):
+@pytest.mark.slow
+def test_detect_output_and_a_stale_ensemble(tmp_path, digits):
+    """Piped output is plain text, TensorFlow's start-up log and Python's warning
+    format stay out of stderr, and a retrained model needs `--overwrite`."""
     import numpy as np
-
-    proc = _run_cli(["detect", "missing.keras", "data.npz"], tmp_path)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    np.savez(tmp_path / "bad.npz", inputs=np.zeros(3))
     from conftest import make_mlp
 
+    model = make_mlp(seed=0, hidden=32)
+    model.fit(digits.x_train, digits.y_train, epochs=1, batch_size=64, verbose=0)
+    model.save(tmp_path / "model.keras")  # predicts few labels: warns
+    np.savez(tmp_path / "data.npz", x=digits.x_train, y=digits.y_train)
+    args = ["detect", "model.keras", "data.npz", "--out", "out", "--members", "2"]
+    args += ["--steps", "50"]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = subprocess.run(
+        [sys.executable, "-m", "keras_gex", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "scoring" in run.stdout and "GEX noisy-label report" in run.stdout
+    assert not re.search("[\x1b\r\b]", run.stdout), run.stdout[-2000:]
+    for line in run.stderr.splitlines():
+        assert line.startswith("keras-gex: warning: "), run.stderr[-3000:]
+    assert "keras-gex: warning: The trained model predicts only" in run.stderr
+    assert "`--score member_loss`" in run.stderr and 'score="' not in run.stderr
+
+    model.fit(digits.x_train, digits.y_train, epochs=1, batch_size=64, verbose=0)
+    model.save(tmp_path / "model.keras")  # retrained: the saved ensemble is stale
+    stale = _run_cli([*args, "--quiet"], tmp_path)
+    assert stale.returncode == 2 and "different trained weights" in stale.stderr
+    assert "`--overwrite`" in stale.stderr and "Traceback" not in stale.stderr
+    fresh = _run_cli([*args, "--quiet", "--overwrite"], tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert len(fresh.stdout.splitlines()) == 1 and "flagged; results in out/" in fresh.stdout
+
+
+def test_detect_bad_inputs_exit_2(tmp_path, monkeypatch, capsys):
+    """In-process: the same `main` the console script runs (the real process is
+    exercised by the slow end-to-end tests)."""
+    import numpy as np
+    from conftest import make_mlp
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["detect", "missing.keras", "data.npz"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    np.savez(tmp_path / "bad.npz", inputs=np.zeros(3))
     make_mlp(hidden=4).save(tmp_path / "m.keras")
-    proc = _run_cli(["detect", "m.keras", "bad.npz"], tmp_path)
-    assert proc.returncode == 2 and "must contain arrays 'x' and 'y'" in proc.stderr
-    proc = _run_cli(["detect", "m.keras"], tmp_path)
-    assert proc.returncode == 2 and "usage" in proc.stderr
+    assert main(["detect", "m.keras", "bad.npz"]) == 2
+    assert "must contain the labels 'y' and the inputs 'x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["detect", "m.keras"])
+    assert exit_info.value.code == 2 and "usage" in capsys.readouterr().err
+
+
+def test_detect_reads_several_inputs_from_npz(tmp_path, monkeypatch, digits):
+    """`x.NAME` arrays feed a model with dict inputs; no image gallery for them."""
+    import keras
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((40,), name="a"), keras.Input((24,), name="b")
+    hidden = keras.layers.Dense(32, activation="relu")(keras.layers.Concatenate()([a, b]))
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(10)(hidden))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit({"a": x[:, :40], "b": x[:, 40:]}, y, epochs=20, verbose=0)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "data.npz", **{"x.a": x[:, :40], "x.b": x[:, 40:]}, y=y)
+    args = ["detect", "model.keras", "data.npz", "--members", "2", "--steps", "20", "--quiet"]
+    assert main(args) == 0
+    scores = np.load(tmp_path / "gex_report" / "scores.npy")
+    assert scores.shape == (200,) and np.all(np.isfinite(scores))
+    assert (tmp_path / "gex_report" / "report.html").read_text().count("data:image/png") == 1
 
 
 def test_auto_or_number_arguments():

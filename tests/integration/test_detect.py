@@ -118,7 +118,12 @@ def test_summary_and_plot(report, digits, tmp_path):
             ],
         ),
     )
-    assert "(calibrated; members 0.2-0.23)" in steered.summary(print_fn=None)
+    text = steered.summary(print_fn=None)
+    assert "; members 0.2-0.23, lr is their median)" in text
+    # The step size shown is the members' median; the kept probe's is named when it differs.
+    kept = [p.learning_rate for p in report.record.calibration if p.accepted]
+    if kept and kept[0] != steered.record.learning_rate:
+        assert f"(calibrated at {kept[0]:.4g};" in text
     path = tmp_path / "hist.png"
     fig = report.plot(known_noisy=digits.is_noisy, path=str(path))
     assert isinstance(fig, matplotlib.figure.Figure)
@@ -275,3 +280,41 @@ def test_member_loss_score_is_the_members_mean_loss(report, si_report, digits_en
     assert unc.score_stderr.shape == by_loss.scores.shape and unc.score_stderr.max() > 0
     with pytest.raises(ValueError, match="score"):
         keras_gex.detect_noisy(data, digits_ensemble, score="loss", verbose=0)
+
+
+def test_detect_refuses_bad_input_before_any_fine_tuning(trained_mlp, digits, monkeypatch):
+    """A reshuffling dataset, an unknown score or a negative floor is refused at
+    entry, before `detect_noisy(data, model)` fine-tunes a single member."""
+    import keras_gex.collection
+
+    def no_collection(*args, **kwargs):
+        raise AssertionError("fine-tuning started before the input was checked")
+
+    monkeypatch.setattr(keras_gex.collection, "collect", no_collection)
+    data = (digits.x_train[:64], digits.y_train[:64])
+    reshuffling = tf.data.Dataset.from_tensor_slices(data).shuffle(64).batch(16)
+    with pytest.raises(ValueError, match="reshuffles on every iteration"):
+        keras_gex.detect_noisy(reshuffling, trained_mlp, verbose=0)
+    with pytest.raises(ValueError, match="score"):
+        keras_gex.detect_noisy(data, trained_mlp, score="loss", verbose=0)
+    with pytest.raises(ValueError, match="reference_floor"):
+        keras_gex.detect_noisy(data, trained_mlp, reference_floor=-1.0, verbose=0)
+
+
+def test_barely_left_warning_judges_a_calibrated_step_size_by_the_whole_fit(report):
+    """Members of a calibrated step size that keep 93-95% of θ*'s fit moved (the
+    calibration accepted them); at 99.5% they did not. A given step size is
+    judged against the fit window."""
+    ref_fit = report.record.reference_stats.fit
+
+    def with_members_keeping(share, requested):
+        stats = [dataclasses.replace(s, fit=share * ref_fit) for s in report.record.member_stats]
+        record = dataclasses.replace(
+            report.record, member_stats=stats, learning_rate_requested=requested
+        )
+        return dataclasses.replace(report, record=record).diagnostics()
+
+    barely = "barely left θ*"
+    assert not any(barely in w for w in with_members_keeping(0.94, "auto"))
+    assert any(barely in w for w in with_members_keeping(0.995, "auto"))
+    assert any(barely in w for w in with_members_keeping(0.94, 0.01))

@@ -434,3 +434,28 @@ if __name__ == "__main__":
         _worker_main(int(sys.argv[2]), [int(p) for p in sys.argv[3].split(",")], sys.argv[4])
     else:
         sys.exit("usage: test_distribute.py worker INDEX PORT,PORT OUT.npz")
+
+
+def test_dict_inputs_under_a_strategy_equal_one_device(digits):
+    """A two-input model (dict inputs, BatchNorm): per-replica members and
+    distributed scores equal the one-device ones."""
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    keras.utils.set_random_seed(3)
+    a, b = keras.Input((40,), name="a"), keras.Input((24,), name="b")
+    hidden = keras.layers.BatchNormalization()(
+        keras.layers.Dense(16)(keras.layers.Concatenate()([a, b]))
+    )
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(10)(keras.layers.ReLU()(hidden)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    inputs = {"a": x[:, :40], "b": x[:, 40:]}
+    model.fit(inputs, y, epochs=3, verbose=0)
+    data = tf.data.Dataset.from_tensor_slices((inputs, y)).batch(32)
+    strategy = mirrored(2)
+    parallel = keras_gex.GeometricEnsemble.collect(
+        model, data, verbose=0, strategy=strategy, per_replica_members=True, **COLLECT
+    )
+    single = keras_gex.GeometricEnsemble.collect(model, data, verbose=0, **COLLECT)
+    assert_weights_close(parallel.members, single.members, PER_REPLICA_ATOL)
+    got = parallel.deviations(data, strategy=strategy, verbose=0).deviations
+    want = single.deviations(data, verbose=0).deviations
+    np.testing.assert_allclose(got, want, rtol=SCORE_RTOL, atol=DIST_SCORE_ATOL)

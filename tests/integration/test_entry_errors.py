@@ -1,0 +1,172 @@
+"""A mismatch between model, loss and data is refused at entry, before any fine-tuning,
+with a message naming what was received and what was expected (issue #28, items 4, 5)."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_mlp
+
+import keras_gex
+from keras_gex import ensemble as ensemble_module
+
+SCE = keras.losses.SparseCategoricalCrossentropy
+SETTINGS = dict(num_members=1, steps=2, learning_rate=0.01, verbose=0)
+
+
+@pytest.fixture()
+def no_fine_tuning(monkeypatch):
+    """Fails the test if a collection gets as far as fine-tuning."""
+
+    def fine_tune(*args, **kwargs):
+        raise AssertionError("fine-tuning started: the entry checks let the mismatch through")
+
+    monkeypatch.setattr(ensemble_module.collection, "collect", fine_tune)
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    return digits.x_train[:128], digits.y_train[:128]
+
+
+def _mlp(loss, activation=None, hidden=16, input_dim=64):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((input_dim,)),
+            keras.layers.Dense(hidden, activation="relu"),
+            keras.layers.Dense(10, activation=activation),
+        ]
+    )
+    model.compile(optimizer="adam", loss=loss)
+    return model
+
+
+# -- item 4 -------------------------------------------------------------------------------------
+LOGITS_MESSAGE = (
+    r"The model's outputs are not probabilities \(values in \[.*\] on the first batch\) but "
+    r"its loss `sparse_categorical_crossentropy` has from_logits=False, which expects softmax "
+    r"probabilities\. Compile with `keras\.losses\.SparseCategoricalCrossentropy"
+    r"\(from_logits=True\)` or add a softmax output\."
+)
+
+
+def test_logits_model_with_probability_loss_refused_by_collect(data, no_fine_tuning):
+    model = _mlp("sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=LOGITS_MESSAGE):
+        keras_gex.GeometricEnsemble.collect(model, data, **SETTINGS)
+
+
+def test_logits_model_with_probability_loss_refused_by_detect_noisy(data, no_fine_tuning):
+    model = _mlp("sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=LOGITS_MESSAGE):
+        keras_gex.detect_noisy(data, model, **SETTINGS)
+
+
+def test_collector_refuses_before_training(data):
+    model = _mlp("sparse_categorical_crossentropy")
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    collector = keras_gex.GEXCollector(data, **SETTINGS)
+    with pytest.raises(ValueError, match=LOGITS_MESSAGE):
+        model.fit(*data, epochs=3, verbose=0, callbacks=[collector])
+    for a, v in zip(before, model.trainable_variables):  # not one step was taken
+        np.testing.assert_array_equal(a, v.numpy())
+
+
+def test_collector_checks_a_model_fit_builds_after_its_first_step(data):
+    collector = keras_gex.GEXCollector(data, **SETTINGS)  # built before the model
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+    model.compile(loss="sparse_categorical_crossentropy")  # built by fit's first step
+    batches = []
+    counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: batches.append(1))
+    with pytest.raises(ValueError, match=LOGITS_MESSAGE):
+        model.fit(*data, epochs=5, batch_size=16, verbose=0, callbacks=[collector, counter])
+    assert len(batches) == 1  # refused after the step that built the model, not after fit
+
+
+def test_collector_on_reshuffling_dataset_checks_the_output_layer(data):
+    ds = tf.data.Dataset.from_tensor_slices(data).shuffle(128, seed=0).batch(32)
+    collector = keras_gex.GEXCollector(ds, **SETTINGS)
+    with pytest.raises(ValueError, match=r"no activation.*from_logits=False"):
+        _mlp("sparse_categorical_crossentropy").fit(ds, epochs=1, verbose=0, callbacks=[collector])
+
+
+def test_sigmoid_output_with_binary_logits_loss_refused(data, no_fine_tuning):
+    x, y = data
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match=r"applies a sigmoid\) but its loss .*from_logits=True"):
+        keras_gex.GeometricEnsemble.collect(
+            model, (x, (y[:, None] % 2).astype("float32")), **SETTINGS
+        )
+
+
+def test_softmax_output_with_logits_loss_warns_and_collects(data):
+    model = _mlp(SCE(from_logits=True), activation="softmax")
+    with pytest.warns(UserWarning, match=r"applies a softmax\) but its loss .*from_logits=True"):
+        ens = keras_gex.GeometricEnsemble.collect(model, data, **SETTINGS)
+    assert ens.num_members == 1
+
+
+# -- item 5 -------------------------------------------------------------------------------------
+def test_one_hot_labels_with_sparse_loss_refused(data, no_fine_tuning):
+    x, y = data
+    with pytest.raises(
+        ValueError,
+        match=r"Argument `train_data`: .*integer class ids of shape \(batch,\) or \(batch, 1\).*"
+        r"Received: y with shape \(batch, 10\)\. One-hot labels need categorical",
+    ):
+        keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), (x, np.eye(10)[y]), **SETTINGS)
+
+
+@pytest.mark.parametrize("shape", ["(batch,)", "(batch, 1)"])
+def test_class_ids_under_mse_refused(data, shape, no_fine_tuning):
+    x, y = data
+    labels = y.astype("float32") if shape == "(batch,)" else y[:, None].astype("float32")
+    model = _mlp("mse", activation="softmax")
+    with pytest.raises(
+        ValueError,
+        match=r"`mean_squared_error` compares labels `y` with the model's outputs element by "
+        rf"element, so `y` must have the outputs' shape \(batch, 10\)\. Received: y with shape "
+        rf"{re.escape(shape)}\. Integer class ids .*`sparse_categorical_crossentropy`",
+    ):
+        keras_gex.GeometricEnsemble.collect(model, (x, labels), **SETTINGS)
+
+
+def test_inputs_of_the_wrong_width_refused(data, no_fine_tuning):
+    x, y = data
+    message = (
+        r"Argument `train_data` must hold inputs whose last axis has size 64 .*"
+        r"Received: inputs of shape \(batch, 32\)\."
+    )
+    with pytest.raises(ValueError, match=message):
+        keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), (x[:, :32], y), **SETTINGS)
+    ds = tf.data.Dataset.from_tensor_slices((x[:, :32], y)).batch(32)
+    with pytest.raises(ValueError, match=message):
+        keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), ds, **SETTINGS)
+
+
+def test_corrupt_manifest_refused_by_load_and_resume(tmp_path, data):
+    (tmp_path / "manifest.json").write_text('{"format": "keras_gex.geometric_ensemble", ')
+    model = make_mlp(hidden=8)
+    message = r"manifest .* is damaged: .* Received: invalid JSON \(Expecting"
+    with pytest.raises(ValueError, match=message):
+        keras_gex.GeometricEnsemble.load(tmp_path, model)
+    with pytest.raises(ValueError, match=message):
+        keras_gex.GeometricEnsemble.collect(model, data, directory=tmp_path, **SETTINGS)
+
+
+def test_valid_setups_still_collect(data):
+    """Multi-label sigmoid + BCE, one-hot under mse, a (batch, 64, 1) input: no refusal."""
+    x, y = data
+    keras.utils.set_random_seed(0)
+    sigmoid = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10, activation="sigmoid")])
+    sigmoid.compile(loss="binary_crossentropy")
+    one_hot = np.eye(10, dtype="float32")[y]
+    keras_gex.GeometricEnsemble.collect(sigmoid, (x, one_hot), **SETTINGS)
+    keras_gex.GeometricEnsemble.collect(_mlp("mse", "softmax"), (x, one_hot), **SETTINGS)
+    keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), (x[:, :, None], y), **SETTINGS)
