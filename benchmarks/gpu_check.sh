@@ -50,7 +50,7 @@ fi
 
 if [[ $install == 1 ]]; then
     echo "== install (.venv) ==" >&2
-    python -m venv .venv && . .venv/bin/activate && pip install ".[test]"
+    python -m venv .venv && . .venv/bin/activate && pip install ".[test,docs]"
     PYTHON=python
 fi
 
