@@ -80,9 +80,9 @@ def digits_bn_cnn():
     )
 
 
-def rejected_probes(info: dict) -> list:
+def rejected_probes(record) -> list:
     """The calibration probes an ensemble did not keep: what calibrating cost.
 
     The accepted probe is member 0, so it is fine-tuning the ensemble needed anyway.
     """
-    return [p for p in info.get("calibration") or [] if not p.get("accepted", False)]
+    return [p for p in record.calibration if not p.accepted]

@@ -280,21 +280,6 @@ def on_device(array):
         return tf.identity(tf.convert_to_tensor(array))
 
 
-def steps_run(info: dict, members: int) -> int:
-    """Fine-tuning steps a collection ran: every calibration probe, then the members.
-
-    The accepted probe is member 0 (it is not run again); members run again
-    (collapsed or diverged) count once more.
-    """
-    per_member = int(info["steps"])
-    probes = info.get("calibration") or []
-    probe_steps = sum(int(p.get("steps") or per_member) for p in probes)
-    accepted = min(sum(bool(p.get("accepted")) for p in probes), members)
-    redone = info.get("redone_members") or {}
-    redone = sum(redone.values()) if isinstance(redone, dict) else int(redone)
-    return probe_steps + (members - accepted + redone) * per_member
-
-
 def training_steps_seconds(model, x, y, *, steps, per_call, batch, learning_rate, jit) -> float:
     """Seconds of `steps` plain SGD-momentum steps on a copy of `model`, cold.
 
@@ -405,25 +390,25 @@ class Check:
                 verbose=0,
             )
         )
-        info = ens.info
+        record = ens.record
         self._ensembles.setdefault(name, ens)
-        steps = steps_run(info, ens.num_members)
-        lr = float(info.get("learning_rate") or 1e-2)  # the step size does not change the cost
+        steps = record.steps_run  # probes, members and reruns, as the collection counted them
+        lr = record.learning_rate  # the step size does not change the cost
         baseline = training_steps_seconds(
-            model, x, y, steps=steps, per_call=int(info["steps"]), batch=cfg["batch"],
+            model, x, y, steps=steps, per_call=record.steps, batch=cfg["batch"],
             learning_rate=lr, jit=jit,
         )  # fmt: skip
-        used = bool(info.get("jit_compile"))
-        probes = len(info.get("calibration") or [])
+        used = record.jit_compile
+        probes = len(record.calibration)
         note = "" if used == jit else " (XLA could not compile: fell back)"
         self.rows.append(
             dict(
                 section="collection",
                 model=label,
-                setting=f"M={ens.num_members}, T={info['steps']}, batch {cfg['batch']}, "
+                setting=f"M={ens.num_members}, T={record.steps}, batch {cfg['batch']}, "
                 f"lr {cfg['lr']}, jit_compile={jit} (used: {used}){note}",
                 gex=f"GE {seconds:.2f} s ({steps:,} steps: {probes} probe(s), "
-                f"{sum((info.get('redone_members') or {}).values())} redone)",
+                f"{sum(record.redone_members.values())} redone)",
                 baseline=f"{steps:,} SGD steps, tf.function(jit_compile={jit}): {baseline:.2f} s",
                 ratio=f"GE / steps {seconds / baseline:.2f}x",
                 result="",
@@ -541,12 +526,11 @@ class Check:
                 section="mixed_float16",
                 model=f"digits MLP, N={len(x):,}, {int(is_noisy.sum())} flipped (θ* fits "
                 f"{fit:.3f})",
-                setting=f"M={ens16.num_members}, T={ens16.info['steps']}, lr {cfg['mp_lr']}, "
+                setting=f"M={ens16.num_members}, T={ens16.record.steps}, lr {cfg['mp_lr']}, "
                 "collect + score; AUC of the members' mean loss vs the flips",
                 gex=f"AUC {auc16:.4f}, scores {'finite' if finite16 else 'NOT finite'}, "
-                f"lr used {ens16.info.get('learning_rate', math.nan):.3g}",
-                baseline=f"float32: AUC {auc32:.4f}, "
-                f"lr used {ens32.info.get('learning_rate', math.nan):.3g}",
+                f"lr used {ens16.record.learning_rate:.3g}",
+                baseline=f"float32: AUC {auc32:.4f}, lr used {ens32.record.learning_rate:.3g}",
                 ratio=f"AUC gap {gap:.4f} (bar ≤ {AUC_TOLERANCE})",
                 result="PASS" if ok else "FAIL",
             )

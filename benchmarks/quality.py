@@ -474,20 +474,20 @@ def run_one(
     ens = keras_gex.GeometricEnsemble.collect(model, (x, targets), seed=seed, verbose=0)
     report = keras_gex.detect_noisy((x, targets), ens, verbose=0)
     gex_seconds = time.perf_counter() - start
-    info = ens.info
-    rejected = _models.rejected_probes(info)
-    wasted = sum(p.get("seconds", 0.0) for p in rejected)
+    record = ens.record
+    rejected = _models.rejected_probes(record)
+    wasted = sum(p.seconds for p in rejected)
     # The collection traces its loop before the first probe; that one-time cost
     # is paid with a fixed step size too, so it is not fine-tuning time.
-    tuning_seconds = float(info.get("seconds", 0.0)) - float(info.get("warmup_seconds", 0.0))
+    tuning_seconds = record.seconds - record.warmup_seconds
     share = wasted / max(tuning_seconds, 1e-9)
     # The same share counted in fine-tuning steps: rejected probes' steps over
     # all steps run.
-    wasted_steps = sum(p.get("steps") or info["steps"] for p in rejected)
-    member_steps = info["steps"] * ens.num_members
+    wasted_steps = sum(p.steps for p in rejected)
+    member_steps = record.steps * ens.num_members
     step_share = wasted_steps / (wasted_steps + member_steps)
-    fits = [s["fit"] for s in info.get("member_stats", []) if s.get("fit") is not None]
-    ref_fit = (info.get("reference_stats") or {}).get("fit") or 1.0
+    fits = [s.fit for s in record.member_stats if s.fit is not None]
+    ref_fit = record.reference_stats.fit or 1.0
     add(
         GEX,
         report.scores,
@@ -496,7 +496,7 @@ def run_one(
         calibration_share=share,
         calibration_step_share=step_share,
         calibration_probes=len(rejected),
-        gex_learning_rate=float(np.mean([m["learning_rate"] for m in info["member_stats"]])),
+        gex_learning_rate=float(np.mean([m.learning_rate for m in record.member_stats])),
         members=ens.num_members,
         member_fit=float(np.mean(fits) / ref_fit) if fits else None,
         train_fit=train_fit,

@@ -76,17 +76,3 @@ def test_a_failed_section_is_listed_and_fails_the_run():
     assert "- scoring (digits MLP, M=8): ValueError: first line of the error" in text
     assert "**Bars not met:** MirroredStrategy" in text
     assert "all bars met" not in text
-
-
-def test_steps_run_counts_probes_members_and_reruns():
-    steps_run = _module().steps_run
-    info = {
-        "steps": 100,
-        "calibration": [
-            {"steps": 50, "accepted": False},  # abandoned halfway
-            {"steps": 100, "accepted": True},  # kept as member 0
-        ],
-        "redone_members": {"collapsed": 1, "diverged": 0},
-    }
-    assert steps_run(info, 8) == 50 + 100 + (7 + 1) * 100
-    assert steps_run({"steps": 10, "calibration": [], "redone_members": {}}, 4) == 40
