@@ -9,7 +9,8 @@ from keras_gex import _validation, distribute
 from keras_gex.config import CollectionConfig
 from keras_gex.data import DataSource, reshuffles_each_iteration
 from keras_gex.ensemble import GeometricEnsemble
-from keras_gex.losses import check_first_batch, check_outputs, resolve_loss
+from keras_gex.loss_checks import check_first_batch, check_outputs
+from keras_gex.losses import resolve_loss
 
 
 class GEXCollector(keras.callbacks.Callback):

@@ -26,7 +26,8 @@ from keras_gex.data import (
     reshuffles_each_iteration,
 )
 from keras_gex.io import persistence
-from keras_gex.losses import PerExampleLoss, check_first_batch, resolve_loss
+from keras_gex.loss_checks import check_first_batch
+from keras_gex.losses import PerExampleLoss, resolve_loss
 from keras_gex.scoring import ScoredLosses, Scorer
 
 

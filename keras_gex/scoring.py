@@ -31,7 +31,8 @@ import tensorflow as tf
 from keras_gex import distribute
 from keras_gex._tracing import compiled, free_batch
 from keras_gex.data import DataSource, nan_where_not_finite, spec_of
-from keras_gex.losses import PerExampleLoss, check_per_example
+from keras_gex.loss_checks import check_per_example
+from keras_gex.losses import PerExampleLoss
 from keras_gex.weights import WeightSet
 
 

@@ -10,7 +10,8 @@ from keras_gex._tracing import compiled, free_batch, quiet_loop_fallback
 from keras_gex.baselines._common import _collect, _scoring_args, _shared_doc
 from keras_gex.data import DataSource
 from keras_gex.ensemble import GeometricEnsemble
-from keras_gex.losses import check_per_example, resolve_loss
+from keras_gex.loss_checks import check_per_example
+from keras_gex.losses import resolve_loss
 from keras_gex.weights import WeightSet
 
 _CURVATURES = ("identity", "fisher")

@@ -13,7 +13,8 @@ from keras_gex._tracing import compiled, free_batch
 from keras_gex.baselines._common import _collect, _scoring_args, _shared_doc
 from keras_gex.collection.local import FineTuner
 from keras_gex.data import DataSource, take_rows
-from keras_gex.losses import check_per_example, resolve_loss
+from keras_gex.loss_checks import check_per_example
+from keras_gex.losses import resolve_loss
 
 _SCORE_BATCH_SIZE = 1024
 

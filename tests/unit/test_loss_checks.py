@@ -12,7 +12,8 @@ import tensorflow as tf
 import keras_gex
 from keras_gex import _validation
 from keras_gex.io import persistence
-from keras_gex.losses import check_labels, check_outputs, output_activation, resolve_loss
+from keras_gex.loss_checks import check_labels, check_outputs, output_activation
+from keras_gex.losses import resolve_loss
 
 SCE = keras.losses.SparseCategoricalCrossentropy
 BCE = keras.losses.BinaryCrossentropy
