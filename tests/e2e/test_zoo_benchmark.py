@@ -1,0 +1,93 @@
+"""The model zoo benchmark (`benchmarks/zoo.py`): its smoke run, noise and linear reference.
+
+The zoo itself is a measurement, not a test; these check that its `--quick` run
+produces its table and bars, and that the noise and the reference it compares
+GEX against are what its docstring says.
+"""
+
+import doctest
+
+import numpy as np
+import pytest
+from conftest import import_benchmark
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return import_benchmark("zoo")
+
+
+def test_doctests_pass(zoo):
+    result = doctest.testmod(zoo)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.slow
+def test_quick_run_writes_table_with_its_rows_and_the_bars(zoo, tmp_path, capsys):
+    out = tmp_path / "zoo.md"
+    assert zoo.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.strip() in capsys.readouterr().out
+    quick = [name for name, case in zoo.CASES.items() if case.quick]
+    assert 2 <= len(quick) <= 3
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    for name in quick:
+        row = next(line for line in table if line.startswith(f"| {name} |"))
+        assert len(row.split(" | ")) == 10 and "error" not in row
+    assert "Bars per row" in text
+    assert "Bars met on " in text and f" of {len(quick)} rows." in text
+    assert (tmp_path / "zoo.csv").exists()
+
+
+def test_cases_cover_issue_setups(zoo):
+    assert len(zoo.CASES) >= 18
+    assert sum(c.quick for c in zoo.CASES.values()) in (2, 3)
+    for case in zoo.CASES.values():
+        if case.quick:  # the smoke run needs scikit-learn's data only
+            assert "scikit-learn" in case.data
+
+
+@pytest.mark.parametrize("num_classes", [2, 10])
+def test_noise_flips_exactly_the_stated_fraction_to_another_class(zoo, num_classes):
+    case = zoo.CASES["string-loss"]
+    y = np.arange(1000) % num_classes
+    data = zoo._zoo_cases.Data(np.zeros((1000, 1)), y, np.zeros((1000, 1)), num_classes)
+    given, noisy = zoo.add_noise(case, data, seed=3)
+    assert noisy.sum() == round(zoo.NOISE * len(y)) == 100
+    assert np.all(given[noisy] != y[noisy]) and np.all(given[~noisy] == y[~noisy])
+    assert set(np.unique(given)) <= set(range(num_classes))
+    again, _ = zoo.add_noise(case, data, seed=3)
+    assert np.array_equal(given, again)
+
+
+def test_imbalanced_noise_flips_the_fraction_of_each_class(zoo):
+    case = zoo.CASES["imbalance-90-10"]
+    y = np.repeat([0, 1], [900, 100])
+    data = zoo._zoo_cases.Data(np.zeros((1000, 1)), y, np.zeros((1000, 1)), 2)
+    given, noisy = zoo.add_noise(case, data, seed=0)
+    assert noisy[y == 0].sum() == 90 and noisy[y == 1].sum() == 10
+    assert np.all(given[noisy] == 1 - y[noisy]) and np.all(given[~noisy] == y[~noisy])
+
+
+def test_regression_noise_shifts_the_fraction_by_several_std(zoo):
+    case = zoo.CASES["regression-mse"]
+    y = np.random.default_rng(0).normal(size=500).astype("float32")
+    data = zoo._zoo_cases.Data(np.zeros((500, 1)), y, np.zeros((500, 1)), 0)
+    given, noisy = zoo.add_noise(case, data, seed=0)
+    assert noisy.sum() == 50
+    shift = np.abs(given - y)
+    np.testing.assert_allclose(shift[noisy], zoo.SHIFT_STD * np.std(y), rtol=1e-5)
+    assert np.all(shift[~noisy] == 0)
+
+
+def test_linear_reference_ranks_flipped_rows_above_clean_ones(zoo):
+    from sklearn.datasets import make_blobs
+
+    x, y = make_blobs(600, centers=3, n_features=5, cluster_std=1.0, random_state=0)
+    case = zoo.CASES["string-loss"]
+    data = zoo._zoo_cases.Data(x, y, x, 3)
+    given, noisy = zoo.add_noise(case, data, seed=0)
+    scores = zoo.linear_reference(case, data, given)
+    assert scores.shape == (600,)
+    assert np.mean(scores[noisy]) > np.mean(scores[~noisy])
+    assert zoo.quality._ranking(noisy, scores)["auc"] > 0.95
