@@ -86,3 +86,30 @@ def rejected_probes(record) -> list:
     The accepted probe is member 0, so it is fine-tuning the ensemble needed anyway.
     """
     return [p for p in record.calibration if not p.accepted]
+
+
+def resnet_bn(width: int = 16):
+    """Stem Conv-BN-ReLU-MaxPool, two residual blocks (width, 2 x width, strided), GAP,
+    Dense(10) logits in float32 (also under a mixed-precision policy); not compiled."""
+    import keras
+
+    layers = keras.layers
+
+    def block(x, channels, stride):
+        y = layers.Conv2D(channels, 3, strides=stride, padding="same", use_bias=False)(x)
+        y = layers.ReLU()(layers.BatchNormalization()(y))
+        y = layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
+        y = layers.BatchNormalization()(y)
+        if stride != 1 or x.shape[-1] != channels:
+            x = layers.Conv2D(channels, 1, strides=stride, use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+        return layers.ReLU()(layers.Add()([x, y]))
+
+    inputs = keras.Input((28, 28, 1))
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False)(inputs)
+    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.MaxPooling2D()(x)
+    x = block(x, width, 1)
+    x = block(x, 2 * width, 2)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(10, dtype="float32")(x), name="resnet_bn")

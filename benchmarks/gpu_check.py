@@ -234,30 +234,10 @@ def mlp(width: int, input_dim: int = 64):
 
 
 def resnet_bn(width: int):
-    """Stem Conv-BN-ReLU-MaxPool, two residual blocks (width, 2 x width, strided), GAP, Dense."""
-    import keras
+    """`_models.resnet_bn` (as benchmarks/speed.py times it), compiled."""
+    import _models  # benchmarks/ is on the path when this runs as a script
 
-    layers = keras.layers
-
-    def block(x, channels, stride):
-        y = layers.Conv2D(channels, 3, strides=stride, padding="same", use_bias=False)(x)
-        y = layers.ReLU()(layers.BatchNormalization()(y))
-        y = layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
-        y = layers.BatchNormalization()(y)
-        if stride != 1 or x.shape[-1] != channels:
-            x = layers.Conv2D(channels, 1, strides=stride, use_bias=False)(x)
-            x = layers.BatchNormalization()(x)
-        return layers.ReLU()(layers.Add()([x, y]))
-
-    inputs = keras.Input((28, 28, 1))
-    x = layers.Conv2D(width, 3, padding="same", use_bias=False)(inputs)
-    x = layers.ReLU()(layers.BatchNormalization()(x))
-    x = layers.MaxPooling2D()(x)
-    x = block(x, width, 1)
-    x = block(x, 2 * width, 2)
-    x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(10, dtype="float32")(x)
-    return compiled_model(keras.Model(inputs, outputs, name="resnet_bn"))
+    return compiled_model(_models.resnet_bn(width))
 
 
 # -- timing helpers ---------------------------------------------------------------------

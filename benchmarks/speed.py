@@ -189,28 +189,7 @@ def _cnn():
 
 
 def _resnet():
-    import keras
-
-    layers = keras.layers
-
-    def block(x, channels, stride):
-        y = layers.Conv2D(channels, 3, strides=stride, padding="same", use_bias=False)(x)
-        y = layers.ReLU()(layers.BatchNormalization()(y))
-        y = layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
-        y = layers.BatchNormalization()(y)
-        if stride != 1 or x.shape[-1] != channels:
-            x = layers.Conv2D(channels, 1, strides=stride, use_bias=False)(x)
-            x = layers.BatchNormalization()(x)
-        return layers.ReLU()(layers.Add()([x, y]))
-
-    inputs = keras.Input((28, 28, 1))
-    x = layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
-    x = layers.ReLU()(layers.BatchNormalization()(x))
-    x = layers.MaxPooling2D()(x)
-    x = block(x, 16, 1)
-    x = block(x, 32, 2)
-    x = layers.GlobalAveragePooling2D()(x)
-    return _compile(keras.Model(inputs, layers.Dense(10)(x)))
+    return _compile(_models.resnet_bn(16))
 
 
 def _digits():
