@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
-#: The fortune files used as topics: the five of Debian's `fortunes` package
-#: that a 5-fold logistic regression on tf-idf told apart best (77% accuracy on
-#: their clean labels), at most `FORTUNES_PER_TOPIC` cookies each.
+#: The fortune files used as topics: five of Debian's `fortunes` package that a
+#: 5-fold logistic regression on tf-idf tells apart (75% accuracy on their clean
+#: labels), at most `FORTUNES_PER_TOPIC` cookies each.
 FORTUNE_TOPICS = ("computers", "politics", "songs-poems", "startrek", "men-women")
 FORTUNES_PER_TOPIC = 600
 #: UCLA Fall 2018 courses: subjects with at least this many course titles (61 subjects).
