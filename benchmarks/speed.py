@@ -371,6 +371,7 @@ def collection_row(name, model, x, y, train_seconds, without_xla: bool) -> dict:
         "steps": steps,
         "steps_per_member": record.steps,
         "probe_steps": sum(p.steps for p in probes),
+        "probe_kept": any(p.accepted for p in probes),
         "redone_members": record.redone_members,
         "warmup_s": record.warmup_seconds,
         "ge_s": total,

@@ -32,6 +32,20 @@ def non_negative_int(name: str, value) -> int:
     return _integer_at_least(name, value, 0, "non-negative")
 
 
+def non_negative_float(name: str, value) -> float:
+    """Returns `value` as a float, or raises `ValueError` if not finite and >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not np.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be a non-negative finite number. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 def positive_float(name: str, value) -> float:
     """Returns `value` as a float, or raises `ValueError` if not finite and > 0."""
     if (

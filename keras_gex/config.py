@@ -38,6 +38,11 @@ class CollectionConfig:
         batch_size: Fine-tuning mini-batch size (global, across replicas).
             Defaults to `128`.
         momentum: SGD momentum, in [0, 1). Defaults to `0.9`.
+        weight_decay: Decoupled weight decay λ of the members' SGD: every
+            step shrinks the weights by `learning_rate × λ`, so what only a
+            few examples hold is forgotten while the rest of the data restores
+            what it supports. `"auto"` is 0.1 (docs/design.md#member-rule).
+            Defaults to `"auto"`.
         seed: Seed of the members' mini-batch shuffling; `None` draws one
             from NumPy's global generator (which `keras.utils.set_random_seed`
             seeds, so a seeded script gives the same members every run) and
@@ -58,6 +63,7 @@ class CollectionConfig:
     learning_rate: float | str = "auto"
     batch_size: int = 128
     momentum: float = 0.9
+    weight_decay: float | str = "auto"
     seed: int | None = None
     chain: bool = False
     bn_batches: int = 20
@@ -87,6 +93,7 @@ class CollectionConfig:
             learning_rate=learning_rate,
             batch_size=_validation.positive_int("batch_size", self.batch_size),
             momentum=float(momentum),
+            weight_decay=_weight_decay_value(self.weight_decay),
             seed=_validation.seed_value(self.seed),
             bn_batches=_validation.non_negative_int("bn_batches", self.bn_batches),
         )
@@ -116,6 +123,19 @@ class CollectionConfig:
                 f"Unknown collection setting(s) {unknown}. The settings are {sorted(names)}."
             )
         return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _weight_decay_value(weight_decay) -> float | str:
+    """`weight_decay` as a non-negative float, or `"auto"`."""
+    if isinstance(weight_decay, str) and weight_decay == "auto":
+        return "auto"
+    try:
+        return _validation.non_negative_float("weight_decay", weight_decay)
+    except ValueError:
+        raise ValueError(
+            'Argument `weight_decay` must be a non-negative number or "auto". '
+            f"Received: weight_decay={weight_decay!r}"
+        ) from None
 
 
 def _steps_value(steps) -> int | str:
@@ -155,7 +175,8 @@ class Probe:
 
     Attributes:
         learning_rate: The trial step size.
-        relative_fit: The fit it kept, as a fraction of θ*'s (0 if it diverged).
+        relative_fit: The fit it kept above chance, as a fraction of θ*'s (0 if
+            it diverged).
         loss: Its mean evaluation loss.
         seconds: Wall time of the probe.
         accepted: Whether its step size was kept (the probe is then member 0).
@@ -194,13 +215,15 @@ class CollectionRecord:
         reference_stats: `MemberStats` of θ* as scored.
         member_stats: `MemberStats` of every member, in order.
         fit_window: The relative-fit window calibration aims members into.
+        chance_fit: The fit of chance the relative fits are measured from (the
+            most common label's share; 0 for other losses), None when no fit
+            was measured.
         seconds: Wall time of the collection; `warmup_seconds` of it traced the loop.
         redone_members: Members run again in this call: `{"collapsed": n, "diverged": n}`.
         steps_run: SGD steps this call ran, summed over members, probes and
             runs redone (the warm-up's one step at step size 0 excluded).
-        step_size_held: Why every member kept the calibrated step size (no
-            per-member steering), or None.
         strategy: The `tf.distribute` set-up, or None on one device.
+        weight_decay: The members' decoupled weight decay λ.
     """
 
     num_members: int
@@ -219,12 +242,13 @@ class CollectionRecord:
     reference_stats: MemberStats | None = None
     member_stats: list = dataclasses.field(default_factory=list)
     fit_window: tuple = ()
+    chance_fit: float | None = None
     seconds: float = 0.0
     warmup_seconds: float = 0.0
     redone_members: dict = dataclasses.field(default_factory=dict)
     steps_run: int = 0
-    step_size_held: str | None = None
     strategy: dict | None = None
+    weight_decay: float = 0.0
 
     def to_dict(self) -> dict:
         """The record as plain JSON-able values (`ensemble.info`, the manifest)."""

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 _SPARSE_CE = "sparse_categorical_crossentropy"
@@ -49,6 +50,21 @@ class PerExampleLoss:
     @property
     def is_classification(self) -> bool:
         return self.kind in _CLASSIFICATION_KINDS
+
+    def label_classes(self, y_true) -> np.ndarray:
+        """The given labels as class ids, one row per example (classification only).
+
+        Sparse labels as they are, one-hot (soft) targets as their arg-max,
+        sigmoid targets as 0/1 per output: the rows `fit_mask` compares to.
+        """
+        y = np.asarray(y_true)
+        if self.kind == _SPARSE_CE:
+            return y.reshape(len(y), -1)[:, :1].astype(np.int64)
+        if self.kind == _CE:
+            return np.argmax(y, axis=-1).reshape(len(y), -1)
+        if self.kind == _BCE:
+            return (y.astype(np.float64) > 0.5).reshape(len(y), -1).astype(np.int64)
+        raise ValueError(f"label_classes is undefined for loss kind {self.kind!r}")
 
     def fit_mask(self, y_true, y_pred):
         """Per-example 1.0 if the prediction gets the label(s) right, else 0.0 (float32, (B,)).

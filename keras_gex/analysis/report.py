@@ -9,7 +9,7 @@ import numpy as np
 from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
 from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
-from keras_gex.collection.step_size import REFIT_FACTOR, RETRY_FACTOR, WHOLE_FIT
+from keras_gex.collection.step_size import MEMORISED_FIT
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
 
@@ -261,20 +261,18 @@ class NoisyLabelReport:
             if kept and kept[0] != record.learning_rate:
                 how += f" at {kept[0]:.4g}"  # the kept probe, member 1
             if member_lrs and max(member_lrs) > min(member_lrs):
-                # Members were steered or refitted: `lr` is their median.
+                # Members were run again smaller: `lr` is their median.
                 lo, hi = min(member_lrs), max(member_lrs)
                 how += f"; members {lo:.4g}-{hi:.4g}, lr is their median"
-            elif how == "calibrated" and len(member_lrs) > 1 and record.step_size_held:
-                how += f"; held for every member: {record.step_size_held}"
             steps_how = " (auto)" if record.steps_requested == "auto" else ""
             lines.append(
                 f"  ensemble: M={record.num_members} members, T={record.steps} "
                 f"steps{steps_how}, lr={record.learning_rate:.4g} ({how}), "
-                f"batch {record.batch_size}"
+                f"weight decay {record.weight_decay:g}, batch {record.batch_size}"
             )
             if record.calibration:
                 lines.append(
-                    "  calibration probes (lr → share of θ*'s fit kept): "
+                    "  calibration probes (lr → share of θ*'s fit above chance kept): "
                     + ", ".join(_probe_text(p) for p in record.calibration)
                 )
             ref = record.reference_stats
@@ -290,10 +288,9 @@ class NoisyLabelReport:
             redone = record.redone_members
             if any(redone.values()):
                 lines.append(
-                    f"  members run again: {redone.get('collapsed', 0)} after collapsing "
-                    f"(refitted at {REFIT_FACTOR:g}× the step size), {redone.get('diverged', 0)} "
-                    f"after diverging (retried at {RETRY_FACTOR:g}× it); the discarded runs "
-                    "are not in the ensemble"
+                    f"  members run again at a smaller step size: {redone.get('collapsed', 0)} "
+                    f"after falling below the fit window, {redone.get('diverged', 0)} after "
+                    "diverging; the discarded runs are not in the ensemble"
                 )
             for warning in self.diagnostics():
                 lines.append(f"  WARNING: {warning}")
@@ -309,27 +306,32 @@ class NoisyLabelReport:
         stats = record.member_stats if record is not None else []
         ref = record.reference_stats if record is not None else None
         window = record.fit_window if record is not None else None
+        chance = record.chance_fit if record is not None else None
         ref_fit = ref.fit if ref is not None else None
-        if stats and ref_fit and window:
-            rel = [s.fit / ref_fit for s in stats if s.fit is not None]
-            # A given step size is judged against the window; a calibrated one was
-            # judged by calibration (which warns when it misses the window), so
-            # here only members that kept θ*'s whole fit count as not having moved.
-            calibrated = record.learning_rate_requested == "auto"
-            high = WHOLE_FIT if calibrated else window[1]
-            nothing_to_forget = record.step_size_held == "nothing to forget"
-            if rel and np.mean(rel) > high and not nothing_to_forget:
+        if stats and ref_fit is not None and window and chance is not None:
+            rel = [
+                (s.fit - chance) / max(ref_fit - chance, 1e-12) for s in stats if s.fit is not None
+            ]
+            if rel and np.mean(rel) > window[1]:
                 out.append(
-                    f"members still fit {np.mean(rel):.1%} of what θ* fits: they barely "
-                    "left θ*, so deviations may not separate noisy labels. Increase "
-                    "`learning_rate` or `steps`."
+                    f"members still fit {np.mean(rel):.1%} of what θ* fits above chance: "
+                    "they barely left θ*, so their scores rank rows much like θ*'s own loss "
+                    "(`report.reference_losses`). With few wrong labels that is expected; "
+                    "otherwise increase `learning_rate` or `weight_decay`."
                 )
             if rel and np.mean(rel) < window[0]:
                 out.append(
-                    f"members fit only {np.mean(rel):.1%} of what θ* fits: fine-tuning "
-                    "moved far from θ*; decrease `learning_rate`."
+                    f"members fit only {np.mean(rel):.1%} of what θ* fits above chance: "
+                    "fine-tuning moved them towards chance, so their scores rank rows "
+                    "close to at random; decrease `learning_rate`."
                 )
-        if ref_fit is not None and ref_fit < 0.95 and self.score_method == "self_influence":
+        if chance == 0.0:  # not classification: the fit is the share of loss explained
+            ref_fit = None
+        if (
+            ref_fit is not None
+            and ref_fit < MEMORISED_FIT
+            and self.score_method == "self_influence"
+        ):
             out.append(
                 f"θ* predicts only {ref_fit:.1%} of its training labels: it has not memorised "
                 "its training set, which GEX self-influence assumes (on such a model it can "
@@ -337,7 +339,7 @@ class NoisyLabelReport:
                 'the default `score="member_loss"`, train longer, or rank by '
                 "`report.reference_losses` as well."
             )
-        elif ref_fit is not None and ref_fit < 0.95:
+        elif ref_fit is not None and ref_fit < MEMORISED_FIT:
             out.append(
                 f"θ* predicts only {ref_fit:.1%} of its training labels: labels it never "
                 "fitted rank high by their loss alone, mislabeled or merely hard."

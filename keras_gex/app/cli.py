@@ -38,6 +38,7 @@ FLAGS = {
         "num_members": "--members",
         "steps": "--steps",
         "learning_rate": "--learning-rate",
+        "weight_decay": "--weight-decay",
         "batch_size": "--batch-size",
         "threshold": "--threshold",
         "score": "--score",
@@ -111,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     detect.add_argument(
         "--learning-rate", default="auto", help="peak fine-tuning step size or 'auto' (default)"
+    )
+    detect.add_argument(
+        "--weight-decay",
+        default="auto",
+        help="members' decoupled weight decay, or 'auto' (default: 0.1)",
     )
     detect.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
     rules = ", ".join(f"{rule} for {score}" for score, rule in DEFAULT_THRESHOLDS.items())
@@ -347,6 +353,7 @@ def _detect(args) -> None:
                 f"Received: {args.threshold!r}"
             ) from None
     learning_rate = _auto_or(args.learning_rate, float, "--learning-rate", "a number")
+    weight_decay = _auto_or(args.weight_decay, float, "--weight-decay", "a number")
     steps = _auto_or(args.steps, int, "--steps", "a positive integer")
     import keras
 
@@ -364,6 +371,7 @@ def _detect(args) -> None:
         num_members=args.members,
         steps=steps,
         learning_rate=learning_rate,
+        weight_decay=weight_decay,
         batch_size=args.batch_size,
         seed=args.seed,
         verbose=verbose,

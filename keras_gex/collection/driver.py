@@ -5,9 +5,8 @@ device or data-parallel, one per replica with `per_replica_members=True`.
 Member `i`'s mini-batches depend only on `(seed, i)`, so a collection resumed
 from its store equals an uninterrupted one, and with a fixed step size a
 per-replica member equals the sequential member of the same index. Every
-member passes the same gate (`step_size.MemberGate`) and, with a calibrated
-step size, steers the next round's (`step_size.StepSizeController`, from the
-round's mean relative fit).
+member passes the same gate (`step_size.MemberGate`); the step size is
+calibrated once (`step_size.calibrate`) and shared by every member.
 """
 
 from __future__ import annotations
@@ -101,6 +100,25 @@ def _evaluation_batches(source: DataSource, batch_size: int, seed: int) -> list:
     return [take_rows(tensors, idx) for idx in rows]
 
 
+def _fit_baseline(loss: PerExampleLoss, eval_batches: list) -> tuple[float, float | None]:
+    """`(chance, baseline loss)` of the evaluation rows (see `step_size.relative_fit`).
+
+    Classification: the fit of always answering the most common given label,
+    no baseline. Other losses: chance 0, and the mean loss of predicting the
+    rows' mean target (None where the loss cannot take such a prediction).
+    """
+    labels = np.concatenate([np.asarray(y) for _, y in eval_batches])
+    if loss.is_classification:
+        return step_size.chance_fit(loss.label_classes(labels)), None
+    try:
+        y = tf.constant(labels, tf.float32)
+        constant = tf.broadcast_to(tf.reduce_mean(y, axis=0), tf.shape(y))
+        baseline = float(tf.reduce_mean(loss(y, constant)))
+    except Exception:  # a loss that is not a distance between targets and predictions
+        return 0.0, None
+    return 0.0, baseline if math.isfinite(baseline) and baseline > 0 else None
+
+
 def _open_store(directory, model, config: CollectionConfig, steps: int, loss: PerExampleLoss):
     if directory is None:
         return None
@@ -108,6 +126,7 @@ def _open_store(directory, model, config: CollectionConfig, steps: int, loss: Pe
         "steps": steps,
         "batch_size": config.batch_size,
         "momentum": config.momentum,
+        "weight_decay": config.weight_decay,
         "chain": config.chain,
         "bn_batches": config.bn_batches,
         "loss": loss.name,
@@ -171,9 +190,10 @@ def collect(
         store.set_seed(seed)
     eval_batches = _evaluation_batches(source, batch_size, seed)
 
+    weight_decay = step_size.WEIGHT_DECAY if config.weight_decay == "auto" else config.weight_decay
     if strategy is None:
         xla = source.has_arrays and resolve_jit_compile(config.jit_compile, model)
-        tuner = FineTuner(model, loss, config.momentum, jit_compile=xla)
+        tuner = FineTuner(model, loss, config.momentum, jit_compile=xla, weight_decay=weight_decay)
     else:
         tuner = ReplicaFineTuner(
             model,
@@ -182,6 +202,7 @@ def collect(
             strategy,
             synchronized=not per_replica_members,
             global_batch_size=batch_size,
+            weight_decay=weight_decay,
         )
     width = tuner.width
 
@@ -192,35 +213,44 @@ def collect(
     tuner.load(theta_star)
     tuner.refresh_batchnorm(stream(["reference"] * width), config.bn_batches)
     reference = tuner.snapshots()[0]
+    chance, baseline = _fit_baseline(loss, eval_batches)
+
+    def fit_of(fit, mean_loss):
+        """The classification fit, or the share of the baseline loss explained."""
+        if fit is not None or baseline is None or not math.isfinite(mean_loss):
+            return fit
+        return 1.0 - mean_loss / baseline
+
     ref_loss, ref_fit = tuner.evaluate(eval_batches)[0]
-    ref_stats = MemberStats(0.0, float("nan"), ref_fit, ref_loss)
-    step_size.warn_unless_memorised(ref_fit, stacklevel=3)
+    ref_stats = MemberStats(0.0, float("nan"), fit_of(ref_fit, ref_loss), ref_loss)
+    if loss.is_classification:
+        step_size.warn_unless_memorised(ref_fit, stacklevel=3)
+
+    def rel_of(member_stats: MemberStats) -> float:
+        return step_size.relative_fit(member_stats, ref_stats, chance)
 
     steps_run = 0  # SGD steps of every member run, probes and runs redone included
 
-    def run_round(lr: float, first: int, start_weights: WeightSet, abandon=None):
+    def run_round(lr: float, first: int, start_weights: WeightSet, abandon_above=None):
         """Members `first .. first+width-1` at `lr`: `([(weights, stats)], midway)`.
 
-        With `abandon=(above, below)` (rounds of one member), the fit is also
-        measured halfway (relative to θ*'s, BatchNorm statistics as they are)
-        and the member is abandoned there, weights None and stats finite, if
-        it keeps more than `above` (the decaying second half cannot move it
-        out of the basin) or less than `below` (collapsed). Not abandoning
-        gives the same member as an uninterrupted run.
+        With `abandon_above` (rounds of one member), the relative fit is also
+        measured halfway (BatchNorm statistics as they are) and the member is
+        abandoned there, weights None and stats finite, if it keeps more than
+        that. Not abandoning gives the same member as an uninterrupted run.
         """
         nonlocal steps_run
         batches = stream([first + r for r in range(width)])
         tuner.load(start_weights)
         midway = None
-        if abandon is not None and width == 1:
-            above, below = abandon
+        if abandon_above is not None and width == 1:
             trained = tuner.train(batches, steps, lr, stop=halfway(steps))
             steps_run += halfway(steps)
             if trained[0][1]:
                 mid_loss, mid_fit = tuner.evaluate(eval_batches)[0]
-                mid = MemberStats(lr, trained[0][0], mid_fit, mid_loss)
-                midway = step_size.relative_fit(mid, ref_stats)
-                if midway > above or (below is not None and midway < below):
+                mid = MemberStats(lr, trained[0][0], fit_of(mid_fit, mid_loss), mid_loss)
+                midway = rel_of(mid)
+                if midway > abandon_above:
                     return [(None, mid)], midway
                 trained = tuner.train(batches, steps, lr, start=halfway(steps))
                 steps_run += steps - halfway(steps)
@@ -236,6 +266,7 @@ def collect(
             if not (finite and weights.is_finite()):
                 weights, finite = None, False
                 mean_loss, fit = float("nan"), 0.0 if loss.is_classification else None
+            fit = fit_of(fit, mean_loss)
             out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite)))
         return out, midway
 
@@ -251,28 +282,28 @@ def collect(
 
     pending = None  # the accepted calibration round, taken as the first round
     auto = config.learning_rate == "auto"
-    if lr is None and auto and not loss.is_classification:
-        lr = step_size.fallback_learning_rate(loss.name, stacklevel=3)
+    adaptive = auto and ref_stats.fit is not None and ref_stats.fit > chance
+    if lr is None and auto and not adaptive:
+        why = (
+            f"the loss {loss.name!r} cannot score a constant prediction of the mean target"
+            if ref_stats.fit is None
+            else f"θ* fits its training labels no better than chance ({chance:.1%})"
+        )
+        lr = step_size.uncalibrated_learning_rate(why, stacklevel=3)
     elif lr is None and auto:
         lr, pending = step_size.calibrate(
-            lambda probe_lr, *abandon: run_round(probe_lr, 0, theta_star, abandon),
-            ref_stats,
+            lambda probe_lr, above: run_round(probe_lr, 0, theta_star, above),
+            rel_of,
             calibration,
             log,
             steps=steps,
-            abandon_below=None if tuner.has_batchnorm else step_size.COLLAPSE_FIT,
         )
     elif lr is None:
         lr = float(config.learning_rate)
     if store is not None and not store.calibrated:
         store.save_calibration(lr, [dataclasses.asdict(p) for p in calibration])
 
-    adaptive = auto and loss.is_classification
-    held = step_size.held_reason(calibration)
-    controller = step_size.StepSizeController(hold=held is not None)
-    if stats and adaptive:  # resumed members: replay the controller
-        lr = controller.replay(lr, stats, ref_stats)
-    gate = step_size.MemberGate(adaptive, config.num_members, stacklevel=3, log=log)
+    gate = step_size.MemberGate(adaptive, stacklevel=3, log=log)
     what = "it" if width == 1 else "it and the rest of its round"
     previous = members[-1] if (config.chain and members) else theta_star
     rounds = 0
@@ -282,32 +313,28 @@ def collect(
             pending, _ = run_round(lr, first, previous if config.chain else theta_star)
         results, pending = pending, None
         rounds += 1
-        fits, failed = [], False
         for offset, (weights, member_stats) in enumerate(results):
             index = first + offset
             if index >= config.num_members:
                 break
-            rel = step_size.relative_fit(member_stats, ref_stats)
+            rel = rel_of(member_stats)
             retry_lr = gate.reject(member_stats, rel, lr, index, what)
             if retry_lr is not None:
-                lr, failed = retry_lr, True
+                lr = retry_lr
                 break
             members.append(weights)
             stats.append(member_stats)
-            fits.append(rel)
             if store is not None:
                 store.save_member(index, weights, dataclasses.asdict(member_stats))
             if config.chain:
                 previous = weights
             # The same scale as the calibration lines: the share of θ*'s fit kept.
-            fit = "" if member_stats.fit is None else f", keeps {rel:.1%} of θ*'s fit"
+            fit = "" if member_stats.fit is None else f", keeps {rel:.1%} of θ*'s fit above chance"
             replica = "" if width == 1 else f" (replica {offset})"
             log(
                 f"member {index + 1}/{config.num_members}{replica}: lr "
                 f"{member_stats.learning_rate:.4g}, loss {member_stats.loss:.4f}{fit}"
             )
-        if adaptive and fits and not failed:
-            lr = controller.next(lr, float(np.mean(fits)))
     gate.finish()
     if width > 1:
         log(f"{len(members)} members in {rounds} round(s) of {width} replica(s)")
@@ -322,11 +349,12 @@ def collect(
         num_members=config.num_members,
         steps=steps,
         steps_requested=config.steps,
-        # The step size the members used (their median), not the controller's next one.
+        # The step size the members used (their median): reruns may have lowered it.
         learning_rate=float(np.median([s.learning_rate for s in stats])) if stats else lr,
         learning_rate_requested=config.learning_rate,
         batch_size=batch_size,
         momentum=config.momentum,
+        weight_decay=weight_decay,
         seed=seed,
         chain=config.chain,
         bn_batches=config.bn_batches,
@@ -336,11 +364,11 @@ def collect(
         reference_stats=ref_stats,
         member_stats=stats,
         fit_window=step_size.FIT_WINDOW,
+        chance_fit=chance if ref_stats.fit is not None else None,
         seconds=time.perf_counter() - start,
         warmup_seconds=warmup_seconds,
         redone_members=gate.counts(),
         steps_run=steps_run,
-        step_size_held=held,
         strategy=None
         if strategy is None
         else {**distribute.describe(strategy), "per_replica_members": per_replica_members},

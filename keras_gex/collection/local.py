@@ -25,14 +25,23 @@ class FineTuner:
         jit_compile: Compile the loop over an `ArrayStream` with XLA. If XLA
             cannot compile the model, the tuner restores its state, records
             why in `xla_error` and goes on without XLA. Defaults to `False`.
+        weight_decay: Decoupled weight decay λ of the SGD step. Defaults to `0.0`.
     """
 
     width = 1  # members per round
 
-    def __init__(self, model, loss: PerExampleLoss, momentum: float = 0.9, jit_compile=False):
+    def __init__(
+        self,
+        model,
+        loss: PerExampleLoss,
+        momentum: float = 0.9,
+        jit_compile=False,
+        weight_decay: float = 0.0,
+    ):
         self.model = model
         self.loss = loss
         self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
         self.jit_compile = bool(jit_compile)
         self._jit_proven = False  # an XLA call has succeeded
         self.xla_error = None  # why XLA was given up, if it was
@@ -76,7 +85,7 @@ class FineTuner:
             )
             objective = core.regularised(tf.reduce_mean(self.loss(y, pred)), reg)
         grads = tape.gradient(objective, self.tv)
-        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr)
+        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self.weight_decay)
         core.assign_all(self.ntv, new_ntv)
         return objective
 

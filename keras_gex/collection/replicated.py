@@ -47,6 +47,7 @@ class ReplicaFineTuner:
         strategy: A validated `tf.distribute.Strategy`.
         synchronized: Data-parallel (True) or one member per replica (False).
         global_batch_size: Fine-tuning batch size across all replicas.
+        weight_decay: Decoupled weight decay λ of the SGD step. Defaults to `0.0`.
     """
 
     def __init__(
@@ -58,10 +59,12 @@ class ReplicaFineTuner:
         *,
         synchronized: bool,
         global_batch_size: int,
+        weight_decay: float = 0.0,
     ):
         self.model = model
         self.loss = loss
         self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
         self.strategy = strategy
         self.synchronized = bool(synchronized)
         self.global_batch_size = int(global_batch_size)
@@ -177,7 +180,7 @@ class ReplicaFineTuner:
             for i, g in zip(present, reduced):
                 grads[i] = g
             new_ntv = self._mean_batchnorm_state(new_ntv, tf.shape(per_example)[0])
-        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr)
+        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self.weight_decay)
         core.assign_all(self.ntv, new_ntv)
         return tf.reshape(objective, [1])
 

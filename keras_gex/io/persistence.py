@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 
 #: Hyperparameters that must match for a collection to resume in a directory.
 RESUME_KEYS = ("steps", "batch_size", "momentum", "chain", "bn_batches", "loss", "learning_rate")
+#: Values of resume keys added since format 1, for manifests written before them.
+RESUME_DEFAULTS = {"weight_decay": 0.0}
 
 
 def member_file(index: int) -> str:
@@ -242,8 +244,8 @@ class MemberStore:
             return
         check_compatible(self.manifest, self.model, self._theta, self.directory)
         stored = self.manifest["config"]
-        for key in RESUME_KEYS:
-            if stored.get(key) != self.config.get(key):
+        for key in (*RESUME_KEYS, *RESUME_DEFAULTS):
+            if stored.get(key, RESUME_DEFAULTS.get(key)) != self.config.get(key):
                 raise ValueError(
                     f"Cannot resume the collection in {self.directory!r}: it was started "
                     f"with {key}={stored.get(key)!r}, this call has "

@@ -30,10 +30,11 @@ def test_collection_row_counts_every_step_the_collection_runs(speed):
 
     assert row["members"] == 8 and row["probes"] >= 1
     # The steps counted as they ran agree with the probes and members recorded:
-    # every probe (an abandoned one ran half its steps; the accepted one is
-    # member 0), members 1..M-1 and the members run again; the warm-up's one
-    # step at lr 0 is not counted.
+    # every probe (an abandoned one ran half its steps; an accepted one is
+    # member 0), the other members and the members run again; the warm-up's
+    # one step at lr 0 is not counted.
     redone = sum(row["redone_members"].values())
-    assert row["steps"] == row["probe_steps"] + (7 + redone) * row["steps_per_member"]
+    members_run = 8 - row["probe_kept"] + redone
+    assert row["steps"] == row["probe_steps"] + members_run * row["steps_per_member"]
     assert 0.0 <= row["calibration_s"] <= row["ge_s"]
     assert row["ge_over_fit"] > 0 and row["fit_steps_noxla_s"] is None

@@ -90,7 +90,7 @@ def test_warm_up_is_timed_and_leaves_the_members_unchanged(small_mlp):
     ens = keras_gex.GeometricEnsemble.collect(model, (x, y), verbose=0, **kwargs)
     assert ens.info["warmup_seconds"] > 0
     assert ens.info["warmup_seconds"] < ens.info["seconds"]
-    tuner = FineTuner(model, resolve_loss(model))
+    tuner = FineTuner(model, resolve_loss(model), weight_decay=ens.record.weight_decay)
     tuner.train(DataSource((x, y)).array_stream(64, stream_seed(3, 0)), 20, 0.05)
     for a, b in zip(ens.members[0].trainable, tuner.snapshots()[0].trainable):
         np.testing.assert_array_equal(a, b)

@@ -192,13 +192,19 @@ def test_other_losses_end_to_end(kind):
             report.relabeled_targets()
 
 
-def test_auto_learning_rate_warns_for_non_classification_loss():
+def test_auto_learning_rate_refuses_to_calibrate_on_a_model_at_chance():
+    """An untrained regression model explains none of the mean-prediction loss:
+    there is no fit to keep, so the fixed step size is used and a warning says why."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 3)).astype("float32")
+    keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile(loss="mse")
-    with pytest.warns(UserWarning, match="not a recognised classification loss"):
-        keras_gex.GeometricEnsemble.collect(model, (x, x[:, :1]), num_members=1, steps=2, verbose=0)
+    with pytest.warns(UserWarning, match="no better than chance"):
+        ens = keras_gex.GeometricEnsemble.collect(
+            model, (x, 5.0 + x[:, :1]), num_members=1, steps=2, verbose=0
+        )
+    assert ens.record.chance_fit == 0.0 and not ens.record.calibration
 
 
 def test_labels_that_do_not_fit_the_loss(tiny):
