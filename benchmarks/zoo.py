@@ -438,6 +438,12 @@ def _progress(row, done: int, total: int, seconds: float) -> str:
 
 
 # -- tables -----------------------------------------------------------------------------
+#: The per-seed columns averaged over seeds (the rest are names and text).
+NUMERIC_FIELDS = tuple(
+    k for k in FIELDS if k not in ("case", "seed", "references", "warnings", "error")
+)
+
+
 def _values(group, key) -> list:
     return [float(r[key]) for r in group if r.get(key) not in (None, "")]
 
@@ -473,7 +479,7 @@ def bars(group) -> dict:
     """
     if any(r.get("error") for r in group) or _mean(group, "gex_auc") is None:
         return {name: False for name in BAR_NAMES}
-    m = {k: _mean(group, k) for k in FIELDS[2:-2]}
+    m = {k: _mean(group, k) for k in NUMERIC_FIELDS}
     ap_floor = min(m["ref_ap"], m["oracle_ap"])
     return {
         "θ* loss": m["gex_auc"] >= m["theta_auc"],
@@ -614,6 +620,11 @@ def _parser() -> argparse.ArgumentParser:
         "seeds, rows and noise; neither depends on keras_gex) instead of recomputing them",
     )
     parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="rebuild the table from the per-seed rows in --out's .csv without running anything",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: the scikit-learn cases marked quick, tiny, seed 0 (not for reporting)",
@@ -630,6 +641,8 @@ def main(argv=None) -> int:
             n for n in CASES if CASES[n].quick
         ]
         seeds = seeds[:1]
+    if args.table_only:
+        return _write_table(_read_rows(args.out.with_suffix(".csv")), None, args)
     references = read_references(args.references) if args.references else {}
     total = len(names) * len(seeds)
     print(f"zoo: {len(names)} cases × {len(seeds)} seeds", flush=True)
@@ -654,7 +667,26 @@ def main(argv=None) -> int:
             rows.append(row)
             print(_progress(row, len(rows), total, time.perf_counter() - began), flush=True)
             _write_csv(rows, args.out.with_suffix(".csv"))
-    table = markdown(rows, time.perf_counter() - start)
+    return _write_table(rows, time.perf_counter() - start, args, names)
+
+
+def _read_rows(path) -> list:
+    """Per-seed rows of a zoo.csv, numbers as floats (empty cells left out)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = []
+        for raw in csv.DictReader(f):
+            row = {k: v for k, v in raw.items() if v not in (None, "")}
+            for key in NUMERIC_FIELDS:
+                if key in row:
+                    row[key] = float(row[key])
+            row["seed"] = int(row["seed"])
+            rows.append(row)
+    return rows
+
+
+def _write_table(rows, seconds, args, names=None) -> int:
+    names = names or list(dict.fromkeys(r["case"] for r in rows))
+    table = markdown(rows, seconds)
     text = table + "\n\nCases:\n\n" + cases_table(names, args.quick) + "\n"
     print()
     print(text)
