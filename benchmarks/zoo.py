@@ -350,12 +350,15 @@ def read_references(path) -> dict:
     return out
 
 
-def run_one(case, seed: int, *, quick=False, model_cache=None, references=None) -> dict:
+def run_one(
+    case, seed: int, *, quick=False, model_cache=None, references=None, scores_dir=None
+) -> dict:
     """Trains θ* for one case and seed, runs GEX and the references; returns the row.
 
     With `references` (a `read_references` row for this case and seed, same rows
     and noise count) the LR reference and the oracle are taken from it: neither
-    depends on keras_gex.
+    depends on keras_gex. With `scores_dir`, GEX's scores, θ*'s losses and the
+    noise mask are saved there (`zoo-CASE-SEED.npz`) for threshold studies.
     """
     import keras_gex
 
@@ -386,6 +389,15 @@ def run_one(case, seed: int, *, quick=False, model_cache=None, references=None) 
         flags = quality._flags(noisy, report.noisy_mask)
         share, probes = _calibration_share(report.ensemble)
         theta = quality._ranking(noisy, report.reference_losses)
+        if scores_dir is not None:
+            pathlib.Path(scores_dir).mkdir(parents=True, exist_ok=True)
+            np.savez(
+                pathlib.Path(scores_dir) / f"zoo-{case.name}-{seed}.npz",
+                scores=report.scores,
+                reference_losses=report.reference_losses,
+                noisy=noisy,
+                given=np.asarray(given),
+            )
         row.update(
             gex_auc=ranking["auc"],
             gex_ap=ranking["ap"],
@@ -620,6 +632,11 @@ def _parser() -> argparse.ArgumentParser:
         "seeds, rows and noise; neither depends on keras_gex) instead of recomputing them",
     )
     parser.add_argument(
+        "--scores-dir",
+        metavar="DIR",
+        help="save each run's GEX scores, θ*'s losses and the noise mask here (.npz)",
+    )
+    parser.add_argument(
         "--table-only",
         action="store_true",
         help="rebuild the table from the per-seed rows in --out's .csv without running anything",
@@ -658,6 +675,7 @@ def main(argv=None) -> int:
                     quick=args.quick,
                     model_cache=args.model_cache,
                     references=references.get((name, seed)),
+                    scores_dir=args.scores_dir,
                 )
             except Exception as err:  # a case that cannot run (data missing) is reported
                 print(f"[{len(rows) + 1}/{total}] {name} seed {seed}: failed: {err}", flush=True)

@@ -33,6 +33,56 @@ def _probe_text(probe: Probe) -> str:
     return text + (" (kept)" if probe.accepted else "")
 
 
+def calibration_miss(record: CollectionRecord) -> str | None:
+    """Why a calibrated step size missed the fit window, and what to do; None if it did not.
+
+    >>> record = CollectionRecord.from_dict({"learning_rate_requested": "auto",
+    ...     "fit_window": [0.5, 0.9], "weight_decay": 0.1, "calibration": [
+    ...     {"learning_rate": 0.1, "relative_fit": 0.95, "loss": 0.1},
+    ...     {"learning_rate": 0.2, "relative_fit": 0.0, "loss": float("nan")}]})
+    >>> print(calibration_miss(record))  # doctest: +NORMALIZE_WHITESPACE
+    no step size put members in the fit window (50%-90% of θ*'s fit above chance):
+    they kept 95% at lr 0.1 and diverged at 0.2. The fit jumps past the window there;
+    every member uses the nearest probe's step size. Pass a larger `weight_decay` (more
+    forgetting at a stable step size) than 0.1, or a `learning_rate` in between.
+    """
+    probes = record.calibration
+    if record.learning_rate_requested != "auto" or not probes or len(record.fit_window) != 2:
+        return None
+    if any(p.accepted for p in probes):
+        return None
+    low, high = record.fit_window
+    window = f"{low:.0%}-{high:.0%} of θ*'s fit above chance"
+    above = [p for p in probes if p.relative_fit > high and np.isfinite(p.loss)]
+    below = [p for p in probes if p not in above]
+    if above and below:
+        kept = max(above, key=lambda p: p.learning_rate)
+        fell = min(below, key=lambda p: p.learning_rate)
+        what = "diverged" if not np.isfinite(fell.loss) else f"kept {fell.relative_fit:.0%}"
+        return (
+            f"no step size put members in the fit window ({window}): they kept "
+            f"{kept.relative_fit:.0%} at lr {kept.learning_rate:.3g} and {what} at "
+            f"{fell.learning_rate:.3g}. The fit jumps past the window there; every member "
+            "uses the nearest probe's step size. Pass a larger `weight_decay` (more "
+            f"forgetting at a stable step size) than {record.weight_decay:g}, or a "
+            "`learning_rate` in between."
+        )
+    if above:
+        largest = max(above, key=lambda p: p.learning_rate)
+        return (
+            f"no step size put members in the fit window ({window}): even lr "
+            f"{largest.learning_rate:.3g} kept {largest.relative_fit:.0%}. Few labels to "
+            "forget, or a model that holds them firmly: pass a larger `learning_rate` or "
+            "`weight_decay` if you expect wrong labels."
+        )
+    smallest = min(below, key=lambda p: p.learning_rate)
+    return (
+        f"no step size put members in the fit window ({window}): even lr "
+        f"{smallest.learning_rate:.3g} left {smallest.relative_fit:.0%}. Pass a smaller "
+        "`learning_rate`."
+    )
+
+
 def _saved(fig, path):
     """`fig`, written to `path` as a PNG first when a path is given."""
     if path is not None:
@@ -344,6 +394,9 @@ class NoisyLabelReport:
                 f"θ* predicts only {ref_fit:.1%} of its training labels: labels it never "
                 "fitted rank high by their loss alone, mislabeled or merely hard."
             )
+        miss = calibration_miss(record) if record is not None else None
+        if miss is not None:
+            out.append(miss)
         spread = np.std(self.deviations)
         if spread == 0:
             out.append("all loss deviations are zero: the members equal θ*.")

@@ -44,9 +44,10 @@ WEIGHT_DECAY = 0.1
 #: in θ*'s basin and see no deviation on memorised rows; below, they approach chance.
 FIT_WINDOW = (0.5, 0.9)
 #: First probe, and the grid factor between probes until bracketed (also the
-#: cut for a member that diverged).
+#: cut for a member that diverged): from above the window to collapse often
+#: takes less than ×4, so ×2 lands in the window a probe sooner.
 INITIAL_LR = 0.1
-LR_FACTOR = 4.0
+LR_FACTOR = 2.0
 #: Probes calibration may run, and members that may be run again.
 MAX_PROBES = 6
 

@@ -57,19 +57,21 @@ def test_first_probe_in_window_is_kept_as_a_member():
 
 
 def test_search_goes_up_by_the_factor_then_bisects_in_log():
-    """Fit 1.0 below lr 0.15 (memorising basin), 0.1 above 0.3 (collapse)."""
+    """Fit 1.0 below lr 0.15 (memorising basin), 0.85 just above, 0.1 from 0.18
+    (collapse): up by the grid factor past the window, then back in log."""
 
     def fit(lr):
-        return 1.0 if lr < 0.15 else (0.85 if lr < 0.3 else 0.1)
+        return 1.0 if lr < 0.15 else (0.85 if lr < 0.18 else 0.1)
 
     lr, accepted, record, calls = _calibrate_fake(fit, midway_of_lr=lambda lr: 0.0)
-    assert 0.15 <= lr < 0.3 and len(accepted) == 1
-    assert calls[:3] == [0.1, 0.1 * LR_FACTOR, pytest.approx(math.sqrt(0.1 * 0.1 * LR_FACTOR))]
+    assert 0.15 <= lr < 0.18 and len(accepted) == 1
+    up = 0.1 * LR_FACTOR
+    assert calls[:3] == [0.1, up, pytest.approx(math.sqrt(0.1 * up))]
     assert [r.accepted for r in record] == [False] * (len(record) - 1) + [True]
 
 
 def test_search_goes_down_when_the_first_probe_is_below_the_window():
-    lr, _, _, calls = _calibrate_fake(lambda lr: 0.8 if lr < 0.05 else 0.2)
+    lr, _, _, calls = _calibrate_fake(lambda lr: 0.8 if lr < 0.09 else 0.2)
     assert calls == [0.1, 0.1 / LR_FACTOR] and lr == 0.1 / LR_FACTOR
 
 
@@ -81,7 +83,7 @@ def test_probe_still_above_the_window_halfway_is_abandoned():
         return 1.0 if lr < 0.15 else 0.8
 
     lr, accepted, record, calls = _calibrate_fake(fit)
-    assert calls == [0.1, 0.4] and lr == 0.4 and len(accepted) == 1
+    assert calls == [0.1, 0.1 * LR_FACTOR] and lr == 0.1 * LR_FACTOR and len(accepted) == 1
     assert record[0].abandoned is True and record[0].accepted is False
     assert record[0].steps == 20 and record[1].steps == 40
     _, _, record, _ = _calibrate_fake(fit, midway_of_lr=lambda lr: FIT_WINDOW[1] - 0.01)
@@ -156,8 +158,8 @@ def test_auto_picks_a_sane_step_size_where_a_fixed_one_fails(trained_mlp, digits
     assert probes[-1].accepted and all(p.seconds >= 0 for p in probes)
     assert FIT_WINDOW[0] <= probes[-1].relative_fit <= FIT_WINDOW[1]
     used = [s.learning_rate for s in record.member_stats]
-    # Members share the accepted step size; one run again (below the window at
-    # lr 0.4 here, near the edge of stability) passes a smaller one on.
+    # Members share the accepted step size; one run again (below the window,
+    # near the edge of stability) passes a smaller one on.
     accepted = probes[-1].learning_rate
     assert used[0] == accepted and all(u <= accepted for u in used)
     assert len(set(used)) <= 1 + sum(record.redone_members.values())
@@ -272,3 +274,26 @@ def test_a_loss_without_a_constant_baseline_keeps_a_fixed_step_size(small_traine
             model, (x, y), loss=odd_loss, num_members=1, steps=20, seed=0, verbose=0
         )
     assert ens.record.learning_rate == step_size.INITIAL_LR and not ens.record.calibration
+
+
+def test_a_missed_window_is_explained_with_what_to_do():
+    """The report says why calibration missed the window and which setting helps."""
+    from keras_gex.analysis.report import calibration_miss
+    from keras_gex.config import CollectionRecord
+
+    def fit(lr):  # a cliff: the basin, then divergence
+        return 0.97 if lr < 0.15 else 0.0
+
+    with pytest.warns(UserWarning, match="found no learning rate"):
+        _, _, probes, _ = _calibrate_fake(fit, max_probes=4, midway_of_lr=lambda lr: 0.0)
+    probes[-1].loss = float("nan")  # the last probe diverged
+    record = CollectionRecord.from_dict(
+        {"learning_rate_requested": "auto", "fit_window": FIT_WINDOW, "weight_decay": 0.1}
+    )
+    record.calibration = probes
+    text = calibration_miss(record)
+    assert "jumps past the window" in text and "larger `weight_decay`" in text
+    assert calibration_miss(CollectionRecord.from_dict({"learning_rate_requested": 0.1})) is None
+    below = [Probe(0.1, 0.2, 1.0), Probe(0.05, 0.3, 1.0)]
+    record.calibration = below
+    assert "Pass a smaller `learning_rate`" in calibration_miss(record)
