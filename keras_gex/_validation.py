@@ -32,32 +32,30 @@ def non_negative_int(name: str, value) -> int:
     return _integer_at_least(name, value, 0, "non-negative")
 
 
-def non_negative_float(name: str, value) -> float:
-    """Returns `value` as a float, or raises `ValueError` if not finite and >= 0."""
+def _finite_number(name: str, value, *, strict: bool) -> float:
+    """`value` as a float if it is a finite real number above 0 (`strict`) or at least 0."""
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
         or not np.isfinite(value)
         or value < 0
+        or (strict and value == 0)
     ):
+        what = "positive" if strict else "non-negative"
         raise ValueError(
-            f"Argument `{name}` must be a non-negative finite number. Received: {name}={value!r}"
+            f"Argument `{name}` must be a {what} finite number. Received: {name}={value!r}"
         )
     return float(value)
+
+
+def non_negative_float(name: str, value) -> float:
+    """Returns `value` as a float, or raises `ValueError` if not finite and >= 0."""
+    return _finite_number(name, value, strict=False)
 
 
 def positive_float(name: str, value) -> float:
     """Returns `value` as a float, or raises `ValueError` if not finite and > 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not np.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a positive finite number. Received: {name}={value!r}"
-        )
-    return float(value)
+    return _finite_number(name, value, strict=True)
 
 
 def fraction(name: str, value, *, inclusive_low: bool = True) -> float:

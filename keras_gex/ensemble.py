@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 
 import keras
@@ -449,16 +448,7 @@ class GeometricEnsemble:
 
 def check_floor(reference_floor) -> None:
     """Refuses a `reference_floor` that is not a non-negative finite number."""
-    if (
-        isinstance(reference_floor, bool)
-        or not isinstance(reference_floor, numbers.Real)
-        or not np.isfinite(reference_floor)
-        or reference_floor < 0
-    ):
-        raise ValueError(
-            "Argument `reference_floor` must be a non-negative number. "
-            f"Received: reference_floor={reference_floor!r}"
-        )
+    _validation.non_negative_float("reference_floor", reference_floor)
 
 
 def _check_weights_fit(model, weight_sets) -> None:
