@@ -183,6 +183,8 @@ class Probe:
         midway_fit: Relative fit halfway through its steps, where measured.
         abandoned: Whether it was stopped halfway as hopeless.
         steps: SGD steps it ran.
+        weight_decay: The decay λ it ran with (None in records written before
+            calibration could raise it).
     """
 
     learning_rate: float
@@ -193,6 +195,7 @@ class Probe:
     midway_fit: float | None = None
     abandoned: bool = False
     steps: int | None = None
+    weight_decay: float | None = None
 
 
 @dataclasses.dataclass

@@ -137,10 +137,10 @@ def _open_store(directory, model, config: CollectionConfig, steps: int, loss: Pe
 
 
 def _resume(store, num_members: int, log):
-    """`(members, stats, calibration, lr)` from `store` (lr None if not calibrated)."""
-    members, stats, calibration, lr = [], [], [], None
+    """`(members, stats, calibration, lr, decay)` from `store` (None, None if not calibrated)."""
+    members, stats, calibration, lr, decay = [], [], [], None, None
     if store is None:
-        return members, stats, calibration, lr
+        return members, stats, calibration, lr, decay
     for weights, saved in store.saved_members()[:num_members]:
         members.append(weights)
         stats.append(MemberStats(**saved))
@@ -148,10 +148,11 @@ def _resume(store, num_members: int, log):
         log(f"resumed {len(members)} member(s) from {store.directory}")
     if store.calibrated:
         lr = store.manifest["calibrated_learning_rate"]
+        decay = store.manifest.get("calibrated_weight_decay")
         calibration = [Probe(**p) for p in store.manifest["calibration"]]
         if stats:
             lr = stats[-1].learning_rate  # a divergence retry may have lowered it
-    return members, stats, calibration, lr
+    return members, stats, calibration, lr, decay
 
 
 def collect(
@@ -231,7 +232,9 @@ def collect(
 
     steps_run = 0  # SGD steps of every member run, probes and runs redone included
 
-    def run_round(lr: float, first: int, start_weights: WeightSet, abandon_above=None):
+    def run_round(
+        lr: float, first: int, start_weights: WeightSet, abandon_above=None, weight_decay=None
+    ):
         """Members `first .. first+width-1` at `lr`: `([(weights, stats)], midway)`.
 
         With `abandon_above` (rounds of one member), the relative fit is also
@@ -242,6 +245,7 @@ def collect(
         nonlocal steps_run
         batches = stream([first + r for r in range(width)])
         tuner.load(start_weights)
+        tuner.set_weight_decay(decay if weight_decay is None else weight_decay)
         midway = None
         if abandon_above is not None and width == 1:
             trained = tuner.train(batches, steps, lr, stop=halfway(steps))
@@ -270,7 +274,8 @@ def collect(
             out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite)))
         return out, midway
 
-    members, stats, calibration, lr = _resume(store, config.num_members, log)
+    members, stats, calibration, lr, decay = _resume(store, config.num_members, log)
+    decay = weight_decay if decay is None else decay
     warmup_seconds = 0.0
     if len(members) < config.num_members:
         # Trace (and under XLA compile) the loop with one step of zero size, so
@@ -291,17 +296,20 @@ def collect(
         )
         lr = step_size.uncalibrated_learning_rate(why, stacklevel=3)
     elif lr is None and auto:
-        lr, pending = step_size.calibrate(
-            lambda probe_lr, above: run_round(probe_lr, 0, theta_star, above),
+        lr, decay, pending = step_size.calibrate(
+            lambda probe_lr, probe_decay, above: run_round(
+                probe_lr, 0, theta_star, above, weight_decay=probe_decay
+            ),
             rel_of,
             calibration,
             log,
             steps=steps,
+            weight_decay=decay,
         )
     elif lr is None:
         lr = float(config.learning_rate)
     if store is not None and not store.calibrated:
-        store.save_calibration(lr, [dataclasses.asdict(p) for p in calibration])
+        store.save_calibration(lr, decay, [dataclasses.asdict(p) for p in calibration])
 
     gate = step_size.MemberGate(adaptive, stacklevel=3, log=log)
     what = "it" if width == 1 else "it and the rest of its round"
@@ -354,7 +362,7 @@ def collect(
         learning_rate_requested=config.learning_rate,
         batch_size=batch_size,
         momentum=config.momentum,
-        weight_decay=weight_decay,
+        weight_decay=decay,
         seed=seed,
         chain=config.chain,
         bn_batches=config.bn_batches,

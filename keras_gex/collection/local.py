@@ -25,7 +25,8 @@ class FineTuner:
         jit_compile: Compile the loop over an `ArrayStream` with XLA. If XLA
             cannot compile the model, the tuner restores its state, records
             why in `xla_error` and goes on without XLA. Defaults to `False`.
-        weight_decay: Decoupled weight decay λ of the SGD step. Defaults to `0.0`.
+        weight_decay: Decoupled weight decay λ of the SGD step; `set_weight_decay`
+            changes it between runs. Defaults to `0.0`.
     """
 
     width = 1  # members per round
@@ -41,7 +42,7 @@ class FineTuner:
         self.model = model
         self.loss = loss
         self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
+        self._decay = tf.Variable(float(weight_decay), dtype=tf.float32, trainable=False)
         self.jit_compile = bool(jit_compile)
         self._jit_proven = False  # an XLA call has succeeded
         self.xla_error = None  # why XLA was given up, if it was
@@ -56,6 +57,14 @@ class FineTuner:
         self._eval_fn = None
 
     # -- state ------------------------------------------------------------------
+    @property
+    def weight_decay(self) -> float:
+        return float(self._decay.numpy())
+
+    def set_weight_decay(self, weight_decay: float) -> None:
+        """The decay λ of the following runs (a variable: nothing is traced again)."""
+        self._decay.assign(float(weight_decay))
+
     def load(self, weights: WeightSet) -> None:
         """Starts from `weights` with zero momentum."""
         core.assign_all(self.tv, weights.trainable)
@@ -85,7 +94,7 @@ class FineTuner:
             )
             objective = core.regularised(tf.reduce_mean(self.loss(y, pred)), reg)
         grads = tape.gradient(objective, self.tv)
-        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self.weight_decay)
+        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self._decay)
         core.assign_all(self.ntv, new_ntv)
         return objective
 

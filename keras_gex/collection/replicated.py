@@ -47,7 +47,8 @@ class ReplicaFineTuner:
         strategy: A validated `tf.distribute.Strategy`.
         synchronized: Data-parallel (True) or one member per replica (False).
         global_batch_size: Fine-tuning batch size across all replicas.
-        weight_decay: Decoupled weight decay λ of the SGD step. Defaults to `0.0`.
+        weight_decay: Decoupled weight decay λ of the SGD step; `set_weight_decay`
+            changes it between runs. Defaults to `0.0`.
     """
 
     def __init__(
@@ -64,7 +65,6 @@ class ReplicaFineTuner:
         self.model = model
         self.loss = loss
         self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
         self.strategy = strategy
         self.synchronized = bool(synchronized)
         self.global_batch_size = int(global_batch_size)
@@ -77,6 +77,7 @@ class ReplicaFineTuner:
             self.tv = [tf.Variable(w, **_REPLICA_LOCAL) for w in trainable]
             self.ntv = [tf.Variable(w, **_REPLICA_LOCAL) for w in non_trainable]
             self.velocity = [tf.Variable(np.zeros_like(w), **_REPLICA_LOCAL) for w in trainable]
+            self._decay = tf.Variable(float(weight_decay), dtype=tf.float32, trainable=False)
         self._bn = core.batchnorm_layers(model)
         self._bn_index = core.batchnorm_index(model, self._bn)
         self._bn_positions = {i for pair in self._bn_index for i in pair}
@@ -110,6 +111,14 @@ class ReplicaFineTuner:
         )
 
     # -- state --------------------------------------------------------------------------
+    @property
+    def weight_decay(self) -> float:
+        return float(self._decay.numpy())
+
+    def set_weight_decay(self, weight_decay: float) -> None:
+        """The decay λ of the following rounds (a mirrored variable: nothing is traced again)."""
+        self._decay.assign(float(weight_decay))
+
     def load(self, weights: WeightSet) -> None:
         """Every replica starts from `weights` with zero momentum."""
         # A cross-replica assign of an ON_READ variable sets every copy.
@@ -180,7 +189,7 @@ class ReplicaFineTuner:
             for i, g in zip(present, reduced):
                 grads[i] = g
             new_ntv = self._mean_batchnorm_state(new_ntv, tf.shape(per_example)[0])
-        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self.weight_decay)
+        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self._decay)
         core.assign_all(self.ntv, new_ntv)
         return tf.reshape(objective, [1])
 

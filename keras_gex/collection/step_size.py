@@ -164,28 +164,45 @@ class MemberGate:
             )
 
 
-def calibrate(run_probe, rel_of, record: list, log, *, steps: int, max_probes: int = MAX_PROBES):
-    """Search for the step size whose members land in `FIT_WINDOW`.
+def calibrate(
+    run_probe,
+    rel_of,
+    record: list,
+    log,
+    *,
+    steps: int,
+    weight_decay: float,
+    max_probes: int = MAX_PROBES,
+):
+    """Search for the step size (and decay) whose members land in `FIT_WINDOW`.
 
-    `run_probe(lr, abandon_above)` fine-tunes one round from θ* on member 0's
-    stream and returns `(results, midway)`: `[(weights, stats)]` per member of
-    the round (weights None if abandoned or diverged) and member 0's relative
-    fit halfway (None where not measured). A probe still above the window
-    halfway is abandoned there (half the cost): the second half's smaller
-    steps only restore fit. `rel_of(stats)` is a member's relative fit. Each
-    probe is appended to `record` as a `Probe`.
+    `run_probe(lr, weight_decay, abandon_above)` fine-tunes one round from θ*
+    on member 0's stream and returns `(results, midway)`: `[(weights, stats)]`
+    per member of the round (weights None if abandoned or diverged) and member
+    0's relative fit halfway (None where not measured). A probe still above the
+    window halfway is abandoned there (half the cost): the second half's
+    smaller steps only restore fit. `rel_of(stats)` is a member's relative
+    fit. Each probe is appended to `record` as a `Probe`.
+
+    The step size is searched first. When every probe so far kept more than
+    the window or fell to chance, and the bracket is down to √`LR_FACTOR`, the
+    fit jumps past the window at SGD's stability edge; the search then holds
+    the largest step size that kept the fit and raises the decay λ by
+    `LR_FACTOR`² per probe (bisecting in log once bracketed), so that members
+    forget at a stable step size.
 
     Returns:
-        `(learning_rate, accepted)`: the step size, and the accepted probe's
-        round (None when no probe landed in the window; then a warning says
-        which step size is used).
+        `(learning_rate, weight_decay, accepted)`: the step size and decay, and
+        the accepted probe's round (None when no probe landed in the window;
+        then a warning says which are used).
     """
     low, high = FIT_WINDOW
-    too_small, too_large = None, None  # step sizes known to be too small / large
-    lr = INITIAL_LR
+    too_small, too_large = None, None  # values known to be too small / large
+    lr, decay = INITIAL_LR, weight_decay
+    searching = "lr"
     for _ in range(max_probes):
         probe_start = time.perf_counter()
-        results, midway = run_probe(lr, high)
+        results, midway = run_probe(lr, decay, high)
         weights, stats = results[0]
         rel = rel_of(stats)
         abandoned = weights is None and stats.finite
@@ -200,40 +217,70 @@ def calibrate(run_probe, rel_of, record: list, log, *, steps: int, max_probes: i
                 midway_fit=midway,
                 abandoned=abandoned,
                 steps=halfway(steps) if abandoned else steps,
+                weight_decay=decay,
             )
         )
         where = " halfway (abandoned)" if abandoned else ""
-        log(f"calibration: lr {lr:.4g} -> keeps {rel:.1%} of θ*'s fit above chance{where}")
+        log(
+            f"calibration: lr {lr:.4g}, weight decay {decay:.3g} -> keeps {rel:.1%} of "
+            f"θ*'s fit above chance{where}"
+        )
         if accepted:
-            return lr, results
+            return lr, decay, results
+        value = lr if searching == "lr" else decay
         if rel > high:
-            too_small = lr if too_small is None else max(too_small, lr)
+            too_small = value if too_small is None else max(too_small, value)
         else:
-            too_large = lr if too_large is None else min(too_large, lr)
+            too_large = value if too_large is None else min(too_large, value)
+        if searching == "lr" and stability_edge(record, too_small, too_large):
+            searching, lr = "decay", too_small
+            too_small, too_large = decay, None
         if too_small is not None and too_large is not None:
-            lr = math.sqrt(too_small * too_large)
+            value = math.sqrt(too_small * too_large)
+        elif searching == "lr":
+            value = lr * LR_FACTOR if too_large is None else lr / LR_FACTOR
         else:
-            lr = lr * LR_FACTOR if too_large is None else lr / LR_FACTOR
-    lr = closest_to_window(record)
+            value = decay * LR_FACTOR**2 if too_large is None else decay / LR_FACTOR**2
+        lr, decay = (value, decay) if searching == "lr" else (lr, value)
+    best = closest_to_window(record)
     warnings.warn(
         f"Step-size calibration found no learning rate whose members keep "
         f"{low:.0%}-{high:.0%} of θ*'s training fit above chance in {max_probes} probes "
         f"({', '.join(f'{p.learning_rate:.3g} → {p.relative_fit:.0%}' for p in record)}); "
-        f"every member uses the closest, learning_rate={lr:.4g}. Few labels to forget, or "
-        "a fit that jumps past the window; see `report.summary()`.",
+        f"every member uses the closest, learning_rate={best.learning_rate:.4g}. Few labels "
+        "to forget, or a fit that jumps past the window; see `report.summary()`.",
         stacklevel=4,
     )
-    return lr, None
+    return best.learning_rate, best.weight_decay, None
 
 
-def closest_to_window(record: list) -> float:
-    """The step size of the probe nearest `FIT_WINDOW` (a diverged one never).
+def stability_edge(record: list, too_small, too_large) -> bool:
+    """Whether the step-size probes show the fit jumping from above the window to chance.
 
-    >>> closest_to_window([Probe(0.1, 0.97, 1.0), Probe(0.4, 0.45, 1.0)])
+    Every probe kept more than the window or fell to chance (diverged or
+    collapsed), and the bracket between them is at most √`LR_FACTOR` wide.
+
+    >>> edge = [Probe(0.1, 0.97, 1.0), Probe(0.2, 0.0, 1.0), Probe(0.15, 0.96, 1.0)]
+    >>> stability_edge(edge, 0.15, 0.2)
+    True
+    >>> stability_edge([Probe(0.1, 0.97, 1.0), Probe(0.2, 0.3, 1.0)], 0.1, 0.2)
+    False
+    """
+    if too_small is None or too_large is None:
+        return False
+    if too_large > math.sqrt(LR_FACTOR) * too_small * (1 + 1e-9):
+        return False
+    return all(p.relative_fit > FIT_WINDOW[1] or p.relative_fit <= 0 for p in record)
+
+
+def closest_to_window(record: list) -> Probe:
+    """The probe nearest `FIT_WINDOW` (a diverged one never).
+
+    >>> closest_to_window([Probe(0.1, 0.97, 1.0), Probe(0.4, 0.45, 1.0)]).learning_rate
     0.4
-    >>> closest_to_window([Probe(0.1, 0.97, 1.0), Probe(0.4, 0.0, float("nan"))])
+    >>> closest_to_window([Probe(0.1, 0.97, 1.0), Probe(0.4, 0.0, float("nan"))]).learning_rate
     0.1
     """
     low, high = FIT_WINDOW
     finite = [p for p in record if math.isfinite(p.loss)] or record
-    return min(finite, key=lambda p: max(low - p.relative_fit, p.relative_fit - high)).learning_rate
+    return min(finite, key=lambda p: max(low - p.relative_fit, p.relative_fit - high))

@@ -76,18 +76,18 @@ def schedule_loop(step_fn, iterator, steps, learning_rate, start, total):
     return values.stack()
 
 
-def sgd_update(variables, grads, velocity, momentum: float, lr, weight_decay: float = 0.0) -> None:
+def sgd_update(variables, grads, velocity, momentum: float, lr, weight_decay=0.0) -> None:
     """SGD with momentum and decoupled weight decay, in place (traced).
 
-    `v ← μ·v − lr·g`, `w ← w − lr·λ·w + v` with `λ = weight_decay` (Keras'
-    optimizers' decoupled decay; `λ = 0` is plain SGD with momentum).
+    `v ← μ·v − lr·g`, `w ← w − lr·λ·w + v` with `λ = weight_decay`, a float or
+    a scalar variable (Keras' optimizers' decoupled decay; `λ = 0` is plain SGD
+    with momentum, to the bit for finite weights).
     """
     for var, grad, vel in zip(variables, grads, velocity):
         if grad is None:
             continue
         vel.assign(momentum * vel - lr * tf.cast(grad, vel.dtype))
-        if weight_decay:
-            var.assign_sub(tf.cast(lr * weight_decay, var.dtype) * var)
+        var.assign_sub(tf.cast(lr * weight_decay, var.dtype) * var)
         var.assign_add(vel)
 
 

@@ -270,8 +270,9 @@ class MemberStore:
     def calibrated(self) -> bool:
         return self.manifest["calibrated_learning_rate"] is not None
 
-    def save_calibration(self, learning_rate: float, calibration: list) -> None:
+    def save_calibration(self, learning_rate: float, weight_decay: float, calibration: list):
         self.manifest["calibrated_learning_rate"] = learning_rate
+        self.manifest["calibrated_weight_decay"] = weight_decay
         self.manifest["calibration"] = calibration
         self._write_manifest()
 
@@ -325,6 +326,7 @@ def save_ensemble(directory: str, model, reference, members: list, loss, info: d
         "theta_fingerprint": weights_fingerprint(WeightSet.from_model(model)),
         "config": {k: info.get(k) for k in RESUME_KEYS},
         "calibrated_learning_rate": info.get("learning_rate"),
+        "calibrated_weight_decay": info.get("weight_decay"),
         "calibration": info.get("calibration", []),
         "members": [
             {"file": member_file(i), "stats": s}

@@ -1,3 +1,5 @@
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -331,7 +333,7 @@ def test_member_log_names_every_member_on_the_calibration_scale(small_mlp, capsy
     keras_gex.GeometricEnsemble.collect(
         model, (x, y), num_members=2, steps=20, batch_size=32, seed=0, verbose=1
     )
-    lines = [line for line in capsys.readouterr().out.splitlines() if "member" in line]
-    members = [line for line in lines if "] member " in line]
-    assert members[0].startswith("[keras_gex] member 1/2: lr ")
+    lines = capsys.readouterr().out.splitlines()
+    members = [line for line in lines if re.match(r"\[keras_gex\] member \d+/2: ", line)]
+    assert len(members) == 2 and members[0].startswith("[keras_gex] member 1/2: lr ")
     assert all("of θ*'s fit" in line for line in members)

@@ -26,7 +26,7 @@ def _fake_member(fit_of_lr, calls, midway_of_lr=None):
     """
     midway_of_lr = midway_of_lr or fit_of_lr
 
-    def run_probe(lr, abandon_above):
+    def run_probe(lr, weight_decay, abandon_above):
         calls.append(lr)
         midway = midway_of_lr(lr)
         if midway > abandon_above:
@@ -38,12 +38,13 @@ def _fake_member(fit_of_lr, calls, midway_of_lr=None):
 
 def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None):
     calls, record = [], []
-    lr, accepted = calibrate(
+    lr, _, accepted = calibrate(
         _fake_member(fit_of_lr, calls, midway_of_lr),
         lambda stats: relative_fit(stats, REF, chance=0.0),
         record,
         lambda msg: None,
         steps=40,
+        weight_decay=0.1,
         max_probes=max_probes,
     )
     return lr, accepted or [], record, calls
@@ -103,7 +104,36 @@ def test_no_step_size_in_the_window_warns_and_takes_the_nearest_probe():
 
 def test_a_diverged_probe_is_never_the_fallback():
     record = [Probe(0.4, 0.0, float("nan")), Probe(0.1, 0.99, 0.1)]
-    assert step_size.closest_to_window(record) == 0.1
+    assert step_size.closest_to_window(record).learning_rate == 0.1
+
+
+def test_at_the_stability_edge_the_decay_is_raised_at_a_stable_step_size():
+    """The fit jumps from above the window to chance (SGD's stability edge, a
+    regression measured in the zoo): the search holds the largest step size
+    that kept the fit and raises the weight decay until members forget."""
+    calls, record = [], []
+
+    def run_probe(lr, weight_decay, abandon_above):
+        calls.append((lr, weight_decay))
+        if lr > 0.12:  # diverges
+            return [(None, MemberStats(lr, float("nan"), 0.0, float("nan"), False))], None
+        fit = 0.97 if weight_decay < 0.3 else (0.7 if weight_decay < 3 else 0.1)
+        return [(f"w@{lr:.3g},{weight_decay:.3g}", MemberStats(lr, 0.1, fit, 0.5))], None
+
+    lr, decay, accepted = calibrate(
+        run_probe,
+        lambda stats: relative_fit(stats, REF, chance=0.0),
+        record,
+        lambda msg: None,
+        steps=40,
+        weight_decay=0.1,
+    )
+    assert calls[:3] == [(0.1, 0.1), (0.2, 0.1), (pytest.approx(0.1414, abs=1e-4), 0.1)]
+    # 0.1 kept 97%, 0.2 and 0.141 diverged: the edge; λ goes up ×4 at lr 0.1.
+    assert calls[3] == (0.1, pytest.approx(0.1 * LR_FACTOR**2))
+    assert (lr, decay) == (0.1, pytest.approx(0.4)) and accepted is not None
+    assert [p.weight_decay for p in record] == [0.1, 0.1, 0.1, pytest.approx(0.4)]
+    assert record[-1].accepted
 
 
 def test_relative_fit_is_measured_from_chance():
@@ -216,7 +246,7 @@ def test_members_below_the_window_are_run_again_smaller(small_trained_mlp, monke
 
     def fake_calibrate(run_probe, rel_of, record, *args, **kwargs):
         record.append(Probe(3.0, 0.8, 1.0, accepted=True))
-        return 3.0, None
+        return 3.0, kwargs["weight_decay"], None
 
     monkeypatch.setattr(step_size, "calibrate", fake_calibrate)
     x, y, model = small_trained_mlp
