@@ -25,9 +25,15 @@ def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray
     return np.square(np.asarray(deviations, dtype=np.float64))
 
 
-def _probe_text(probe: Probe) -> str:
-    """One calibration probe for `summary()`, e.g. "0.1 → 100% (abandoned halfway)"."""
+def _probe_text(probe: Probe, weight_decay=None) -> str:
+    """One calibration probe for `summary()`, e.g. "0.1 → 100% (abandoned halfway)".
+
+    Its decay is named when it differs from `weight_decay` (the first probe's).
+    """
     text = f"{probe.learning_rate:.3g} → {probe.relative_fit:.0%}"
+    if probe.weight_decay is not None and probe.weight_decay != weight_decay:
+        text = f"{probe.learning_rate:.3g} with weight decay {probe.weight_decay:.3g} → "
+        text += f"{probe.relative_fit:.0%}"
     if probe.abandoned:
         return text + " (abandoned halfway)"
     return text + (" (kept)" if probe.accepted else "")
@@ -323,7 +329,10 @@ class NoisyLabelReport:
             if record.calibration:
                 lines.append(
                     "  calibration probes (lr → share of θ*'s fit above chance kept): "
-                    + ", ".join(_probe_text(p) for p in record.calibration)
+                    + ", ".join(
+                        _probe_text(p, record.calibration[0].weight_decay)
+                        for p in record.calibration
+                    )
                 )
             ref = record.reference_stats
             if record.member_stats:

@@ -17,9 +17,11 @@ supports, and never sit at chance. Two mechanisms, one signal:
   error), chance 0. 1 keeps θ*'s whole fit, 0 knows nothing.
 * **Calibration** (`learning_rate="auto"`): a geometric search from
   `INITIAL_LR` by `LR_FACTOR`, then bisection in log, for a step size whose
-  member lands in `FIT_WINDOW`, at most `MAX_PROBES` probes. Every probe is a
-  full member; the accepted one is member 0 and every member uses its step
-  size. A member that diverged is run again `LR_FACTOR` × smaller, one that fell
+  member lands in `FIT_WINDOW`, at most `MAX_PROBES` probes. Where the fit
+  jumps from above the window to chance (SGD's stability edge) the search
+  holds the largest stable step size and raises the decay instead. Every
+  probe is a full member; the accepted one is member 0 and every member uses
+  its step size and decay. A member that diverged is run again `LR_FACTOR` × smaller, one that fell
   below the window √`LR_FACTOR` × smaller, at most `MAX_PROBES` times.
 
 The measurements behind each constant are in docs/design.md#member-rule.
