@@ -175,13 +175,14 @@ print(f"done in {time.perf_counter() - start_time:.0f} s")
 
 """
 How to read the table. What we measured with the full settings (5,000 images, members
-of 391 steps, one run on a 2-core CPU, 95 s): the full set gave 0.848; after pruning
-10%, 30% and 50%, GEX gave 0.844, 0.841 and 0.793, random pruning 0.847, 0.838 and
-0.797. On this small subset GEX pruning is not better than random (below it at 10% and
-50%, above it at 30%, each by at most 0.4 points): the paper's gains are reported on
-large data sets, where many easy examples are redundant. On small data, easy examples
-still carry information (the data-pruning literature finds that keeping them matters most
-when data is scarce), and a single random draw per fraction is itself noisy by a few
-tenths of a percent. Measure on your own data, with several seeds, before trusting a
-pruned set.
+of 391 steps, one run at 120dd29 on a 2-core CPU shared with a test run, 154 s): the full
+set gave 0.849; after pruning 10%, 30% and 50%, GEX gave 0.846, 0.848 and 0.792, random
+pruning 0.847, 0.835 and 0.752. GEX pruning kept the accuracy at 30% and lost less than
+random at 50% (4 points); at 10% both are within a few tenths of the full set. (Under
+the step-size rule before the member rule of 9f4feea, GEX was not better than random on
+this subset: 0.844, 0.841 and 0.793 against 0.847, 0.838 and 0.797.) A single random
+draw per fraction is itself noisy by a few tenths of a percent, and on small data easy
+examples still carry information (the data-pruning literature finds that keeping them
+matters most when data is scarce). Measure on your own data, with several seeds, before
+trusting a pruned set.
 """
