@@ -29,6 +29,13 @@ TRANSFORMS = {
 }
 
 
+#: The top share of scores winsorised (set to the score at that quantile) before
+#: Otsu's cut is chosen, so that a handful of extreme scores (a member confidently
+#: wrong on a binary row, a squared residual of 30) cannot decide where the other
+#: rows are split (docs/design.md#default-threshold).
+TAIL_SHARE = 0.01
+
+
 def _between_class_variance(v: np.ndarray) -> np.ndarray:
     """Between-class variance of every split of sorted `v` after its first k values."""
     n = v.size
@@ -93,11 +100,22 @@ def otsu_separability(values) -> float:
 
 
 def threshold_scores(scores: np.ndarray, method) -> float:
-    """Threshold for `scores` by `method` (a name in `TRANSFORMS` or a number)."""
+    """Threshold for `scores` by `method` (a name in `TRANSFORMS` or a number).
+
+    A named method chooses Otsu's cut on the transformed scores with the top
+    `TAIL_SHARE` winsorised; every score above the cut is flagged, those top
+    scores included.
+
+    >>> scores = np.r_[np.linspace(0.0, 0.2, 90), np.linspace(2.0, 3.0, 9), 60.0]
+    >>> threshold_scores(scores, "otsu") == 0.2  # the 10 high scores, not just 60
+    True
+    """
     if isinstance(method, str):
         _validation.one_of("threshold", method, TRANSFORMS)
-        transformed = TRANSFORMS[method](np.asarray(scores, dtype=np.float64))
-        cut = otsu_threshold(transformed)
+        values = np.asarray(scores, dtype=np.float64)
+        cap = np.quantile(values, 1.0 - TAIL_SHARE)
+        cut = otsu_threshold(TRANSFORMS[method](np.minimum(values, cap)))
+        transformed = TRANSFORMS[method](values)
         # Map back: the largest original score whose transform is <= cut.
         below = scores[transformed <= cut]
         return float(below.max()) if below.size else float(np.min(scores))
