@@ -9,7 +9,7 @@ import numpy as np
 from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
 from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
-from keras_gex.collection.step_size import MEMORISED_FIT
+from keras_gex.collection.step_size import MEMORISED_FIT, relative_fit
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
 
@@ -368,9 +368,7 @@ class NoisyLabelReport:
         chance = record.chance_fit if record is not None else None
         ref_fit = ref.fit if ref is not None else None
         if stats and ref_fit is not None and window and chance is not None:
-            rel = [
-                (s.fit - chance) / max(ref_fit - chance, 1e-12) for s in stats if s.fit is not None
-            ]
+            rel = [relative_fit(s, ref, chance) for s in stats if s.fit is not None]
             if rel and np.mean(rel) > window[1]:
                 out.append(
                     f"members still fit {np.mean(rel):.1%} of what θ* fits above chance: "
