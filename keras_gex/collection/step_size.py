@@ -249,8 +249,9 @@ def calibrate(
         f"Step-size calibration found no learning rate whose members keep "
         f"{low:.0%}-{high:.0%} of θ*'s training fit above chance in {max_probes} probes "
         f"({', '.join(f'{p.learning_rate:.3g} → {p.relative_fit:.0%}' for p in record)}); "
-        f"every member uses the closest, learning_rate={best.learning_rate:.4g}. Few labels "
-        "to forget, or a fit that jumps past the window; see `report.summary()`.",
+        f"every member uses the closest, learning_rate={best.learning_rate:.4g} with "
+        f"weight_decay={best.weight_decay:.3g}. Few labels to forget, or a fit that jumps "
+        "past the window; see `report.summary()`.",
         stacklevel=4,
     )
     return best.learning_rate, best.weight_decay, None

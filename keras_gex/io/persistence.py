@@ -245,10 +245,11 @@ class MemberStore:
         check_compatible(self.manifest, self.model, self._theta, self.directory)
         stored = self.manifest["config"]
         for key in (*RESUME_KEYS, *RESUME_DEFAULTS):
-            if stored.get(key, RESUME_DEFAULTS.get(key)) != self.config.get(key):
+            started = stored.get(key, RESUME_DEFAULTS.get(key))
+            if started != self.config.get(key):
                 raise ValueError(
                     f"Cannot resume the collection in {self.directory!r}: it was started "
-                    f"with {key}={stored.get(key)!r}, this call has "
+                    f"with {key}={started!r}, this call has "
                     f"{key}={self.config.get(key)!r}. Use the same arguments or another "
                     "directory."
                 )

@@ -104,6 +104,44 @@ def test_collect_with_directory_equals_plain_collection_and_loads(digits, tmp_pa
         )
 
 
+def test_resume_uses_the_calibrated_weight_decay(digits, tmp_path, monkeypatch):
+    """Calibration can raise the decay (at SGD's stability edge); a resumed
+    collection reads it from the store, so its members equal an uninterrupted
+    run's. A store written before the decay existed (λ = 0) refuses "auto"."""
+    from keras_gex.collection import step_size
+    from keras_gex.config import Probe
+
+    def fake_calibrate(run_probe, rel_of, record, *args, **kwargs):
+        record.append(Probe(0.1, 0.8, 1.0, accepted=True, weight_decay=0.4))
+        return 0.1, 0.4, None
+
+    monkeypatch.setattr(step_size, "calibrate", fake_calibrate)
+    data = (digits.x_train[:300], digits.y_train[:300])
+    model = make_mlp(seed=1, hidden=32)
+    model.fit(*data, epochs=5, verbose=0)
+    kwargs = dict(steps=15, seed=4, verbose=0)
+    plain = keras_gex.GeometricEnsemble.collect(model, data, num_members=3, **kwargs)
+    assert plain.record.weight_decay == 0.4
+    directory = tmp_path / "ge"
+    keras_gex.GeometricEnsemble.collect(model, data, num_members=2, directory=directory, **kwargs)
+    resumed = keras_gex.GeometricEnsemble.collect(
+        model, data, num_members=3, directory=directory, **kwargs
+    )
+    _assert_same_members(plain, resumed)
+    assert resumed.record.weight_decay == 0.4
+    with pytest.raises(ValueError, match="weight_decay"):
+        keras_gex.GeometricEnsemble.collect(
+            model, data, num_members=3, directory=directory, weight_decay=0.2, **kwargs
+        )
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["config"]["weight_decay"]  # as written before the decay existed
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"weight_decay=0\.0"):
+        keras_gex.GeometricEnsemble.collect(
+            model, data, num_members=3, directory=directory, **kwargs
+        )
+
+
 _CHILD = textwrap.dedent(
     """
     import os, sys

@@ -99,7 +99,7 @@ def test_no_step_size_in_the_window_warns_and_takes_the_nearest_probe():
         lr, accepted, record, _ = _calibrate_fake(fit, max_probes=4, midway_of_lr=lambda lr: 0)
     assert accepted == [] and len(record) == 4
     assert lr < 0.2  # 0.95 is nearer the window than a collapse at 0.1
-    assert f"the closest, learning_rate={lr:.4g}" in str(caught[0].message)
+    assert f"the closest, learning_rate={lr:.4g} with weight_decay=0.1" in str(caught[0].message)
 
 
 def test_a_diverged_probe_is_never_the_fallback():
