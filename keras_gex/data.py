@@ -274,6 +274,44 @@ class DataSource:
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
+    def in_memory(self, max_bytes: int) -> DataSource:
+        """This source as arrays, read in one pass, if a dataset's examples fit `max_bytes`.
+
+        Fine-tuning reads the training data once per epoch of every member;
+        from arrays a batch is a gather, from a dataset it is the dataset's
+        whole pipeline (and an unbatch and shuffle) again. Returns `self` for
+        arrays, for inputs of varying shape or strings, and for datasets
+        larger than `max_bytes` (streamed as they are). A pipeline that draws
+        random augmentations is read once: the members see one draw.
+        """
+        if self._arrays is not None:
+            return self
+        leaves = tf.nest.flatten(self._dataset.element_spec)
+        if any(
+            not isinstance(s, tf.TensorSpec)
+            or s.dtype == tf.string
+            or not s.shape[1:].is_fully_defined()
+            for s in leaves
+        ):
+            return self
+        example_bytes = sum(s.dtype.size * max(1, s.shape[1:].num_elements()) for s in leaves)
+        if self.num_examples is not None and example_bytes * self.num_examples > max_bytes:
+            return self
+        batches, rows = [], 0
+        for x, y in self._dataset:
+            rows += int(tf.shape(y)[0])
+            if example_bytes * rows > max_bytes:
+                return self
+            batches.append(tf.nest.map_structure(np.asarray, (x, y)))
+        if not rows:
+            raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
+        self.num_examples = rows
+        x, y = tf.nest.map_structure(lambda *parts: np.concatenate(parts), *batches)
+        try:
+            return DataSource((x, y), batch_size=self.batch_size, name=self.name)
+        except ValueError:  # e.g. NaN inputs: leave them to the model, as streamed
+            return self
+
     def array_stream(self, batch_size: int, seed: int) -> ArrayStream:
         """The batches of `shuffled(batch_size, seed)`, drawn by index (arrays only).
 

@@ -33,6 +33,10 @@ from keras_gex.weights import WeightSet
 
 #: Evaluation (the fit a member keeps) uses this many training examples.
 _EVAL_EXAMPLES = 2048
+#: A dataset whose examples fit in this many bytes is read into arrays once
+#: before fine-tuning: members then gather batches instead of re-running its
+#: pipeline every epoch (about 2x faster on a small image pipeline).
+_IN_MEMORY_BYTES = 2**30
 #: Evaluation examples whose inputs and labels fit in this many bytes are
 #: evaluated in one call instead of one call per batch.
 _EVAL_BATCH_BYTES = 32 * 2**20
@@ -176,6 +180,7 @@ def collect(
     """
     start = time.perf_counter()
     log = _logger(verbose)
+    source = source.in_memory(_IN_MEMORY_BYTES)
     n = source.count_examples()
     batch_size = min(config.batch_size, n)
     steps = resolve_steps(config.steps, n, config.batch_size)

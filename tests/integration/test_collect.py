@@ -8,6 +8,7 @@ from conftest import make_bn_model, make_mlp
 from tolerances import XLA_WEIGHTS_ATOL
 
 import keras_gex
+from keras_gex.collection import driver
 from keras_gex.collection.driver import resolve_jit_compile
 from keras_gex.collection.local import FineTuner
 from keras_gex.collection.tuner import resolve_steps
@@ -180,6 +181,41 @@ def test_fine_tuning_from_array_stream_equals_tf_data_stream(trained_mlp, digits
     assert tuner._indexed_fn.experimental_get_tracing_count() == 1
 
 
+def test_a_dataset_that_fits_in_memory_gives_the_members_of_its_arrays(small_mlp, monkeypatch):
+    """A dataset is read into arrays once, so it is fine-tuned by the array route:
+    the very members of the same arrays. Over the memory budget it is streamed."""
+    model, x, y = small_mlp
+    kwargs = dict(num_members=2, steps=10, learning_rate=0.05, seed=5, verbose=0)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(17)
+    ref = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    got = keras_gex.GeometricEnsemble.collect(model, dataset, **kwargs)
+    for ma, mb in zip(ref.members, got.members):
+        for wa, wb in zip(ma.trainable, mb.trainable):
+            np.testing.assert_array_equal(wa, wb)
+    monkeypatch.setattr(driver, "_IN_MEMORY_BYTES", x[:10].nbytes)
+    streamed = keras_gex.GeometricEnsemble.collect(model, dataset, **kwargs)
+    assert not np.array_equal(streamed.members[0].trainable[0], ref.members[0].trainable[0])
+
+
+def test_in_memory_reads_a_dataset_once_or_leaves_it_streamed():
+    from keras_gex.data import DataSource
+
+    x = {"a": np.arange(20, dtype=np.float32).reshape(10, 2), "b": np.arange(10)}
+    y = np.arange(10) % 3
+    source = DataSource(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
+    arrays = source.in_memory(2**20)
+    assert arrays.has_arrays and arrays.count_examples() == 10
+    np.testing.assert_array_equal(arrays.arrays[0]["a"], x["a"])
+    np.testing.assert_array_equal(arrays.arrays[0]["b"], x["b"])
+    np.testing.assert_array_equal(arrays.arrays[1], y)
+    assert arrays.in_memory(2**20) is arrays
+    assert source.in_memory(100) is source  # 10 rows of 24 bytes
+    ragged = tf.data.Dataset.range(1, 4).map(lambda n: (tf.ones((n, 2)), tf.zeros((n,))))
+    assert tf.TensorShape([None, 2]) == ragged.element_spec[0].shape
+    varying = DataSource(ragged.map(lambda a, b: (tf.reshape(a, (1, -1)), b[:1])))
+    assert varying.in_memory(2**20) is varying  # rows of varying width stay streamed
+
+
 @pytest.mark.parametrize("kind", ["array", "array-xla", "tf.data"])
 def test_two_segments_of_a_schedule_equal_the_whole_run(trained_mlp, digits, kind):
     """Two routes: steps 0..12 then 12..30 of a 30-step schedule, or all 30 at once."""
@@ -247,7 +283,7 @@ def test_xla_fine_tuning_equals_plain_fine_tuning(trained_mlp, digits):
         np.testing.assert_allclose(a, b, rtol=0, atol=XLA_WEIGHTS_ATOL)
 
 
-def test_collect_records_xla_and_the_option_is_validated(small_mlp):
+def test_collect_records_xla_and_the_option_is_validated(small_mlp, monkeypatch):
     model, x, y = small_mlp
     kwargs = dict(num_members=1, steps=5, learning_rate=0.05, seed=0, verbose=0)
     ens = keras_gex.GeometricEnsemble.collect(model, (x, y), jit_compile=True, **kwargs)
@@ -255,6 +291,9 @@ def test_collect_records_xla_and_the_option_is_validated(small_mlp):
     ens = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
     assert ens.info["jit_compile"] is resolve_jit_compile("auto", model)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    ens = keras_gex.GeometricEnsemble.collect(model, dataset, jit_compile=True, **kwargs)
+    assert ens.info["jit_compile"] is True  # read into memory: the array route
+    monkeypatch.setattr(driver, "_IN_MEMORY_BYTES", 0)
     ens = keras_gex.GeometricEnsemble.collect(model, dataset, jit_compile=True, **kwargs)
     assert ens.info["jit_compile"] is False  # a tf.data stream is never compiled with XLA
     with pytest.raises(ValueError, match="jit_compile"):
