@@ -237,29 +237,27 @@ def collect(
 
     steps_run = 0  # SGD steps of every member run, probes and runs redone included
 
-    def run_round(
-        lr: float, first: int, start_weights: WeightSet, abandon_above=None, weight_decay=None
-    ):
+    def run_round(lr: float, first: int, start_weights: WeightSet, abandon=None, weight_decay=None):
         """Members `first .. first+width-1` at `lr`: `([(weights, stats)], midway)`.
 
-        With `abandon_above` (rounds of one member), the relative fit is also
+        With `abandon` (rounds of one member), the relative fit is also
         measured halfway (BatchNorm statistics as they are) and the member is
-        abandoned there, weights None and stats finite, if it keeps more than
-        that. Not abandoning gives the same member as an uninterrupted run.
+        abandoned there, weights None and stats finite, if `abandon(midway)`.
+        Not abandoning gives the same member as an uninterrupted run.
         """
         nonlocal steps_run
         batches = stream([first + r for r in range(width)])
         tuner.load(start_weights)
         tuner.set_weight_decay(decay if weight_decay is None else weight_decay)
         midway = None
-        if abandon_above is not None and width == 1:
+        if abandon is not None and width == 1:
             trained = tuner.train(batches, steps, lr, stop=halfway(steps))
             steps_run += halfway(steps)
             if trained[0][1]:
                 mid_loss, mid_fit = tuner.evaluate(eval_batches)[0]
                 mid = MemberStats(lr, trained[0][0], fit_of(mid_fit, mid_loss), mid_loss)
                 midway = rel_of(mid)
-                if midway > abandon_above:
+                if abandon(midway):
                     return [(None, mid)], midway
                 trained = tuner.train(batches, steps, lr, start=halfway(steps))
                 steps_run += steps - halfway(steps)
@@ -302,8 +300,8 @@ def collect(
         lr = step_size.uncalibrated_learning_rate(why, stacklevel=3)
     elif lr is None and auto:
         lr, decay, pending = step_size.calibrate(
-            lambda probe_lr, probe_decay, above: run_round(
-                probe_lr, 0, theta_star, above, weight_decay=probe_decay
+            lambda probe_lr, probe_decay, abandon: run_round(
+                probe_lr, 0, theta_star, abandon, weight_decay=probe_decay
             ),
             rel_of,
             calibration,

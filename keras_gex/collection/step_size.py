@@ -20,7 +20,8 @@ supports, and never sit at chance. Two mechanisms, one signal:
   member lands in `FIT_WINDOW`, at most `MAX_PROBES` probes. Where the fit
   jumps from above the window to chance (SGD's stability edge) the search
   holds the largest stable step size and raises the decay instead. Every
-  probe is a full member; the accepted one is member 0 and every member uses
+  probe is a full member, stopped halfway if it is still above the window or
+  at chance there; the accepted one is member 0 and every member uses
   its step size and decay. A member that diverged is run again `LR_FACTOR` × smaller, one that fell
   below the window √`LR_FACTOR` × smaller, at most `MAX_PROBES` times.
 
@@ -85,6 +86,19 @@ def relative_fit(stats: MemberStats, ref: MemberStats, chance: float) -> float:
     if not stats.finite or stats.fit is None or not math.isfinite(stats.loss):
         return 0.0
     return (stats.fit - chance) / max(ref.fit - chance, 1e-12)
+
+
+def hopeless_halfway(midway: float) -> bool:
+    """Whether a probe is abandoned at `halfway` with the relative fit `midway` it has there.
+
+    Still above the window: the second half's smaller steps only restore fit.
+    At chance (≤ 0): the member has collapsed; on the zoo the second half never
+    brought such a probe into the window (docs/design.md#calibration).
+
+    >>> hopeless_halfway(0.95), hopeless_halfway(0.0), hopeless_halfway(0.6)
+    (True, True, False)
+    """
+    return midway > FIT_WINDOW[1] or midway <= 0.0
 
 
 def warn_unless_memorised(ref_fit, stacklevel: int) -> None:
@@ -178,12 +192,12 @@ def calibrate(
 ):
     """Search for the step size (and decay) whose members land in `FIT_WINDOW`.
 
-    `run_probe(lr, weight_decay, abandon_above)` fine-tunes one round from θ*
-    on member 0's stream and returns `(results, midway)`: `[(weights, stats)]`
+    `run_probe(lr, weight_decay, abandon)` fine-tunes one round from θ* on
+    member 0's stream and returns `(results, midway)`: `[(weights, stats)]`
     per member of the round (weights None if abandoned or diverged) and member
-    0's relative fit halfway (None where not measured). A probe still above the
-    window halfway is abandoned there (half the cost): the second half's
-    smaller steps only restore fit. `rel_of(stats)` is a member's relative
+    0's relative fit halfway (None where not measured). A probe for which
+    `abandon(midway)` (`hopeless_halfway`: above the window or at chance) is
+    stopped there, at half the cost. `rel_of(stats)` is a member's relative
     fit. Each probe is appended to `record` as a `Probe`.
 
     The step size is searched first. When every probe so far kept more than
@@ -204,7 +218,7 @@ def calibrate(
     searching = "lr"
     for _ in range(max_probes):
         probe_start = time.perf_counter()
-        results, midway = run_probe(lr, decay, high)
+        results, midway = run_probe(lr, decay, hopeless_halfway)
         weights, stats = results[0]
         rel = rel_of(stats)
         abandoned = weights is None and stats.finite

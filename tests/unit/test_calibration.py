@@ -26,10 +26,10 @@ def _fake_member(fit_of_lr, calls, midway_of_lr=None):
     """
     midway_of_lr = midway_of_lr or fit_of_lr
 
-    def run_probe(lr, weight_decay, abandon_above):
+    def run_probe(lr, weight_decay, abandon):
         calls.append(lr)
         midway = midway_of_lr(lr)
-        if midway > abandon_above:
+        if abandon(midway):
             return [(None, MemberStats(lr, 0.2, midway, 0.3))], midway
         return [(f"weights@{lr:.4g}", MemberStats(lr, 0.1, fit_of_lr(lr), 0.5))], midway
 
@@ -64,7 +64,7 @@ def test_search_goes_up_by_the_factor_then_bisects_in_log():
     def fit(lr):
         return 1.0 if lr < 0.15 else (0.85 if lr < 0.18 else 0.1)
 
-    lr, accepted, record, calls = _calibrate_fake(fit, midway_of_lr=lambda lr: 0.0)
+    lr, accepted, record, calls = _calibrate_fake(fit, midway_of_lr=lambda lr: 0.6)
     assert 0.15 <= lr < 0.18 and len(accepted) == 1
     up = 0.1 * LR_FACTOR
     assert calls[:3] == [0.1, up, pytest.approx(math.sqrt(0.1 * up))]
@@ -91,12 +91,23 @@ def test_probe_still_above_the_window_halfway_is_abandoned():
     assert record[0].abandoned is False and record[0].relative_fit == 1.0
 
 
+def test_probe_at_chance_halfway_is_abandoned_as_too_large_a_step():
+    """Halfway at chance: the member collapsed; stopped there (half the steps),
+    recorded at its halfway fit, and the step size goes down."""
+    lr, accepted, record, calls = _calibrate_fake(
+        lambda lr: 0.7 if lr < 0.15 else 0.3, midway_of_lr=lambda lr: 0.0 if lr > 0.05 else 0.6
+    )
+    assert calls == [0.1, 0.1 / LR_FACTOR] and lr == 0.1 / LR_FACTOR and len(accepted) == 1
+    assert record[0].abandoned is True and record[0].relative_fit == 0.0
+    assert record[0].steps == 20 and not record[0].accepted
+
+
 def test_no_step_size_in_the_window_warns_and_takes_the_nearest_probe():
     def fit(lr):  # a cliff: from the basin straight to collapse
         return 0.95 if lr < 0.2 else 0.1
 
     with pytest.warns(UserWarning, match="found no learning rate") as caught:
-        lr, accepted, record, _ = _calibrate_fake(fit, max_probes=4, midway_of_lr=lambda lr: 0)
+        lr, accepted, record, _ = _calibrate_fake(fit, max_probes=4, midway_of_lr=lambda lr: 0.6)
     assert accepted == [] and len(record) == 4
     assert lr < 0.2  # 0.95 is nearer the window than a collapse at 0.1
     assert f"the closest, learning_rate={lr:.4g} with weight_decay=0.1" in str(caught[0].message)
@@ -113,7 +124,7 @@ def test_at_the_stability_edge_the_decay_is_raised_at_a_stable_step_size():
     that kept the fit and raises the weight decay until members forget."""
     calls, record = [], []
 
-    def run_probe(lr, weight_decay, abandon_above):
+    def run_probe(lr, weight_decay, abandon):
         calls.append((lr, weight_decay))
         if lr > 0.12:  # diverges
             return [(None, MemberStats(lr, float("nan"), 0.0, float("nan"), False))], None
@@ -315,7 +326,7 @@ def test_a_missed_window_is_explained_with_what_to_do():
         return 0.97 if lr < 0.15 else 0.0
 
     with pytest.warns(UserWarning, match="found no learning rate"):
-        _, _, probes, _ = _calibrate_fake(fit, max_probes=4, midway_of_lr=lambda lr: 0.0)
+        _, _, probes, _ = _calibrate_fake(fit, max_probes=4, midway_of_lr=lambda lr: 0.6)
     probes[-1].loss = float("nan")  # the last probe diverged
     record = CollectionRecord.from_dict(
         {"learning_rate_requested": "auto", "fit_window": FIT_WINDOW, "weight_decay": 0.1}
