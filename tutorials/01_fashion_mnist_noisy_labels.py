@@ -174,7 +174,7 @@ print(f"test accuracy of the model trained on noisy labels: {acc_noisy:.4f}")
 
 """
 The `[keras_gex]` lines above are the step-size calibration: each probe is a full-length
-member, and the step size is adjusted until members keep 50–90% of θ*'s training fit
+member, and the step size is adjusted until members keep 20–90% of θ*'s training fit
 above chance (judged on the given labels — the calibration knows nothing about which
 labels are wrong). The probe that lands in that window becomes the first member, and
 every member fine-tunes at its step size, with weight decay.

@@ -72,7 +72,7 @@ def test_search_goes_up_by_the_factor_then_bisects_in_log():
 
 
 def test_search_goes_down_when_the_first_probe_is_below_the_window():
-    lr, _, _, calls = _calibrate_fake(lambda lr: 0.8 if lr < 0.09 else 0.2)
+    lr, _, _, calls = _calibrate_fake(lambda lr: 0.8 if lr < 0.09 else 0.1)
     assert calls == [0.1, 0.1 / LR_FACTOR] and lr == 0.1 / LR_FACTOR
 
 
