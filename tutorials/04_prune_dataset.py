@@ -175,7 +175,7 @@ print(f"done in {time.perf_counter() - start_time:.0f} s")
 
 """
 How to read the table. What we measured with the full settings (5,000 images, members
-of 391 steps, one run at 120dd29 on a 2-core CPU shared with a test run, 154 s): the full
+of 391 steps, one run at 8e6d30e on an otherwise idle 2-core CPU, 92 s): the full
 set gave 0.849; after pruning 10%, 30% and 50%, GEX gave 0.846, 0.848 and 0.792, random
 pruning 0.847, 0.835 and 0.752. GEX pruning kept the accuracy at 30% and lost less than
 random at 50% (4 points); at 10% both are within a few tenths of the full set. (Under
