@@ -401,6 +401,15 @@ class NoisyLabelReport:
                 f"θ* predicts only {ref_fit:.1%} of its training labels: labels it never "
                 "fitted rank high by their loss alone, mislabeled or merely hard."
             )
+        flagged = float(np.mean(self.noisy_mask)) if len(self.noisy_mask) else 0.0
+        if flagged > 0.5:
+            out.append(
+                f"the threshold flags {flagged:.0%} of the rows: wrong labels cannot be the "
+                "majority, so the scores hold no separate group of wrong labels here: most "
+                "rows score high. The flagged set is mostly correct labels; review "
+                "`report.ranking()` from the top instead, and compare with "
+                "`report.reference_losses`."
+            )
         miss = calibration_miss(record) if record is not None else None
         if miss is not None:
             out.append(miss)

@@ -323,3 +323,11 @@ def test_diagnostics_judge_members_by_their_fit_above_chance(report):
     assert not any(barely in w or near_chance in w for w in with_members_keeping(0.7))
     assert any(barely in w for w in with_members_keeping(0.95))
     assert any(near_chance in w for w in with_members_keeping(0.1))
+
+
+def test_diagnostics_say_when_the_threshold_flags_most_rows(report):
+    """Wrong labels cannot be the majority: a cut above half the rows is reported."""
+    assert not any("cannot be the majority" in w for w in report.diagnostics())
+    most = np.arange(len(report.scores)) % 3 != 0  # two rows in three
+    text = dataclasses.replace(report, noisy_mask=most).diagnostics()
+    assert any("flags 67% of the rows" in w and "cannot be the majority" in w for w in text)
