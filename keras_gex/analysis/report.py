@@ -30,10 +30,10 @@ def _probe_text(probe: Probe, weight_decay=None) -> str:
 
     Its decay is named when it differs from `weight_decay` (the first probe's).
     """
-    text = f"{probe.learning_rate:.3g} → {probe.relative_fit:.0%}"
+    text = f"{probe.learning_rate:.3g}"
     if probe.weight_decay is not None and probe.weight_decay != weight_decay:
-        text = f"{probe.learning_rate:.3g} with weight decay {probe.weight_decay:.3g} → "
-        text += f"{probe.relative_fit:.0%}"
+        text += f" with weight decay {probe.weight_decay:.3g}"
+    text += f" → {probe.relative_fit:.0%}"
     if probe.abandoned:
         return text + " (abandoned halfway)"
     return text + (" (kept)" if probe.accepted else "")

@@ -113,9 +113,10 @@ def threshold_scores(scores: np.ndarray, method) -> float:
     if isinstance(method, str):
         _validation.one_of("threshold", method, TRANSFORMS)
         values = np.asarray(scores, dtype=np.float64)
-        cap = np.quantile(values, 1.0 - TAIL_SHARE)
-        cut = otsu_threshold(TRANSFORMS[method](np.minimum(values, cap)))
         transformed = TRANSFORMS[method](values)
+        # Every transform is monotone: winsorising after it cuts the same values.
+        cap = TRANSFORMS[method](np.quantile(values, 1.0 - TAIL_SHARE))
+        cut = otsu_threshold(np.minimum(transformed, cap))
         # Map back: the largest original score whose transform is <= cut.
         below = scores[transformed <= cut]
         return float(below.max()) if below.size else float(np.min(scores))

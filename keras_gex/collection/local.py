@@ -57,10 +57,6 @@ class FineTuner:
         self._eval_fn = None
 
     # -- state ------------------------------------------------------------------
-    @property
-    def weight_decay(self) -> float:
-        return float(self._decay.numpy())
-
     def set_weight_decay(self, weight_decay: float) -> None:
         """The decay λ of the following runs (a variable: nothing is traced again)."""
         self._decay.assign(float(weight_decay))

@@ -111,10 +111,6 @@ class ReplicaFineTuner:
         )
 
     # -- state --------------------------------------------------------------------------
-    @property
-    def weight_decay(self) -> float:
-        return float(self._decay.numpy())
-
     def set_weight_decay(self, weight_decay: float) -> None:
         """The decay λ of the following rounds (a mirrored variable: nothing is traced again)."""
         self._decay.assign(float(weight_decay))
