@@ -71,6 +71,15 @@ def test_search_goes_up_by_the_factor_then_bisects_in_log():
     assert [r.accepted for r in record] == [False] * (len(record) - 1) + [True]
 
 
+def test_members_keeping_a_quarter_of_the_fit_above_chance_are_accepted():
+    """On hard tasks the data supports about a third of θ*'s fit above chance:
+    a member keeping a quarter is accepted; one keeping a tenth is too close to chance."""
+    lr, accepted, _, calls = _calibrate_fake(lambda lr: 0.25)
+    assert calls == [0.1] and lr == 0.1 and len(accepted) == 1
+    lr, _, _, calls = _calibrate_fake(lambda lr: 0.25 if lr < 0.09 else 0.1)
+    assert calls == [0.1, 0.1 / LR_FACTOR] and lr == 0.1 / LR_FACTOR
+
+
 def test_search_goes_down_when_the_first_probe_is_below_the_window():
     lr, _, _, calls = _calibrate_fake(lambda lr: 0.8 if lr < 0.09 else 0.1)
     assert calls == [0.1, 0.1 / LR_FACTOR] and lr == 0.1 / LR_FACTOR
