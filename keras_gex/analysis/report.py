@@ -347,9 +347,10 @@ class NoisyLabelReport:
             redone = record.redone_members
             if any(redone.values()):
                 lines.append(
-                    f"  members run again at a smaller step size: {redone.get('collapsed', 0)} "
-                    f"after falling below the fit window, {redone.get('diverged', 0)} after "
-                    "diverging; the discarded runs are not in the ensemble"
+                    f"  members run again: {redone.get('collapsed', 0)} after falling below "
+                    f"the fit window (on another batch order), {redone.get('diverged', 0)} "
+                    "after diverging (at a smaller step size); the discarded runs are not in "
+                    "the ensemble"
                 )
             for warning in self.diagnostics():
                 lines.append(f"  WARNING: {warning}")

@@ -70,14 +70,19 @@ def resolve_jit_compile(jit_compile, model) -> bool:
     return bool(jit_compile)
 
 
-def stream_seed(seed: int, index) -> int:
+def stream_seed(seed: int, index, rerun: int = 0) -> int:
     """Seed of one member's mini-batch stream, independent of other members.
+
+    `rerun` > 0 gives the stream of the `rerun`-th member run again.
 
     >>> stream_seed(0, 1) == stream_seed(0, 1) != stream_seed(0, 2)
     True
+    >>> stream_seed(0, 1, rerun=1) not in (stream_seed(0, 1), stream_seed(0, 1, rerun=2))
+    True
     """
     key = index if isinstance(index, int) else sum(map(ord, str(index))) + 10**6
-    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0] % (2**31))
+    entropy = [seed, key] if rerun == 0 else [seed, key, rerun]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2**31))
 
 
 def _logger(verbose: int):
@@ -212,8 +217,9 @@ def collect(
         )
     width = tuner.width
 
-    def stream(keys):
-        return tuner.open_stream(source, batch_size, [stream_seed(seed, k) for k in keys])
+    def stream(keys, rerun=0):
+        seeds = [stream_seed(seed, k, rerun) for k in keys]
+        return tuner.open_stream(source, batch_size, seeds)
 
     theta_star = tuner.snapshots()[0]
     tuner.load(theta_star)
@@ -237,7 +243,9 @@ def collect(
 
     steps_run = 0  # SGD steps of every member run, probes and runs redone included
 
-    def run_round(lr: float, first: int, start_weights: WeightSet, abandon=None, weight_decay=None):
+    def run_round(
+        lr: float, first: int, start_weights: WeightSet, abandon=None, weight_decay=None, rerun=0
+    ):
         """Members `first .. first+width-1` at `lr`: `([(weights, stats)], midway)`.
 
         With `abandon` (rounds of one member), the relative fit is also
@@ -246,7 +254,7 @@ def collect(
         Not abandoning gives the same member as an uninterrupted run.
         """
         nonlocal steps_run
-        batches = stream([first + r for r in range(width)])
+        batches = stream([first + r for r in range(width)], rerun)
         tuner.load(start_weights)
         tuner.set_weight_decay(decay if weight_decay is None else weight_decay)
         midway = None
@@ -315,13 +323,16 @@ def collect(
         store.save_calibration(lr, decay, [dataclasses.asdict(p) for p in calibration])
 
     gate = step_size.MemberGate(adaptive, stacklevel=3, log=log)
+    reruns = {}  # member index: how often a round starting there was run again
     what = "it" if width == 1 else "it and the rest of its round"
     previous = members[-1] if (config.chain and members) else theta_star
     rounds = 0
     while len(members) < config.num_members:
         first = len(members)
         if pending is None:
-            pending, _ = run_round(lr, first, previous if config.chain else theta_star)
+            start_weights = previous if config.chain else theta_star
+            rerun = reruns.get(first, 0)
+            pending, _ = run_round(lr, first, start_weights, gate.abandon(), rerun=rerun)
         results, pending = pending, None
         rounds += 1
         for offset, (weights, member_stats) in enumerate(results):
@@ -332,6 +343,7 @@ def collect(
             retry_lr = gate.reject(member_stats, rel, lr, index, what)
             if retry_lr is not None:
                 lr = retry_lr
+                reruns[index] = reruns.get(index, 0) + 1  # the next round starts there
                 break
             members.append(weights)
             stats.append(member_stats)

@@ -22,8 +22,10 @@ supports, and never sit at chance. Two mechanisms, one signal:
   holds the largest stable step size and raises the decay instead. Every
   probe is a full member, stopped halfway if it is still above the window or
   at chance there; the accepted one is member 0 and every member uses
-  its step size and decay. A member that diverged is run again `LR_FACTOR` × smaller, one that fell
-  below the window √`LR_FACTOR` × smaller, at most `MAX_PROBES` times.
+  its step size and decay. A member that diverged is run again `LR_FACTOR` × smaller; one that fell
+  below the window is run again on another batch order, and the step size drops
+  √`LR_FACTOR` × only once more members collapsed at it than kept it; at most
+  `MAX_PROBES` runs again.
 
 The measurements behind each constant are in docs/design.md#member-rule.
 """
@@ -89,17 +91,29 @@ def relative_fit(stats: MemberStats, ref: MemberStats, chance: float) -> float:
     return (stats.fit - chance) / max(ref.fit - chance, 1e-12)
 
 
+def collapsed_halfway(midway: float) -> bool:
+    """Whether a member at the relative fit `midway` at `halfway` has collapsed.
+
+    At chance (≤ 0) halfway, the second half's smaller steps did not bring a
+    probe on the zoo back into the window (docs/design.md#calibration), so a
+    member there is abandoned and run again at half the cost.
+
+    >>> collapsed_halfway(0.0), collapsed_halfway(0.3)
+    (True, False)
+    """
+    return midway <= 0.0
+
+
 def hopeless_halfway(midway: float) -> bool:
     """Whether a probe is abandoned at `halfway` with the relative fit `midway` it has there.
 
-    Still above the window: the second half's smaller steps only restore fit.
-    At chance (≤ 0): the member has collapsed; on the zoo the second half never
-    brought such a probe into the window (docs/design.md#calibration).
+    Still above the window, the second half's smaller steps only restore fit;
+    or collapsed (`collapsed_halfway`).
 
     >>> hopeless_halfway(0.95), hopeless_halfway(0.0), hopeless_halfway(0.6)
     (True, True, False)
     """
-    return midway > FIT_WINDOW[1] or midway <= 0.0
+    return midway > FIT_WINDOW[1] or collapsed_halfway(midway)
 
 
 def warn_unless_memorised(ref_fit, stacklevel: int) -> None:
@@ -129,8 +143,14 @@ class MemberGate:
     """The checks every finished member passes, with one budget of reruns.
 
     A diverged member is always dropped and run again `LR_FACTOR` × smaller.
-    Under a calibrated step size (`adaptive`) a member below `FIT_WINDOW` is run
-    again √`LR_FACTOR` × smaller. At most `MAX_PROBES` reruns in all.
+    Under a calibrated step size (`adaptive`) a member below `FIT_WINDOW` is
+    run again on a fresh batch order: near SGD's stability edge whether a
+    member collapses depends on its batch order, not only on the step size (on
+    the zoo's cliff rows a quarter to three quarters of the members at the
+    accepted step size collapsed). The step size drops √`LR_FACTOR` × only
+    once more members collapsed at it than were kept, or two in a row, since
+    every member at a smaller one can fall back into θ*'s basin. At most
+    `MAX_PROBES` reruns in all; every rerun draws a batch order no member used.
     """
 
     def __init__(self, adaptive: bool, stacklevel: int, log):
@@ -138,11 +158,16 @@ class MemberGate:
         self.stacklevel = stacklevel
         self.log = log
         self.redone = {"collapsed": 0, "diverged": 0}
+        self.kept = 0  # members kept and collapsed at the current step size
+        self.collapsed = 0
+        self.in_a_row = 0  # collapses since the last member kept
 
     def reject(self, member_stats: MemberStats, rel: float, lr: float, index: int, what: str):
         """None if the member is kept, else the step size to redo it with."""
         collapsed = self.adaptive and member_stats.finite and rel < FIT_WINDOW[0]
         if member_stats.finite and not collapsed:
+            self.kept += 1
+            self.in_a_row = 0
             return None
         if sum(self.redone.values()) >= MAX_PROBES:
             if not member_stats.finite:
@@ -159,13 +184,26 @@ class MemberGate:
                 f"1/{LR_FACTOR:g} of the step size.",
                 stacklevel=self.stacklevel + 1,
             )
+            self.kept, self.collapsed, self.in_a_row = 0, 0, 0
             return lr / LR_FACTOR
         self.redone["collapsed"] += 1
+        self.collapsed += 1
+        self.in_a_row += 1
+        retry_lr = lr
+        if self.collapsed > self.kept or self.in_a_row >= 2:
+            retry_lr = lr / math.sqrt(LR_FACTOR)
+            self.kept, self.collapsed, self.in_a_row = 0, 0, 0
         self.log(
             f"member {index + 1}: lr {lr:.4g} left it {rel:.1%} of θ*'s fit above chance; "
-            f"running {what} again at a smaller step size"
+            f"running {what} again at lr {retry_lr:.4g} on another batch order"
         )
-        return lr / math.sqrt(LR_FACTOR)
+        return retry_lr
+
+    def abandon(self):
+        """The halfway check for the next member: collapsed, while reruns are left."""
+        if self.adaptive and sum(self.redone.values()) < MAX_PROBES:
+            return collapsed_halfway
+        return None
 
     def counts(self) -> dict:
         """How many members were run again, by reason."""

@@ -156,6 +156,25 @@ def test_at_the_stability_edge_the_decay_is_raised_at_a_stable_step_size():
     assert record[-1].accepted
 
 
+def test_a_collapse_is_run_again_at_the_same_step_size_until_collapses_outnumber():
+    """Near the stability edge a collapse is a draw of the batch order: the step
+    size drops only once collapses outnumber kept members or come twice in a row."""
+    gate = step_size.MemberGate(adaptive=True, stacklevel=1, log=lambda msg: None)
+    kept, collapsed = MemberStats(0.2, 0.1, 0.8, 0.5), MemberStats(0.2, 0.1, 0.1, 2.3)
+    assert gate.abandon() is step_size.collapsed_halfway
+    assert gate.reject(kept, 0.6, 0.2, 0, "it") is None
+    assert gate.reject(collapsed, 0.0, 0.2, 1, "it") == 0.2  # one each: same step size
+    assert gate.reject(kept, 0.6, 0.2, 1, "it") is None
+    assert gate.reject(collapsed, 0.0, 0.2, 2, "it") == 0.2  # two collapsed, two kept
+    lowered = gate.reject(collapsed, 0.0, 0.2, 2, "it")  # twice in a row
+    assert lowered == pytest.approx(0.2 / math.sqrt(LR_FACTOR))
+    # At the new step size nothing is kept yet: the first collapse lowers it again.
+    assert gate.reject(collapsed, 0.0, lowered, 2, "it") == pytest.approx(0.1)
+    assert gate.counts() == {"collapsed": 4, "diverged": 0}
+    fixed = step_size.MemberGate(adaptive=False, stacklevel=1, log=lambda msg: None)
+    assert fixed.abandon() is None and fixed.reject(collapsed, 0.0, 0.2, 0, "it") is None
+
+
 def test_relative_fit_is_measured_from_chance():
     """A binary member that answers the majority class "fits" its share of the
     rows: relative to chance it knows nothing."""
@@ -279,7 +298,36 @@ def test_members_below_the_window_are_run_again_smaller(small_trained_mlp, monke
     rates = [s.learning_rate for s in ens.record.member_stats]
     assert max(rates) < 3.0
     summary = keras_gex.detect_noisy((x, y), ens, verbose=0).summary(print_fn=None)
-    assert "members run again at a smaller step size: " in summary
+    assert "members run again: " in summary and "on another batch order" in summary
+
+
+def test_a_member_run_again_draws_another_batch_order(small_trained_mlp, monkeypatch):
+    """A member rejected once and run at the same step size is another member;
+    the members before and after it are those of a collection with no rerun."""
+    x, y, model = small_trained_mlp
+    kwargs = dict(num_members=3, steps=20, batch_size=32, learning_rate=0.05, seed=0, verbose=0)
+    plain = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    reject = step_size.MemberGate.reject
+    calls = []
+
+    def reject_member_1_once(self, member_stats, rel, lr, index, what):
+        calls.append(index)
+        if calls.count(1) == 1 and index == 1:
+            self.redone["collapsed"] += 1
+            return lr
+        return reject(self, member_stats, rel, lr, index, what)
+
+    monkeypatch.setattr(step_size.MemberGate, "reject", reject_member_1_once)
+    rerun = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    assert rerun.record.redone_members["collapsed"] == 1
+    for i in (0, 2):
+        for a, b in zip(plain.members[i].trainable, rerun.members[i].trainable):
+            np.testing.assert_array_equal(a, b)
+    differs = [
+        not np.array_equal(a, b)
+        for a, b in zip(plain.members[1].trainable, rerun.members[1].trainable)
+    ]
+    assert all(differs)
 
 
 def test_regression_calibrates_on_the_share_of_loss_explained():
