@@ -18,8 +18,9 @@ supports, and never sit at chance. Two mechanisms, one signal:
 * **Calibration** (`learning_rate="auto"`): a geometric search from
   `INITIAL_LR` by `LR_FACTOR`, then bisection in log, for a step size whose
   member lands in `FIT_WINDOW`, at most `MAX_PROBES` probes. Where the fit
-  jumps from above the window to chance (SGD's stability edge) the search
-  holds the largest stable step size and raises the decay instead. Every
+  jumps from above the window to chance (SGD's stability edge), or a probe
+  inside the window halfway ends above it, the search holds the largest stable
+  step size and raises the decay instead. Every
   probe is a full member, stopped halfway if it is still above the window or
   at chance there; the accepted one is member 0 and every member uses
   its step size and decay. A member that diverged is run again `LR_FACTOR` × smaller; one that fell
@@ -114,6 +115,19 @@ def hopeless_halfway(midway: float) -> bool:
     (True, True, False)
     """
     return midway > FIT_WINDOW[1] or collapsed_halfway(midway)
+
+
+def restored_in_tail(midway, rel: float) -> bool:
+    """Whether a probe inside the window halfway (`midway`) ended above it (`rel`).
+
+    Its step size moved it out of θ*'s basin, and the schedule's small final
+    steps brought the memorised labels back: what is missing is decay, not a
+    larger step (docs/design.md#calibration).
+
+    >>> restored_in_tail(0.83, 0.93), restored_in_tail(0.95, 0.97), restored_in_tail(None, 0.97)
+    (True, False, False)
+    """
+    return midway is not None and midway <= FIT_WINDOW[1] < rel
 
 
 def warn_unless_memorised(ref_fit, stacklevel: int) -> None:
@@ -244,7 +258,9 @@ def calibrate(
     fit jumps past the window at SGD's stability edge; the search then holds
     the largest step size that kept the fit and raises the decay λ by
     `LR_FACTOR`² per probe (bisecting in log once bracketed), so that members
-    forget at a stable step size.
+    forget at a stable step size. A probe that was inside the window halfway
+    and ended above it (`restored_in_tail`) turns the search to the decay at
+    its own step size at once.
 
     Returns:
         `(learning_rate, weight_decay, accepted)`: the step size and decay, and
@@ -287,8 +303,9 @@ def calibrate(
             too_small = value if too_small is None else max(too_small, value)
         else:
             too_large = value if too_large is None else min(too_large, value)
-        if searching == "lr" and stability_edge(record, too_small, too_large):
-            searching, lr = "decay", too_small
+        restored = restored_in_tail(midway, rel)
+        if searching == "lr" and (restored or stability_edge(record, too_small, too_large)):
+            searching, lr = "decay", too_small  # the probe's own step size if `restored`
             too_small, too_large = decay, None
         if too_small is not None and too_large is not None:
             value = math.sqrt(too_small * too_large)

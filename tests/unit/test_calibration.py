@@ -64,7 +64,7 @@ def test_search_goes_up_by_the_factor_then_bisects_in_log():
     def fit(lr):
         return 1.0 if lr < 0.15 else (0.85 if lr < 0.18 else 0.1)
 
-    lr, accepted, record, calls = _calibrate_fake(fit, midway_of_lr=lambda lr: 0.6)
+    lr, accepted, record, calls = _calibrate_fake(fit)
     assert 0.15 <= lr < 0.18 and len(accepted) == 1
     up = 0.1 * LR_FACTOR
     assert calls[:3] == [0.1, up, pytest.approx(math.sqrt(0.1 * up))]
@@ -154,6 +154,32 @@ def test_at_the_stability_edge_the_decay_is_raised_at_a_stable_step_size():
     assert (lr, decay) == (0.1, pytest.approx(0.4)) and accepted is not None
     assert [p.weight_decay for p in record] == [0.1, 0.1, 0.1, pytest.approx(0.4)]
     assert record[-1].accepted
+
+
+def test_a_probe_that_regains_the_fit_in_the_tail_turns_the_search_to_the_decay():
+    """Inside the window halfway, above it at the end: the step size left θ*'s
+    basin and the schedule's small last steps re-memorised; λ goes up ×4 at that
+    step size, with no probe spent on a larger one."""
+    calls, record = [], []
+
+    def run_probe(lr, weight_decay, abandon):
+        calls.append((lr, weight_decay))
+        if lr < 0.15:  # still in the basin halfway: abandoned there
+            return [(None, MemberStats(lr, 0.2, 0.97, 0.3))], 0.97
+        fit = 0.93 if weight_decay < 0.2 else 0.7
+        return [(f"weights@{lr}", MemberStats(lr, 0.1, fit, 0.5))], 0.8
+
+    lr, decay, accepted = calibrate(
+        run_probe,
+        lambda stats: relative_fit(stats, REF, chance=0.0),
+        record,
+        lambda msg: None,
+        steps=40,
+        weight_decay=0.1,
+    )
+    assert calls == [(0.1, 0.1), (0.2, 0.1), (0.2, pytest.approx(0.1 * LR_FACTOR**2))]
+    assert (lr, decay) == (0.2, pytest.approx(0.4)) and accepted is not None
+    assert [p.accepted for p in record] == [False, False, True]
 
 
 def test_a_collapse_is_run_again_at_the_same_step_size_until_collapses_outnumber():
