@@ -681,8 +681,8 @@ def markdown_tables(rows, seeds) -> str:
         "GEX diagnostics (mean over seeds): wall-time share of the collection spent in "
         "calibration probes not kept as members (out of the collection's time less the "
         "one-time tracing of its fine-tuning loop, done before the first probe), their "
-        "number and their share of the fine-tuning steps run (a probe abandoned halfway "
-        "counts half), the step size members 1.. used, members' fit "
+        "number and their share of the fine-tuning steps run (a probe abandoned early "
+        "counts the steps it ran), the step size members 1.. used, members' fit "
         "relative to θ*, θ*'s fit of its noisy training labels, and the separability of "
         "the GEX scores (`keras_gex.otsu_separability`, label-free).",
         "",

@@ -35,7 +35,7 @@ Sections (tables printed in this order):
     stream (Keras defaults, i.e. XLA; also without), cold like the
     collection, and against the original training run. The time of the
     calibration probes not kept (a probe is a full-length member, or half of
-    one when abandoned halfway; the accepted one is kept as member 0) is
+    one when abandoned early; the accepted one is kept as member 0) is
     reported separately. Targets: ≤ 1.1x the same steps, ≤ 0.25x training.
     Run for the digits MLP and the BatchNorm model (the CNN's would add
     ~10 minutes and nothing new). With the defaults the collection is

@@ -181,7 +181,8 @@ class Probe:
         seconds: Wall time of the probe.
         accepted: Whether its step size was kept (the probe is then member 0).
         midway_fit: Relative fit halfway through its steps, where measured.
-        abandoned: Whether it was stopped halfway as hopeless.
+        abandoned: Whether it was stopped early (halfway or at three quarters)
+            as hopeless; `relative_fit` is then the fit there.
         steps: SGD steps it ran.
         weight_decay: The decay λ it ran with (None in records written before
             calibration could raise it).

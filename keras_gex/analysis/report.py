@@ -25,8 +25,8 @@ def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray
     return np.square(np.asarray(deviations, dtype=np.float64))
 
 
-def _probe_text(probe: Probe, weight_decay=None) -> str:
-    """One calibration probe for `summary()`, e.g. "0.1 → 100% (abandoned halfway)".
+def _probe_text(probe: Probe, weight_decay=None, steps=None) -> str:
+    """One calibration probe for `summary()`, e.g. "0.1 → 100% (abandoned at 50%)".
 
     Its decay is named when it differs from `weight_decay` (the first probe's).
     """
@@ -35,7 +35,9 @@ def _probe_text(probe: Probe, weight_decay=None) -> str:
         text += f" with weight decay {probe.weight_decay:.3g}"
     text += f" → {probe.relative_fit:.0%}"
     if probe.abandoned:
-        return text + " (abandoned halfway)"
+        if probe.steps and steps:
+            return text + f" (abandoned at {probe.steps / steps:.0%})"
+        return text + " (abandoned early)"
     return text + (" (kept)" if probe.accepted else "")
 
 
@@ -330,7 +332,7 @@ class NoisyLabelReport:
                 lines.append(
                     "  calibration probes (lr → share of θ*'s fit above chance kept): "
                     + ", ".join(
-                        _probe_text(p, record.calibration[0].weight_decay)
+                        _probe_text(p, record.calibration[0].weight_decay, record.steps)
                         for p in record.calibration
                     )
                 )

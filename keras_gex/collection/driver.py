@@ -24,7 +24,7 @@ from keras_gex import distribute
 from keras_gex.collection import step_size
 from keras_gex.collection.local import FineTuner
 from keras_gex.collection.replicated import ReplicaFineTuner
-from keras_gex.collection.tuner import flatten_layers, halfway, resolve_steps
+from keras_gex.collection.tuner import checkpoints, flatten_layers, resolve_steps
 from keras_gex.config import CollectionConfig, CollectionRecord, MemberStats, Probe
 from keras_gex.data import DataSource, take_rows
 from keras_gex.io import persistence
@@ -244,34 +244,51 @@ def collect(
     steps_run = 0  # SGD steps of every member run, probes and runs redone included
 
     def run_round(
-        lr: float, first: int, start_weights: WeightSet, abandon=None, weight_decay=None, rerun=0
+        lr: float,
+        first: int,
+        start_weights: WeightSet,
+        abandon=None,
+        weight_decay=None,
+        rerun=0,
+        late=False,
     ):
-        """Members `first .. first+width-1` at `lr`: `([(weights, stats)], midway)`.
+        """Members `first .. first+width-1` at `lr`: `([(weights, stats)], midway, run)`.
 
         With `abandon` (rounds of one member), the relative fit is also
-        measured halfway (BatchNorm statistics as they are) and the member is
-        abandoned there, weights None and stats finite, if `abandon(midway)`.
-        Not abandoning gives the same member as an uninterrupted run.
+        measured at `checkpoints(steps, late)` (BatchNorm statistics as they
+        are) and the member is abandoned at the first where `abandon(fit)`,
+        weights None and stats of that point, finite. `midway` is the fit
+        halfway (None where not measured), `run` the steps member 0 ran. Not
+        abandoning gives the same member as an uninterrupted run.
         """
         nonlocal steps_run
         batches = stream([first + r for r in range(width)], rerun)
         tuner.load(start_weights)
         tuner.set_weight_decay(decay if weight_decay is None else weight_decay)
-        midway = None
+        midway, done = None, 0
         if abandon is not None and width == 1:
-            trained = tuner.train(batches, steps, lr, stop=halfway(steps))
-            steps_run += halfway(steps)
-            if trained[0][1]:
-                mid_loss, mid_fit = tuner.evaluate(eval_batches)[0]
-                mid = MemberStats(lr, trained[0][0], fit_of(mid_fit, mid_loss), mid_loss)
-                midway = rel_of(mid)
-                if abandon(midway):
-                    return [(None, mid)], midway
-                trained = tuner.train(batches, steps, lr, start=halfway(steps))
-                steps_run += steps - halfway(steps)
+            for point in checkpoints(steps, late):
+                trained = tuner.train(batches, steps, lr, start=done, stop=point)
+                steps_run += point - done
+                done = point
+                if not trained[0][1]:
+                    break  # diverged: judged below without further steps
+                point_loss, point_fit = tuner.evaluate(eval_batches)[0]
+                stats_there = MemberStats(
+                    lr, trained[0][0], fit_of(point_fit, point_loss), point_loss
+                )
+                rel = rel_of(stats_there)
+                midway = rel if midway is None else midway
+                if abandon(rel):
+                    return [(None, stats_there)], midway, done
+            else:
+                trained = tuner.train(batches, steps, lr, start=done)
+                steps_run += steps - done
+                done = steps
         else:
             trained = tuner.train(batches, steps, lr)
             steps_run += width * steps
+            done = steps
         tuner.refresh_batchnorm(batches, config.bn_batches)
         out = []
         evaluated = tuner.evaluate(eval_batches)
@@ -283,7 +300,7 @@ def collect(
                 mean_loss, fit = float("nan"), 0.0 if loss.is_classification else None
             fit = fit_of(fit, mean_loss)
             out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite)))
-        return out, midway
+        return out, midway, done
 
     members, stats, calibration, lr, decay = _resume(store, config.num_members, log)
     decay = weight_decay if decay is None else decay
@@ -309,7 +326,7 @@ def collect(
     elif lr is None and auto:
         lr, decay, pending = step_size.calibrate(
             lambda probe_lr, probe_decay, abandon: run_round(
-                probe_lr, 0, theta_star, abandon, weight_decay=probe_decay
+                probe_lr, 0, theta_star, abandon, weight_decay=probe_decay, late=True
             ),
             rel_of,
             calibration,
@@ -332,7 +349,7 @@ def collect(
         if pending is None:
             start_weights = previous if config.chain else theta_star
             rerun = reruns.get(first, 0)
-            pending, _ = run_round(lr, first, start_weights, gate.abandon(), rerun=rerun)
+            pending, _, _ = run_round(lr, first, start_weights, gate.abandon(), rerun=rerun)
         results, pending = pending, None
         rounds += 1
         for offset, (weights, member_stats) in enumerate(results):

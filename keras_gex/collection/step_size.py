@@ -21,8 +21,8 @@ supports, and never sit at chance. Two mechanisms, one signal:
   jumps from above the window to chance (SGD's stability edge), or a probe
   inside the window halfway ends above it, the search holds the largest stable
   step size and raises the decay instead. Every
-  probe is a full member, stopped halfway if it is still above the window or
-  at chance there; the accepted one is member 0 and every member uses
+  probe is a full member, stopped halfway or at three quarters if it is
+  above the window or at chance there; the accepted one is member 0 and every member uses
   its step size and decay. A member that diverged is run again `LR_FACTOR` × smaller; one that fell
   below the window is run again on another batch order, and the step size drops
   √`LR_FACTOR` × only once more members collapsed at it than kept it; at most
@@ -39,7 +39,6 @@ import warnings
 
 import numpy as np
 
-from keras_gex.collection.tuner import halfway
 from keras_gex.config import MemberStats, Probe
 
 # -- The tuned constants, each with its reason (docs/design.md#member-rule) -------
@@ -105,22 +104,23 @@ def collapsed_halfway(midway: float) -> bool:
     return midway <= 0.0
 
 
-def hopeless_halfway(midway: float) -> bool:
-    """Whether a probe is abandoned at `halfway` with the relative fit `midway` it has there.
+def hopeless(rel: float) -> bool:
+    """Whether a probe with the relative fit `rel` at a checkpoint is abandoned there.
 
-    Still above the window, the second half's smaller steps only restore fit;
-    or collapsed (`collapsed_halfway`).
+    Read halfway and at three quarters of its steps (`tuner.checkpoints`).
+    Still above the window: the rest of the cosine schedule takes smaller
+    steps, which only restore fit. At chance: collapsed (`collapsed_halfway`).
 
-    >>> hopeless_halfway(0.95), hopeless_halfway(0.0), hopeless_halfway(0.6)
+    >>> hopeless(0.95), hopeless(0.0), hopeless(0.6)
     (True, True, False)
     """
-    return midway > FIT_WINDOW[1] or collapsed_halfway(midway)
+    return rel > FIT_WINDOW[1] or collapsed_halfway(rel)
 
 
 def restored_in_tail(midway, rel: float) -> bool:
-    """Whether a probe inside the window halfway (`midway`) ended above it (`rel`).
+    """Whether a probe inside the window halfway (`midway`) is above it later (`rel`).
 
-    Its step size moved it out of θ*'s basin, and the schedule's small final
+    Its step size moved it out of θ*'s basin, and the schedule's smaller late
     steps brought the memorised labels back: what is missing is decay, not a
     larger step (docs/design.md#calibration).
 
@@ -246,12 +246,13 @@ def calibrate(
     """Search for the step size (and decay) whose members land in `FIT_WINDOW`.
 
     `run_probe(lr, weight_decay, abandon)` fine-tunes one round from θ* on
-    member 0's stream and returns `(results, midway)`: `[(weights, stats)]`
-    per member of the round (weights None if abandoned or diverged) and member
-    0's relative fit halfway (None where not measured). A probe for which
-    `abandon(midway)` (`hopeless_halfway`: above the window or at chance) is
-    stopped there, at half the cost. `rel_of(stats)` is a member's relative
-    fit. Each probe is appended to `record` as a `Probe`.
+    member 0's stream and returns `(results, midway, run)`: `[(weights,
+    stats)]` per member of the round (weights None if abandoned or diverged),
+    member 0's relative fit halfway (None where not measured) and the steps it
+    ran. A probe is stopped at the first checkpoint (halfway, three quarters)
+    where `abandon(fit)` (`hopeless`: above the window or at chance), its stats
+    those of that point. `rel_of(stats)` is a member's relative fit. Each
+    probe is appended to `record` as a `Probe`.
 
     The step size is searched first. When every probe so far kept more than
     the window or fell to chance, and the bracket is down to √`LR_FACTOR`, the
@@ -259,8 +260,8 @@ def calibrate(
     the largest step size that kept the fit and raises the decay λ by
     `LR_FACTOR`² per probe (bisecting in log once bracketed), so that members
     forget at a stable step size. A probe that was inside the window halfway
-    and ended above it (`restored_in_tail`) turns the search to the decay at
-    its own step size at once.
+    and is above it later (`restored_in_tail`) turns the search to the decay
+    at its own step size at once.
 
     Returns:
         `(learning_rate, weight_decay, accepted)`: the step size and decay, and
@@ -273,7 +274,7 @@ def calibrate(
     searching = "lr"
     for _ in range(max_probes):
         probe_start = time.perf_counter()
-        results, midway = run_probe(lr, decay, hopeless_halfway)
+        results, midway, run = run_probe(lr, decay, hopeless)
         weights, stats = results[0]
         rel = rel_of(stats)
         abandoned = weights is None and stats.finite
@@ -287,11 +288,11 @@ def calibrate(
                 accepted=accepted,
                 midway_fit=midway,
                 abandoned=abandoned,
-                steps=halfway(steps) if abandoned else steps,
+                steps=run,
                 weight_decay=decay,
             )
         )
-        where = " halfway (abandoned)" if abandoned else ""
+        where = f" after {run / max(steps, 1):.0%} of its steps (abandoned)" if abandoned else ""
         log(
             f"calibration: lr {lr:.4g}, weight decay {decay:.3g} -> keeps {rel:.1%} of "
             f"θ*'s fit above chance{where}"

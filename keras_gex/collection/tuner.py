@@ -47,12 +47,23 @@ def resolve_steps(steps, num_examples: int, batch_size: int) -> int:
 
 
 def halfway(steps: int) -> int:
-    """The step at which a calibration probe is judged, and abandoned if hopeless.
+    """The step at which a member is judged, and abandoned if hopeless.
 
     >>> halfway(801)
     400
     """
     return steps // 2
+
+
+def checkpoints(steps: int, late: bool) -> list:
+    """Steps at which a member's fit is read: halfway, and with `late` halfway
+    through the rest too (the three-quarter mark, for calibration probes).
+
+    >>> checkpoints(801, late=False), checkpoints(801, late=True)
+    ([400], [400, 600])
+    """
+    first = halfway(steps)
+    return [first, first + halfway(steps - first)] if late else [first]
 
 
 def cosine(peak, step, total):

@@ -19,27 +19,30 @@ from keras_gex.config import MemberStats, Probe
 REF = MemberStats(0.0, float("nan"), 1.0, 0.01)
 
 
-def _fake_member(fit_of_lr, calls, midway_of_lr=None):
-    """A `run_probe` whose members keep `fit_of_lr(lr)` of θ*'s fit (chance 0).
+def _fake_member(fit_of_lr, calls, midway_of_lr=None, late_of_lr=None):
+    """A `run_probe` (40 steps) whose members keep `fit_of_lr(lr)` of θ*'s fit (chance 0).
 
-    Halfway they keep `midway_of_lr(lr)` (by default their final fit).
+    Halfway they keep `midway_of_lr(lr)`, at three quarters `late_of_lr(lr)`
+    (by default their final fit).
     """
     midway_of_lr = midway_of_lr or fit_of_lr
+    late_of_lr = late_of_lr or fit_of_lr
 
     def run_probe(lr, weight_decay, abandon):
         calls.append(lr)
         midway = midway_of_lr(lr)
-        if abandon(midway):
-            return [(None, MemberStats(lr, 0.2, midway, 0.3))], midway
-        return [(f"weights@{lr:.4g}", MemberStats(lr, 0.1, fit_of_lr(lr), 0.5))], midway
+        for fit, run in ((midway, 20), (late_of_lr(lr), 30)):
+            if abandon(fit):
+                return [(None, MemberStats(lr, 0.2, fit, 0.3))], midway, run
+        return [(f"weights@{lr:.4g}", MemberStats(lr, 0.1, fit_of_lr(lr), 0.5))], midway, 40
 
     return run_probe
 
 
-def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None):
+def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None, late_of_lr=None):
     calls, record = [], []
     lr, _, accepted = calibrate(
-        _fake_member(fit_of_lr, calls, midway_of_lr),
+        _fake_member(fit_of_lr, calls, midway_of_lr, late_of_lr),
         lambda stats: relative_fit(stats, REF, chance=0.0),
         record,
         lambda msg: None,
@@ -87,7 +90,8 @@ def test_search_goes_down_when_the_first_probe_is_below_the_window():
 
 def test_probe_still_above_the_window_halfway_is_abandoned():
     """Halfway above the window: recorded as abandoned (half the steps), not kept,
-    and the step size goes up; halfway inside it, the probe runs to its end."""
+    and the step size goes up; halfway inside it, the probe runs on, to three
+    quarters where it is above the window again, to its end where it is not."""
 
     def fit(lr):
         return 1.0 if lr < 0.15 else 0.8
@@ -96,8 +100,14 @@ def test_probe_still_above_the_window_halfway_is_abandoned():
     assert calls == [0.1, 0.1 * LR_FACTOR] and lr == 0.1 * LR_FACTOR and len(accepted) == 1
     assert record[0].abandoned is True and record[0].accepted is False
     assert record[0].steps == 20 and record[1].steps == 40
-    _, _, record, _ = _calibrate_fake(fit, midway_of_lr=lambda lr: FIT_WINDOW[1] - 0.01)
-    assert record[0].abandoned is False and record[0].relative_fit == 1.0
+    inside = FIT_WINDOW[1] - 0.01
+    _, _, record, _ = _calibrate_fake(fit, midway_of_lr=lambda lr: inside)
+    assert record[0].abandoned is True and record[0].steps == 30
+    assert record[0].relative_fit == 1.0 and record[0].midway_fit == inside
+    _, _, record, _ = _calibrate_fake(
+        fit, midway_of_lr=lambda lr: inside, late_of_lr=lambda lr: inside
+    )
+    assert record[0].abandoned is False and record[0].steps == 40 and record[0].relative_fit == 1.0
 
 
 def test_probe_at_chance_halfway_is_abandoned_as_too_large_a_step():
@@ -136,9 +146,9 @@ def test_at_the_stability_edge_the_decay_is_raised_at_a_stable_step_size():
     def run_probe(lr, weight_decay, abandon):
         calls.append((lr, weight_decay))
         if lr > 0.12:  # diverges
-            return [(None, MemberStats(lr, float("nan"), 0.0, float("nan"), False))], None
+            return [(None, MemberStats(lr, float("nan"), 0.0, float("nan"), False))], None, 40
         fit = 0.97 if weight_decay < 0.3 else (0.7 if weight_decay < 3 else 0.1)
-        return [(f"w@{lr:.3g},{weight_decay:.3g}", MemberStats(lr, 0.1, fit, 0.5))], None
+        return [(f"w@{lr:.3g},{weight_decay:.3g}", MemberStats(lr, 0.1, fit, 0.5))], None, 40
 
     lr, decay, accepted = calibrate(
         run_probe,
@@ -157,17 +167,18 @@ def test_at_the_stability_edge_the_decay_is_raised_at_a_stable_step_size():
 
 
 def test_a_probe_that_regains_the_fit_in_the_tail_turns_the_search_to_the_decay():
-    """Inside the window halfway, above it at the end: the step size left θ*'s
-    basin and the schedule's small last steps re-memorised; λ goes up ×4 at that
-    step size, with no probe spent on a larger one."""
+    """Inside the window halfway, above it at three quarters: the step size left
+    θ*'s basin and the schedule's smaller late steps re-memorised; λ goes up ×4
+    at that step size, with no probe spent on a larger one."""
     calls, record = [], []
 
     def run_probe(lr, weight_decay, abandon):
         calls.append((lr, weight_decay))
         if lr < 0.15:  # still in the basin halfway: abandoned there
-            return [(None, MemberStats(lr, 0.2, 0.97, 0.3))], 0.97
-        fit = 0.93 if weight_decay < 0.2 else 0.7
-        return [(f"weights@{lr}", MemberStats(lr, 0.1, fit, 0.5))], 0.8
+            return [(None, MemberStats(lr, 0.2, 0.97, 0.3))], 0.97, 20
+        if weight_decay < 0.2:  # above the window again at three quarters
+            return [(None, MemberStats(lr, 0.2, 0.93, 0.3))], 0.8, 30
+        return [(f"weights@{lr}", MemberStats(lr, 0.1, 0.7, 0.5))], 0.8, 40
 
     lr, decay, accepted = calibrate(
         run_probe,
@@ -180,6 +191,7 @@ def test_a_probe_that_regains_the_fit_in_the_tail_turns_the_search_to_the_decay(
     assert calls == [(0.1, 0.1), (0.2, 0.1), (0.2, pytest.approx(0.1 * LR_FACTOR**2))]
     assert (lr, decay) == (0.2, pytest.approx(0.4)) and accepted is not None
     assert [p.accepted for p in record] == [False, False, True]
+    assert [p.steps for p in record] == [20, 30, 40]
 
 
 def test_a_collapse_is_run_again_at_the_same_step_size_until_collapses_outnumber():
