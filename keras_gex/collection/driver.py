@@ -243,6 +243,10 @@ def collect(
 
     steps_run = 0  # SGD steps of every member run, probes and runs redone included
 
+    def bn_batches():
+        """Batches for BN statistics at a checkpoint (None: the model has no BN)."""
+        return stream(["checkpoint"] * width) if tuner.has_batchnorm else None
+
     def run_round(
         lr: float,
         first: int,
@@ -255,8 +259,9 @@ def collect(
         """Members `first .. first+width-1` at `lr`: `([(weights, stats)], midway, run)`.
 
         With `abandon` (rounds of one member), the relative fit is also
-        measured at `checkpoints(steps, late)` (BatchNorm statistics as they
-        are) and the member is abandoned at the first where `abandon(fit)`,
+        measured at `checkpoints(steps, late)` (BatchNorm statistics
+        re-estimated for the measurement, then put back) and the member is
+        abandoned at the first where `abandon(fit)`,
         weights None and stats of that point, finite. `midway` is the fit
         halfway (None where not measured), `run` the steps member 0 ran. Not
         abandoning gives the same member as an uninterrupted run.
@@ -273,7 +278,11 @@ def collect(
                 done = point
                 if not trained[0][1]:
                     break  # diverged: judged below without further steps
-                point_loss, point_fit = tuner.evaluate(eval_batches)[0]
+                # As a finished member is judged: BN statistics re-estimated (on
+                # batches of their own, so the member's stream is untouched).
+                point_loss, point_fit = tuner.evaluate_refreshed(
+                    eval_batches, bn_batches(), config.bn_batches
+                )[0]
                 stats_there = MemberStats(
                     lr, trained[0][0], fit_of(point_fit, point_loss), point_loss
                 )

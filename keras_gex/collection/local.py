@@ -199,6 +199,18 @@ class FineTuner:
             self.ntv[i].assign(mean.astype(self.ntv[i].dtype.as_numpy_dtype))
             self.ntv[j].assign(var.astype(self.ntv[j].dtype.as_numpy_dtype))
 
+    def evaluate_refreshed(self, eval_batches, batches, num_batches: int) -> list:
+        """`evaluate` as after training, with BN statistics re-estimated over
+        `batches`, then put back: the run goes on as if it was not measured."""
+        if not self._bn or num_batches <= 0:
+            return self.evaluate(eval_batches)
+        positions = [k for pair in self._bn_index for k in pair]
+        saved = [self.ntv[k].numpy() for k in positions]
+        self.refresh_batchnorm(batches, num_batches)
+        result = self.evaluate(eval_batches)
+        core.assign_all([self.ntv[k] for k in positions], saved)
+        return result
+
     def evaluate(self, eval_batches) -> list:
         """`[(mean loss, fit)]` on fixed evaluation batches (fit None unless classification)."""
         if self._eval_fn is None:

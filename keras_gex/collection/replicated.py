@@ -296,6 +296,25 @@ class ReplicaFineTuner:
         else:
             self._assign_per_replica(variables, values)
 
+    def evaluate_refreshed(self, eval_batches, batches, num_batches: int) -> list:
+        """`evaluate` as after training, with BN statistics re-estimated over
+        `batches`, then put back on every replica: the run goes on as if it
+        was not measured."""
+        if not self._bn or num_batches <= 0:
+            return self.evaluate(eval_batches)
+        positions = [k for pair in self._bn_index for k in pair]
+        fn = self._fn(
+            "state",
+            lambda: distribute.gather(self.strategy, self.strategy.run(self._local_state)),
+        )
+        arrays = [a.numpy() for a in fn()]
+        n = len(self.tv)
+        saved = [[arrays[n + k][r] for k in positions] for r in range(self.num_replicas)]
+        self.refresh_batchnorm(batches, num_batches)
+        result = self.evaluate(eval_batches)
+        self._assign_per_replica([self.ntv[k] for k in positions], saved)
+        return result
+
     def evaluate(self, eval_batches) -> list:
         """`[(mean loss, fit)]` per member on fixed batches."""
         fn = self._fn(

@@ -243,6 +243,44 @@ def test_two_segments_of_a_schedule_equal_the_whole_run(trained_mlp, digits, kin
         assert not np.array_equal(a, c)
 
 
+def test_a_checkpoint_measures_the_member_as_finished_and_leaves_its_run_alone(digits):
+    """Two routes to one member of a model with a trainable and a frozen BN layer:
+    a whole run, or a run measured halfway (BN statistics re-estimated on other
+    batches, then put back). The halfway measurement equals evaluating a member
+    stopped there with its BN statistics re-estimated the same way."""
+    from keras_gex.data import DataSource
+
+    model = make_bn_model(seed=0)
+    frozen = keras.layers.BatchNormalization()
+    model = keras.Sequential([keras.Input((64,)), frozen, *model.layers])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(digits.x_train[:256], digits.y_train[:256], epochs=2, verbose=0)
+    frozen.trainable = False  # inference mode in training: reads its moving statistics
+    source = DataSource((digits.x_train, digits.y_train))
+    eval_batches = [(digits.x_train[:256], digits.y_train[:256])]
+    tuner = FineTuner(model, resolve_loss(model))
+    theta = tuner.snapshots()[0]
+    tuner.train(source.array_stream(64, 3), 30, 0.05)
+    whole = tuner.snapshots()[0]
+
+    tuner.load(theta)
+    batches = source.array_stream(64, 3)
+    tuner.train(batches, 30, 0.05, stop=15)
+    measured = tuner.evaluate_refreshed(eval_batches, source.array_stream(64, 9), 4)
+    tuner.train(batches, 30, 0.05, start=15)
+    for a, b in zip(whole.trainable, tuner.snapshots()[0].trainable):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(whole.non_trainable, tuner.snapshots()[0].non_trainable):
+        np.testing.assert_array_equal(a, b)
+
+    tuner.load(theta)
+    batches = source.array_stream(64, 3)
+    tuner.train(batches, 30, 0.05, stop=15)
+    stale = tuner.evaluate(eval_batches)
+    tuner.refresh_batchnorm(source.array_stream(64, 9), 4)
+    assert tuner.evaluate(eval_batches) == measured != stale
+
+
 def test_jit_compile_auto_means_xla_only_on_accelerators_for_models_without_convolutions(
     trained_mlp, monkeypatch
 ):
