@@ -253,6 +253,9 @@ def _theta_star(case, data, x, labels, epochs, seed, cache):
         meta = path.with_suffix(".json")
         if path.exists() and meta.exists():
             _zoo_cases.register_custom_objects()
+            # A loaded model's random layers (dropout, augmentation) seed their
+            # generators when built: seeded here, the members' draws repeat run to run.
+            keras.utils.set_random_seed(seed)
             try:
                 model = keras.models.load_model(path)
                 info = json.loads(meta.read_text())
