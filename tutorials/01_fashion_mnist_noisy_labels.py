@@ -311,8 +311,8 @@ print(f"test accuracy: noisy {acc_noisy:.4f} -> dropped {acc_dropped:.4f}")
 print(f"done in {time.perf_counter() - start_time:.0f} s")
 
 """
-What we measured with the full settings (one run at 8e6d30e on an otherwise idle 2-core
-CPU, 173 s; expect small differences on other hardware): the calibration's first probe
+What we measured with the full settings (one run at c34fbcb on an otherwise idle 2-core
+CPU, 155 s; the same figures at 8e6d30e; expect small differences on other hardware): the calibration's first probe
 (lr 0.1, weight decay 0.1) was kept, and the members, 782 steps each, fitted 81.6% of the
 training labels (θ*: 99.8%). GEX ranked the flips with AUC 0.992 and AP 0.951, against
 AUC 0.726 for the loss of θ*; Otsu flagged 1,140 examples with precision 0.811 and recall

@@ -175,10 +175,12 @@ print(f"done in {time.perf_counter() - start_time:.0f} s")
 
 """
 How to read the table. What we measured with the full settings (5,000 images, members
-of 391 steps, one run at 8e6d30e on an otherwise idle 2-core CPU, 92 s): the full
-set gave 0.849; after pruning 10%, 30% and 50%, GEX gave 0.846, 0.848 and 0.792, random
+of 391 steps, one run at c34fbcb on an otherwise idle 2-core CPU, 92 s): the full
+set gave 0.849; after pruning 10%, 30% and 50%, GEX gave 0.848, 0.852 and 0.786, random
 pruning 0.847, 0.835 and 0.752. GEX pruning kept the accuracy at 30% and lost less than
-random at 50% (4 points); at 10% both are within a few tenths of the full set. (Under
+random at 50% (3 points); at 10% both are within a few tenths of the full set. The first
+probe (lr 0.1) regained its fit late in its schedule, so the members use lr 0.1 with weight
+decay 0.4; at 8e6d30e they used lr 0.2 and GEX gave 0.846, 0.848 and 0.792. (Under
 the step-size rule before the member rule of 9f4feea, GEX was not better than random on
 this subset: 0.844, 0.841 and 0.793 against 0.847, 0.838 and 0.797.) A single random
 draw per fraction is itself noisy by a few tenths of a percent, and on small data easy

@@ -290,6 +290,33 @@ def test_data_parallel_batchnorm_statistics_identical_on_every_replica(digits):
             np.testing.assert_allclose(a, single.ntv[k].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_checkpoint_under_a_strategy_leaves_the_run_alone(digits):
+    """Data-parallel fine-tuning measured halfway (BN statistics re-estimated,
+    then put back on every replica) ends where the unmeasured run ends."""
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    model = bn_model(seed=2)
+    loss = resolve_loss(model)
+    source = DataSource((x, y))
+    tuner = ReplicaFineTuner(model, loss, 0.9, mirrored(2), synchronized=True, global_batch_size=30)
+    theta = WeightSet.from_model(model)
+    eval_batches = [(x[:128], y[:128])]
+    tuner.load(theta)
+    tuner.train(tuner.open_stream(source, 30, [1]), 10, 0.05)
+    whole = tuner.snapshots()[0]
+    tuner.load(theta)
+    batches = tuner.open_stream(source, 30, [1])
+    tuner.train(batches, 10, 0.05, stop=5)
+    stale = tuner.evaluate(eval_batches)
+    measured = tuner.evaluate_refreshed(eval_batches, tuner.open_stream(source, 30, [2]), 3)
+    assert measured != stale
+    tuner.train(batches, 10, 0.05, start=5)
+    for a, b in zip(
+        whole.trainable + whole.non_trainable,
+        tuner.snapshots()[0].trainable + tuner.snapshots()[0].non_trainable,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 def test_per_replica_members_detect_as_well_as_sequential(trained_mlp, digits, digits_ensemble):
     from sklearn.metrics import roc_auc_score
