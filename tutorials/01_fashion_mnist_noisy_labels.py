@@ -312,12 +312,13 @@ print(f"done in {time.perf_counter() - start_time:.0f} s")
 
 """
 What we measured with the full settings (one run at c34fbcb on an otherwise idle 2-core
-CPU, 155 s; the same figures at 8e6d30e; expect small differences on other hardware): the calibration's first probe
-(lr 0.1, weight decay 0.1) was kept, and the members, 782 steps each, fitted 81.6% of the
-training labels (θ*: 99.8%). GEX ranked the flips with AUC 0.992 and AP 0.951, against
-AUC 0.726 for the loss of θ*; Otsu flagged 1,140 examples with precision 0.811 and recall
-0.924. Test accuracy went from 0.803 with the noisy labels to 0.855 relabeled and 0.859
-with the flagged rows dropped, against 0.864 with the original labels.
+CPU, 155 s; the same figures at 8e6d30e; expect small differences on other hardware): the
+calibration's first probe (lr 0.1, weight decay 0.1) was kept, and the members, 782 steps
+each, fitted 81.6% of the training labels (θ*: 99.8%). GEX ranked the flips with AUC 0.992
+and AP 0.951, against AUC 0.726 for the loss of θ*; Otsu flagged 1,140 examples with
+precision 0.811 and recall 0.924. Test accuracy went from 0.803 with the noisy labels to
+0.855 relabeled and 0.859 with the flagged rows dropped, against 0.864 with the original
+labels.
 
 Relabeling and dropping came out close. The relabeled targets come from the members'
 mean prediction, which named the original label for 88.6% of the flagged flips; θ*'s

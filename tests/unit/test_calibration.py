@@ -39,10 +39,10 @@ def _fake_member(fit_of_lr, calls, midway_of_lr=None, late_of_lr=None):
     return run_probe
 
 
-def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None, late_of_lr=None):
-    calls, record = [], []
-    lr, _, accepted = calibrate(
-        _fake_member(fit_of_lr, calls, midway_of_lr, late_of_lr),
+def _calibrate(run_probe, record, max_probes=6):
+    """`calibrate` on 40-step probes from λ 0.1, chance 0."""
+    return calibrate(
+        run_probe,
         lambda stats: relative_fit(stats, REF, chance=0.0),
         record,
         lambda msg: None,
@@ -50,6 +50,12 @@ def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None, late_of_lr=None)
         weight_decay=0.1,
         max_probes=max_probes,
     )
+
+
+def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None, late_of_lr=None):
+    calls, record = [], []
+    run_probe = _fake_member(fit_of_lr, calls, midway_of_lr, late_of_lr)
+    lr, _, accepted = _calibrate(run_probe, record, max_probes)
     return lr, accepted or [], record, calls
 
 
@@ -150,14 +156,7 @@ def test_at_the_stability_edge_the_decay_is_raised_at_a_stable_step_size():
         fit = 0.97 if weight_decay < 0.3 else (0.7 if weight_decay < 3 else 0.1)
         return [(f"w@{lr:.3g},{weight_decay:.3g}", MemberStats(lr, 0.1, fit, 0.5))], None, 40
 
-    lr, decay, accepted = calibrate(
-        run_probe,
-        lambda stats: relative_fit(stats, REF, chance=0.0),
-        record,
-        lambda msg: None,
-        steps=40,
-        weight_decay=0.1,
-    )
+    lr, decay, accepted = _calibrate(run_probe, record)
     assert calls[:3] == [(0.1, 0.1), (0.2, 0.1), (pytest.approx(0.1414, abs=1e-4), 0.1)]
     # 0.1 kept 97%, 0.2 and 0.141 diverged: the edge; λ goes up ×4 at lr 0.1.
     assert calls[3] == (0.1, pytest.approx(0.1 * LR_FACTOR**2))
@@ -180,14 +179,7 @@ def test_a_probe_that_regains_the_fit_in_the_tail_turns_the_search_to_the_decay(
             return [(None, MemberStats(lr, 0.2, 0.93, 0.3))], 0.8, 30
         return [(f"weights@{lr}", MemberStats(lr, 0.1, 0.7, 0.5))], 0.8, 40
 
-    lr, decay, accepted = calibrate(
-        run_probe,
-        lambda stats: relative_fit(stats, REF, chance=0.0),
-        record,
-        lambda msg: None,
-        steps=40,
-        weight_decay=0.1,
-    )
+    lr, decay, accepted = _calibrate(run_probe, record)
     assert calls == [(0.1, 0.1), (0.2, 0.1), (0.2, pytest.approx(0.1 * LR_FACTOR**2))]
     assert (lr, decay) == (0.2, pytest.approx(0.4)) and accepted is not None
     assert [p.accepted for p in record] == [False, False, True]
