@@ -26,9 +26,14 @@ def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray
 
 
 def _probe_text(probe: Probe, weight_decay=None, steps=None) -> str:
-    """One calibration probe for `summary()`, e.g. "0.1 → 100% (abandoned at 50%)".
+    """One calibration probe for `summary()`; `steps`: a member's SGD steps.
 
     Its decay is named when it differs from `weight_decay` (the first probe's).
+
+    >>> _probe_text(Probe(0.1, 0.908, 0.3, abandoned=True, steps=293), steps=391)
+    '0.1 → 91% (abandoned at 75%)'
+    >>> _probe_text(Probe(0.1, 0.84, 0.3, accepted=True, weight_decay=0.4), weight_decay=0.1)
+    '0.1 with weight decay 0.4 → 84% (kept)'
     """
     text = f"{probe.learning_rate:.3g}"
     if probe.weight_decay is not None and probe.weight_decay != weight_decay:
