@@ -261,10 +261,10 @@ def collect(
         With `abandon` (rounds of one member), the relative fit is also
         measured at `checkpoints(steps, late)` (BatchNorm statistics
         re-estimated for the measurement, then put back) and the member is
-        abandoned at the first where `abandon(fit)`,
-        weights None and stats of that point, finite. `midway` is the fit
-        halfway (None where not measured), `run` the steps member 0 ran. Not
-        abandoning gives the same member as an uninterrupted run.
+        abandoned at the first where `abandon(fit)`: weights None, stats of
+        that point, finite. `midway` is the fit halfway (None where not
+        measured), `run` the steps member 0 ran. Not abandoning gives the same
+        member as an uninterrupted run.
         """
         nonlocal steps_run
         batches = stream([first + r for r in range(width)], rerun)

@@ -126,13 +126,17 @@ class ReplicaFineTuner:
     def _local_state(self):
         return [tf.expand_dims(tf.identity(v), 0) for v in self.tv + self.ntv]
 
-    def snapshots(self) -> list:
-        """One `WeightSet` per member of the round."""
+    def _replica_arrays(self) -> list:
+        """Every trainable then non-trainable variable, one row per replica (NumPy)."""
         fn = self._fn(
             "state",
             lambda: distribute.gather(self.strategy, self.strategy.run(self._local_state)),
         )
-        arrays = [a.numpy() for a in fn()]
+        return [a.numpy() for a in fn()]
+
+    def snapshots(self) -> list:
+        """One `WeightSet` per member of the round."""
+        arrays = self._replica_arrays()
         n = len(self.tv)
         return [
             WeightSet([np.array(a[r]) for a in arrays[:n]], [np.array(a[r]) for a in arrays[n:]])
@@ -303,11 +307,7 @@ class ReplicaFineTuner:
         if not self._bn or num_batches <= 0:
             return self.evaluate(eval_batches)
         positions = [k for pair in self._bn_index for k in pair]
-        fn = self._fn(
-            "state",
-            lambda: distribute.gather(self.strategy, self.strategy.run(self._local_state)),
-        )
-        arrays = [a.numpy() for a in fn()]
+        arrays = self._replica_arrays()
         n = len(self.tv)
         saved = [[arrays[n + k][r] for k in positions] for r in range(self.num_replicas)]
         self.refresh_batchnorm(batches, num_batches)

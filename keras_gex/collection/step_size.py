@@ -91,17 +91,17 @@ def relative_fit(stats: MemberStats, ref: MemberStats, chance: float) -> float:
     return (stats.fit - chance) / max(ref.fit - chance, 1e-12)
 
 
-def collapsed_halfway(midway: float) -> bool:
-    """Whether a member at the relative fit `midway` at `halfway` has collapsed.
+def at_chance(rel: float) -> bool:
+    """Whether a member with the relative fit `rel` at a checkpoint has collapsed.
 
     At chance (≤ 0) halfway, the second half's smaller steps did not bring a
     probe on the zoo back into the window (docs/design.md#calibration), so a
     member there is abandoned and run again at half the cost.
 
-    >>> collapsed_halfway(0.0), collapsed_halfway(0.3)
+    >>> at_chance(0.0), at_chance(0.3)
     (True, False)
     """
-    return midway <= 0.0
+    return rel <= 0.0
 
 
 def hopeless(rel: float) -> bool:
@@ -109,12 +109,12 @@ def hopeless(rel: float) -> bool:
 
     Read halfway and at three quarters of its steps (`tuner.checkpoints`).
     Still above the window: the rest of the cosine schedule takes smaller
-    steps, which only restore fit. At chance: collapsed (`collapsed_halfway`).
+    steps, which only restore fit. At chance: collapsed (`at_chance`).
 
     >>> hopeless(0.95), hopeless(0.0), hopeless(0.6)
     (True, True, False)
     """
-    return rel > FIT_WINDOW[1] or collapsed_halfway(rel)
+    return rel > FIT_WINDOW[1] or at_chance(rel)
 
 
 def restored_in_tail(midway, rel: float) -> bool:
@@ -172,8 +172,11 @@ class MemberGate:
         self.stacklevel = stacklevel
         self.log = log
         self.redone = {"collapsed": 0, "diverged": 0}
-        self.kept = 0  # members kept and collapsed at the current step size
-        self.collapsed = 0
+        self._new_step_size()
+
+    def _new_step_size(self) -> None:
+        self.kept = 0  # members kept at the current step size
+        self.collapsed = 0  # members collapsed at it
         self.in_a_row = 0  # collapses since the last member kept
 
     def reject(self, member_stats: MemberStats, rel: float, lr: float, index: int, what: str):
@@ -198,7 +201,7 @@ class MemberGate:
                 f"1/{LR_FACTOR:g} of the step size.",
                 stacklevel=self.stacklevel + 1,
             )
-            self.kept, self.collapsed, self.in_a_row = 0, 0, 0
+            self._new_step_size()
             return lr / LR_FACTOR
         self.redone["collapsed"] += 1
         self.collapsed += 1
@@ -206,7 +209,7 @@ class MemberGate:
         retry_lr = lr
         if self.collapsed > self.kept or self.in_a_row >= 2:
             retry_lr = lr / math.sqrt(LR_FACTOR)
-            self.kept, self.collapsed, self.in_a_row = 0, 0, 0
+            self._new_step_size()
         self.log(
             f"member {index + 1}: lr {lr:.4g} left it {rel:.1%} of θ*'s fit above chance; "
             f"running {what} again at lr {retry_lr:.4g} on another batch order"
@@ -216,7 +219,7 @@ class MemberGate:
     def abandon(self):
         """The halfway check for the next member: collapsed, while reruns are left."""
         if self.adaptive and sum(self.redone.values()) < MAX_PROBES:
-            return collapsed_halfway
+            return at_chance
         return None
 
     def counts(self) -> dict:

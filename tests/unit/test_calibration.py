@@ -191,7 +191,7 @@ def test_a_collapse_is_run_again_at_the_same_step_size_until_collapses_outnumber
     size drops only once collapses outnumber kept members or come twice in a row."""
     gate = step_size.MemberGate(adaptive=True, stacklevel=1, log=lambda msg: None)
     kept, collapsed = MemberStats(0.2, 0.1, 0.8, 0.5), MemberStats(0.2, 0.1, 0.1, 2.3)
-    assert gate.abandon() is step_size.collapsed_halfway
+    assert gate.abandon() is step_size.at_chance
     assert gate.reject(kept, 0.6, 0.2, 0, "it") is None
     assert gate.reject(collapsed, 0.0, 0.2, 1, "it") == 0.2  # one each: same step size
     assert gate.reject(kept, 0.6, 0.2, 1, "it") is None
