@@ -40,6 +40,9 @@ class Deviations:
         member_losses: `(N, M)` ℓ(z, θ_m).
         labels: The labels in scored order.
         predictions: θ*'s outputs in scored order (or None).
+        member_probabilities: The members' mean predicted probabilities in
+            scored order (their mean output through the loss's link), or None
+            without predictions.
     """
 
     deviations: np.ndarray
@@ -47,6 +50,7 @@ class Deviations:
     member_losses: np.ndarray
     labels: np.ndarray
     predictions: np.ndarray | None
+    member_probabilities: np.ndarray | None = None
 
     @property
     def self_influence(self) -> np.ndarray:
@@ -258,7 +262,8 @@ class GeometricEnsemble:
                 subtracting (the official code uses 0.05); off, because it can
                 invert the ranking when members stay close to θ*
                 (docs/design.md#reference-floor). Defaults to `0.0`.
-            with_predictions: Also return θ*'s outputs. Defaults to `False`.
+            with_predictions: Also return θ*'s outputs and the members' mean
+                probabilities (from the same forward passes). Defaults to `False`.
             verbose: 0 or 1 / "auto" (progress bar). Defaults to `"auto"`.
             strategy: A `tf.distribute.Strategy` to score under: every batch
                 is split across the replicas and the results come back in
@@ -286,6 +291,7 @@ class GeometricEnsemble:
             scored.members,
             scored.labels,
             scored.predictions,
+            scored.member_probabilities,
         )
 
     def loss_deviations(

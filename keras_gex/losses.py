@@ -66,6 +66,20 @@ class PerExampleLoss:
             return (y.astype(np.float64) > 0.5).reshape(len(y), -1).astype(np.int64)
         raise ValueError(f"label_classes is undefined for loss kind {self.kind!r}")
 
+    def predicts_label(self, y_true, probabilities) -> np.ndarray:
+        """`(N,)` bool: whether `probabilities` predict the given label (NumPy).
+
+        The arg-max class, or for sigmoid outputs every label on the same side
+        of 0.5: `fit_mask`'s test, on probabilities rather than model outputs.
+        """
+        given = self.label_classes(y_true)
+        p = np.asarray(probabilities, dtype=np.float64).reshape(len(given), -1)
+        if self.kind == _BCE:
+            predicted = (p > 0.5).astype(np.int64)
+        else:
+            predicted = np.argmax(p, axis=1)[:, None]
+        return np.all(predicted == given, axis=1)
+
     def fit_mask(self, y_true, y_pred):
         """Per-example 1.0 if the prediction gets the label(s) right, else 0.0 (float32, (B,)).
 

@@ -46,12 +46,16 @@ class ScoredLosses:
         labels: The labels as they were scored, stacked (`(N, ...)`).
         predictions: `(N, ...)` outputs of θ* (logits or probabilities, as the
             model returns them), or None when not requested.
+        member_probabilities: `(N, ...)` the members' mean output through the
+            loss's link (their mean predicted probabilities for a
+            classification loss), or None when predictions were not requested.
     """
 
     reference: np.ndarray
     members: np.ndarray
     labels: np.ndarray
     predictions: np.ndarray | None
+    member_probabilities: np.ndarray | None = None
 
 
 def _variables(weight_set: WeightSet, prefix: str):
@@ -104,24 +108,43 @@ class Scorer:
                 self._members = [_variables(m, f"m{i}") for i, m in enumerate(members)]
         self._fns = {}
 
-    def _step(self, x, y):
+    def _probabilities(self, out):
+        """A model output through the loss's link (sigmoid or softmax of logits), float32."""
+        out = tf.cast(out, "float32")
+        if not self.loss.from_logits:
+            return out
+        return tf.sigmoid(out) if self.loss.kind == "binary_crossentropy" else tf.nn.softmax(out)
+
+    def _step(self, x, y, with_predictions: bool = False):
+        """`(ref_loss, member_losses)`, then with predictions θ*'s output and the
+        members' mean probabilities (from the same forward passes)."""
         ref_pred, _ = self.model.stateless_call(*self._ref, x, training=False)
         losses = [self.loss(y, ref_pred)]  # θ*'s, then each member's
+        total = 0.0
         for tv, ntv in self._members:
             pred, _ = self.model.stateless_call(tv, ntv, x, training=False)
             losses.append(self.loss(y, pred))
+            if with_predictions:
+                total += self._probabilities(pred)
         # Rows of non-finite inputs are NaN here and refused by `_check_finite`.
         losses = nan_where_not_finite(x, tf.stack(losses, axis=1))
-        return losses[:, 0], losses[:, 1:], ref_pred
+        if not with_predictions:
+            return losses[:, 0], losses[:, 1:]
+        mean = nan_where_not_finite(x, total / len(self._members))
+        return losses[:, 0], losses[:, 1:], ref_pred, mean
 
-    def function_for(self, element_spec, jit_compile: bool | None = None):
+    def function_for(
+        self, element_spec, jit_compile: bool | None = None, with_predictions: bool = False
+    ):
         """The traced step for `element_spec`, traced at most once."""
         jit_compile = self.jit_compile if jit_compile is None else bool(jit_compile)
         sig = free_batch(element_spec)
-        key = (str(sig), jit_compile)
+        key = (str(sig), jit_compile, bool(with_predictions))
         if key not in self._fns:
             self._fns[key] = compiled(
-                self._step, input_signature=list(sig), jit_compile=jit_compile
+                lambda x, y: self._step(x, y, with_predictions),
+                input_signature=list(sig),
+                jit_compile=jit_compile,
             )
         return self._fns[key]
 
@@ -145,16 +168,12 @@ class Scorer:
         sig = free_batch(x_spec)
         key = ("probabilities", str(sig))
         if key not in self._fns:
-            link = None
-            if self.loss.from_logits:
-                link = tf.sigmoid if self.loss.kind == "binary_crossentropy" else tf.nn.softmax
 
             def mean_probs(x):
                 total = 0.0
                 for tv, ntv in self._members:
                     out, _ = self.model.stateless_call(tv, ntv, x, training=False)
-                    out = tf.cast(out, "float32")
-                    total += link(out) if link is not None else out
+                    total += self._probabilities(out)
                 return nan_where_not_finite(x, total / len(self._members))
 
             self._fns[key] = compiled(mean_probs, input_signature=[sig])
@@ -170,10 +189,9 @@ class Scorer:
         check_per_example(self.loss, y, pred)
 
     def _distributed_step(self, x, y, with_predictions: bool):
-        """`_step` on every replica's chunk; results gathered in dataset order."""
-        ref_loss, member_losses, ref_pred = self.strategy.run(self._step, args=(x, y))
-        out = (ref_loss, member_losses, y) + ((ref_pred,) if with_predictions else ())
-        return distribute.gather(self.strategy, out)
+        """`_step` on every replica's chunk, with the labels; gathered in dataset order."""
+        out = self.strategy.run(self._step, args=(x, y, with_predictions))
+        return distribute.gather(self.strategy, (out[0], out[1], y, *out[2:]))
 
     def distributed_function_for(self, element_spec, with_predictions: bool = False):
         """The traced distributed step for a distributed dataset's `element_spec`."""
@@ -186,18 +204,19 @@ class Scorer:
         return self._fns[key]
 
     def _batches(self, source: DataSource, with_predictions: bool, eager: bool):
-        """Yields `(ref (B,), members (B, M), y, predictions)` numpy batches in order."""
+        """Yields `(ref (B,), members (B, M), y, predictions)` numpy batches in order.
+
+        `predictions` is `(θ*'s outputs, the members' mean probabilities)` or None.
+        """
         if self.strategy is None:
             batches, spec = _ordered_batches(source)
-            fn = self._step if eager else self.function_for(spec)
+            if eager:
+                fn = lambda x, y: self._step(x, y, with_predictions)  # noqa: E731
+            else:
+                fn = self.function_for(spec, with_predictions=with_predictions)
             for x, y in batches:
-                ref_loss, member_losses, ref_pred = fn(x, y)
-                yield (
-                    ref_loss.numpy(),
-                    member_losses.numpy(),
-                    np.asarray(y),
-                    ref_pred.numpy() if with_predictions else None,
-                )
+                ref_loss, member_losses, *pred = fn(x, y)
+                yield ref_loss.numpy(), member_losses.numpy(), np.asarray(y), _numpy(pred)
             return
         dist = distribute.distribute_batches(self.strategy, source.ordered())
         if eager:
@@ -206,12 +225,8 @@ class Scorer:
             fn = self.distributed_function_for(dist.element_spec, with_predictions)
         for x, y in dist:
             ref_loss, member_losses, labels, *pred = fn(x, y)
-            yield (
-                ref_loss.numpy(),
-                member_losses.numpy(),
-                tf.nest.map_structure(np.asarray, labels),
-                pred[0].numpy() if with_predictions else None,
-            )
+            labels = tf.nest.map_structure(np.asarray, labels)
+            yield ref_loss.numpy(), member_losses.numpy(), labels, _numpy(pred)
 
     def iter_batches(
         self,
@@ -222,6 +237,9 @@ class Scorer:
         eager: bool = False,
     ):
         """Yields `(offset, reference (B,), members (B, M), y, predictions)` in order.
+
+        `predictions` is `(θ*'s outputs, the members' mean probabilities)` with
+        `with_predictions`, else None.
 
         Checks the loss on the first batch before anything is compiled, every
         batch for non-finite losses, and after the pass that the dataset
@@ -257,18 +275,20 @@ class Scorer:
 
         `options` (`with_predictions`, `verbose`, `eager`) are `iter_batches`'.
         """
-        refs, mems, labels, preds = [], [], [], []
+        refs, mems, labels, preds, probs = [], [], [], [], []
         for _, ref, members, y, pred in self.iter_batches(source, **options):
             refs.append(ref)
             mems.append(members)
             labels.append(y)
             if pred is not None:
-                preds.append(pred)
+                preds.append(pred[0])
+                probs.append(pred[1])
         return ScoredLosses(
             np.concatenate(refs),
             np.concatenate(mems),
             np.concatenate(labels),
             np.concatenate(preds) if preds else None,
+            np.concatenate(probs) if probs else None,
         )
 
     def deviations_to_file(
@@ -291,6 +311,11 @@ class Scorer:
             out.flush()
         finally:
             del out
+
+
+def _numpy(pred: list):
+    """`(θ*'s outputs, members' mean probabilities)` as numpy, or None when not asked for."""
+    return (pred[0].numpy(), pred[1].numpy()) if pred else None
 
 
 def _ordered_batches(source: DataSource):

@@ -107,7 +107,9 @@ def detect_noisy(
         train_data, reference_floor=reference_floor, with_predictions=True, **scoring
     )
     scores = _compute_scores(dev, score)
-    cut = threshold_scores(scores, threshold)
+    contradicted = _contradicted(ensemble.loss, dev)
+    cap = None if contradicted is None else int(contradicted.sum())
+    cut = threshold_scores(scores, threshold, max_flagged=cap)
     return NoisyLabelReport(
         scores=scores,
         threshold=cut,
@@ -119,16 +121,25 @@ def detect_noisy(
         threshold_method=threshold,
         score_method=score,
         member_losses=dev.member_losses if score == "member_loss" else None,
+        contradicted=contradicted,
         record=ensemble.record,
         loss_kind=ensemble.loss.kind,
         from_logits=ensemble.loss.from_logits,
         ensemble=ensemble,
-        _ensemble_probs_fn=(
-            (lambda: ensemble.predict(train_data, batch_size=batch_size, verbose=0))
-            if ensemble.loss.is_classification
-            else None
-        ),
+        _ensemble_probs=dev.member_probabilities if ensemble.loss.is_classification else None,
     )
+
+
+def _contradicted(loss, dev) -> np.ndarray | None:
+    """`(N,)` bool: rows whose members' mean prediction is not the given label.
+
+    None for a loss that is not classification. A named threshold never
+    flags more rows than this (docs/design.md#default-threshold): the
+    members then predict the given label of every other flagged row.
+    """
+    if not loss.is_classification or dev.member_probabilities is None:
+        return None
+    return ~loss.predicts_label(dev.labels, dev.member_probabilities)
 
 
 def _compute_scores(dev, score: str) -> np.ndarray:

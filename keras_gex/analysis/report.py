@@ -166,6 +166,10 @@ class NoisyLabelReport:
         score_method: "self_influence" or "member_loss" (see `detect_noisy`).
         member_losses: `(N, M)` ℓ(z, θ_m) when `score_method` is
             "member_loss", else None.
+        contradicted: `(N,)` bool, True where the members' mean prediction
+            is not the given label (`ensemble_probs`); a named threshold never
+            flags more rows than it holds. None for a loss that is not
+            classification.
     """
 
     scores: np.ndarray
@@ -181,8 +185,8 @@ class NoisyLabelReport:
     from_logits: bool = False
     score_method: str = "self_influence"
     member_losses: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    contradicted: np.ndarray | None = dataclasses.field(default=None, repr=False)
     ensemble: object = dataclasses.field(default=None, repr=False, compare=False)
-    _ensemble_probs_fn: object = dataclasses.field(default=None, repr=False, compare=False)
     _ensemble_probs: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -218,29 +222,22 @@ class NoisyLabelReport:
     def ensemble_probs(self) -> np.ndarray:
         """The GE members' mean predicted probabilities `(N, K)`, in dataset order.
 
-        Computed on first use (one pass of the members over the training
-        data) and cached. On a memorising θ* the model's own prediction on a
+        Computed while scoring, from the same forward passes as the members'
+        losses. On a memorising θ* the model's own prediction on a
         mislabeled row is the given label; the fine-tuned members have partly
         forgotten it, so their mean points to the class the input looks like
         (docs/design.md#relabeling-from-the-members).
 
         Raises:
-            ValueError: If the report was built without an ensemble and data.
+            ValueError: If the report holds no members' predictions (built by
+                hand, or for a loss that is not classification).
         """
         if self._ensemble_probs is None:
-            if self._ensemble_probs_fn is None:
-                raise ValueError(
-                    "This report holds no ensemble to predict with; build it with "
-                    "`keras_gex.detect_noisy`."
-                )
-            probs = np.asarray(self._ensemble_probs_fn(), dtype=np.float64)
-            if probs.shape[0] != len(self.scores):
-                raise ValueError(
-                    f"The ensemble predicted {probs.shape[0]} rows but the report scored "
-                    f"{len(self.scores)}; the data changed since scoring."
-                )
-            self._ensemble_probs = probs
-        return self._ensemble_probs
+            raise ValueError(
+                "This report holds no ensemble predictions; build it with "
+                "`keras_gex.detect_noisy` on a classification loss."
+            )
+        return np.asarray(self._ensemble_probs, dtype=np.float64)
 
     def _uses_ensemble(self, source: str) -> bool:
         """Whether `source` ("auto", "ensemble" or "model") picks the members' probabilities."""
@@ -248,7 +245,7 @@ class NoisyLabelReport:
         return source == "ensemble" or (source == "auto" and self._has_ensemble_probs())
 
     def _has_ensemble_probs(self) -> bool:
-        return self._ensemble_probs is not None or self._ensemble_probs_fn is not None
+        return self._ensemble_probs is not None
 
     def relabeled_targets(self, source: str = "auto") -> np.ndarray:
         """Training targets with flagged rows relabeled.
@@ -309,7 +306,7 @@ class NoisyLabelReport:
         lines = [
             "GEX noisy-label report",
             f"  examples: {n}   flagged: {self.num_flagged} ({self.num_flagged / n:.1%})",
-            f"  threshold: {self.threshold:.4g} ({self.threshold_method})",
+            f"  threshold: {self.threshold:.4g} ({self._threshold_text()})",
             f"  {self.score_method.replace('_', ' ')}: median {q[0]:.3g}, p90 {q[1]:.3g}, "
             f"p99 {q[2]:.3g}, "
             f"max {self.scores.max():.3g}",
@@ -365,6 +362,20 @@ class NoisyLabelReport:
         if print_fn is not None:
             print_fn(text)
         return text
+
+    def _threshold_text(self) -> str:
+        """How the threshold was chosen, and whether the contradicted-label cap raised it."""
+        method = self.threshold_method
+        if not isinstance(method, str) or self._max_flagged is None:
+            return str(method)
+        uncapped = threshold_scores(self.scores, method)
+        if self.threshold <= uncapped:
+            return method
+        return (
+            f"{method}, raised from {uncapped:.4g}, which flagged "
+            f"{int(np.sum(self.scores > uncapped))}: the members' mean prediction "
+            f"contradicts only {self._max_flagged} given labels"
+        )
 
     def diagnostics(self) -> list:
         """Warnings about the ensemble that make scores less trustworthy."""
@@ -456,7 +467,9 @@ class NoisyLabelReport:
 
         Tells whether M was large enough: if `stability` is low, the flagged set
         would change with another ensemble of the same size;
-        `suggested_members` estimates the M that would make it stable.
+        `suggested_members` estimates the M that would make it stable. Each
+        resample is cut by `threshold_method`, capped at the full ensemble's
+        count of `contradicted` labels.
 
         Args:
             num_resamples: Bootstrap resamples. Defaults to `200`.
@@ -476,7 +489,7 @@ class NoisyLabelReport:
         def resample(size):
             cols = rng.integers(0, m, size=size)
             scores = per_member[:, cols].mean(axis=1)
-            flagged = scores > threshold_scores(scores, method)
+            flagged = scores > threshold_scores(scores, method, max_flagged=self._max_flagged)
             return scores, flagged
 
         samples, flags = [], []
@@ -507,6 +520,11 @@ class NoisyLabelReport:
             suggested,
             target,
         )
+
+    @property
+    def _max_flagged(self) -> int | None:
+        """The cap on a named threshold's flagged rows: the contradicted labels."""
+        return None if self.contradicted is None else int(self.contradicted.sum())
 
     def _per_member_scores(self) -> np.ndarray:
         """`(N, M)` float64 terms whose mean over members is `scores`."""

@@ -18,8 +18,8 @@ from keras_gex import _validation
 #: Self-influence is a mean of squared loss deviations, heavy-tailed to the right;
 #: powers between 1 (raw, the paper's rule) and 0 (log) trade the raw cut's
 #: conservatism (missed flips) against the log cut's looseness (false flags).
-#: "otsu_sqrt" (the root-mean-square deviation) is the default of `detect_noisy`;
-#: `benchmarks/quality.py` measures the F1 of each.
+#: `detect_noisy` cuts its default score (the members' mean loss) with "otsu" and
+#: self-influence with "otsu_sqrt"; `benchmarks/quality.py` measures the F1 of each.
 TRANSFORMS = {
     "otsu": lambda v: v,
     "otsu_sqrt": np.sqrt,
@@ -99,17 +99,41 @@ def otsu_separability(values) -> float:
     return float(np.max(_between_class_variance(v)) / np.var(v))
 
 
-def threshold_scores(scores: np.ndarray, method) -> float:
+def capped_threshold(scores, cut: float, count: int) -> float:
+    """`cut`, raised where needed so that at most `count` scores lie above it.
+
+    >>> capped_threshold([0.1, 0.9, 0.5, 0.7], 0.2, 2)  # 3 above 0.2: keep the top 2
+    0.5
+    >>> capped_threshold([0.1, 0.9, 0.5, 0.7], 0.6, 2)  # 2 above 0.6 already
+    0.6
+    >>> capped_threshold([0.1, 0.9], 0.0, 0)
+    0.9
+    """
+    values = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if count < 0:
+        raise ValueError(f"Argument `count` must be >= 0. Received: count={count}")
+    if count >= values.size:
+        return float(cut)
+    return float(max(cut, values[count]))
+
+
+def threshold_scores(scores: np.ndarray, method, max_flagged: int | None = None) -> float:
     """Threshold for `scores` by `method` (a name in `TRANSFORMS` or a number).
 
     A named method chooses Otsu's cut on the transformed scores with the top
     `TAIL_SHARE` winsorised; every score above the cut is flagged, those top
-    scores included.
+    scores included. With `max_flagged`, a named method's cut is raised until
+    at most that many scores lie above it (`capped_threshold`); a number is
+    the caller's cut and is kept.
 
     >>> scores = np.r_[np.linspace(0.0, 0.2, 90), np.linspace(2.0, 3.0, 9), 60.0]
     >>> threshold_scores(scores, "otsu") == 0.2  # the 10 high scores, not just 60
     True
+    >>> int(np.sum(scores > threshold_scores(scores, "otsu", max_flagged=4)))
+    4
     """
+    if isinstance(method, str) and max_flagged is not None:
+        return capped_threshold(scores, threshold_scores(scores, method), max_flagged)
     if isinstance(method, str):
         _validation.one_of("threshold", method, TRANSFORMS)
         values = np.asarray(scores, dtype=np.float64)

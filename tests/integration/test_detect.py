@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 from tolerances import MIN_DIGITS_AUC, PROB_ATOL
 
 import keras_gex
-from keras_gex.analysis.thresholding import TAIL_SHARE
+from keras_gex.analysis.thresholding import TAIL_SHARE, capped_threshold, threshold_scores
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,28 @@ def test_ensemble_probs_are_members_mean_softmax(report, digits):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=PROB_ATOL)
 
 
+def test_flagged_rows_never_outnumber_the_labels_the_members_contradict(
+    report, digits_ensemble, digits
+):
+    probs = report.ensemble_probs()
+    np.testing.assert_array_equal(report.contradicted, probs.argmax(axis=1) != digits.y_train)
+    assert report.num_flagged <= report.contradicted.sum()
+    # Members that are θ* itself contradict only the labels θ* does not fit:
+    # Otsu's cut on their scores flags more, the cap keeps the top scores.
+    ens = digits_ensemble
+    same = keras_gex.GeometricEnsemble(ens.model, ens.reference, [ens.reference] * 2, ens.loss)
+    data = (digits.x_train, digits.y_train)
+    capped = keras_gex.detect_noisy(data, same, verbose=0)
+    count = int(capped.contradicted.sum())
+    otsu = threshold_scores(capped.scores, "otsu")
+    assert count < np.sum(capped.scores > otsu)
+    assert capped.num_flagged == count
+    top = np.sort(capped.scores)[::-1]
+    assert capped.threshold == top[count] and capped.threshold > otsu
+    assert f"contradicts only {count} given labels" in capped.summary(print_fn=None)
+    assert "raised from" not in report.summary(print_fn=None)
+
+
 def test_suggested_labels_replace_given_label_on_flagged_rows(report, digits):
     suggested = report.suggested_labels()
     mask = report.noisy_mask
@@ -92,8 +114,8 @@ def test_suggested_labels_replace_given_label_on_flagged_rows(report, digits):
 
 
 def test_report_without_ensemble_explains_missing_probs(report):
-    bare = dataclasses.replace(report, ensemble=None, _ensemble_probs_fn=None, _ensemble_probs=None)
-    with pytest.raises(ValueError, match="no ensemble"):
+    bare = dataclasses.replace(report, ensemble=None, _ensemble_probs=None)
+    with pytest.raises(ValueError, match="no ensemble predictions"):
         bare.ensemble_probs()
     np.testing.assert_array_equal(
         bare.relabeled_targets(), report.relabeled_targets(source="model")
@@ -163,9 +185,11 @@ def test_threshold_choices(digits_ensemble, digits):
     raw = keras_gex.detect_noisy(data, digits_ensemble, threshold="otsu", verbose=0)
     fixed = keras_gex.detect_noisy(data, digits_ensemble, threshold=1.0, verbose=0)
     assert fixed.threshold == 1.0 and fixed.num_flagged == int(np.sum(fixed.scores > 1.0))
-    # Otsu's cut on the scores with the top 1% winsorised (two routes agree).
+    # Otsu's cut on the scores with the top 1% winsorised (two routes agree),
+    # at most as many rows as the members contradict.
     capped = np.minimum(raw.scores, np.quantile(raw.scores, 1 - TAIL_SHARE))
-    assert raw.threshold == keras_gex.otsu_threshold(capped)
+    count = int(raw.contradicted.sum())
+    assert raw.threshold == capped_threshold(raw.scores, keras_gex.otsu_threshold(capped), count)
     assert raw.num_flagged == int(np.sum(raw.scores > raw.threshold))
     with pytest.raises(ValueError, match="threshold"):
         keras_gex.detect_noisy(data, digits_ensemble, threshold="mean", verbose=0)
@@ -221,11 +245,10 @@ def test_uncertainty_identical_members_is_perfectly_stable(si_report):
 
     report = si_report
 
-    from keras_gex.analysis.thresholding import threshold_scores
-
     same = np.repeat(report.deviations[:, :1], 4, axis=1)
     scores = np.mean(same.astype(float) ** 2, axis=1)
-    cut = threshold_scores(scores, report.threshold_method)
+    count = int(report.contradicted.sum())
+    cut = threshold_scores(scores, report.threshold_method, max_flagged=count)
     clone = dataclasses.replace(
         report, deviations=same, scores=scores, threshold=cut, noisy_mask=scores > cut
     )

@@ -120,6 +120,9 @@ def test_scores_on_replicas_equal_single_device(bn_ensemble, replicas):
         dist.reference_losses, base.reference_losses, rtol=0, atol=DIST_SCORE_ATOL
     )
     np.testing.assert_allclose(dist.predictions, base.predictions, rtol=0, atol=DIST_SCORE_ATOL)
+    np.testing.assert_allclose(
+        dist.member_probabilities, base.member_probabilities, rtol=0, atol=DIST_SCORE_ATOL
+    )
     np.testing.assert_array_equal(dist.labels, y)
     if replicas == 4:  # a dataset whose batches are smaller than the number of replicas
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)

@@ -13,7 +13,7 @@ import keras_gex
 from keras_gex import _validation
 from keras_gex.io import persistence
 from keras_gex.loss_checks import check_labels, check_outputs, output_activation
-from keras_gex.losses import resolve_loss
+from keras_gex.losses import PerExampleLoss, resolve_loss
 
 SCE = keras.losses.SparseCategoricalCrossentropy
 BCE = keras.losses.BinaryCrossentropy
@@ -223,3 +223,22 @@ def test_probability_problem():
     assert problem(np.array([[0.5, 0.9]]), rows_sum_to_one=False) is None
     assert problem(np.array([[-1.5, 2.0]]), rows_sum_to_one=True) == "values in [-1.5, 2]"
     assert "not 1" in problem(np.array([[0.5, 0.9]]), rows_sum_to_one=True)
+
+
+@pytest.mark.parametrize(
+    "kind, labels, probs, expected",
+    [
+        ("sparse_categorical_crossentropy", [0, 2, 1], [[0.6, 0.3, 0.1]] * 3, [1, 0, 0]),
+        ("sparse_categorical_crossentropy", [[0], [1]], [[0.6, 0.4], [0.7, 0.3]], [1, 0]),
+        ("categorical_crossentropy", [[0.9, 0.1], [0.05, 0.95]], [[0.6, 0.4]] * 2, [1, 0]),
+        ("binary_crossentropy", [[1], [0], [1]], [[0.7], [0.7], [0.2]], [1, 0, 0]),
+        ("binary_crossentropy", [[1, 0], [1, 1]], [[0.8, 0.1], [0.8, 0.1]], [1, 0]),
+    ],
+)
+def test_predicts_label_is_fit_mask_on_probabilities(kind, labels, probs, expected):
+    loss = PerExampleLoss(lambda y, p: p, kind, False, kind)
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float32)
+    got = loss.predicts_label(labels, probs)
+    np.testing.assert_array_equal(got, np.asarray(expected, dtype=bool))
+    # The same test as the members' fit during calibration (two routes agree).
+    np.testing.assert_array_equal(got, loss.fit_mask(labels, probs).numpy() == 1.0)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import keras_gex
-from keras_gex.analysis.thresholding import threshold_scores
+from keras_gex.analysis.thresholding import capped_threshold, threshold_scores
 
 
 def _brute_force_otsu(values, separability=False):
@@ -100,3 +100,18 @@ def test_separability_refuses_bad_input():
         keras_gex.otsu_separability([1.0, np.inf])
     with pytest.raises(ValueError, match="empty"):
         keras_gex.otsu_separability([])
+
+
+def test_a_capped_cut_keeps_the_top_scores_and_never_lowers_the_cut():
+    rng = np.random.default_rng(0)
+    scores = rng.exponential(size=500)
+    cut = threshold_scores(scores, "otsu")
+    above = int(np.sum(scores > cut))
+    for count in (0, 1, above // 2, above, above + 10, 500, 10**6):
+        capped = threshold_scores(scores, "otsu", max_flagged=count)
+        flagged = scores > capped
+        assert flagged.sum() == min(count, above) and capped >= cut
+        assert np.all(scores[flagged] > scores[~flagged].max())
+    assert threshold_scores(scores, 0.5, max_flagged=0) == 0.5  # a number is the caller's cut
+    with pytest.raises(ValueError, match="count"):
+        capped_threshold(scores, cut, -1)
