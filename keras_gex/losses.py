@@ -67,18 +67,13 @@ class PerExampleLoss:
         raise ValueError(f"label_classes is undefined for loss kind {self.kind!r}")
 
     def predicts_label(self, y_true, probabilities) -> np.ndarray:
-        """`(N,)` bool: whether `probabilities` predict the given label (NumPy).
+        """`(N,)` bool: whether `probabilities` predict the given label.
 
-        The arg-max class, or for sigmoid outputs every label on the same side
-        of 0.5: `fit_mask`'s test, on probabilities rather than model outputs.
+        `fit_mask`'s test (the arg-max class, or every sigmoid label on the
+        right side of 0.5), read on probabilities rather than model outputs.
         """
-        given = self.label_classes(y_true)
-        p = np.asarray(probabilities, dtype=np.float64).reshape(len(given), -1)
-        if self.kind == _BCE:
-            predicted = (p > 0.5).astype(np.int64)
-        else:
-            predicted = np.argmax(p, axis=1)[:, None]
-        return np.all(predicted == given, axis=1)
+        on_probabilities = dataclasses.replace(self, from_logits=False)
+        return on_probabilities.fit_mask(y_true, np.asarray(probabilities)).numpy() == 1.0
 
     def fit_mask(self, y_true, y_pred):
         """Per-example 1.0 if the prediction gets the label(s) right, else 0.0 (float32, (B,)).

@@ -109,9 +109,9 @@ def capped_threshold(scores, cut: float, count: int) -> float:
     >>> capped_threshold([0.1, 0.9], 0.0, 0)
     0.9
     """
-    values = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
     if count < 0:
         raise ValueError(f"Argument `count` must be >= 0. Received: count={count}")
+    values = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
     if count >= values.size:
         return float(cut)
     return float(max(cut, values[count]))
