@@ -104,6 +104,21 @@ def reshuffles_each_iteration(ds: tf.data.Dataset) -> bool:
     return False
 
 
+def _refuse_label_per_output(name: str, y, num_examples: int) -> None:
+    """Raises a clear error when `y` holds one label array per output of a model."""
+    parts = list(y.values()) if isinstance(y, dict) else y
+    if not isinstance(parts, (list, tuple)) or len(parts) in (0, 1, num_examples):
+        return  # a list with a row per example is labels, not one array per output
+    if all(np.ndim(part) >= 1 and len(part) == num_examples for part in parts):
+        raise ValueError(
+            f"Argument `{name}`: `y` holds {len(parts)} label arrays, one per model output. "
+            "keras_gex supports single-output models only: wrap the model in one that "
+            "returns the output whose loss you want to explain (e.g. "
+            "`keras.Model(model.input, model.outputs[0])`, compiled with that output's loss) "
+            "and pass that output's labels."
+        )
+
+
 class DataSource:
     """A validated `(x, y)` data source.
 
@@ -144,6 +159,8 @@ class DataSource:
         if not tf.nest.flatten(x):
             raise ValueError(f"Argument `{self.name}`: `x` holds no input arrays.")
         leaves = [*input_leaves(x), ("y", y)]
+        if np.ndim(leaves[0][1]) > 0:
+            _refuse_label_per_output(self.name, data[1], len(leaves[0][1]))
         for label, arr in leaves:
             if arr.ndim == 0:
                 raise ValueError(

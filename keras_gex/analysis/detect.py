@@ -86,6 +86,8 @@ def detect_noisy(
         if threshold == "auto":
             threshold = DEFAULT_THRESHOLDS[score]
     check_floor(reference_floor)
+    if isinstance(ensemble, keras.Model):  # the model first: its errors explain the data's
+        _validation.check_model(ensemble, need_loss=True, loss=collect_kwargs.get("loss"))
     DataSource(train_data, batch_size=batch_size, name="train_data").check_ordered()
     if isinstance(ensemble, keras.Model):
         ensemble = GeometricEnsemble.collect(

@@ -170,3 +170,31 @@ def test_valid_setups_still_collect(data):
     keras_gex.GeometricEnsemble.collect(sigmoid, (x, one_hot), **SETTINGS)
     keras_gex.GeometricEnsemble.collect(_mlp("mse", "softmax"), (x, one_hot), **SETTINGS)
     keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), (x[:, :, None], y), **SETTINGS)
+
+
+def _two_output_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(10)(hidden), keras.layers.Dense(1)(hidden)])
+    model.compile("sgd", [SCE(from_logits=True), keras.losses.BinaryCrossentropy(from_logits=True)])
+    return model
+
+
+def test_multi_output_model_and_labels_refused(data, no_fine_tuning):
+    x, y = data
+    parity = (y % 2).astype("float32")
+    with pytest.raises(
+        ValueError, match=re.escape("single-output models only. The model has 2 outputs")
+    ):
+        keras_gex.detect_noisy((x, [y, parity]), _two_output_model(), verbose=0)
+
+
+def test_labels_per_output_named_as_such(data):
+    # Wherever the data is read: not reported as a length mismatch.
+    x, y = data
+    parity = (y % 2).astype("float32")
+    ensemble = keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), (x, y), **SETTINGS)
+    for labels in ([y, parity], {"digit": y, "parity": parity}):
+        with pytest.raises(ValueError, match="`y` holds 2 label arrays, one per model output"):
+            ensemble.deviations((x, labels), verbose=0)
