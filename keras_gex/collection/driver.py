@@ -268,7 +268,11 @@ def collect(
         """
         nonlocal steps_run
         batches = stream([first + r for r in range(width)], rerun)
-        tuner.load(start_weights)
+        # Random layers (dropout, augmentation) restart from a seed of the member's.
+        layer_seeds = [
+            stream_seed(stream_seed(seed, first + r, rerun), "layers") for r in range(width)
+        ]
+        tuner.load(start_weights, layer_seeds)
         tuner.set_weight_decay(decay if weight_decay is None else weight_decay)
         midway, done = None, 0
         if abandon is not None and width == 1:

@@ -51,6 +51,7 @@ class FineTuner:
         self.velocity = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.tv]
         self._bn = core.batchnorm_layers(model)
         self._bn_index = core.batchnorm_index(model, self._bn)
+        self._seed_positions = core.seed_state_positions(model)
         self._step_fn = None
         self._indexed_fn = None
         self._stats_fn = None
@@ -61,8 +62,10 @@ class FineTuner:
         """The decay λ of the following runs (a variable: nothing is traced again)."""
         self._decay.assign(float(weight_decay))
 
-    def load(self, weights: WeightSet) -> None:
-        """Starts from `weights` with zero momentum."""
+    def load(self, weights: WeightSet, layer_seeds=None) -> None:
+        """Starts from `weights` with zero momentum; random layers from `layer_seeds[0]`."""
+        if layer_seeds is not None:
+            weights = core.with_layer_seeds(weights, self._seed_positions, layer_seeds[0])
         core.assign_all(self.tv, weights.trainable)
         core.assign_all(self.ntv, weights.non_trainable)
         for var in self.velocity:

@@ -81,6 +81,7 @@ class ReplicaFineTuner:
         self._bn = core.batchnorm_layers(model)
         self._bn_index = core.batchnorm_index(model, self._bn)
         self._bn_positions = {i for pair in self._bn_index for i in pair}
+        self._seed_positions = core.seed_state_positions(model)
         self._fns = {}
 
     def _fn(self, name, python_fn):
@@ -115,13 +116,26 @@ class ReplicaFineTuner:
         """The decay λ of the following rounds (a mirrored variable: nothing is traced again)."""
         self._decay.assign(float(weight_decay))
 
-    def load(self, weights: WeightSet) -> None:
-        """Every replica starts from `weights` with zero momentum."""
+    def load(self, weights: WeightSet, layer_seeds=None) -> None:
+        """Every replica starts from `weights` with zero momentum; random layers
+        from `layer_seeds[r]` on replica `r` (`layer_seeds[0]` when synchronized)."""
+        seeded = weights
+        if layer_seeds is not None:
+            seeded = core.with_layer_seeds(weights, self._seed_positions, layer_seeds[0])
         # A cross-replica assign of an ON_READ variable sets every copy.
-        core.assign_all(self.tv, weights.trainable)
-        core.assign_all(self.ntv, weights.non_trainable)
+        core.assign_all(self.tv, seeded.trainable)
+        core.assign_all(self.ntv, seeded.non_trainable)
         for var in self.velocity:
             var.assign(np.zeros(var.shape, var.dtype.as_numpy_dtype))
+        if layer_seeds is not None and not self.synchronized and self._seed_positions:
+            states = [
+                core.with_layer_seeds(weights, self._seed_positions, layer_seeds[r]).non_trainable
+                for r in range(self.num_replicas)
+            ]
+            self._assign_per_replica(
+                [self.ntv[i] for i in self._seed_positions],
+                [[state[i] for i in self._seed_positions] for state in states],
+            )
 
     def _local_state(self):
         return [tf.expand_dims(tf.identity(v), 0) for v in self.tv + self.ntv]

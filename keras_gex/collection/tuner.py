@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_gex.weights import WeightSet
+
 #: `steps="auto"`: each member fine-tunes for about `STEP_EPOCHS` passes over
 #: the training data (fewer leave memorised examples unforgotten), within
 #: [`MIN_STEPS`, `MAX_STEPS`]; the cap is the paper's 800 steps. Measured in
@@ -186,6 +188,37 @@ def batchnorm_index(model, layers) -> list:
     """`[(moving mean, moving variance)]` positions in `model.non_trainable_variables`."""
     ids = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
     return [(ids[id(layer.moving_mean)], ids[id(layer.moving_variance)]) for layer in layers]
+
+
+def seed_state_positions(model) -> list:
+    """Positions of the random layers' generator states in `model.non_trainable_variables`.
+
+    Dropout, noise and augmentation layers draw from a `keras.random.SeedGenerator`
+    whose `[seed, counter]` state is a non-trainable variable.
+    """
+    return [
+        i for i, v in enumerate(model.non_trainable_variables) if v.name == "seed_generator_state"
+    ]
+
+
+def with_layer_seeds(weights: WeightSet, positions: list, seed: int) -> WeightSet:
+    """`weights` with every random layer's generator restarted from `seed`.
+
+    A member's dropout masks and augmentations then follow from the
+    collection's seed, not from the global state θ* was built or loaded under.
+
+    >>> w = WeightSet([], [np.zeros(3), np.array([5, 9])])  # a state [seed 5, counter 9]
+    >>> with_layer_seeds(w, [1], seed=0).non_trainable[1].tolist()
+    [821328062, 0]
+    """
+    if not positions:
+        return weights
+    non_trainable = list(weights.non_trainable)
+    states = np.random.SeedSequence(seed).generate_state(len(positions))
+    for position, state in zip(positions, states):
+        dtype = non_trainable[position].dtype
+        non_trainable[position] = np.array([int(state) % 2**31, 0], dtype=dtype)
+    return WeightSet(list(weights.trainable), non_trainable)
 
 
 @contextlib.contextmanager

@@ -62,6 +62,40 @@ def test_same_seed_same_members(small_mlp):
             np.testing.assert_array_equal(wa, wb)
 
 
+def test_seed_alone_fixes_random_layers(digits):
+    """Dropout and noise layers draw from the collection's seed, not from the generator
+    state θ* was built or loaded under (another process holds another one)."""
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.GaussianNoise(0.1),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    states = [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
+    assert len(states) == 2
+    kwargs = dict(num_members=2, steps=10, learning_rate=0.05, seed=5, verbose=0)
+    runs = []
+    for global_state in (11, 12):
+        for state in states:
+            state.assign(np.array([global_state, 3], dtype=state.dtype))
+        runs.append(keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs))
+        assert [list(v.numpy()) for v in states] == [[global_state, 3]] * 2  # left alone
+    for ma, mb in zip(runs[0].members, runs[1].members):
+        for wa, wb in zip(ma.trainable, mb.trainable):
+            np.testing.assert_array_equal(wa, wb)
+    # Each member draws its own masks: its generators started from its own seed.
+    position = [v.name for v in model.non_trainable_variables].index("seed_generator_state")
+    first, second = (m.non_trainable[position][0] for m in runs[0].members)
+    assert first != second
+
+
 def test_batchnorm_statistics_are_population_statistics():
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
