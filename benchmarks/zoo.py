@@ -98,6 +98,7 @@ FIELDS = (
     "epochs",
     "train_fit",
     "train_seconds",
+    "theta_loaded",
     "gex_seconds",
     "calibration_share",
     "calibration_probes",
@@ -242,7 +243,10 @@ def train(case, data, x, labels, epochs: int, seed: int):
 
 
 def _theta_star(case, data, x, labels, epochs, seed, cache):
-    """θ* and `(epochs run, training seconds)`, loaded from `cache` when saved there."""
+    """`(θ*, epochs run, training seconds, loaded)`, loaded from `cache` when saved there.
+
+    A loaded θ*'s seconds are those of the run that trained it, on that run's machine.
+    """
     import json
 
     import keras
@@ -253,13 +257,10 @@ def _theta_star(case, data, x, labels, epochs, seed, cache):
         meta = path.with_suffix(".json")
         if path.exists() and meta.exists():
             _zoo_cases.register_custom_objects()
-            # A loaded model's random layers (dropout, augmentation) seed their
-            # generators when built: seeded here, the members' draws repeat run to run.
-            keras.utils.set_random_seed(seed)
             try:
                 model = keras.models.load_model(path)
                 info = json.loads(meta.read_text())
-                return model, info["epochs"], info["seconds"]
+                return model, info["epochs"], info["seconds"], True
             except Exception as err:  # an unloadable model is trained again
                 print(f"  cache: could not load {path.name} ({err}); training", flush=True)
     start = time.perf_counter()
@@ -272,7 +273,7 @@ def _theta_star(case, data, x, labels, epochs, seed, cache):
             path.with_suffix(".json").write_text(json.dumps({"epochs": run, "seconds": seconds}))
         except Exception as err:
             print(f"  cache: could not save {path.name} ({err})", flush=True)
-    return model, run, seconds
+    return model, run, seconds, False
 
 
 # -- the references ---------------------------------------------------------------------
@@ -371,8 +372,8 @@ def run_one(
     row = {"case": case.name, "seed": seed, "rows": len(data), "noisy": int(noisy.sum())}
 
     cache = None if quick else model_cache  # smoke-run models are not worth keeping
-    model, run, train_seconds = _theta_star(case, data, data.x, given, epochs, seed, cache)
-    row.update(epochs=run, train_seconds=train_seconds)
+    model, run, train_seconds, loaded = _theta_star(case, data, data.x, given, epochs, seed, cache)
+    row.update(epochs=run, train_seconds=train_seconds, theta_loaded=loaded)
     row["train_fit"] = _fit_share(case, model, data.x, given)
     feed = _feed(case, data.x, targets(case, given, data.num_classes))
 
@@ -455,7 +456,9 @@ def _progress(row, done: int, total: int, seconds: float) -> str:
 # -- tables -----------------------------------------------------------------------------
 #: The per-seed columns averaged over seeds (the rest are names and text).
 NUMERIC_FIELDS = tuple(
-    k for k in FIELDS if k not in ("case", "seed", "references", "warnings", "error")
+    k
+    for k in FIELDS
+    if k not in ("case", "seed", "theta_loaded", "references", "warnings", "error")
 )
 
 
@@ -558,6 +561,13 @@ def markdown(rows, seconds: float | None = None) -> str:
             f" LR ref and oracle of {reused} of the {len(rows)} runs were read from an earlier "
             "zoo.csv (`--references`)."
             if (reused := sum(r.get("references") == "reused" for r in rows))
+            else ""
+        )
+        + (
+            f" θ* of {loaded} of the {len(rows)} runs was loaded from `--model-cache`: its "
+            "training seconds are those of the run that trained it, so GE s / train s is side "
+            "by side only if that run had the same idle cores."
+            if (loaded := sum(str(r.get("theta_loaded")) == "True" for r in rows))
             else ""
         ),
         "",

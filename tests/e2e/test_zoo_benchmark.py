@@ -37,6 +37,11 @@ def test_quick_run_writes_table_with_its_rows_and_the_bars(zoo, tmp_path, capsys
     assert "Bars per row" in text
     assert "Bars met on " in text and f" of {len(quick)} rows." in text
     assert (tmp_path / "zoo.csv").exists()
+    # The quick run trains every θ*; a θ* loaded from a cache is said to carry its own seconds.
+    rows = zoo._read_rows(tmp_path / "zoo.csv")
+    assert "loaded from `--model-cache`" not in text
+    rows[0]["theta_loaded"] = "True"  # as read back from a cached run's csv
+    assert f"θ* of 1 of the {len(rows)} runs was loaded from `--model-cache`" in zoo.markdown(rows)
 
 
 def test_cases_cover_issue_setups(zoo):
