@@ -105,18 +105,22 @@ def reshuffles_each_iteration(ds: tf.data.Dataset) -> bool:
 
 
 def _refuse_label_per_output(name: str, y, num_examples: int) -> None:
-    """Raises a clear error when `y` holds one label array per output of a model."""
+    """Raises a clear error when array labels `y` hold one array per output of a model."""
     parts = list(y.values()) if isinstance(y, dict) else y
     if not isinstance(parts, (list, tuple)) or len(parts) in (0, 1, num_examples):
         return  # a list with a row per example is labels, not one array per output
     if all(np.ndim(part) >= 1 and len(part) == num_examples for part in parts):
-        raise ValueError(
-            f"Argument `{name}`: `y` holds {len(parts)} label arrays, one per model output. "
-            "keras_gex supports single-output models only: wrap the model in one that "
-            "returns the output whose loss you want to explain (e.g. "
-            "`keras.Model(model.input, model.outputs[0])`, compiled with that output's loss) "
-            "and pass that output's labels."
-        )
+        raise ValueError(_per_output_message(name, len(parts)))
+
+
+def _per_output_message(name: str, count: int) -> str:
+    return (
+        f"Argument `{name}`: `y` holds {count} label arrays, one per model output. "
+        "keras_gex supports single-output models only: wrap the model in one that "
+        "returns the output whose loss you want to explain (e.g. "
+        "`keras.Model(model.input, model.outputs[0])`, compiled with that output's loss) "
+        "and pass that output's labels."
+    )
 
 
 class DataSource:
@@ -189,6 +193,9 @@ class DataSource:
                 f"Argument `{self.name}` must yield `(x, y)` pairs; labels are "
                 f"required to compute losses. Received element_spec={spec}"
             )
+        labels = tf.nest.flatten(spec[1])
+        if len(labels) > 1:
+            raise ValueError(_per_output_message(self.name, len(labels)))
         card = int(ds.cardinality())
         if card == tf.data.INFINITE_CARDINALITY:
             raise ValueError(

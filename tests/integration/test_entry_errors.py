@@ -198,3 +198,7 @@ def test_labels_per_output_named_as_such(data):
     for labels in ([y, parity], {"digit": y, "parity": parity}):
         with pytest.raises(ValueError, match="`y` holds 2 label arrays, one per model output"):
             ensemble.deviations((x, labels), verbose=0)
+        per_output = labels if isinstance(labels, dict) else tuple(labels)  # a list would stack
+        dataset = tf.data.Dataset.from_tensor_slices((x, per_output)).batch(32)
+        with pytest.raises(ValueError, match="`y` holds 2 label arrays, one per model output"):
+            ensemble.deviations(dataset, verbose=0)
