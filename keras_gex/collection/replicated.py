@@ -119,22 +119,20 @@ class ReplicaFineTuner:
     def load(self, weights: WeightSet, layer_seeds=None) -> None:
         """Every replica starts from `weights` with zero momentum; random layers
         from `layer_seeds[r]` on replica `r` (`layer_seeds[0]` when synchronized)."""
-        seeded = weights
-        if layer_seeds is not None:
-            seeded = core.with_layer_seeds(weights, self._seed_positions, layer_seeds[0])
+        positions = self._seed_positions
+        if layer_seeds is not None and self.synchronized:
+            weights = core.with_layer_seeds(weights, positions, layer_seeds[0])
         # A cross-replica assign of an ON_READ variable sets every copy.
-        core.assign_all(self.tv, seeded.trainable)
-        core.assign_all(self.ntv, seeded.non_trainable)
+        core.assign_all(self.tv, weights.trainable)
+        core.assign_all(self.ntv, weights.non_trainable)
         for var in self.velocity:
             var.assign(np.zeros(var.shape, var.dtype.as_numpy_dtype))
-        if layer_seeds is not None and not self.synchronized and self._seed_positions:
-            states = [
-                core.with_layer_seeds(weights, self._seed_positions, layer_seeds[r]).non_trainable
-                for r in range(self.num_replicas)
+        if layer_seeds is not None and not self.synchronized and positions:
+            per_replica = [
+                core.with_layer_seeds(weights, positions, s).non_trainable for s in layer_seeds
             ]
             self._assign_per_replica(
-                [self.ntv[i] for i in self._seed_positions],
-                [[state[i] for i in self._seed_positions] for state in states],
+                [self.ntv[i] for i in positions], [[nt[i] for i in positions] for nt in per_replica]
             )
 
     def _local_state(self):
