@@ -56,6 +56,11 @@ class CollectionConfig:
             without convolution or pooling layers; never on CPU). If XLA cannot
             compile the model the members are fine-tuned without it and a
             warning says so. Defaults to `"auto"`.
+        frozen_features: Compute the model's leading frozen layers (e.g. a
+            backbone with `trainable=False`) once and fine-tune the members
+            on their outputs: the same members up to float rounding, in a
+            fraction of the time where those layers dominate a step. `False`
+            runs them at every step. Defaults to `True`.
     """
 
     num_members: int = 8
@@ -68,6 +73,7 @@ class CollectionConfig:
     chain: bool = False
     bn_batches: int = 20
     jit_compile: bool | str = "auto"
+    frozen_features: bool = True
 
     def __post_init__(self):
         learning_rate = self.learning_rate
@@ -82,6 +88,11 @@ class CollectionConfig:
             )
         if not isinstance(self.chain, bool):
             raise ValueError(f"Argument `chain` must be a bool. Received: chain={self.chain!r}")
+        if not isinstance(self.frozen_features, bool):
+            raise ValueError(
+                "Argument `frozen_features` must be a bool. "
+                f"Received: frozen_features={self.frozen_features!r}"
+            )
         if not (isinstance(self.jit_compile, bool) or self.jit_compile == "auto"):
             raise ValueError(
                 'Argument `jit_compile` must be True, False or "auto". '
@@ -228,6 +239,8 @@ class CollectionRecord:
             runs redone (the warm-up's one step at step size 0 excluded).
         strategy: The `tf.distribute` set-up, or None on one device.
         weight_decay: The members' decoupled weight decay λ.
+        frozen_layers: The leading frozen layers computed once for every
+            member (`CollectionConfig.frozen_features`), or None.
     """
 
     num_members: int
@@ -253,6 +266,7 @@ class CollectionRecord:
     steps_run: int = 0
     strategy: dict | None = None
     weight_decay: float = 0.0
+    frozen_layers: list | None = None
 
     def to_dict(self) -> dict:
         """The record as plain JSON-able values (`ensemble.info`, the manifest)."""

@@ -3,7 +3,9 @@
 One `tf.function` per input signature evaluates the reference and all M
 members on a batch with `model.stateless_call` (no weight assignment, the
 user's model variables are never touched), so scoring costs M+1 forward
-passes. Results are concatenated in dataset order.
+passes; leading layers whose weights every set shares (a frozen backbone)
+run once per batch instead (`collection/frozen.py`). Results are
+concatenated in dataset order.
 
 The hot path is kept at the cost of those M+1 compiled forward passes
 (`benchmarks/speed.py` measures it against them): one trace per input
@@ -30,6 +32,7 @@ import tensorflow as tf
 
 from keras_gex import distribute
 from keras_gex._tracing import compiled, free_batch
+from keras_gex.collection.frozen import shared_layers
 from keras_gex.data import DataSource, nan_where_not_finite, spec_of
 from keras_gex.loss_checks import check_per_example
 from keras_gex.losses import PerExampleLoss
@@ -107,6 +110,28 @@ class Scorer:
                 self._ref = _variables(reference, "ref")
                 self._members = [_variables(m, f"m{i}") for i, m in enumerate(members)]
         self._fns = {}
+        # Leading layers equal in every weight set run once per batch, not M+1 times.
+        self._split = shared_layers(model, [reference, *members])
+
+    def _outputs(self, x, members_only: bool = False) -> list:
+        """Inference outputs of θ* then of each member (only the members' if `members_only`)."""
+        sets = self._members if members_only else [self._ref, *self._members]
+        split = self._split
+        if split is None:
+            return [self.model.stateless_call(tv, ntv, x, training=False)[0] for tv, ntv in sets]
+        shared = split.to_prefix(self._ref)
+        features, _ = split.prefix.stateless_call(
+            shared.trainable, shared.non_trainable, x, training=False
+        )
+        outputs = []
+        for weights in sets:
+            head = split.to_head(weights)
+            outputs.append(
+                split.head.stateless_call(
+                    head.trainable, head.non_trainable, features, training=False
+                )[0]
+            )
+        return outputs
 
     def _probabilities(self, out):
         """A model output through the loss's link (sigmoid or softmax of logits), float32."""
@@ -118,11 +143,10 @@ class Scorer:
     def _step(self, x, y, with_predictions: bool = False):
         """`(ref_loss, member_losses)`, then with predictions θ*'s output and the
         members' mean probabilities (from the same forward passes)."""
-        ref_pred, _ = self.model.stateless_call(*self._ref, x, training=False)
+        ref_pred, *member_preds = self._outputs(x)
         losses = [self.loss(y, ref_pred)]  # θ*'s, then each member's
         total = 0.0
-        for tv, ntv in self._members:
-            pred, _ = self.model.stateless_call(tv, ntv, x, training=False)
+        for pred in member_preds:
             losses.append(self.loss(y, pred))
             if with_predictions:
                 total += self._probabilities(pred)
@@ -171,8 +195,7 @@ class Scorer:
 
             def mean_probs(x):
                 total = 0.0
-                for tv, ntv in self._members:
-                    out, _ = self.model.stateless_call(tv, ntv, x, training=False)
+                for out in self._outputs(x, members_only=True):
                     total += self._probabilities(out)
                 return nan_where_not_finite(x, total / len(self._members))
 

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from keras_gex import distribute
 from keras_gex.collection import step_size
+from keras_gex.collection.frozen import frozen_layers
 from keras_gex.collection.local import FineTuner
 from keras_gex.collection.replicated import ReplicaFineTuner
 from keras_gex.collection.tuner import checkpoints, flatten_layers, resolve_steps
@@ -186,6 +187,19 @@ def collect(
     start = time.perf_counter()
     log = _logger(verbose)
     source = source.in_memory(_IN_MEMORY_BYTES)
+    frozen = frozen_layers(model, source, _IN_MEMORY_BYTES) if config.frozen_features else None
+    tuned, model_weights = model, None
+    if frozen is not None:
+        model_weights = WeightSet.from_model(model)
+        log(f"layers {frozen.describe()}")
+        source, tuned = frozen.features(source), frozen.head
+
+    def to_model(weights):
+        """A member of the tuned model (the head, with frozen layers) as the whole model's."""
+        if frozen is None or weights is None:
+            return weights
+        return frozen.to_model(weights, model_weights)
+
     n = source.count_examples()
     batch_size = min(config.batch_size, n)
     steps = resolve_steps(config.steps, n, config.batch_size)
@@ -203,11 +217,11 @@ def collect(
 
     weight_decay = step_size.WEIGHT_DECAY if config.weight_decay == "auto" else config.weight_decay
     if strategy is None:
-        xla = source.has_arrays and resolve_jit_compile(config.jit_compile, model)
-        tuner = FineTuner(model, loss, config.momentum, jit_compile=xla, weight_decay=weight_decay)
+        xla = source.has_arrays and resolve_jit_compile(config.jit_compile, tuned)
+        tuner = FineTuner(tuned, loss, config.momentum, jit_compile=xla, weight_decay=weight_decay)
     else:
         tuner = ReplicaFineTuner(
-            model,
+            tuned,
             loss,
             config.momentum,
             strategy,
@@ -224,7 +238,7 @@ def collect(
     theta_star = tuner.snapshots()[0]
     tuner.load(theta_star)
     tuner.refresh_batchnorm(stream(["reference"] * width), config.bn_batches)
-    reference = tuner.snapshots()[0]
+    reference = to_model(tuner.snapshots()[0])
     chance, baseline = _fit_baseline(loss, eval_batches)
 
     def fit_of(fit, mean_loss):
@@ -355,7 +369,9 @@ def collect(
     gate = step_size.MemberGate(adaptive, stacklevel=3, log=log)
     reruns = {}  # member index: how often a round starting there was run again
     what = "it" if width == 1 else "it and the rest of its round"
-    previous = members[-1] if (config.chain and members) else theta_star
+    previous = theta_star
+    if config.chain and members:
+        previous = members[-1] if frozen is None else frozen.to_head(members[-1])
     rounds = 0
     while len(members) < config.num_members:
         first = len(members)
@@ -375,10 +391,10 @@ def collect(
                 lr = retry_lr
                 reruns[index] = reruns.get(index, 0) + 1  # the next round starts there
                 break
-            members.append(weights)
+            members.append(to_model(weights))
             stats.append(member_stats)
             if store is not None:
-                store.save_member(index, weights, dataclasses.asdict(member_stats))
+                store.save_member(index, members[-1], dataclasses.asdict(member_stats))
             if config.chain:
                 previous = weights
             # The same scale as the calibration lines: the share of θ*'s fit kept.
@@ -408,6 +424,7 @@ def collect(
         batch_size=batch_size,
         momentum=config.momentum,
         weight_decay=decay,
+        frozen_layers=None if frozen is None else frozen.names,
         seed=seed,
         chain=config.chain,
         bn_batches=config.bn_batches,
