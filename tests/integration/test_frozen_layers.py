@@ -85,6 +85,9 @@ def test_chain_and_resume_on_features_equal_the_direct_route(digits, tmp_path):
     )
     resumed = keras_gex.GeometricEnsemble.collect(model, data, directory=tmp_path, **settings)
     assert_same_members(resumed, direct, PER_REPLICA_ATOL)
+    loaded = keras_gex.GeometricEnsemble.load(tmp_path, model)
+    assert loaded.record.frozen_layers == ["backbone"]
+    assert_same_members(loaded, direct, PER_REPLICA_ATOL)
 
 
 @pytest.mark.slow
