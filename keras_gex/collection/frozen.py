@@ -49,14 +49,15 @@ class ModelSplit:
     prefix_index: tuple
 
     @classmethod
-    def cut(cls, model, graph, chain: list) -> ModelSplit:
-        cut = chain[-1][1]
-        prefix = keras.Model(graph.inputs[0], cut)
-        head = keras.Model(cut, graph.output)
+    def at(cls, model, graph, cut: tuple) -> ModelSplit:
+        """The split at `cut`, a `(layers, tensor)` of `_cuts`."""
+        layers, tensor = cut
+        prefix = keras.Model(graph.inputs[0], tensor)
+        head = keras.Model(tensor, graph.output)
         return cls(
             prefix,
             head,
-            [layer.name for layer, _ in chain],
+            [layer.name for layer in layers],
             _index(head, model),
             _index(prefix, model),
         )
@@ -93,17 +94,21 @@ class ModelSplit:
 
     def describe(self) -> str:
         shape = tuple(self.head.inputs[0].shape[1:])
-        return f"{', '.join(self.names)} (frozen), computed once: features of shape {shape}"
+        names = ", ".join(self.names)
+        if len(self.names) > 3:
+            names = f"{self.names[0]} ... {self.names[-1]} ({len(self.names)} layers)"
+        return f"{names} (frozen), computed once: features of shape {shape}"
 
 
 def frozen_layers(model, source: DataSource, max_bytes: int) -> ModelSplit | None:
-    """The longest chain of frozen layers from the input worth computing once, or None.
+    """The largest frozen part of `model` from its input worth computing once, or None.
 
     A layer is frozen when it holds no trainable weight and no random
-    generator; the chain is cut before the first layer that fails
-    `_is_constant` on the first batch of `source`. None for subclassed models
-    (no graph to cut), several inputs, a chain that holds no weights (nothing
-    costly to save) or features of more than `max_bytes`.
+    generator; the part is cut at the last tensor every path to the output
+    passes through (`_cuts`) whose part also passes `_is_constant` on the
+    first batch of `source`. None for subclassed models (no graph to cut),
+    several inputs, a part that holds no weights (nothing costly to save) or
+    features of more than `max_bytes`.
     """
     if not source.has_arrays or len(tf.nest.flatten(source.arrays[0])) != 1:
         return None
@@ -116,27 +121,27 @@ def frozen_layers(model, source: DataSource, max_bytes: int) -> ModelSplit | Non
             v.name == "seed_generator_state" for v in layer.variables
         )
 
-    chain = _chain(graph, frozen)
+    cuts = _cuts(graph, frozen)
     x = tf.nest.flatten(source.first_batch()[0])[0]
-    while chain and not _is_constant(keras.Model(graph.inputs[0], chain[-1][1]), x):
-        chain.pop()
-    if not any(layer.weights for layer, _ in chain):
-        return None  # nothing costly to save (also: no chain at all)
-    cut = chain[-1][1]
-    if not cut.shape[1:] or None in cut.shape[1:]:
+    while cuts and not _is_constant(keras.Model(graph.inputs[0], cuts[-1][1]), x):
+        cuts.pop()
+    if not cuts or not any(layer.weights for layer in cuts[-1][0]):
+        return None  # nothing costly to save
+    tensor = cuts[-1][1]
+    if not tensor.shape[1:] or None in tensor.shape[1:]:
         return None
-    example_bytes = np.dtype(cut.dtype).itemsize * math.prod(cut.shape[1:])
+    example_bytes = np.dtype(tensor.dtype).itemsize * math.prod(tensor.shape[1:])
     if example_bytes * source.count_examples() > max_bytes:
         return None
-    return ModelSplit.cut(model, graph, chain)
+    return ModelSplit.at(model, graph, cuts[-1])
 
 
 def shared_layers(model, weight_sets: list) -> ModelSplit | None:
-    """The longest chain of layers from the input with the same weights in every set.
+    """The largest part of `model` from its input with the same weights in every set.
 
     In inference mode such layers compute the same for every weight set, so
     the scorer runs them once per batch. None for subclassed models, several
-    inputs, or a chain that holds no weights.
+    inputs, or a part that holds no weights.
     """
     graph = _graph(model)
     if graph is None or len(weight_sets) < 2:
@@ -150,10 +155,10 @@ def shared_layers(model, weight_sets: list) -> ModelSplit | None:
                 return False
         return True
 
-    chain = _chain(graph, shared)
-    if not any(layer.weights for layer, _ in chain):
+    cuts = _cuts(graph, shared)
+    if not cuts or not any(layer.weights for layer in cuts[-1][0]):
         return None
-    return ModelSplit.cut(model, graph, chain)
+    return ModelSplit.at(model, graph, cuts[-1])
 
 
 def _graph(model):
@@ -164,31 +169,38 @@ def _graph(model):
     return graph
 
 
-def _chain(graph, keep) -> list:
-    """`[(layer, its output)]`: the chain of layers from the graph's input that `keep`.
+def _cuts(graph, keep) -> list:
+    """`[(layers, tensor)]`: every tensor the graph can be cut at, nearest the input first.
 
-    The chain follows the input while exactly one layer consumes the current
-    tensor, with one input and one output that is not the model's, and
-    `keep(layer)`: the head keeps at least the output layer.
+    Layers are taken in topological order while `keep(layer)`; after each, the
+    tensors of the part taken that layers outside it still read (or that are
+    the model's output) are its frontier. A frontier of one tensor that is not
+    the output is a cut: every path from the input to the output passes
+    through it (after a whole residual block, not inside one), and the head
+    keeps at least the output layer.
     """
-    nodes = [node for depth in graph._nodes_by_depth.values() for node in depth]
+    nodes = [
+        node
+        for depth in sorted(graph._nodes_by_depth, reverse=True)  # inputs first
+        for node in graph._nodes_by_depth[depth]
+        if node.operation is not None and not node.is_input
+    ]
     outputs = {id(t) for t in graph.outputs}
-    current, chain = graph.inputs[0], []
-    while True:
-        consumers = [n for n in nodes if any(t is current for t in n.input_tensors)]
-        if len(consumers) != 1:
+    produced = [graph.inputs[0]]  # tensors of the part taken, the input included
+    taken, layers, cuts = set(), [], []
+    for node in nodes:
+        if not keep(node.operation):
             break
-        node = consumers[0]
-        if (
-            len(node.input_tensors) != 1
-            or len(node.outputs) != 1
-            or id(node.outputs[0]) in outputs
-            or not keep(node.operation)
-        ):
-            break
-        current = node.outputs[0]
-        chain.append((node.operation, current))
-    return chain
+        taken.add(id(node))
+        layers.append(node.operation)
+        produced.extend(node.outputs)
+        read_outside = {
+            id(t) for n in nodes if id(n) not in taken for t in n.input_tensors
+        } | outputs
+        frontier = [t for t in produced if id(t) in read_outside]
+        if len(frontier) == 1 and id(frontier[0]) not in outputs:
+            cuts.append((list(layers), frontier[0]))
+    return cuts
 
 
 def _is_constant(prefix: keras.Model, x) -> bool:

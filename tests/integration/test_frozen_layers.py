@@ -105,6 +105,30 @@ def find(model, data):
     return frozen_layers(model, DataSource(data), max_bytes=2**30)
 
 
+def residual_model(digits):
+    """The model's own frozen layers with a residual branch, then a trainable head."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    stem = layers.Dense(32, activation="relu", trainable=False)(inputs)
+    branch = layers.Dense(32, activation="relu", trainable=False)(stem)
+    block = layers.Add()([stem, branch])
+    model = keras.Model(inputs, layers.Dense(10)(layers.Dense(16, activation="relu")(block)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    model.fit(x, y, epochs=3, verbose=0)
+    return model, (x, y)
+
+
+def test_a_residual_block_of_the_models_own_layers_is_cut_after_the_block(digits):
+    model, data = residual_model(digits)
+    found = find(model, data)
+    assert len(found.names) == 3 and found.names[-1].startswith("add")
+    assert tuple(found.head.inputs[0].shape) == (None, 32)
+    cached = keras_gex.GeometricEnsemble.collect(model, data, **COLLECT)
+    direct = keras_gex.GeometricEnsemble.collect(model, data, frozen_features=False, **COLLECT)
+    assert_same_members(cached, direct, PER_REPLICA_ATOL)
+
+
 def test_layers_that_change_between_steps_are_not_cached(digits):
     x, y = digits.x_train[:64], digits.y_train[:64]
 
