@@ -9,6 +9,7 @@ import numpy as np
 from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
 from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
+from keras_gex.collection.frozen import layer_list
 from keras_gex.collection.step_size import MEMORISED_FIT, relative_fit
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
@@ -330,6 +331,11 @@ class NoisyLabelReport:
                 f"steps{steps_how}, lr={record.learning_rate:.4g} ({how}), "
                 f"weight decay {record.weight_decay:g}, batch {record.batch_size}"
             )
+            if record.frozen_layers:
+                lines.append(
+                    f"  frozen layers computed once for every member: "
+                    f"{layer_list(record.frozen_layers)}"
+                )
             if record.calibration:
                 lines.append(
                     "  calibration probes (lr → share of θ*'s fit above chance kept): "

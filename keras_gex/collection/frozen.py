@@ -94,10 +94,18 @@ class ModelSplit:
 
     def describe(self) -> str:
         shape = tuple(self.head.inputs[0].shape[1:])
-        names = ", ".join(self.names)
-        if len(self.names) > 3:
-            names = f"{self.names[0]} ... {self.names[-1]} ({len(self.names)} layers)"
-        return f"{names} (frozen), computed once: features of shape {shape}"
+        return f"{layer_list(self.names)} (frozen), computed once: features of shape {shape}"
+
+
+def layer_list(names: list) -> str:
+    """Layer names for a log line: all of up to three, else the first and last.
+
+    >>> layer_list(["backbone"]), layer_list(["conv1", "bn1", "relu1", "pool"])
+    ('backbone', 'conv1 ... pool (4 layers)')
+    """
+    if len(names) > 3:
+        return f"{names[0]} ... {names[-1]} ({len(names)} layers)"
+    return ", ".join(names)
 
 
 def frozen_layers(model, source: DataSource, max_bytes: int) -> ModelSplit | None:

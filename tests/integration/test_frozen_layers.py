@@ -65,6 +65,8 @@ def test_members_on_features_equal_members_through_the_frozen_layers(digits, fun
     direct = keras_gex.GeometricEnsemble.collect(model, data, frozen_features=False, **COLLECT)
     assert cached.record.frozen_layers == ["backbone"]
     assert direct.record.frozen_layers is None
+    summary = keras_gex.detect_noisy(data, cached, verbose=0).summary(print_fn=None)
+    assert "frozen layers computed once for every member: backbone" in summary
     assert_same_members(cached, direct, PER_REPLICA_ATOL)
     # The frozen weights travel with every member, unchanged.
     frozen = {id(v) for v in model.get_layer("backbone").weights}

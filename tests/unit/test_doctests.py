@@ -11,6 +11,7 @@ MODULES = [
     "keras_gex.collection.step_size",
     "keras_gex.collection.tuner",
     "keras_gex.collection.driver",
+    "keras_gex.collection.frozen",
     "keras_gex.config",
     "keras_gex.data",
 ]
