@@ -133,7 +133,7 @@ def frozen_layers(model, source: DataSource, max_bytes: int) -> ModelSplit | Non
     x = tf.nest.flatten(source.first_batch()[0])[0]
     while cuts and not _is_constant(keras.Model(graph.inputs[0], cuts[-1][1]), x):
         cuts.pop()
-    if not cuts or not any(layer.weights for layer in cuts[-1][0]):
+    if not cuts or not _holds_weights(cuts[-1][0]):
         return None  # nothing costly to save
     tensor = cuts[-1][1]
     if not tensor.shape[1:] or None in tensor.shape[1:]:
@@ -147,8 +147,9 @@ def frozen_layers(model, source: DataSource, max_bytes: int) -> ModelSplit | Non
 def shared_layers(model, weight_sets: list) -> ModelSplit | None:
     """The largest part of `model` from its input with the same weights in every set.
 
-    In inference mode such layers compute the same for every weight set, so
-    the scorer runs them once per batch. None for subclassed models, several
+    In inference mode such layers compute the same for every weight set (a
+    random layer draws nothing there, whatever its generator state), so the
+    scorer runs them once per batch. None for subclassed models, several
     inputs, or a part that holds no weights.
     """
     graph = _graph(model)
@@ -157,16 +158,23 @@ def shared_layers(model, weight_sets: list) -> ModelSplit | None:
     positions = _index_of(model)
 
     def shared(layer):
-        for kind, i in (positions[id(v)] for v in layer.variables if id(v) in positions):
+        # Random layers draw nothing in inference: their generator states may differ.
+        variables = [v for v in layer.variables if v.name != "seed_generator_state"]
+        for kind, i in (positions[id(v)] for v in variables if id(v) in positions):
             first = getattr(weight_sets[0], kind)[i]
             if any(not np.array_equal(getattr(w, kind)[i], first) for w in weight_sets[1:]):
                 return False
         return True
 
     cuts = _cuts(graph, shared)
-    if not cuts or not any(layer.weights for layer in cuts[-1][0]):
+    if not cuts or not _holds_weights(cuts[-1][0]):
         return None
     return ModelSplit.at(model, graph, cuts[-1])
+
+
+def _holds_weights(layers: list) -> bool:
+    """Whether `layers` hold weights (a random layer's generator state is none)."""
+    return any(v.name != "seed_generator_state" for layer in layers for v in layer.variables)
 
 
 def _graph(model):

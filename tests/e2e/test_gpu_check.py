@@ -14,6 +14,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
@@ -26,6 +28,7 @@ def _module():
     return module
 
 
+@pytest.mark.slow  # a 25 s subprocess: the whole GPU check at toy size
 def test_cpu_run_prints_every_section_and_passes_its_bars():
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_TIMEOUT_S="240")
     done = subprocess.run(

@@ -209,3 +209,21 @@ def test_layers_whose_weights_differ_between_members_are_not_shared(digits):
     moved[1].non_trainable[0] = moved[1].non_trainable[0] + 1.0  # a backbone weight
     assert shared_layers(model, [ensemble.reference, *moved]) is None
     assert shared_layers(model, [ensemble.reference, *ensemble.members]).names == ["backbone"]
+
+
+def test_augmentation_ahead_of_a_frozen_backbone_is_shared_when_scoring(digits):
+    """Members fine-tune through the noise layer, but score past it once per batch."""
+    keras.utils.set_random_seed(0)
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    base = backbone()
+    inputs = keras.Input((64,))
+    base(inputs)
+    base.trainable = False
+    h = base(layers.GaussianNoise(0.1)(inputs), training=False)
+    model = keras.Model(inputs, layers.Dense(10)(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    ensemble = keras_gex.GeometricEnsemble.collect(model, (x, y), **COLLECT)
+    assert ensemble.record.frozen_layers is None  # the noise differs at every step
+    found = shared_layers(model, [ensemble.reference, *ensemble.members])
+    assert found is not None and found.names[-1] == "backbone"
