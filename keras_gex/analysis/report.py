@@ -427,13 +427,27 @@ class NoisyLabelReport:
                 "fitted rank high by their loss alone, mislabeled or merely hard."
             )
         flagged = float(np.mean(self.noisy_mask)) if len(self.noisy_mask) else 0.0
-        if flagged > 0.5:
+        # The cut before the cap to the contradicted labels: a majority above it means
+        # the scores have no minority group of high scores, whatever the cap kept.
+        method = self.threshold_method
+        cut = flagged
+        if isinstance(method, str) and len(self.scores):
+            cut = max(flagged, float(np.mean(self.scores > threshold_scores(self.scores, method))))
+        if cut > 0.5:
+            where = (
+                f"the threshold flags {flagged:.0%} of the rows"
+                if flagged > 0.5
+                else f"the {method} cut flags {cut:.0%} of the rows (the threshold, capped at "
+                f"the labels the members' mean prediction contradicts, {flagged:.0%})"
+            )
             out.append(
-                f"the threshold flags {flagged:.0%} of the rows: wrong labels cannot be the "
-                "majority, so the scores hold no separate group of wrong labels here: most "
-                "rows score high. The flagged set is mostly correct labels; review "
-                "`report.ranking()` from the top instead, and compare with "
-                "`report.reference_losses`."
+                f"{where}: wrong labels cannot be the majority, so the scores hold no "
+                "separate group of wrong labels here: most rows score high. Either the inputs "
+                "barely predict the labels (members that keep what the data supports "
+                "contradict many correct labels) or the labels are mostly wrong. The flagged "
+                "set is mostly correct labels; review `report.ranking()` from the top instead, "
+                "compare with `report.reference_losses`, and where the inputs predict the "
+                "labels poorly, rank by a cross-validated model's loss of the given label."
             )
         miss = calibration_miss(record) if record is not None else None
         if miss is not None:

@@ -354,3 +354,14 @@ def test_diagnostics_say_when_the_threshold_flags_most_rows(report):
     most = np.arange(len(report.scores)) % 3 != 0  # two rows in three
     text = dataclasses.replace(report, noisy_mask=most).diagnostics()
     assert any("flags 67% of the rows" in w and "cannot be the majority" in w for w in text)
+
+
+def test_diagnostics_judge_the_cut_before_the_contradicted_label_cap(report):
+    """A cut above half the rows is reported even where the cap kept fewer flagged."""
+    n = len(report.scores)
+    high = np.arange(n) % 3 != 0  # two rows in three score high
+    scores = np.where(high, 5.0, 0.1) + np.linspace(0.0, 0.01, n)
+    capped = np.arange(n) < int(0.4 * n)
+    changed = dataclasses.replace(report, scores=scores, noisy_mask=capped, threshold_method="otsu")
+    text = changed.diagnostics()
+    assert any("otsu cut flags 67% of the rows" in w and "40%" in w for w in text)
