@@ -369,12 +369,19 @@ class NoisyLabelReport:
             print_fn(text)
         return text
 
+    def _uncapped_cut(self):
+        """The named threshold method's cut without the contradicted-label cap, or None."""
+        method = self.threshold_method
+        if not isinstance(method, str) or not len(self.scores):
+            return None
+        return threshold_scores(self.scores, method)
+
     def _threshold_text(self) -> str:
         """How the threshold was chosen, and whether the contradicted-label cap raised it."""
         method = self.threshold_method
-        if not isinstance(method, str) or self._max_flagged is None:
+        uncapped = self._uncapped_cut()
+        if uncapped is None or self._max_flagged is None:
             return str(method)
-        uncapped = threshold_scores(self.scores, method)
         if self.threshold <= uncapped:
             return method
         return (
@@ -429,16 +436,15 @@ class NoisyLabelReport:
         flagged = float(np.mean(self.noisy_mask)) if len(self.noisy_mask) else 0.0
         # The cut before the cap to the contradicted labels: a majority above it means
         # the scores have no minority group of high scores, whatever the cap kept.
-        method = self.threshold_method
-        cut = flagged
-        if isinstance(method, str) and len(self.scores):
-            cut = max(flagged, float(np.mean(self.scores > threshold_scores(self.scores, method))))
+        uncapped = self._uncapped_cut()
+        cut = flagged if uncapped is None else max(flagged, float(np.mean(self.scores > uncapped)))
         if cut > 0.5:
             where = (
                 f"the threshold flags {flagged:.0%} of the rows"
                 if flagged > 0.5
-                else f"the {method} cut flags {cut:.0%} of the rows (the threshold, capped at "
-                f"the labels the members' mean prediction contradicts, {flagged:.0%})"
+                else f"the {self.threshold_method} cut flags {cut:.0%} of the rows (the "
+                "threshold, capped at the labels the members' mean prediction contradicts, "
+                f"{flagged:.0%})"
             )
             out.append(
                 f"{where}: wrong labels cannot be the majority, so the scores hold no "

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex._tracing import compiled
+from keras_gex.collection.tuner import is_seed_state
 from keras_gex.data import DataSource
 from keras_gex.weights import WeightSet
 
@@ -54,12 +55,13 @@ class ModelSplit:
         layers, tensor = cut
         prefix = keras.Model(graph.inputs[0], tensor)
         head = keras.Model(tensor, graph.output)
+        positions = _index_of(model)
         return cls(
             prefix,
             head,
             [layer.name for layer in layers],
-            _index(head, model),
-            _index(prefix, model),
+            _index(head, positions),
+            _index(prefix, positions),
         )
 
     def to_head(self, weights: WeightSet) -> WeightSet:
@@ -125,9 +127,7 @@ def frozen_layers(model, source: DataSource, max_bytes: int) -> ModelSplit | Non
         return None
 
     def frozen(layer):
-        return not layer.trainable_weights and not any(
-            v.name == "seed_generator_state" for v in layer.variables
-        )
+        return not layer.trainable_weights and not any(map(is_seed_state, layer.variables))
 
     cuts = _cuts(graph, frozen)
     x = tf.nest.flatten(source.first_batch()[0])[0]
@@ -159,7 +159,7 @@ def shared_layers(model, weight_sets: list) -> ModelSplit | None:
 
     def shared(layer):
         # Random layers draw nothing in inference: their generator states may differ.
-        variables = [v for v in layer.variables if v.name != "seed_generator_state"]
+        variables = [v for v in layer.variables if not is_seed_state(v)]
         for kind, i in (positions[id(v)] for v in variables if id(v) in positions):
             first = getattr(weight_sets[0], kind)[i]
             if any(not np.array_equal(getattr(w, kind)[i], first) for w in weight_sets[1:]):
@@ -174,7 +174,7 @@ def shared_layers(model, weight_sets: list) -> ModelSplit | None:
 
 def _holds_weights(layers: list) -> bool:
     """Whether `layers` hold weights (a random layer's generator state is none)."""
-    return any(v.name != "seed_generator_state" for layer in layers for v in layer.variables)
+    return any(not is_seed_state(v) for layer in layers for v in layer.variables)
 
 
 def _graph(model):
@@ -241,8 +241,8 @@ def _index_of(model) -> dict:
     return out
 
 
-def _index(part: keras.Model, model) -> tuple:
-    positions = _index_of(model)
+def _index(part: keras.Model, positions: dict) -> tuple:
+    """`(trainable, non_trainable)` positions of `part`'s variables, from `_index_of`."""
     return (
         [positions[id(v)][1] for v in part.trainable_variables],
         [positions[id(v)][1] for v in part.non_trainable_variables],

@@ -190,15 +190,18 @@ def batchnorm_index(model, layers) -> list:
     return [(ids[id(layer.moving_mean)], ids[id(layer.moving_variance)]) for layer in layers]
 
 
-def seed_state_positions(model) -> list:
-    """Positions of the random layers' generator states in `model.non_trainable_variables`.
+def is_seed_state(variable) -> bool:
+    """Whether `variable` is a random layer's generator state, not a weight.
 
     Dropout, noise and augmentation layers draw from a `keras.random.SeedGenerator`
     whose `[seed, counter]` state is a non-trainable variable.
     """
-    return [
-        i for i, v in enumerate(model.non_trainable_variables) if v.name == "seed_generator_state"
-    ]
+    return variable.name == "seed_generator_state"
+
+
+def seed_state_positions(model) -> list:
+    """Positions of the random layers' generator states in `model.non_trainable_variables`."""
+    return [i for i, v in enumerate(model.non_trainable_variables) if is_seed_state(v)]
 
 
 def with_layer_seeds(weights: WeightSet, positions: list, seed: int) -> WeightSet:

@@ -10,6 +10,7 @@ import copy
 import keras
 import numpy as np
 import pytest
+from test_distribute import assert_weights_close, mirrored
 from tolerances import DATA_PARALLEL_ATOL, PER_REPLICA_ATOL, SCORE_ATOL, SCORE_RTOL
 
 import keras_gex
@@ -52,9 +53,8 @@ def frozen_head_model(digits, head=None, functional=True, seed=0):
 
 
 def assert_same_members(a, b, atol):
-    for ma, mb in zip([a.reference, *a.members], [b.reference, *b.members]):
-        for wa, wb in zip(ma.trainable + ma.non_trainable, mb.trainable + mb.non_trainable):
-            np.testing.assert_allclose(wa, wb, rtol=0, atol=atol)
+    """θ* as scored and every member of two ensembles agree to `atol`."""
+    assert_weights_close([a.reference, *a.members], [b.reference, *b.members], atol)
 
 
 @pytest.mark.parametrize("functional", [True, pytest.param(False, marks=pytest.mark.slow)])
@@ -94,8 +94,6 @@ def test_chain_and_resume_on_features_equal_the_direct_route(digits, tmp_path):
 
 @pytest.mark.slow
 def test_data_parallel_members_on_features_equal_one_device(digits):
-    from test_distribute import mirrored
-
     model, data = frozen_head_model(digits)
     single = keras_gex.GeometricEnsemble.collect(model, data, **COLLECT)
     parallel = keras_gex.GeometricEnsemble.collect(model, data, strategy=mirrored(2), **COLLECT)
