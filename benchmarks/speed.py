@@ -29,7 +29,7 @@ Sections (tables printed in this order):
     `experimental_get_tracing_count()` after every call: 1 means no
     retracing across batches, calls and members. Target: limit / GEX ≥ 0.9.
 (b) **GE collection vs training.** `GeometricEnsemble.collect(model, (x, y),
-    seed=0)` with the library defaults (M=8, T="auto", batch 128, calibrated
+    seed=0)` with the library defaults (M="auto", T="auto", batch 128, calibrated
     step size), end to end, against `model.fit` of a copy of θ* for the same
     number of SGD-momentum steps at the same batch size on the same batch
     stream (Keras defaults, i.e. XLA; also without), cold like the

@@ -27,9 +27,13 @@ class CollectionConfig:
     ```
 
     Args:
-        num_members: Number of GE members M. More members cost proportionally
-            more; `report.uncertainty()` says whether the flagged set needs
-            more. Defaults to `8`.
+        num_members: Number of GE members M, or `"auto"`: 8, and fewer (at
+            least 4) where 8 members and the step-size calibration would take
+            more SGD steps than θ*'s training did (`model.optimizer.iterations`),
+            so that collection costs about one training run; the steps per
+            member are never cut for it. More members cost proportionally more;
+            `report.uncertainty()` says whether the flagged set needs more.
+            Defaults to `"auto"`.
         steps: SGD steps T per member, or `"auto"`: about 10 epochs of the
             training data, at least 50 and at most 800 steps. Defaults to `"auto"`.
         learning_rate: Peak step size of the cosine schedule, or `"auto"` to
@@ -63,7 +67,7 @@ class CollectionConfig:
             runs them at every step. Defaults to `True`.
     """
 
-    num_members: int = 8
+    num_members: int | str = "auto"
     steps: int | str = "auto"
     learning_rate: float | str = "auto"
     batch_size: int = 128
@@ -99,8 +103,8 @@ class CollectionConfig:
                 f"Received: jit_compile={self.jit_compile!r}"
             )
         normalised = dict(
-            num_members=_validation.positive_int("num_members", self.num_members),
-            steps=_steps_value(self.steps),
+            num_members=_auto_or_positive_int("num_members", self.num_members),
+            steps=_auto_or_positive_int("steps", self.steps),
             learning_rate=learning_rate,
             batch_size=_validation.positive_int("batch_size", self.batch_size),
             momentum=float(momentum),
@@ -149,15 +153,15 @@ def _weight_decay_value(weight_decay) -> float | str:
         ) from None
 
 
-def _steps_value(steps) -> int | str:
-    """`steps` as a positive int, or `"auto"`."""
-    if isinstance(steps, str) and steps == "auto":
+def _auto_or_positive_int(name: str, value) -> int | str:
+    """`value` as a positive int, or `"auto"`."""
+    if isinstance(value, str) and value == "auto":
         return "auto"
-    if isinstance(steps, str):
+    if isinstance(value, str):
         raise ValueError(
-            f'Argument `steps` must be a positive integer or "auto". Received: steps={steps!r}'
+            f'Argument `{name}` must be a positive integer or "auto". Received: {name}={value!r}'
         )
-    return _validation.positive_int("steps", steps)
+    return _validation.positive_int(name, value)
 
 
 @dataclasses.dataclass
@@ -218,7 +222,10 @@ class CollectionRecord:
     dict (`to_dict`), as written to the manifest.
 
     Attributes:
-        num_members: Members collected.
+        num_members: Members collected; `num_members_requested` what was asked
+            ("auto" or a number).
+        trained_steps: θ*'s optimizer steps (`model.optimizer.iterations`), the
+            budget of `num_members="auto"`; None where the model did not say.
         steps: SGD steps per member; `steps_requested` what was asked ("auto" or a number).
         learning_rate: The members' median step size; `learning_rate_requested`
             what was asked ("auto" or a number).
@@ -267,6 +274,8 @@ class CollectionRecord:
     strategy: dict | None = None
     weight_decay: float = 0.0
     frozen_layers: list | None = None
+    num_members_requested: int | str | None = None
+    trained_steps: int | None = None
 
     def to_dict(self) -> dict:
         """The record as plain JSON-able values (`ensemble.info`, the manifest)."""

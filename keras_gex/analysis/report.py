@@ -326,8 +326,14 @@ class NoisyLabelReport:
                 lo, hi = min(member_lrs), max(member_lrs)
                 how += f"; members {lo:.4g}-{hi:.4g}, lr is their median"
             steps_how = " (auto)" if record.steps_requested == "auto" else ""
+            members_how = ""
+            if record.num_members_requested == "auto":
+                members_how = " (auto"
+                if record.trained_steps is not None:
+                    members_how += f", θ* trained {record.trained_steps} steps"
+                members_how += ")"
             lines.append(
-                f"  ensemble: M={record.num_members} members, T={record.steps} "
+                f"  ensemble: M={record.num_members} members{members_how}, T={record.steps} "
                 f"steps{steps_how}, lr={record.learning_rate:.4g} ({how}), "
                 f"weight decay {record.weight_decay:g}, batch {record.batch_size}"
             )

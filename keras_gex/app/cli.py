@@ -46,6 +46,11 @@ FLAGS = {
     },
 }
 
+MEMBERS_HELP = (
+    "GE members M, or 'auto' (default: 8, and at least 4 where 8 would take more SGD "
+    "steps than the model's training did)"
+)
+
 #: Python-only references in library messages, as a command line user reads them.
 _PHRASES = (
     ("`detect_noisy`'s default", "the default"),
@@ -76,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--epochs", type=int, default=150, help="training epochs (default 150)")
-    demo.add_argument("--members", type=int, default=8, help="GE members M (default 8)")
+    demo.add_argument("--members", default="auto", help=MEMBERS_HELP)
     demo.add_argument(
         "--plot",
         default="gex_scores.png",
@@ -104,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("model", help="trained model saved with model.save('model.keras')")
     detect.add_argument("data", help="x/y .npz file or tfds name[:split]")
     detect.add_argument("--out", default="gex_report", help="output directory (default gex_report)")
-    detect.add_argument("--members", type=int, default=8, help="GE members M (default 8)")
+    detect.add_argument("--members", default="auto", help=MEMBERS_HELP)
     detect.add_argument(
         "--steps",
         default="auto",
@@ -254,7 +259,7 @@ def _demo(args) -> None:
         noise=args.noise,
         seed=args.seed,
         epochs=args.epochs,
-        num_members=args.members,
+        num_members=_auto_or(args.members, int, "--members", "a positive integer"),
         plot_path=args.plot or None,
         verbose=0 if args.quiet else 1,
     )
@@ -355,6 +360,7 @@ def _detect(args) -> None:
     learning_rate = _auto_or(args.learning_rate, float, "--learning-rate", "a number")
     weight_decay = _auto_or(args.weight_decay, float, "--weight-decay", "a number")
     steps = _auto_or(args.steps, int, "--steps", "a positive integer")
+    num_members = _auto_or(args.members, int, "--members", "a positive integer")
     import keras
 
     model = keras.models.load_model(args.model)
@@ -368,7 +374,7 @@ def _detect(args) -> None:
         (x, y),
         os.path.join(args.out, "ensemble"),
         overwrite=args.overwrite,
-        num_members=args.members,
+        num_members=num_members,
         steps=steps,
         learning_rate=learning_rate,
         weight_decay=weight_decay,

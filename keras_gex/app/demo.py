@@ -93,7 +93,7 @@ def run_demo(
     noise: float = 0.1,
     seed: int = 0,
     epochs: int = 150,
-    num_members: int = 8,
+    num_members: int | str = "auto",
     plot_path: str | None = "gex_scores.png",
     verbose: int = 1,
 ) -> DemoResult:
@@ -103,7 +103,8 @@ def run_demo(
         noise: Fraction of training labels flipped. Defaults to `0.1`.
         seed: Seed for the split, flips, initialisation and GE. Defaults to `0`.
         epochs: Training epochs (the model must memorise). Defaults to `150`.
-        num_members: GE members. Defaults to `8`.
+        num_members: GE members, or `"auto"` (`CollectionConfig.num_members`).
+            Defaults to `"auto"`.
         plot_path: Where to write the histogram PNG, or None. Defaults to
             `"gex_scores.png"`.
         verbose: 1 prints progress (plain lines, about five per training) and
@@ -152,7 +153,7 @@ def run_demo(
     fit(model, y_noisy, "noisy labels", collector)
     acc_noisy = _test_accuracy(model, data.x_test, data.y_test)
 
-    say(f"scoring {len(data.x_train)} examples with {num_members} members ...")
+    say(f"scoring {len(data.x_train)} examples with {collector.ensemble.num_members} members ...")
     report = detect_noisy((data.x_train, y_noisy), collector.ensemble, verbose=0)
     if verbose:
         report.summary()

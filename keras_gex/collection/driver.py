@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import distribute
-from keras_gex.collection import step_size
+from keras_gex.collection import budget, step_size
 from keras_gex.collection.frozen import frozen_layers
 from keras_gex.collection.local import FineTuner
 from keras_gex.collection.replicated import ReplicaFineTuner
@@ -146,12 +146,12 @@ def _open_store(directory, model, config: CollectionConfig, steps: int, loss: Pe
     return persistence.MemberStore(os.fspath(directory), model, settings)
 
 
-def _resume(store, num_members: int, log):
+def _resume(store, log):
     """`(members, stats, calibration, lr, decay)` from `store` (None, None if not calibrated)."""
     members, stats, calibration, lr, decay = [], [], [], None, None
     if store is None:
         return members, stats, calibration, lr, decay
-    for weights, saved in store.saved_members()[:num_members]:
+    for weights, saved in store.saved_members():
         members.append(weights)
         stats.append(MemberStats(**saved))
     if members:
@@ -329,10 +329,20 @@ def collect(
             out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite)))
         return out, midway, done
 
-    members, stats, calibration, lr, decay = _resume(store, config.num_members, log)
+    trained = budget.trained_steps(model)
+
+    def member_count() -> int:
+        """Members to collect: the number asked for, or what θ*'s steps afford."""
+        if config.num_members != "auto":
+            return config.num_members
+        spent = budget.rejected_steps(calibration)
+        return budget.affordable_members(trained, steps, spent, width)
+
+    members, stats, calibration, lr, decay = _resume(store, log)
     decay = weight_decay if decay is None else decay
+    num_members = member_count()  # the calibration's rejected probes are known when resumed
     warmup_seconds = 0.0
-    if len(members) < config.num_members:
+    if len(members) < num_members:
         # Trace (and under XLA compile) the loop with one step of zero size, so
         # its one-time cost is paid, and timed, here rather than in a probe.
         warm_start = time.perf_counter()
@@ -365,6 +375,14 @@ def collect(
         lr = float(config.learning_rate)
     if store is not None and not store.calibrated:
         store.save_calibration(lr, decay, [dataclasses.asdict(p) for p in calibration])
+    num_members = member_count()
+    if num_members < len(members):  # resumed from a store that holds more
+        members, stats = members[:num_members], stats[:num_members]
+    if config.num_members == "auto" and num_members < budget.MAX_MEMBERS:
+        log(
+            f"{num_members} members: {budget.MAX_MEMBERS} would take more SGD steps than "
+            f"θ*'s training did ({trained})"
+        )
 
     gate = step_size.MemberGate(adaptive, stacklevel=3, log=log)
     reruns = {}  # member index: how often a round starting there was run again
@@ -373,7 +391,7 @@ def collect(
     if config.chain and members:
         previous = members[-1] if frozen is None else frozen.to_head(members[-1])
     rounds = 0
-    while len(members) < config.num_members:
+    while len(members) < num_members:
         first = len(members)
         if pending is None:
             start_weights = previous if config.chain else theta_star
@@ -383,7 +401,7 @@ def collect(
         rounds += 1
         for offset, (weights, member_stats) in enumerate(results):
             index = first + offset
-            if index >= config.num_members:
+            if index >= num_members:
                 break
             rel = rel_of(member_stats)
             retry_lr = gate.reject(member_stats, rel, lr, index, what)
@@ -401,7 +419,7 @@ def collect(
             fit = "" if member_stats.fit is None else f", keeps {rel:.1%} of θ*'s fit above chance"
             replica = "" if width == 1 else f" (replica {offset})"
             log(
-                f"member {index + 1}/{config.num_members}{replica}: lr "
+                f"member {index + 1}/{num_members}{replica}: lr "
                 f"{member_stats.learning_rate:.4g}, loss {member_stats.loss:.4f}{fit}"
             )
     gate.finish()
@@ -415,7 +433,9 @@ def collect(
             stacklevel=3,
         )
     record = CollectionRecord(
-        num_members=config.num_members,
+        num_members=num_members,
+        num_members_requested=config.num_members,
+        trained_steps=trained,
         steps=steps,
         steps_requested=config.steps,
         # The step size the members used (their median): reruns may have lowered it.

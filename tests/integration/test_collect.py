@@ -8,7 +8,7 @@ from conftest import make_bn_model, make_mlp
 from tolerances import XLA_WEIGHTS_ATOL
 
 import keras_gex
-from keras_gex.collection import driver
+from keras_gex.collection import driver, step_size
 from keras_gex.collection.driver import resolve_jit_compile
 from keras_gex.collection.local import FineTuner
 from keras_gex.collection.tuner import resolve_steps
@@ -448,3 +448,53 @@ def test_member_log_names_every_member_on_the_calibration_scale(small_mlp, capsy
     members = [line for line in lines if re.match(r"\[keras_gex\] member \d+/2: ", line)]
     assert len(members) == 2 and members[0].startswith("[keras_gex] member 1/2: lr ")
     assert all("of θ*'s fit" in line for line in members)
+
+
+def test_num_members_auto_stays_within_the_steps_theta_star_trained(small_mlp, tmp_path):
+    """`num_members="auto"`: as many members of `steps` as θ*'s optimizer steps
+    hold, within [4, 8]; they are the first members of the 8 the same seed
+    gives, the choice is recorded, and a store resumes to the same count."""
+    model, x, y = small_mlp
+    kwargs = dict(steps=10, learning_rate=0.05, seed=3, verbose=0)
+    trained = int(model.optimizer.iterations.numpy())
+    try:
+        model.optimizer.iterations.assign(65)  # 6 members of 10 steps
+        auto = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
+        assert auto.num_members == 6 and auto.record.steps_run == 60
+        assert auto.record.num_members_requested == "auto" and auto.record.trained_steps == 65
+        eight = keras_gex.GeometricEnsemble.collect(model, (x, y), num_members=8, **kwargs)
+        assert eight.num_members == 8 and eight.record.num_members_requested == 8
+        for a, b in zip(auto.members, eight.members[:6]):
+            np.testing.assert_array_equal(a.trainable[0], b.trainable[0])
+        resumed = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
+        assert resumed.num_members == 6 and resumed.record.steps_run == 0
+        model.optimizer.iterations.assign(10)  # fewer steps than 4 members: still 4
+        assert keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs).num_members == 4
+        model.optimizer.iterations.assign(1000)
+        assert keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs).num_members == 8
+    finally:
+        model.optimizer.iterations.assign(trained)
+    fresh = keras.models.clone_model(model)  # a new optimizer at step 0: unknown, so 8
+    fresh.set_weights(model.get_weights())
+    fresh.compile(optimizer="sgd", loss=model.loss)
+    ens = keras_gex.GeometricEnsemble.collect(fresh, (x, y), **kwargs)
+    assert ens.num_members == 8 and ens.record.trained_steps is None
+    with pytest.raises(ValueError, match="num_members='many'"):
+        keras_gex.CollectionConfig(num_members="many")
+
+
+def test_num_members_auto_counts_the_rejected_probes(small_mlp, monkeypatch):
+    """The calibration's rejected probes spend θ*'s steps before the members do."""
+    model, x, y = small_mlp
+    monkeypatch.setattr(step_size, "INITIAL_LR", 0.003)  # a first probe that forgets nothing
+    trained = int(model.optimizer.iterations.numpy())
+    try:
+        model.optimizer.iterations.assign(75)  # 7 members of 10 steps, fewer after probes
+        with pytest.warns(UserWarning, match="calibration found no learning rate"):
+            ens = keras_gex.GeometricEnsemble.collect(
+                model, (x, y), steps=10, batch_size=32, seed=0, verbose=0
+            )
+    finally:
+        model.optimizer.iterations.assign(trained)
+    rejected = sum(p.steps for p in ens.record.calibration if not p.accepted)
+    assert rejected > 0 and ens.num_members == max(4, min(8, (75 - rejected) // 10))

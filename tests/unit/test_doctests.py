@@ -8,6 +8,7 @@ MODULES = [
     "keras_gex.analysis.thresholding",
     "keras_gex.datasets",
     "keras_gex.analysis.prune",
+    "keras_gex.collection.budget",
     "keras_gex.collection.step_size",
     "keras_gex.collection.tuner",
     "keras_gex.collection.driver",
