@@ -102,6 +102,7 @@ FIELDS = (
     "gex_seconds",
     "calibration_share",
     "calibration_probes",
+    "members",
     "gex_auc",
     "gex_ap",
     "gex_f1",
@@ -409,6 +410,7 @@ def run_one(
             flagged=flags["flagged"],
             calibration_share=share,
             calibration_probes=probes,
+            members=report.ensemble.num_members,
             theta_auc=theta["auc"],
             theta_ap=theta["ap"],
         )
@@ -532,8 +534,8 @@ def markdown(rows, seconds: float | None = None) -> str:
     seeds = sorted({r["seed"] for r in rows})
     lines = [
         "| case | GEX AUC | GEX AP | GEX F1 | flagged / true noise | θ* loss AUC | "
-        "LR ref AUC / AP | oracle AUC / AP | GE s / train s | calibration share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "LR ref AUC / AP | oracle AUC / AP | GE s / train s | calibration share | M |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, group in groups.items():
         if any(r.get("error") for r in group):
@@ -548,6 +550,7 @@ def markdown(rows, seconds: float | None = None) -> str:
             _pair(group, "oracle_auc", "oracle_ap"),
             _pair(group, "gex_seconds", "train_seconds", 1),
             quality._mean_std(_values(group, "calibration_share"), 2),
+            " / ".join(f"{m:g}" for m in _values(group, "members")) or "—",
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
@@ -556,7 +559,8 @@ def markdown(rows, seconds: float | None = None) -> str:
         "default settings; F1 and flagged: its default threshold. LR ref: 5-fold logistic "
         "(linear for regression) regression on the given labels. Oracle: the same architecture "
         "5-fold on the true labels, out-of-fold loss of the given label. Calibration share: "
-        "rejected probes' wall time over the collection's less its warm-up."
+        "rejected probes' wall time over the collection's less its warm-up. M: members "
+        'collected, by seed (`num_members="auto"`).'
         + (
             f" LR ref and oracle of {reused} of the {len(rows)} runs were read from an earlier "
             "zoo.csv (`--references`)."

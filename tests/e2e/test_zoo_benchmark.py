@@ -33,7 +33,8 @@ def test_quick_run_writes_table_with_its_rows_and_the_bars(zoo, tmp_path, capsys
     table = [line for line in text.splitlines() if line.startswith("| ")]
     for name in quick:
         row = next(line for line in table if line.startswith(f"| {name} |"))
-        assert len(row.split(" | ")) == 10 and "error" not in row
+        assert len(row.split(" | ")) == 11 and "error" not in row
+        assert 4 <= int(row.split(" | ")[-1].rstrip(" |")) <= 8  # members, one seed
     assert "Bars per row" in text
     assert "Bars met on " in text and f" of {len(quick)} rows." in text
     assert (tmp_path / "zoo.csv").exists()
