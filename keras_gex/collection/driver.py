@@ -176,7 +176,8 @@ def collect(
     strategy=None,
     per_replica_members: bool = False,
 ) -> CollectionResult:
-    """Fine-tunes `config.num_members` copies of θ* (validated arguments only).
+    """Fine-tunes `config.num_members` copies of θ* (validated arguments only);
+    `"auto"` is as many as θ*'s training steps pay for (`budget.affordable_members`).
 
     With a `directory`, every finished member is written there at once and
     members already there are loaded instead of recomputed. With a `strategy`,

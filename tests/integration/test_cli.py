@@ -99,6 +99,9 @@ def test_bad_demo_argument_gives_clear_error(capsys):
     err = capsys.readouterr().err  # the library's message, with the flag
     assert err.startswith("keras-gex: error: Argument `--noise` must be")
     assert err.rstrip().endswith("Received: --noise 1.5")
+    assert main(["demo", "--members", "many", "--quiet", "--plot", ""]) == 2
+    err = capsys.readouterr().err
+    assert "Argument `--members` must be 'auto' or a positive integer. Received: 'many'" in err
 
 
 @pytest.mark.slow

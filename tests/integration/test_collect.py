@@ -462,6 +462,8 @@ def test_num_members_auto_stays_within_the_steps_theta_star_trained(small_mlp, t
         auto = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
         assert auto.num_members == 6 and auto.record.steps_run == 60
         assert auto.record.num_members_requested == "auto" and auto.record.trained_steps == 65
+        summary = keras_gex.detect_noisy((x, y), auto, verbose=0).summary(print_fn=None)
+        assert "M=6 members (auto, θ* trained 65 steps)" in summary
         eight = keras_gex.GeometricEnsemble.collect(model, (x, y), num_members=8, **kwargs)
         assert eight.num_members == 8 and eight.record.num_members_requested == 8
         for a, b in zip(auto.members, eight.members[:6]):
