@@ -202,20 +202,25 @@ def _cuts(graph, keep) -> list:
         if node.operation is not None and not node.is_input
     ]
     outputs = {id(t) for t in graph.outputs}
-    produced = [graph.inputs[0]]  # tensors of the part taken, the input included
-    taken, layers, cuts = set(), [], []
+    readers = {}  # tensor id: the nodes not yet taken that read it
+    for node in nodes:
+        for t in node.input_tensors:
+            readers.setdefault(id(t), set()).add(id(node))
+    frontier = {id(graph.inputs[0]): graph.inputs[0]}  # by id: the part's tensors read outside
+    layers, cuts = [], []
     for node in nodes:
         if not keep(node.operation):
             break
-        taken.add(id(node))
         layers.append(node.operation)
-        produced.extend(node.outputs)
-        read_outside = {
-            id(t) for n in nodes if id(n) not in taken for t in n.input_tensors
-        } | outputs
-        frontier = [t for t in produced if id(t) in read_outside]
-        if len(frontier) == 1 and id(frontier[0]) not in outputs:
-            cuts.append((list(layers), frontier[0]))
+        for t in node.input_tensors:
+            readers[id(t)].discard(id(node))
+            if not readers[id(t)] and id(t) not in outputs:
+                frontier.pop(id(t), None)
+        for t in node.outputs:
+            if readers.get(id(t)) or id(t) in outputs:
+                frontier[id(t)] = t
+        if len(frontier) == 1 and next(iter(frontier)) not in outputs:
+            cuts.append((list(layers), next(iter(frontier.values()))))
     return cuts
 
 
