@@ -1,3 +1,4 @@
+import contextlib
 import re
 
 import keras
@@ -450,15 +451,24 @@ def test_member_log_names_every_member_on_the_calibration_scale(small_mlp, capsy
     assert all("of θ*'s fit" in line for line in members)
 
 
+@contextlib.contextmanager
+def _trained_for(model, steps: int):
+    """`model` as if its optimizer had taken `steps` steps; its own count is put back."""
+    before = int(model.optimizer.iterations.numpy())
+    model.optimizer.iterations.assign(steps)
+    try:
+        yield
+    finally:
+        model.optimizer.iterations.assign(before)
+
+
 def test_num_members_auto_stays_within_the_steps_theta_star_trained(small_mlp, tmp_path):
     """`num_members="auto"`: as many members of `steps` as θ*'s optimizer steps
     hold, within [4, 8]; they are the first members of the 8 the same seed
     gives, the choice is recorded, and a store resumes to the same count."""
     model, x, y = small_mlp
     kwargs = dict(steps=10, learning_rate=0.05, seed=3, verbose=0)
-    trained = int(model.optimizer.iterations.numpy())
-    try:
-        model.optimizer.iterations.assign(65)  # 6 members of 10 steps
+    with _trained_for(model, 65):  # 6 members of 10 steps
         auto = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
         assert auto.num_members == 6 and auto.record.steps_run == 60
         assert auto.record.num_members_requested == "auto" and auto.record.trained_steps == 65
@@ -470,12 +480,10 @@ def test_num_members_auto_stays_within_the_steps_theta_star_trained(small_mlp, t
             np.testing.assert_array_equal(a.trainable[0], b.trainable[0])
         resumed = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
         assert resumed.num_members == 6 and resumed.record.steps_run == 0
-        model.optimizer.iterations.assign(10)  # fewer steps than 4 members: still 4
+    with _trained_for(model, 10):  # fewer steps than 4 members: still 4
         assert keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs).num_members == 4
-        model.optimizer.iterations.assign(1000)
+    with _trained_for(model, 1000):
         assert keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs).num_members == 8
-    finally:
-        model.optimizer.iterations.assign(trained)
     fresh = keras.models.clone_model(model)  # a new optimizer at step 0: unknown, so 8
     fresh.set_weights(model.get_weights())
     fresh.compile(optimizer="sgd", loss=model.loss)
@@ -489,14 +497,12 @@ def test_num_members_auto_counts_the_rejected_probes(small_mlp, monkeypatch):
     """The calibration's rejected probes spend θ*'s steps before the members do."""
     model, x, y = small_mlp
     monkeypatch.setattr(step_size, "INITIAL_LR", 0.003)  # a first probe that forgets nothing
-    trained = int(model.optimizer.iterations.numpy())
-    try:
-        model.optimizer.iterations.assign(75)  # 7 members of 10 steps, fewer after probes
-        with pytest.warns(UserWarning, match="calibration found no learning rate"):
-            ens = keras_gex.GeometricEnsemble.collect(
-                model, (x, y), steps=10, batch_size=32, seed=0, verbose=0
-            )
-    finally:
-        model.optimizer.iterations.assign(trained)
+    with (
+        _trained_for(model, 75),  # 7 members of 10 steps, fewer after probes
+        pytest.warns(UserWarning, match="calibration found no learning rate"),
+    ):
+        ens = keras_gex.GeometricEnsemble.collect(
+            model, (x, y), steps=10, batch_size=32, seed=0, verbose=0
+        )
     rejected = sum(p.steps for p in ens.record.calibration if not p.accepted)
     assert rejected > 0 and ens.num_members == max(4, min(8, (75 - rejected) // 10))
