@@ -3,10 +3,11 @@
 The steps per member decide how far a member moves, and so what the scores
 see (shorter members ranked worse, docs/design.md#step-epochs); the number of
 members only averages the scores' noise (4 members ranked within 0.007 AUC of
-8 on every zoo row, docs/design.md#number-of-members). So where 8 members and
-the calibration's rejected probes would take more SGD steps than θ*'s own
-training did (`model.optimizer.iterations`), the number of members gives way,
-down to `MIN_MEMBERS`, and the steps per member never do.
+8 on every zoo row, docs/design.md#number-of-members). So where 8 members, the
+calibration's rejected probes and the member runs redone (collapsed or
+diverged) would take more SGD steps than θ*'s own training did
+(`model.optimizer.iterations`), the number of members gives way, down to
+`MIN_MEMBERS`, and the steps per member never do.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def trained_steps(model) -> int | None:
 
 
 def affordable_members(trained: int | None, steps: int, spent: int = 0, width: int = 1) -> int:
-    """Members whose steps, with `spent` steps of rejected probes, fit in `trained`.
+    """Members whose steps, with `spent` steps of rejected runs, fit in `trained`.
+
+    The rejected runs are the calibration's probes not kept (`rejected_steps`)
+    and the members run again.
 
     A round of `width` members (one per replica) costs `steps` of time, so
     members come in whole rounds; the count stays within

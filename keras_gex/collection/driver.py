@@ -147,13 +147,20 @@ def _open_store(directory, model, config: CollectionConfig, steps: int, loss: Pe
 
 
 def _resume(store, log):
-    """`(members, stats, calibration, lr, decay)` from `store` (None, None if not calibrated)."""
-    members, stats, calibration, lr, decay = [], [], [], None, None
+    """`(members, stats, calibration, lr, decay, redone_steps)` from `store`.
+
+    lr and decay are None if not calibrated; `redone_steps` are the steps of
+    the member runs redone before the last saved member was kept.
+    """
+    members, stats, calibration, lr, decay, redone_steps = [], [], [], None, None, 0
     if store is None:
-        return members, stats, calibration, lr, decay
-    for weights, saved in store.saved_members():
+        return members, stats, calibration, lr, decay, redone_steps
+    saved_members = store.saved_members()
+    for weights, saved, _ in saved_members:
         members.append(weights)
         stats.append(MemberStats(**saved))
+    if saved_members:
+        redone_steps = saved_members[-1][2]  # cumulative: the last member's
     if members:
         log(f"resumed {len(members)} member(s) from {store.directory}")
     if store.calibrated:
@@ -162,7 +169,7 @@ def _resume(store, log):
         calibration = [Probe(**p) for p in store.manifest["calibration"]]
         if stats:
             lr = stats[-1].learning_rate  # a divergence retry may have lowered it
-    return members, stats, calibration, lr, decay
+    return members, stats, calibration, lr, decay, redone_steps
 
 
 def collect(
@@ -333,13 +340,14 @@ def collect(
     trained = budget.trained_steps(model)
 
     def member_count() -> int:
-        """Members to collect: the number asked for, or what θ*'s steps afford."""
+        """Members to collect: the number asked for, or what θ*'s steps afford
+        after the calibration's rejected probes and the member runs redone."""
         if config.num_members != "auto":
             return config.num_members
-        spent = budget.rejected_steps(calibration)
+        spent = budget.rejected_steps(calibration) + redone_steps
         return budget.affordable_members(trained, steps, spent, width)
 
-    members, stats, calibration, lr, decay = _resume(store, log)
+    members, stats, calibration, lr, decay, redone_steps = _resume(store, log)
     decay = weight_decay if decay is None else decay
     num_members = member_count()  # the calibration's rejected probes are known when resumed
     warmup_seconds = 0.0
@@ -352,6 +360,7 @@ def collect(
         warmup_seconds = time.perf_counter() - warm_start
 
     pending = None  # the accepted calibration round, taken as the first round
+    pending_steps = steps  # the steps that round ran
     auto = config.learning_rate == "auto"
     adaptive = auto and ref_stats.fit is not None and ref_stats.fit > chance
     if lr is None and auto and not adaptive:
@@ -397,8 +406,10 @@ def collect(
         if pending is None:
             start_weights = previous if config.chain else theta_star
             rerun = reruns.get(first, 0)
-            pending, _, _ = run_round(lr, first, start_weights, gate.abandon(), rerun=rerun)
-        results, pending = pending, None
+            pending, _, pending_steps = run_round(
+                lr, first, start_weights, gate.abandon(), rerun=rerun
+            )
+        results, ran, pending = pending, pending_steps, None
         rounds += 1
         for offset, (weights, member_stats) in enumerate(results):
             index = first + offset
@@ -409,11 +420,22 @@ def collect(
             if retry_lr is not None:
                 lr = retry_lr
                 reruns[index] = reruns.get(index, 0) + 1  # the next round starts there
+                # The round's discarded part is paid from θ*'s steps, as a probe is.
+                redone_steps += ran * (width - offset) // width
+                if member_count() < num_members:
+                    num_members = max(member_count(), len(members))
+                    log(
+                        f"{num_members} members: with the runs redone ({redone_steps} "
+                        f"steps), more would take more SGD steps than θ*'s training did "
+                        f"({trained})"
+                    )
                 break
             members.append(to_model(weights))
             stats.append(member_stats)
             if store is not None:
-                store.save_member(index, members[-1], dataclasses.asdict(member_stats))
+                store.save_member(
+                    index, members[-1], dataclasses.asdict(member_stats), redone_steps
+                )
             if config.chain:
                 previous = weights
             # The same scale as the calibration lines: the share of θ*'s fit kept.

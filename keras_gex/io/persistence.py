@@ -278,21 +278,27 @@ class MemberStore:
         self._write_manifest()
 
     def saved_members(self) -> list:
-        """`(WeightSet, stats dict, learning_rate)` of every member on disk, in order."""
+        """`(WeightSet, stats dict, redone steps)` of every member on disk, in order.
+
+        The redone steps are those of the member runs redone before the member
+        was kept (0 in a store written before they were saved).
+        """
         out = []
         for entry in self.manifest["members"]:
             path = os.path.join(self.directory, entry["file"])
             if not os.path.exists(path):
                 break
-            out.append((read_weights(self.model, path), entry["stats"]))
+            redone = entry.get("redone_steps", 0)
+            out.append((read_weights(self.model, path), entry["stats"], redone))
         return out
 
-    def save_member(self, index: int, weights: WeightSet, stats: dict) -> None:
+    def save_member(self, index: int, weights: WeightSet, stats: dict, redone_steps: int = 0):
         if index != len(self.manifest["members"]):
             raise RuntimeError(f"member {index} saved out of order")
         name = member_file(index)
         write_weights(self.model, weights, os.path.join(self.directory, name))
-        self.manifest["members"].append({"file": name, "stats": stats})
+        entry = {"file": name, "stats": stats, "redone_steps": int(redone_steps)}
+        self.manifest["members"].append(entry)
         self._write_manifest()
 
     def finalize(self, reference: WeightSet, info: dict, loss) -> None:

@@ -1,4 +1,5 @@
 import contextlib
+import json
 import re
 
 import keras
@@ -13,6 +14,7 @@ from keras_gex.collection import driver, step_size
 from keras_gex.collection.driver import resolve_jit_compile
 from keras_gex.collection.local import FineTuner
 from keras_gex.collection.tuner import resolve_steps
+from keras_gex.io import persistence
 from keras_gex.losses import resolve_loss
 
 
@@ -506,3 +508,34 @@ def test_num_members_auto_counts_the_rejected_probes(small_mlp, monkeypatch):
         )
     rejected = sum(p.steps for p in ens.record.calibration if not p.accepted)
     assert rejected > 0 and ens.num_members == max(4, min(8, (75 - rejected) // 10))
+
+
+def test_num_members_auto_counts_the_member_runs_redone(small_mlp, tmp_path, monkeypatch):
+    """A member run again spends θ*'s steps as a rejected probe does, and a store
+    resumed after it collects the same number of members."""
+    model, x, y = small_mlp
+    reject = step_size.MemberGate.reject
+    redone = set()
+
+    def reject_member_2_once(self, member_stats, rel, lr, index, what):
+        if index == 2 and index not in redone:  # as if it had collapsed
+            redone.add(index)
+            self.redone["collapsed"] += 1
+            return lr
+        return reject(self, member_stats, rel, lr, index, what)
+
+    monkeypatch.setattr(step_size.MemberGate, "reject", reject_member_2_once)
+    kwargs = dict(steps=10, learning_rate=0.05, seed=3, verbose=0)
+    with _trained_for(model, 65):  # 6 members of 10 steps; 5 after a run redone
+        ens = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
+        assert ens.num_members == 5 and ens.record.steps_run == 60
+        assert ens.record.redone_members == {"collapsed": 1, "diverged": 0}
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        del manifest["members"][4]  # as if interrupted before member 5 was saved
+        manifest["complete"] = False
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        (tmp_path / persistence.member_file(4)).unlink()
+        resumed = keras_gex.GeometricEnsemble.collect(model, (x, y), directory=tmp_path, **kwargs)
+        assert resumed.num_members == 5 and resumed.record.steps_run == 10
+    for a, b in zip(ens.members, resumed.members):
+        np.testing.assert_array_equal(a.trainable[0], b.trainable[0])
