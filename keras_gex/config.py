@@ -28,10 +28,11 @@ class CollectionConfig:
 
     Args:
         num_members: Number of GE members M, or `"auto"`: 8, and fewer (at
-            least 4) where 8 members and the step-size calibration would take
-            more SGD steps than θ*'s training did (`model.optimizer.iterations`),
-            so that collection costs about one training run; the steps per
-            member are never cut for it. More members cost proportionally more;
+            least 4) where 8 members, the step-size calibration and the members
+            run again (collapsed or diverged) would take more SGD steps than
+            θ*'s training did (`model.optimizer.iterations`), so that
+            collection costs about one training run; the steps per member are
+            never cut for it. More members cost proportionally more;
             `report.uncertainty()` says whether the flagged set needs more.
             Defaults to `"auto"`.
         steps: SGD steps T per member, or `"auto"`: about 10 epochs of the

@@ -349,7 +349,7 @@ def collect(
 
     members, stats, calibration, lr, decay, redone_steps = _resume(store, log)
     decay = weight_decay if decay is None else decay
-    num_members = member_count()  # the calibration's rejected probes are known when resumed
+    num_members = member_count()  # rejected probes and runs redone are known when resumed
     warmup_seconds = 0.0
     if len(members) < num_members:
         # Trace (and under XLA compile) the loop with one step of zero size, so
