@@ -422,8 +422,9 @@ def collect(
                 reruns[index] = reruns.get(index, 0) + 1  # the next round starts there
                 # The round's discarded part is paid from θ*'s steps, as a probe is.
                 redone_steps += ran * (width - offset) // width
-                if member_count() < num_members:
-                    num_members = max(member_count(), len(members))
+                affordable = max(member_count(), len(members))
+                if affordable < num_members:
+                    num_members = affordable
                     log(
                         f"{num_members} members: with the runs redone ({redone_steps} "
                         f"steps), more would take more SGD steps than θ*'s training did "

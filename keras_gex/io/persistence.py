@@ -292,7 +292,9 @@ class MemberStore:
             out.append((read_weights(self.model, path), entry["stats"], redone))
         return out
 
-    def save_member(self, index: int, weights: WeightSet, stats: dict, redone_steps: int = 0):
+    def save_member(
+        self, index: int, weights: WeightSet, stats: dict, redone_steps: int = 0
+    ) -> None:
         if index != len(self.manifest["members"]):
             raise RuntimeError(f"member {index} saved out of order")
         name = member_file(index)
