@@ -113,6 +113,15 @@ def _refuse_label_per_output(name: str, y, num_examples: int) -> None:
         raise ValueError(_per_output_message(name, len(parts)))
 
 
+def _sample_weight_message(name: str, instead: str) -> str:
+    """Why `(x, y, sample_weight)` is refused, and what to pass instead."""
+    return (
+        f"Argument `{name}` holds a third element, sample weights, which GEX does not "
+        "use: every example is scored by its own loss, and the members fine-tune on "
+        f"every example alike. Pass `{instead}`. Received 3 elements."
+    )
+
+
 def _per_output_message(name: str, count: int) -> str:
     return (
         f"Argument `{name}`: `y` holds {count} label arrays, one per model output. "
@@ -154,6 +163,8 @@ class DataSource:
 
     # -- construction -------------------------------------------------------
     def _init_arrays(self, data):
+        if len(data) == 3:
+            raise ValueError(_sample_weight_message(self.name, "(x, y)"))
         if len(data) != 2:
             raise ValueError(
                 f"Argument `{self.name}` must be a pair `(x, y)`; labels are "
@@ -188,6 +199,10 @@ class DataSource:
 
     def _init_dataset(self, ds: tf.data.Dataset):
         spec = ds.element_spec
+        if isinstance(spec, tuple) and len(spec) == 3:
+            raise ValueError(
+                _sample_weight_message(self.name, "ds.map(lambda x, y, sample_weight: (x, y))")
+            )
         if not isinstance(spec, tuple) or len(spec) != 2:
             raise ValueError(
                 f"Argument `{self.name}` must yield `(x, y)` pairs; labels are "

@@ -55,9 +55,21 @@ def test_mismatched_lengths_and_bad_types(tiny):
     with pytest.raises(ValueError, match="same number of examples"):
         ens.self_influence((x, y[:-1]), verbose=0)
     with pytest.raises(ValueError, match="pair"):
-        ens.self_influence((x, y, y), verbose=0)
+        ens.self_influence((x, y, y, y), verbose=0)
     with pytest.raises(TypeError, match="tuple"):
         ens.self_influence(x, verbose=0)
+
+
+def test_sample_weights_refused_with_what_to_pass(tiny):
+    """`(x, y, sample_weight)`, as `model.fit` takes it, is refused at entry,
+    saying how to drop the weights, for arrays and for datasets."""
+    _, ens, x, y = tiny
+    w = np.ones(len(y), "float32")
+    with pytest.raises(ValueError, match=r"sample weights.*Pass `\(x, y\)`"):
+        ens.self_influence((x, y, w), verbose=0)
+    ds = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(8)
+    with pytest.raises(ValueError, match=r"sample weights.*ds\.map\(lambda x, y, sample_weight"):
+        ens.self_influence(ds, verbose=0)
 
 
 def test_nan_in_inputs(tiny):
