@@ -360,7 +360,6 @@ def collect(
         warmup_seconds = time.perf_counter() - warm_start
 
     pending = None  # the accepted calibration round, taken as the first round
-    pending_steps = steps  # the steps that round ran
     auto = config.learning_rate == "auto"
     adaptive = auto and ref_stats.fit is not None and ref_stats.fit > chance
     if lr is None and auto and not adaptive:
@@ -406,10 +405,9 @@ def collect(
         if pending is None:
             start_weights = previous if config.chain else theta_star
             rerun = reruns.get(first, 0)
-            pending, _, pending_steps = run_round(
-                lr, first, start_weights, gate.abandon(), rerun=rerun
-            )
-        results, ran, pending = pending, pending_steps, None
+            results, _, ran = run_round(lr, first, start_weights, gate.abandon(), rerun=rerun)
+        else:  # the accepted probe, which ran its whole schedule
+            results, ran, pending = pending, steps, None
         rounds += 1
         for offset, (weights, member_stats) in enumerate(results):
             index = first + offset
