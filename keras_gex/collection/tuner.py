@@ -94,14 +94,23 @@ def sgd_update(variables, grads, velocity, momentum: float, lr, weight_decay=0.0
 
     `v ← μ·v − lr·g`, `w ← w − lr·λ·w + v` with `λ = weight_decay`, a float or
     a scalar variable (Keras' optimizers' decoupled decay; `λ = 0` is plain SGD
-    with momentum, to the bit for finite weights).
+    with momentum, to the bit for finite weights). The momentum step is
+    TensorFlow's fused `ResourceApplyKerasMomentum` kernel: the same arithmetic
+    as four separate ops, in one kernel per variable (docs/design.md#sgd-schedule).
     """
+    shrink = lr * weight_decay
     for var, grad, vel in zip(variables, grads, velocity):
         if grad is None:
             continue
-        vel.assign(momentum * vel - lr * tf.cast(grad, vel.dtype))
-        var.assign_sub(tf.cast(lr * weight_decay, var.dtype) * var)
-        var.assign_add(vel)
+        dtype = var.dtype
+        var.assign_sub(tf.cast(shrink, dtype) * var)
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=var.handle,
+            accum=vel.handle,
+            lr=tf.cast(lr, dtype),
+            grad=tf.cast(tf.convert_to_tensor(grad), dtype),  # IndexedSlices: dense
+            momentum=tf.cast(momentum, dtype),
+        )
 
 
 def assign_all(variables, values) -> None:

@@ -232,6 +232,28 @@ def test_sgd_update_equals_keras_sgd_with_decoupled_weight_decay():
     np.testing.assert_allclose(ours.numpy(), keras_var.numpy(), rtol=1e-6, atol=1e-6)
 
 
+def test_sgd_update_takes_an_embedding_sparse_gradient_as_its_dense_equal():
+    """An `IndexedSlices` gradient (an Embedding's) moves the weights exactly as
+    the same gradient given dense; rows it does not touch still decay and keep
+    their momentum."""
+    rng = np.random.default_rng(1)
+    w0 = rng.normal(size=(6, 3)).astype("float32")
+    values = rng.normal(size=(4, 3)).astype("float32")
+    rows = np.array([0, 2, 2, 5])
+    sparse = tf.IndexedSlices(tf.constant(values), tf.constant(rows), tf.constant([6, 3]))
+    dense = tf.convert_to_tensor(sparse)
+    results = []
+    for grad in (sparse, dense):
+        var, velocity = tf.Variable(w0), [tf.Variable(tf.ones_like(w0))]
+        for _ in range(2):
+            sgd_update([var], [grad], velocity, 0.9, tf.constant(0.3), 0.1)
+        results.append((var.numpy(), velocity[0].numpy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    untouched = [1, 3, 4]
+    assert not np.allclose(results[0][0][untouched], w0[untouched])
+
+
 def test_auto_picks_a_sane_step_size_where_a_fixed_one_fails(trained_mlp, digits_ensemble, digits):
     """The memorising digits MLP of conftest: a small fixed step never leaves
     θ*'s basin (members keep fitting every given label); "auto" (the session's
