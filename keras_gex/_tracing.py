@@ -92,3 +92,40 @@ def quiet_loop_fallback():
         yield
     finally:
         logger.removeFilter(drop)
+
+
+def forward_flops(model) -> int | None:
+    """Float operations of one example's inference pass through `model`, or None.
+
+    Counted by TensorFlow's profiler on the traced graph (a multiply-add is
+    two), so the count is the same on every machine. None where the model's
+    single input has a free dimension besides the batch, or nothing counts.
+
+    >>> import keras
+    >>> dense = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, use_bias=False)])
+    >>> forward_flops(dense)  # 2 · 64 · 32
+    4096
+    """
+    if len(model.inputs) != 1:
+        return None
+    shape = model.inputs[0].shape[1:]
+    if None in shape:
+        return None
+    spec = tf.TensorSpec([1, *shape], model.inputs[0].dtype)
+    graph = (
+        tf.function(lambda x: model(x, training=False), autograph=False)
+        .get_concrete_function(spec)
+        .graph
+    )
+    profiler = tf.compat.v1.profiler
+    options = profiler.ProfileOptionBuilder(
+        profiler.ProfileOptionBuilder.float_operation()
+    ).with_empty_output()
+    logger = tf.get_logger()
+    drop = _DropMessages("is deprecated")  # the profiler's own use of a v1 helper
+    logger.addFilter(drop)
+    try:
+        flops = profiler.profile(graph=graph, options=options.build()).total_float_ops
+    finally:
+        logger.removeFilter(drop)
+    return int(flops) or None

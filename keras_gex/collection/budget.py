@@ -12,6 +12,8 @@ diverged) would take more SGD steps than θ*'s own training did
 
 from __future__ import annotations
 
+import math
+
 #: Members when θ*'s training took at least as many steps (or is unknown).
 MAX_MEMBERS = 8
 #: Members at the least: the fewest measured to rank like 8 on the zoo and
@@ -35,11 +37,15 @@ def trained_steps(model) -> int | None:
     return value if value > 0 else None
 
 
-def affordable_members(trained: int | None, steps: int, spent: int = 0, width: int = 1) -> int:
+def affordable_members(
+    trained: int | None, steps: int, spent: int = 0, width: int = 1, step_cost: float = 1.0
+) -> int:
     """Members whose steps, with `spent` steps of rejected runs, fit in `trained`.
 
     The rejected runs are the calibration's probes not kept (`rejected_steps`)
-    and the members run again.
+    and the members run again. `step_cost` is what one member step costs in
+    θ*'s training steps: 1, except for members that fine-tune a head on the
+    features of frozen layers computed once (`ModelSplit.step_cost`).
 
     A round of `width` members (one per replica) costs `steps` of time, so
     members come in whole rounds; the count stays within
@@ -56,10 +62,15 @@ def affordable_members(trained: int | None, steps: int, spent: int = 0, width: i
     4
     >>> affordable_members(1000, steps=200, width=2)  # 5 rounds of 2 replicas, capped
     8
+    >>> affordable_members(960, steps=157, spent=235)  # a step through the whole model
+    4
+    >>> affordable_members(960, steps=157, spent=235, step_cost=0.7)  # a head's step
+    7
     """
     if trained is None:
         return MAX_MEMBERS
-    rounds = max(trained - spent, 0) // max(steps, 1)
+    round_cost = max(steps, 1) * step_cost
+    rounds = math.floor(max(trained - spent * step_cost, 0) / round_cost + 1e-9)
     return int(min(MAX_MEMBERS, max(MIN_MEMBERS, rounds * width)))
 
 

@@ -197,9 +197,14 @@ def collect(
     source = source.in_memory(_IN_MEMORY_BYTES)
     frozen = frozen_layers(model, source, _IN_MEMORY_BYTES) if config.frozen_features else None
     tuned, model_weights = model, None
+    step_cost = 1.0  # a member step in θ*'s training steps (`budget.affordable_members`)
     if frozen is not None:
         model_weights = WeightSet.from_model(model)
-        log(f"layers {frozen.describe()}")
+        step_cost = frozen.step_cost()
+        log(
+            f"layers {frozen.describe()}; a member step on them costs {step_cost:.0%} of "
+            "a training step"
+        )
         source, tuned = frozen.features(source), frozen.head
 
     def to_model(weights):
@@ -345,7 +350,7 @@ def collect(
         if config.num_members != "auto":
             return config.num_members
         spent = budget.rejected_steps(calibration) + redone_steps
-        return budget.affordable_members(trained, steps, spent, width)
+        return budget.affordable_members(trained, steps, spent, width, step_cost)
 
     members, stats, calibration, lr, decay, redone_steps = _resume(store, log)
     decay = weight_decay if decay is None else decay

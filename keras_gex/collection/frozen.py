@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_gex._tracing import compiled
+from keras_gex._tracing import compiled, forward_flops
 from keras_gex.collection.tuner import is_seed_state
 from keras_gex.data import DataSource
 from keras_gex.weights import WeightSet
@@ -97,6 +97,32 @@ class ModelSplit:
     def describe(self) -> str:
         shape = tuple(self.head.inputs[0].shape[1:])
         return f"{layer_list(self.names)} (frozen), computed once: features of shape {shape}"
+
+    def step_cost(self) -> float:
+        """The share of one of θ*'s training steps that a member's step costs.
+
+        θ*'s step ran the frozen prefix forward and the head forward and
+        backward; a member's step on the features runs only the head. With
+        the forward float operations `F` of the prefix and `H` of the head
+        (a backward pass about twice its forward), `3H / (F + 3H)`; 1 where
+        either count is unknown. A prefix that was trained with θ* cost more
+        than `F`: the share is then an upper bound.
+        """
+        prefix, head = forward_flops(self.prefix), forward_flops(self.head)
+        if not prefix or not head:
+            return 1.0
+        return step_cost_share(prefix, head)
+
+
+def step_cost_share(prefix_flops: int, head_flops: int) -> float:
+    """`3H / (F + 3H)`: a head step's share of a step through prefix and head.
+
+    >>> step_cost_share(prefix_flops=0, head_flops=10)
+    1.0
+    >>> step_cost_share(prefix_flops=300, head_flops=100)
+    0.5
+    """
+    return 3 * head_flops / (prefix_flops + 3 * head_flops)
 
 
 def layer_list(names: list) -> str:

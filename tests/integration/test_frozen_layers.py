@@ -14,6 +14,7 @@ from test_distribute import assert_weights_close, mirrored
 from tolerances import DATA_PARALLEL_ATOL, PER_REPLICA_ATOL, SCORE_ATOL, SCORE_RTOL
 
 import keras_gex
+from keras_gex._tracing import forward_flops
 from keras_gex.collection.frozen import frozen_layers, shared_layers
 from keras_gex.data import DataSource
 from keras_gex.scoring import Scorer
@@ -103,6 +104,24 @@ def test_data_parallel_members_on_features_equal_one_device(digits):
 
 def find(model, data):
     return frozen_layers(model, DataSource(data), max_bytes=2**30)
+
+
+def test_a_member_step_on_the_features_costs_the_heads_share_of_a_training_step(digits):
+    """θ*'s step ran backbone and head, a member's runs the head: `3H / (F + 3H)`
+    of the forward float operations, and `num_members="auto"` counts steps so."""
+    model, data = frozen_head_model(digits)  # Dense 64→32, BN, ReLU frozen; Dense 32→10
+    split = find(model, data)
+    prefix, head = forward_flops(split.prefix), forward_flops(split.head)
+    assert prefix >= 2 * 64 * 32 and 2 * 32 * 10 <= head < prefix  # multiply-adds count 2
+    assert split.step_cost() == pytest.approx(3 * head / (prefix + 3 * head))
+    assert split.step_cost() < 0.5
+    # θ*'s 60 steps pay for 5 members of 12 steps through the whole model, and
+    # for more than twice as many head steps: the cap of 8.
+    model.optimizer.iterations.assign(60)
+    auto = dict(COLLECT, num_members="auto")
+    direct = keras_gex.GeometricEnsemble.collect(model, data, frozen_features=False, **auto)
+    cached = keras_gex.GeometricEnsemble.collect(model, data, **auto)
+    assert (direct.num_members, cached.num_members) == (5, 8)
 
 
 def residual_model(digits):

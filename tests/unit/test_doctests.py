@@ -4,6 +4,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "keras_gex._tracing",
     "keras_gex.analysis.relabel",
     "keras_gex.analysis.thresholding",
     "keras_gex.datasets",
