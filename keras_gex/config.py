@@ -32,7 +32,8 @@ class CollectionConfig:
             run again (collapsed or diverged) would take more SGD steps than
             θ*'s training did (`model.optimizer.iterations`), so that
             collection costs about one training run; the steps per member are
-            never cut for it. More members cost proportionally more;
+            never cut for it (a step on frozen layers' features computed once
+            counts as the head's share of a training step). More members cost proportionally more;
             `report.uncertainty()` says whether the flagged set needs more.
             Defaults to `"auto"`.
         steps: SGD steps T per member, or `"auto"`: about 10 epochs of the

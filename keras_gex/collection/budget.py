@@ -7,7 +7,9 @@ members only averages the scores' noise (4 members ranked within 0.007 AUC of
 calibration's rejected probes and the member runs redone (collapsed or
 diverged) would take more SGD steps than θ*'s own training did
 (`model.optimizer.iterations`), the number of members gives way, down to
-`MIN_MEMBERS`, and the steps per member never do.
+`MIN_MEMBERS`, and the steps per member never do. A member step on the
+features of frozen layers computed once counts as the head's share of one of
+θ*'s steps (`frozen.ModelSplit.step_cost`).
 """
 
 from __future__ import annotations
