@@ -394,8 +394,8 @@ def collect(
         members, stats = members[:num_members], stats[:num_members]
     if config.num_members == "auto" and num_members < budget.MAX_MEMBERS:
         log(
-            f"{num_members} members: {budget.MAX_MEMBERS} would take more SGD steps than "
-            f"θ*'s training did ({trained})"
+            f"{num_members} members: {budget.MAX_MEMBERS} would cost more than θ*'s "
+            f"{trained} training steps"
         )
 
     gate = step_size.MemberGate(adaptive, stacklevel=3, log=log)
@@ -430,8 +430,7 @@ def collect(
                     num_members = affordable
                     log(
                         f"{num_members} members: with the runs redone ({redone_steps} "
-                        f"steps), more would take more SGD steps than θ*'s training did "
-                        f"({trained})"
+                        f"steps), more would cost more than θ*'s {trained} training steps"
                     )
                 break
             members.append(to_model(weights))
