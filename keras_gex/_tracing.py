@@ -99,12 +99,14 @@ def forward_flops(model) -> int | None:
 
     Counted by TensorFlow's profiler on the traced graph (a multiply-add is
     two), so the count is the same on every machine. None where the model's
-    single input has a free dimension besides the batch, or nothing counts.
+    single input has a free dimension besides the batch, or where the graph
+    cannot be traced or counted.
 
     >>> import keras
     >>> dense = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, use_bias=False)])
     >>> forward_flops(dense)  # 2 · 64 · 32
     4096
+    >>> forward_flops(keras.Sequential([keras.Input((None, 8)), keras.layers.Dense(4)]))  # None
     """
     if len(model.inputs) != 1:
         return None
@@ -112,11 +114,6 @@ def forward_flops(model) -> int | None:
     if None in shape:
         return None
     spec = tf.TensorSpec([1, *shape], model.inputs[0].dtype)
-    graph = (
-        tf.function(lambda x: model(x, training=False), autograph=False)
-        .get_concrete_function(spec)
-        .graph
-    )
     profiler = tf.compat.v1.profiler
     options = profiler.ProfileOptionBuilder(
         profiler.ProfileOptionBuilder.float_operation()
@@ -125,7 +122,14 @@ def forward_flops(model) -> int | None:
     drop = _DropMessages("is deprecated")  # the profiler's own use of a v1 helper
     logger.addFilter(drop)
     try:
+        graph = (
+            tf.function(lambda x: model(x, training=False), autograph=False)
+            .get_concrete_function(spec)
+            .graph
+        )
         flops = profiler.profile(graph=graph, options=options.build()).total_float_ops
+    except Exception:  # an estimate, never a reason to stop: unknown
+        return None
     finally:
         logger.removeFilter(drop)
     return int(flops) or None
