@@ -76,6 +76,17 @@ class _DropMessages(logging.Filter):
 
 
 @contextlib.contextmanager
+def _dropping(fragment: str):
+    """Drops TensorFlow's log messages that contain `fragment`, inside the block only."""
+    logger = tf.get_logger()
+    drop = _DropMessages(fragment)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def quiet_loop_fallback():
     """Drops TensorFlow's "<Op> uses a while_loop. Fix that!" while tracing.
 
@@ -85,13 +96,7 @@ def quiet_loop_fallback():
     TensorFlow's developers. Only that message is dropped, only inside the
     block.
     """
-    logger = tf.get_logger()
-    drop = _DropMessages("uses a while_loop. Fix that!")
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+    return _dropping("uses a while_loop. Fix that!")
 
 
 def forward_flops(model) -> int | None:
@@ -118,18 +123,14 @@ def forward_flops(model) -> int | None:
     options = profiler.ProfileOptionBuilder(
         profiler.ProfileOptionBuilder.float_operation()
     ).with_empty_output()
-    logger = tf.get_logger()
-    drop = _DropMessages("is deprecated")  # the profiler's own use of a v1 helper
-    logger.addFilter(drop)
     try:
-        graph = (
-            tf.function(lambda x: model(x, training=False), autograph=False)
-            .get_concrete_function(spec)
-            .graph
-        )
-        flops = profiler.profile(graph=graph, options=options.build()).total_float_ops
+        with _dropping("is deprecated"):  # the profiler's own use of a v1 helper
+            graph = (
+                tf.function(lambda x: model(x, training=False), autograph=False)
+                .get_concrete_function(spec)
+                .graph
+            )
+            flops = profiler.profile(graph=graph, options=options.build()).total_float_ops
     except Exception:  # an estimate, never a reason to stop: unknown
         return None
-    finally:
-        logger.removeFilter(drop)
     return int(flops) or None
