@@ -459,7 +459,10 @@ class NoisyLabelReport:
                 "contradict many correct labels) or the labels are mostly wrong. The flagged "
                 "set is mostly correct labels; review `report.ranking()` from the top instead, "
                 "compare with `report.reference_losses`, and where the inputs predict the "
-                "labels poorly, rank by a cross-validated model's loss of the given label."
+                "labels poorly, rank by models trained briefly from scratch, which fit what the "
+                "data supports before they memorise the rest: `keras_gex.baselines."
+                "el2n_scores(build_model, x, y, epochs=...)` with about a tenth of the epochs "
+                "the model trained for, or by a cross-validated model's loss of the given label."
             )
         miss = calibration_miss(record) if record is not None else None
         if miss is not None:

@@ -149,7 +149,10 @@ def el2n_scores(
         y: Training labels: integer class ids `(N,)` or one-hot / target
             rows shaped like the model's outputs.
         epochs: Training epochs per repeat (the paper's App. E uses 20 out
-            of 200, about 10% of a full run). Defaults to `20`.
+            of 200, about 10% of a full run). Keep it near a tenth of the
+            model's full training: models trained a third of the way have
+            memorised much of what a full run does (docs/design.md#known-weaknesses).
+            Defaults to `20`.
         repeats: Independently initialised runs averaged. Defaults to `5`.
         batch_size: Training batch size. Defaults to `64`.
         seed: Run `r` calls `keras.utils.set_random_seed(seed + r)` before

@@ -354,6 +354,7 @@ def test_diagnostics_say_when_the_threshold_flags_most_rows(report):
     most = np.arange(len(report.scores)) % 3 != 0  # two rows in three
     text = dataclasses.replace(report, noisy_mask=most).diagnostics()
     assert any("flags 67% of the rows" in w and "cannot be the majority" in w for w in text)
+    assert any("el2n_scores" in w and "a tenth of the epochs" in w for w in text)  # what to do
 
 
 def test_diagnostics_judge_the_cut_before_the_contradicted_label_cap(report):
