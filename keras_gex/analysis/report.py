@@ -461,8 +461,9 @@ class NoisyLabelReport:
                 "compare with `report.reference_losses`, and where the inputs predict the "
                 "labels poorly, rank by models trained briefly from scratch, which fit what the "
                 "data supports before they memorise the rest: `keras_gex.baselines."
-                "el2n_scores(build_model, x, y, epochs=...)` with about a tenth of the epochs "
-                "the model trained for, or by a cross-validated model's loss of the given label."
+                "el2n_scores(model, x, y, epochs=...)` (fresh copies of the model) with about a "
+                "tenth of the epochs it trained for, or by a cross-validated model's loss of the "
+                "given label."
             )
         miss = calibration_miss(record) if record is not None else None
         if miss is not None:

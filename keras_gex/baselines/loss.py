@@ -74,6 +74,35 @@ def _build_model(model_fn: Callable) -> keras.Model:
     return model
 
 
+def _fresh_copy(model: keras.Model) -> keras.Model:
+    """`model` rebuilt with new trainable weights, compiled with a new optimizer like its own.
+
+    `keras.models.clone_model` draws every weight from the layers' initialisers
+    (under the caller's `keras.utils.set_random_seed`); the variables the model
+    does not train (a frozen backbone, BatchNorm statistics) get the trained
+    model's values back, so that a frozen pretrained part stays pretrained.
+    """
+    try:
+        fresh = keras.models.clone_model(model)
+    except Exception as err:
+        raise TypeError(
+            f"Argument `model_fn`: the model {model.name!r} could not be cloned ({err}). Pass "
+            "a zero-argument callable that builds and compiles a new model instead."
+        ) from err
+    if [tuple(v.shape) for v in fresh.weights] != [tuple(v.shape) for v in model.weights]:
+        raise TypeError(
+            f"Argument `model_fn`: the clone of {model.name!r} does not have the model's "
+            "weights (a model built in `call`, or with state outside its layers?). Pass a "
+            "zero-argument callable that builds and compiles a new model instead."
+        )
+    for old, new in zip(model.weights, fresh.weights):
+        if not old.trainable:
+            new.assign(old)
+    optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer))
+    fresh.compile(optimizer=optimizer, loss=model.loss)
+    return fresh
+
+
 def _el2n_fn(tuner: FineTuner, sparse: bool, activation: str, x_spec, y_spec):
     """Compiled `(x, y) -> ||p(x) − y||₂` in inference mode with the tuner's weights."""
 
@@ -131,7 +160,8 @@ def el2n_scores(
     """EL2N scores (Paul et al., 2021): error norms of briefly trained models.
 
     For each repeat `r`, seeds Keras with `seed + r`, builds a fresh compiled
-    model with `model_fn()`, trains it for `epochs` epochs on `(x, y)` and
+    model with `model_fn()` (or clones the model passed as `model_fn`, see
+    below), trains it for `epochs` epochs on `(x, y)` and
     scores every example by ``||p(x) − y||₂`` in inference mode, where `p` is
     the softmax (or sigmoid, for binary cross-entropy) of the model's logits,
     or the model's output when the loss does not take logits, and `y` the
@@ -142,9 +172,21 @@ def el2n_scores(
     scoring (as for GE members); with stale statistics a BatchNorm CNN's
     EL2N ranks flipped labels barely above chance (docs/benchmarks.md).
 
+    Networks fit the labels the data supports before they memorise the rest,
+    so where the inputs barely predict the labels and members fine-tuned from
+    θ* keep what it memorised, briefly trained models still rank wrong labels
+    (`NoisyLabelReport.diagnostics()` points here; docs/design.md#known-weaknesses).
+
     Args:
         model_fn: Zero-argument callable returning a new compiled Keras model
-            (optimizer and loss) whose compiled loss matches the labels `y`.
+            (optimizer and loss) whose compiled loss matches the labels `y`;
+            or a compiled model (the trained one): each repeat then trains a
+            `keras.models.clone_model` copy with new weights from the layers'
+            initialisers, compiled with a new optimizer of the model's own
+            configuration and its loss. Variables the model does not train (a
+            frozen backbone's weights, BatchNorm statistics) keep their
+            values; the model itself is not changed. Models that cannot be
+            cloned (most subclassed ones) need the callable.
         x: Training inputs, one row per example.
         y: Training labels: integer class ids `(N,)` or one-hot / target
             rows shaped like the model's outputs.
@@ -172,15 +214,22 @@ def el2n_scores(
         ValueError: For invalid data or arguments (see messages).
     """
     if isinstance(model_fn, keras.Model):
+        trained = model_fn
+        _validation.check_model(trained, need_loss=False)
+        if getattr(trained, "optimizer", None) is None or getattr(trained, "loss", None) is None:
+            raise ValueError(
+                "Argument `model_fn` must be a compiled model (with an optimizer and a "
+                "loss) when it is a model: EL2N trains a fresh copy of it per repeat, "
+                "compiled like it. Call `model.compile(optimizer=..., loss=...)`."
+            )
+
+        def model_fn():
+            return _fresh_copy(trained)
+
+    elif not callable(model_fn):
         raise TypeError(
-            "Argument `model_fn` must be a callable that builds a new compiled model "
-            "(EL2N trains a fresh model per repeat), not a model. Received: "
-            f"model_fn={model_fn.name!r} of type {type(model_fn).__name__}"
-        )
-    if not callable(model_fn):
-        raise TypeError(
-            "Argument `model_fn` must be a callable returning a compiled `keras.Model`. "
-            f"Received: model_fn of type {type(model_fn).__name__}"
+            "Argument `model_fn` must be a callable returning a compiled `keras.Model`, "
+            f"or a compiled model to clone. Received: model_fn of type {type(model_fn).__name__}"
         )
     epochs = _validation.positive_int("epochs", epochs)
     repeats = _validation.positive_int("repeats", repeats)

@@ -23,6 +23,7 @@ from keras_gex.baselines import (
     randproj_scores,
     tracin_scores,
 )
+from keras_gex.baselines import loss as loss_module
 from keras_gex.baselines.gradients import _linearized_deviations, _projection_matrix
 from keras_gex.ensemble import GeometricEnsemble
 from keras_gex.losses import resolve_loss
@@ -265,6 +266,86 @@ def test_el2n_without_reestimation_uses_training_statistics():
     np.testing.assert_allclose(scores, stale, rtol=1e-4, atol=1e-5)
 
 
+# -- el2n_scores: the trained model, cloned -------------------------------------------
+
+
+def _mlp():
+    """A new compiled MLP, initialised from Keras' global seed."""
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_el2n_of_the_trained_model_equals_the_model_built_afresh():
+    """Two routes agree: a clone of the trained model draws the weights a new build
+    draws under the same seed, and trains with a new optimizer like the model's."""
+    x, y = _data(n=40)
+    keras.utils.set_random_seed(0)
+    trained = _mlp()
+    trained.fit(x, y, epochs=3, batch_size=8, verbose=0)
+    weights = [w.copy() for w in trained.get_weights()]
+    iterations = int(trained.optimizer.iterations.numpy())
+
+    cloned = el2n_scores(trained, x, y, epochs=2, repeats=2, batch_size=8, seed=5, verbose=0)
+    built = el2n_scores(_mlp, x, y, epochs=2, repeats=2, batch_size=8, seed=5, verbose=0)
+    np.testing.assert_allclose(cloned, built, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    # The trained model is left as it was.
+    for before, after in zip(weights, trained.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert int(trained.optimizer.iterations.numpy()) == iterations
+
+
+def test_el2n_clone_keeps_the_variables_the_model_does_not_train():
+    """A frozen (pretrained) layer and BatchNorm statistics keep the trained model's
+    values; trainable weights start afresh; the optimizer is new, configured alike."""
+    x, y = _data(n=40)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(8, name="backbone"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+    model.get_layer("backbone").trainable = False
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    fresh = loss_module._fresh_copy(model)
+    for old, new in zip(model.weights, fresh.weights):
+        same = np.array_equal(old.numpy(), new.numpy())
+        assert same == (not old.trainable), old.path
+    assert fresh.optimizer is not model.optimizer
+    assert isinstance(fresh.optimizer, keras.optimizers.Adam)
+    assert float(fresh.optimizer.learning_rate) == pytest.approx(3e-3)
+    assert int(fresh.optimizer.iterations.numpy()) == 0
+
+
+def test_el2n_refuses_a_model_it_cannot_clone():
+    class Opaque(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    x, y = _data()
+    model = Opaque()
+    model(x[:2])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.raises(TypeError, match="Pass a zero-argument callable"):
+        el2n_scores(model, x, y, epochs=1, repeats=1)
+
+
 # -- el2n_scores: argument checks ------------------------------------------------------
 
 
@@ -287,10 +368,11 @@ def test_el2n_refuses_bad_arguments(kwargs, message):
 
 def test_el2n_refuses_bad_data_and_models():
     x, y = _data()
-    with pytest.raises(TypeError, match="not a model"):
-        el2n_scores(_dense_model(), x, y)
     with pytest.raises(TypeError, match="`model_fn` must be a callable"):
         el2n_scores(None, x, y)
+    uncompiled_model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="must be a compiled model"):
+        el2n_scores(uncompiled_model, x, y, epochs=1, repeats=1)
     with pytest.raises(ValueError, match="same number of examples"):
         el2n_scores(lambda: _dense_model(), x, y[:-1])
     bad_x = x.copy()
