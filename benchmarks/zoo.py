@@ -27,6 +27,10 @@ deviations, to be ranked like flipped labels). Per case and seed it measures:
   labels for `ORACLE_EPOCHS` of θ*'s epochs, each row scored by its out-of-fold
   loss of the given label (regression: absolute error of the given target).
   It knows which labels are right; it says how separable the noise is.
+* **Brief retraining**: `keras_gex.baselines.el2n_scores(θ*, ...)`, fresh clones
+  of θ* trained on the given labels for `EARLY_EPOCHS` of its epochs,
+  `EARLY_REPEATS` of them: what the report suggests where the members cannot
+  separate (docs/design.md#known-weaknesses). Not one of the bars.
 
 Below the table, each row's check against issue #27's bars (`bars`): GEX AUC ≥
 θ*'s loss AUC; AUC ≥ min(reference, oracle AUC) − 0.01; AP ≥ min(reference,
@@ -80,6 +84,10 @@ FOLDS = 5
 #: The oracle trains for this share of θ*'s epochs (at least `ORACLE_MIN_EPOCHS`).
 ORACLE_EPOCHS = 0.2
 ORACLE_MIN_EPOCHS = 3
+#: Brief retraining trains fresh clones of θ* for this share of its epochs (at
+#: least one; EL2N's "about 10% of a full run"), this many times.
+EARLY_EPOCHS = 0.1
+EARLY_REPEATS = 4
 LR_MAX_ITER = 100  # scikit-learn's default
 #: Issue #27's bars (`bars`).
 AUC_SLACK = 0.01
@@ -115,6 +123,9 @@ FIELDS = (
     "oracle_auc",
     "oracle_ap",
     "oracle_seconds",
+    "early_auc",
+    "early_ap",
+    "early_seconds",
     "references",
     "warnings",
     "error",
@@ -328,6 +339,30 @@ def oracle(case, data, given, epochs: int, seed: int) -> np.ndarray:
     return scores
 
 
+def early_reference(case, data, model, given, epochs: int, seed: int) -> np.ndarray:
+    """EL2N of fresh clones of θ* trained briefly on the given labels (`el2n_scores`).
+
+    A pipeline case's clones train on the arrays its pipeline yields (the same
+    preprocessing, shuffled by `fit`).
+    """
+    import keras_gex
+
+    t = targets(case, given, data.num_classes)
+    x = data.x
+    if case.pipeline is not None:
+        x = np.concatenate([np.asarray(xb) for xb, _ in case.pipeline(x, t, None, 1024)])
+    return keras_gex.baselines.el2n_scores(
+        model,
+        x,
+        t,
+        epochs=max(1, round(EARLY_EPOCHS * epochs)),
+        repeats=EARLY_REPEATS,
+        batch_size=case.batch_size,
+        seed=seed + 300,
+        verbose=0,
+    )
+
+
 # -- one case and seed ------------------------------------------------------------------
 def _calibration_share(ens) -> tuple[float, int]:
     """Rejected probes' wall time over the collection's less its warm-up, and their count."""
@@ -414,6 +449,15 @@ def run_one(
             theta_auc=theta["auc"],
             theta_ap=theta["ap"],
         )
+    # After GEX, which it must not change: the clones draw from Keras' global seed.
+    start = time.perf_counter()
+    try:
+        early = quality._ranking(noisy, early_reference(case, data, model, given, run, seed))
+        row.update(early_auc=early["auc"], early_ap=early["ap"])
+    except Exception as err:  # reported in the notes; GEX's row stands
+        note = f"brief retraining failed: {type(err).__name__}: {_short(err)}"
+        row["warnings"] = " | ".join(filter(None, [row.get("warnings"), note]))
+    row["early_seconds"] = time.perf_counter() - start
 
     if references is not None and (references["rows"], references["noisy"]) == (
         len(data),
@@ -534,8 +578,9 @@ def markdown(rows, seconds: float | None = None) -> str:
     seeds = sorted({r["seed"] for r in rows})
     lines = [
         "| case | GEX AUC | GEX AP | GEX F1 | flagged / true noise | θ* loss AUC | "
-        "LR ref AUC / AP | oracle AUC / AP | GE s / train s | calibration share | M |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "LR ref AUC / AP | oracle AUC / AP | GE s / train s | calibration share | M | "
+        "brief retraining AUC / AP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, group in groups.items():
         if any(r.get("error") for r in group):
@@ -551,6 +596,7 @@ def markdown(rows, seconds: float | None = None) -> str:
             _pair(group, "gex_seconds", "train_seconds", 1),
             quality._mean_std(_values(group, "calibration_share"), 2),
             " / ".join(f"{m:g}" for m in _values(group, "members")) or "—",
+            _pair(group, "early_auc", "early_ap"),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
@@ -560,7 +606,8 @@ def markdown(rows, seconds: float | None = None) -> str:
         "(linear for regression) regression on the given labels. Oracle: the same architecture "
         "5-fold on the true labels, out-of-fold loss of the given label. Calibration share: "
         "rejected probes' wall time over the collection's less its warm-up. M: members "
-        'collected, by seed (`num_members="auto"`).'
+        'collected, by seed (`num_members="auto"`). Brief retraining (not a bar): '
+        "`el2n_scores` of fresh clones of θ* trained for a tenth of its epochs, 4 runs."
         + (
             f" LR ref and oracle of {reused} of the {len(rows)} runs were read from an earlier "
             "zoo.csv (`--references`)."
