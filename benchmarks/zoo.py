@@ -44,9 +44,10 @@ Fashion-MNIST from a prepared tensorflow-datasets copy (`TFDS_DATA_DIR`, e.g.
 `bench` extra); fortune-cookie files of the Debian package `fortunes`
 (`apt-get install fortunes`, read from /usr/share/games/fortunes).
 
-Run (the full run, 20 cases × seeds 0, 1, 2, took 50.5 minutes on 2 CPU cores
-shared with other jobs at a85ae8d, see docs/zoo.md; `--quick` is a smoke run of
-three tiny scikit-learn cases on seed 0 in under a minute, not for reporting):
+Run (the full run, 20 cases × seeds 0, 1, 2, took 20.6 minutes from scratch on 2
+idle CPU cores at 558ae4c, see docs/zoo.md, and the brief-retraining column added
+about 5 more at 1c3952f; `--quick` is a smoke run of three tiny scikit-learn cases
+on seed 0 in under a minute, not for reporting):
 
     pip install ".[bench]" && apt-get install fortunes
     TFDS_DATA_DIR=/path/to/tfds python benchmarks/zoo.py [--cases NAME ...]
