@@ -344,7 +344,8 @@ def early_reference(case, data, model, given, epochs: int, seed: int) -> np.ndar
     """EL2N of fresh clones of θ* trained briefly on the given labels (`el2n_scores`).
 
     A pipeline case's clones train on the arrays its pipeline yields (the same
-    preprocessing, shuffled by `fit`).
+    preprocessing, shuffled by `fit`). Run `r` is seeded `seed + 300 + r`, apart
+    from the oracle's folds (`seed + 200 + k`).
     """
     import keras_gex
 

@@ -58,6 +58,13 @@ def loss_scores(
     return _collect(source, lambda x, y: fn(x, y).numpy(), "model's loss", verbose)
 
 
+def _is_compiled(model: keras.Model) -> bool:
+    """Whether `model` has an optimizer and a loss to train with."""
+    return (
+        getattr(model, "optimizer", None) is not None and getattr(model, "loss", None) is not None
+    )
+
+
 def _build_model(model_fn: Callable) -> keras.Model:
     model = model_fn()
     if not isinstance(model, keras.Model):
@@ -65,7 +72,7 @@ def _build_model(model_fn: Callable) -> keras.Model:
             "Argument `model_fn` must return a `keras.Model`. "
             f"Received: an object of type {type(model).__name__}"
         )
-    if getattr(model, "optimizer", None) is None or getattr(model, "loss", None) is None:
+    if not _is_compiled(model):
         raise ValueError(
             "Argument `model_fn` must return a compiled model (with an optimizer and "
             "a loss): EL2N trains a fresh model per repeat. Call "
@@ -216,7 +223,7 @@ def el2n_scores(
     if isinstance(model_fn, keras.Model):
         trained = model_fn
         _validation.check_model(trained, need_loss=False)
-        if getattr(trained, "optimizer", None) is None or getattr(trained, "loss", None) is None:
+        if not _is_compiled(trained):
             raise ValueError(
                 "Argument `model_fn` must be a compiled model (with an optimizer and a "
                 "loss) when it is a model: EL2N trains a fresh copy of it per repeat, "
