@@ -190,10 +190,14 @@ def _jvp_projection_fn(model, loss, signature, projection_dim: int, seed: int):
 
     def step(x, y, tv, ntv):
         seed_t = tf.constant(seed, tf.int64)
-        out = tf.TensorArray(tf.float32, size=projection_dim)
-        for index in tf.range(projection_dim):
+
+        def body(index, out):
             tangents = _direction(index, seed_t, tv, projection_dim)
-            out = out.write(index, tf.cast(_jvp(model, loss, tv, ntv, x, y, tangents), "float32"))
+            value = tf.cast(_jvp(model, loss, tv, ntv, x, y, tangents), "float32")
+            return index + 1, out.write(index, value)
+
+        out = tf.TensorArray(tf.float32, size=projection_dim)
+        _, out = tf.while_loop(lambda i, _: i < projection_dim, body, (tf.constant(0), out))
         return tf.transpose(out.stack())
 
     fn = compiled(step, input_signature=signature)

@@ -118,13 +118,16 @@ class FineTuner:
         compiles one executable for every segment and member of that length.
         """
         total_f = tf.cast(total, tf.float32)
-        values = tf.zeros(tf.shape(indices)[:1], tf.float32)
-        for t in tf.range(count):
+
+        def body(t, values):
             rows = indices[t]
             x, y = take_rows(x_all, rows), tf.gather(y_all, rows)
             lr = core.cosine(learning_rate, t + start, total_f)
             step_loss = tf.cast(self._step(x, y, lr), tf.float32)
-            values = tf.tensor_scatter_nd_update(values, [[t]], [step_loss])
+            return t + 1, tf.tensor_scatter_nd_update(values, [[t]], [step_loss])
+
+        values = tf.zeros(tf.shape(indices)[:1], tf.float32)
+        _, values = tf.while_loop(lambda t, _: t < count, body, (tf.constant(0), values))
         return values
 
     # -- operations -------------------------------------------------------------------

@@ -81,11 +81,14 @@ def schedule_loop(step_fn, iterator, steps, learning_rate, start, total):
     its objective; the objectives come back stacked, one row per step.
     """
     total_f = tf.cast(total, tf.float32)
-    values = tf.TensorArray(tf.float32, size=steps)
-    for t in tf.range(steps):
+
+    def body(t, values):
         x, y = iterator.get_next()
         lr = cosine(learning_rate, t + start, total_f)
-        values = values.write(t, tf.cast(step_fn(x, y, lr), tf.float32))
+        return t + 1, values.write(t, tf.cast(step_fn(x, y, lr), tf.float32))
+
+    values = tf.TensorArray(tf.float32, size=steps)
+    _, values = tf.while_loop(lambda t, _: t < steps, body, (tf.constant(0), values))
     return values.stack()
 
 
