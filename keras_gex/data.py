@@ -190,6 +190,13 @@ class DataSource:
                 )
         if len(y) == 0:
             raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
+        if y.dtype.kind not in "biuf":
+            raise ValueError(
+                f"Argument `{self.name}`: `y` must hold numbers (class ids, 0/1 or one-hot "
+                f"labels, or regression targets), as `model.fit` takes them. Received: y "
+                f"of dtype {y.dtype}, e.g. {str(y.flat[0])!r}. Encode the labels as integers "
+                "first (`np.unique(y, return_inverse=True)[1]`)."
+            )
         for label, arr in leaves:
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise ValueError(f"Argument `{self.name}`: `{label}` contains NaN or inf values.")
@@ -224,9 +231,38 @@ class DataSource:
 
     # -- checks that need the model ------------------------------------------
     def check_against_model(self, model) -> None:
-        """Refuses unbatched datasets and inputs the model cannot take."""
+        """Refuses unbatched datasets and inputs the model cannot take; reads
+        labels one axis short of a width-1 output as Keras does (`_labels_like_outputs`)."""
         self._check_batched(model)
         _validation.check_inputs_fit_model(model, self.element_spec[0], name=self.name)
+        self._labels_like_outputs(model)
+
+    def _labels_like_outputs(self, model) -> None:
+        """Gives labels of shape `(batch,)` a last axis against one `(batch, 1)` output.
+
+        Keras' losses read such labels (a sigmoid classifier's 0/1 labels, a
+        regression's targets) as `(batch, 1)` (`squeeze_or_expand_to_same_rank`),
+        so `fit` takes them; every per-example computation here (losses, fit,
+        relabeled targets) then sees labels of the outputs' shape. Models
+        without symbolic outputs (subclassed) are left to the entry checks.
+        """
+        try:
+            outputs = list(model.outputs or [])
+        except (AttributeError, ValueError):
+            return
+        if len(outputs) != 1:
+            return
+        out_shape = tuple(outputs[0].shape)
+        if len(out_shape) < 2 or out_shape[-1] != 1:
+            return
+        if self._arrays is not None:
+            x, y = self._arrays
+            if y.ndim == len(out_shape) - 1:
+                self._arrays = (x, y[..., None])
+            return
+        label_spec = self._dataset.element_spec[1]
+        if getattr(label_spec.shape, "rank", None) == len(out_shape) - 1:
+            self._dataset = self._dataset.map(lambda x, y: (x, tf.expand_dims(y, -1)))
 
     def _check_batched(self, model) -> None:
         """Refuses unbatched datasets by comparing ranks with the model input."""

@@ -202,3 +202,43 @@ def test_labels_per_output_named_as_such(data):
         dataset = tf.data.Dataset.from_tensor_slices((x, per_output)).batch(32)
         with pytest.raises(ValueError, match="`y` holds 2 label arrays, one per model output"):
             ensemble.deviations(dataset, verbose=0)
+
+
+def _sigmoid_mlp():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True))
+    return model
+
+
+def test_binary_labels_without_last_axis_read_as_keras_reads_them(data):
+    """`(batch,)` 0/1 labels against a `(batch, 1)` output, as `fit` takes them: the same
+    scores as `(batch, 1)` labels, from arrays and from a dataset."""
+    x, y = data
+    parity = (y % 2).astype("float32")
+    model = _sigmoid_mlp()
+    model.fit(x, parity, epochs=2, verbose=0)
+    settings = dict(num_members=2, steps=4, learning_rate=0.05, seed=0, verbose=0)
+    column = keras_gex.detect_noisy((x, parity[:, None]), model, **settings)
+    flat = keras_gex.detect_noisy((x, parity), model, **settings)
+    streamed = keras_gex.detect_noisy(
+        tf.data.Dataset.from_tensor_slices((x, parity)).batch(32), model, **settings
+    )
+    for report in (flat, streamed):
+        np.testing.assert_array_equal(report.member_losses, column.member_losses)
+        np.testing.assert_array_equal(report.noisy_mask, column.noisy_mask)
+        assert report.labels.shape == (len(x), 1)
+
+
+def test_string_labels_refused(data, no_fine_tuning):
+    x, y = data
+    with pytest.raises(ValueError, match=r"`y` must hold numbers .* Received: y of dtype <U1"):
+        keras_gex.GeometricEnsemble.collect(
+            _sigmoid_mlp(), (x, np.where(y % 2 == 1, "a", "b")), **SETTINGS
+        )
