@@ -132,6 +132,29 @@ def _per_output_message(name: str, count: int) -> str:
     )
 
 
+def _output_shape(model, input_spec) -> tuple | None:
+    """The shape of the model's single output for inputs of `input_spec`, or None.
+
+    Functional models give it from their symbolic outputs; a subclassed model
+    by tracing its `call` on symbolic inputs (`compute_output_spec`). None
+    for several outputs, or where neither route answers.
+    """
+    import keras
+
+    try:
+        outputs = model.outputs
+    except AttributeError:
+        try:
+            symbolic = tf.nest.map_structure(
+                lambda s: keras.KerasTensor(s.shape, s.dtype), input_spec
+            )
+            outputs = model.compute_output_spec(symbolic)
+        except Exception:  # a model that cannot be traced here: the entry checks judge it
+            return None
+    outputs = tf.nest.flatten(outputs) if outputs is not None else []
+    return tuple(outputs[0].shape) if len(outputs) == 1 else None
+
+
 class DataSource:
     """A validated `(x, y)` data source.
 
@@ -243,17 +266,10 @@ class DataSource:
         Keras' losses read such labels (a sigmoid classifier's 0/1 labels, a
         regression's targets) as `(batch, 1)` (`squeeze_or_expand_to_same_rank`),
         so `fit` takes them; every per-example computation here (losses, fit,
-        relabeled targets) then sees labels of the outputs' shape. Models
-        without symbolic outputs (subclassed) are left to the entry checks.
+        relabeled targets) then sees labels of the outputs' shape.
         """
-        try:
-            outputs = list(model.outputs or [])
-        except (AttributeError, ValueError):
-            return
-        if len(outputs) != 1:
-            return
-        out_shape = tuple(outputs[0].shape)
-        if len(out_shape) < 2 or out_shape[-1] != 1:
+        out_shape = _output_shape(model, self.element_spec[0])
+        if out_shape is None or len(out_shape) < 2 or out_shape[-1] != 1:
             return
         if self._arrays is not None:
             x, y = self._arrays

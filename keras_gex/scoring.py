@@ -36,7 +36,7 @@ from keras_gex.collection.frozen import shared_layers
 from keras_gex.data import DataSource, nan_where_not_finite, spec_of
 from keras_gex.loss_checks import check_per_example
 from keras_gex.losses import PerExampleLoss
-from keras_gex.weights import WeightSet
+from keras_gex.weights import WeightSet, stateless_call
 
 
 @dataclasses.dataclass
@@ -118,17 +118,17 @@ class Scorer:
         sets = self._members if members_only else [self._ref, *self._members]
         split = self._split
         if split is None:
-            return [self.model.stateless_call(tv, ntv, x, training=False)[0] for tv, ntv in sets]
+            return [stateless_call(self.model, tv, ntv, x, training=False)[0] for tv, ntv in sets]
         shared = split.to_prefix(self._ref)
-        features, _ = split.prefix.stateless_call(
-            shared.trainable, shared.non_trainable, x, training=False
+        features, _ = stateless_call(
+            split.prefix, shared.trainable, shared.non_trainable, x, training=False
         )
         outputs = []
         for weights in sets:
             head = split.to_head(weights)
             outputs.append(
-                split.head.stateless_call(
-                    head.trainable, head.non_trainable, features, training=False
+                stateless_call(
+                    split.head, head.trainable, head.non_trainable, features, training=False
                 )[0]
             )
         return outputs
@@ -178,7 +178,7 @@ class Scorer:
         key = ("forward", str(sig))
         if key not in self._fns:
             self._fns[key] = compiled(
-                lambda x: self.model.stateless_call(*self._ref, x, training=False)[0],
+                lambda x: stateless_call(self.model, *self._ref, x, training=False)[0],
                 input_signature=[sig],
             )
         return self._fns[key]
@@ -206,7 +206,7 @@ class Scorer:
         """`check_per_example` on the first batch, before the step is compiled."""
         x, y = first
         if eager or self.strategy is not None:
-            pred = self.model.stateless_call(*self._ref, x)[0]
+            pred = stateless_call(self.model, *self._ref, x)[0]
         else:
             pred = self.forward_for(spec_of(x))(x)
         check_per_example(self.loss, y, pred)

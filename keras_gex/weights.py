@@ -3,8 +3,43 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
+
+
+def stateless_call(model, trainable, non_trainable, *args, training=None, **kwargs):
+    """`model.stateless_call`, passing `training=` only to a `call()` that declares it.
+
+    `Layer.__call__` passes `training` only to a `call()` that takes it, so
+    `fit` trains a subclassed model written `call(self, x)`; `stateless_call`
+    hands its keyword arguments to `call()` as they are, which such a model
+    refuses. The same rule here runs every model `fit` runs.
+
+    >>> import keras
+    >>> class Summing(keras.Model):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.dense = keras.layers.Dense(1, kernel_initializer="ones")
+    ...     def call(self, x):  # no `training`
+    ...         return self.dense(x)
+    >>> model = Summing()
+    >>> _ = model(np.ones((1, 2)))
+    >>> weights = model.trainable_variables
+    >>> out, _ = stateless_call(model, weights, [], np.ones((1, 2)), training=False)
+    >>> np.asarray(out).tolist()
+    [[2.0]]
+    """
+    if training is not None and _takes_training(model):
+        kwargs["training"] = training
+    return model.stateless_call(trainable, non_trainable, *args, **kwargs)
+
+
+def _takes_training(model) -> bool:
+    names = getattr(model, "call_signature_parameters", None)
+    if names is None:
+        names = list(inspect.signature(model.call).parameters)
+    return "training" in names
 
 
 @dataclasses.dataclass

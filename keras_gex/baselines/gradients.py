@@ -12,7 +12,7 @@ from keras_gex.data import DataSource
 from keras_gex.ensemble import GeometricEnsemble
 from keras_gex.loss_checks import check_per_example
 from keras_gex.losses import resolve_loss
-from keras_gex.weights import WeightSet
+from keras_gex.weights import WeightSet, stateless_call
 
 _CURVATURES = ("identity", "fisher")
 
@@ -53,7 +53,7 @@ def _specs(tensors) -> list:
 
 def _losses(model, loss, tv, ntv, x, y):
     """Per-example losses at the weights `(tv, ntv)`, in inference mode."""
-    pred, _ = model.stateless_call(tv, ntv, x, training=False)
+    pred, _ = stateless_call(model, tv, ntv, x, training=False)
     return loss(y, pred)
 
 
@@ -219,7 +219,7 @@ def _prepare(model, per_example, data, batch_size, weights: WeightSet):
     source.check_ordered()
     x0, y0 = source.first_batch()
     tv, ntv = _tensors(weights)
-    check_per_example(per_example, y0, model.stateless_call(tv, ntv, x0, training=False)[0])
+    check_per_example(per_example, y0, stateless_call(model, tv, ntv, x0, training=False)[0])
     spec = source.element_spec
     signature = [*free_batch(spec), _specs(tv), _specs(ntv)]
     return source, signature

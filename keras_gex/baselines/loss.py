@@ -15,6 +15,7 @@ from keras_gex.collection.local import FineTuner
 from keras_gex.data import DataSource, take_rows
 from keras_gex.loss_checks import check_per_example
 from keras_gex.losses import resolve_loss
+from keras_gex.weights import stateless_call
 
 _SCORE_BATCH_SIZE = 1024
 
@@ -114,7 +115,7 @@ def _el2n_fn(tuner: FineTuner, sparse: bool, activation: str, x_spec, y_spec):
     """Compiled `(x, y) -> ||p(x) − y||₂` in inference mode with the tuner's weights."""
 
     def step(x, y):
-        pred, _ = tuner.model.stateless_call(tuner.tv, tuner.ntv, x, training=False)
+        pred, _ = stateless_call(tuner.model, tuner.tv, tuner.ntv, x, training=False)
         pred = tf.cast(pred, "float32")
         if activation == "softmax":
             pred = tf.nn.softmax(pred, axis=-1)

@@ -23,7 +23,7 @@ import tensorflow as tf
 from keras_gex._tracing import compiled, forward_flops
 from keras_gex.collection.tuner import is_seed_state
 from keras_gex.data import DataSource
-from keras_gex.weights import WeightSet
+from keras_gex.weights import WeightSet, stateless_call
 
 #: Features are computed this many examples at a time.
 _FEATURE_BATCH = 256
@@ -258,8 +258,8 @@ def _is_constant(prefix: keras.Model, x) -> bool:
     structural test cannot see.
     """
     ntv = [v.value for v in prefix.non_trainable_variables]
-    trained, new_ntv, losses = prefix.stateless_call([], ntv, x, training=True, return_losses=True)
-    inferred, _ = prefix.stateless_call([], ntv, x, training=False)
+    trained, new_ntv, losses = stateless_call(prefix, [], ntv, x, training=True, return_losses=True)
+    inferred, _ = stateless_call(prefix, [], ntv, x, training=False)
     same = np.allclose(np.asarray(trained), np.asarray(inferred), rtol=1e-5, atol=1e-6)
     kept = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ntv, new_ntv))
     return bool(same and kept and not losses)

@@ -9,7 +9,7 @@ from keras_gex._tracing import compiled
 from keras_gex.collection import tuner as core
 from keras_gex.data import ArrayStream, DataSource, spec_of, take_rows
 from keras_gex.losses import PerExampleLoss
-from keras_gex.weights import WeightSet
+from keras_gex.weights import WeightSet, stateless_call
 
 
 class FineTuner:
@@ -88,8 +88,8 @@ class FineTuner:
     # -- compiled pieces -----------------------------------------------------------
     def _step(self, x, y, lr):
         with tf.GradientTape() as tape:
-            pred, new_ntv, reg = self.model.stateless_call(
-                self.tv, self.ntv, x, training=True, return_losses=True
+            pred, new_ntv, reg = stateless_call(
+                self.model, self.tv, self.ntv, x, training=True, return_losses=True
             )
             objective = core.regularised(tf.reduce_mean(self.loss(y, pred)), reg)
         grads = tape.gradient(objective, self.tv)
@@ -101,11 +101,11 @@ class FineTuner:
         return core.schedule_loop(self._step, iterator, steps, learning_rate, start, total)
 
     def _batch_stats(self, x):
-        _, new_ntv = self.model.stateless_call(self.tv, self.ntv, x, training=True)
+        _, new_ntv = stateless_call(self.model, self.tv, self.ntv, x, training=True)
         return [(new_ntv[i], new_ntv[j]) for i, j in self._bn_index]
 
     def _eval(self, x, y):
-        pred, _ = self.model.stateless_call(self.tv, self.ntv, x, training=False)
+        pred, _ = stateless_call(self.model, self.tv, self.ntv, x, training=False)
         losses = self.loss(y, pred)
         fit = self.loss.fit_mask(y, pred) if self.loss.is_classification else losses
         return losses, fit

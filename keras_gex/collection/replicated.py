@@ -10,7 +10,7 @@ from keras_gex._tracing import compiled
 from keras_gex.collection import tuner as core
 from keras_gex.data import DataSource
 from keras_gex.losses import PerExampleLoss
-from keras_gex.weights import WeightSet
+from keras_gex.weights import WeightSet, stateless_call
 
 _REPLICA_LOCAL = dict(
     trainable=False,
@@ -178,8 +178,8 @@ class ReplicaFineTuner:
         trainable = [tf.convert_to_tensor(v) for v in self.tv]
         with tf.GradientTape() as tape:
             tape.watch(trainable)
-            pred, new_ntv, reg = self.model.stateless_call(
-                trainable, self.ntv, x, training=True, return_losses=True
+            pred, new_ntv, reg = stateless_call(
+                self.model, trainable, self.ntv, x, training=True, return_losses=True
             )
             per_example = self.loss(y, pred)
             if self.synchronized:
@@ -233,7 +233,7 @@ class ReplicaFineTuner:
         )
 
     def _replica_moments(self, x):
-        _, new_ntv = self.model.stateless_call(self.tv, self.ntv, x, training=True)
+        _, new_ntv = stateless_call(self.model, self.tv, self.ntv, x, training=True)
         stats = [(new_ntv[i], new_ntv[j]) for i, j in self._bn_index]
         if self.synchronized:
             # Σ n_r·mean_r and Σ n_r·E_r[x²] over replicas give the global batch's moments.
@@ -257,7 +257,7 @@ class ReplicaFineTuner:
             x, y = distribute.chunk(
                 (x, y), context.replica_id_in_sync_group, context.num_replicas_in_sync
             )
-        pred, _ = self.model.stateless_call(self.tv, self.ntv, x, training=False)
+        pred, _ = stateless_call(self.model, self.tv, self.ntv, x, training=False)
         losses = self.loss(y, pred)
         fit = self.loss.fit_mask(y, pred) if self.loss.is_classification else losses
         if self.synchronized:

@@ -13,6 +13,8 @@ import os
 
 import tensorflow as tf
 
+from keras_gex.weights import stateless_call
+
 
 class _ExportedScorer(tf.Module):
     def __init__(self, ensemble, x_spec, y_spec):
@@ -31,10 +33,10 @@ class _ExportedScorer(tf.Module):
         self.num_members = tf.constant(len(ensemble.members))
 
         def score(x, y):
-            ref_pred, _ = model.stateless_call(self._ref_t, self._ref_n, x, training=False)
+            ref_pred, _ = stateless_call(model, self._ref_t, self._ref_n, x, training=False)
             ref_loss = loss(y, ref_pred)
             losses = [
-                loss(y, model.stateless_call(tv, ntv, x, training=False)[0])
+                loss(y, stateless_call(model, tv, ntv, x, training=False)[0])
                 for tv, ntv in self._members
             ]
             deviations = tf.stack(losses, axis=1) - ref_loss[:, None]

@@ -204,25 +204,39 @@ def test_labels_per_output_named_as_such(data):
             ensemble.deviations(dataset, verbose=0)
 
 
-def _sigmoid_mlp():
+class SubclassedSigmoid(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def _sigmoid_mlp(subclassed=False):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((64,)),
-            keras.layers.Dense(16, activation="relu"),
-            keras.layers.Dense(1),
-        ]
-    )
+    if subclassed:
+        model = SubclassedSigmoid()
+    else:
+        model = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
     model.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True))
     return model
 
 
-def test_binary_labels_without_last_axis_read_as_keras_reads_them(data):
+@pytest.mark.parametrize("subclassed", [False, True], ids=["sequential", "subclassed"])
+def test_binary_labels_without_last_axis_read_as_keras_reads_them(data, subclassed):
     """`(batch,)` 0/1 labels against a `(batch, 1)` output, as `fit` takes them: the same
     scores as `(batch, 1)` labels, from arrays and from a dataset."""
     x, y = data
     parity = (y % 2).astype("float32")
-    model = _sigmoid_mlp()
+    model = _sigmoid_mlp(subclassed)
     model.fit(x, parity, epochs=2, verbose=0)
     settings = dict(num_members=2, steps=4, learning_rate=0.05, seed=0, verbose=0)
     column = keras_gex.detect_noisy((x, parity[:, None]), model, **settings)
