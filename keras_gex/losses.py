@@ -59,7 +59,7 @@ class PerExampleLoss:
         """
         y = np.asarray(y_true)
         if self.kind == _SPARSE_CE:
-            return y.reshape(len(y), -1)[:, :1].astype(np.int64)
+            return y.reshape(len(y), -1).astype(np.int64)  # (N, 1), or one per position
         if self.kind == _CE:
             return np.argmax(y, axis=-1).reshape(len(y), -1)
         if self.kind == _BCE:
@@ -78,16 +78,17 @@ class PerExampleLoss:
     def fit_mask(self, y_true, y_pred):
         """Per-example 1.0 if the prediction gets the label(s) right, else 0.0 (float32, (B,)).
 
-        For multi-label (binary cross-entropy) outputs an example counts only
-        when every one of its labels is right.
+        For multi-label (binary cross-entropy) outputs and for sparse labels
+        per position (a tagger's `(B, T)` labels against `(B, T, K)` outputs) an
+        example counts only when every one of its labels is right.
 
         Only defined for classification losses; used to judge how far a
         fine-tuned member has left the memorising basin.
         """
         if self.kind == _SPARSE_CE:
-            y = tf.reshape(tf.cast(y_true, "int64"), [-1])
             pred = tf.argmax(y_pred, axis=-1)
-            return tf.cast(tf.equal(pred, y), "float32")
+            y = tf.reshape(tf.cast(y_true, "int64"), tf.shape(pred))
+            return _whole_examples(tf.cast(tf.equal(pred, y), "float32"))
         if self.kind == _CE:
             pred = tf.argmax(y_pred, axis=-1)
             return tf.cast(tf.equal(pred, tf.argmax(y_true, axis=-1)), "float32")
@@ -95,16 +96,20 @@ class PerExampleLoss:
             cut = 0.0 if self.from_logits else 0.5
             pred = tf.cast(y_pred > cut, "float32")
             y = tf.cast(tf.cast(y_true, "float32") > 0.5, "float32")
-            same = tf.cast(tf.equal(pred, y), "float32")
-            rank = same.shape.rank
-            if rank is not None and rank > 1:
-                # Whole examples (subset accuracy): with one-hot targets over K
-                # outputs a member answering "no" to every label still agrees on
-                # (K-1)/K of them, and per-label agreement read such a collapsed
-                # member as fitting (docs/design.md#relative-fit).
-                same = tf.reduce_min(same, axis=list(range(1, rank)))
-            return same
+            # Whole examples (subset accuracy): with one-hot targets over K
+            # outputs a member answering "no" to every label still agrees on
+            # (K-1)/K of them, and per-label agreement read such a collapsed
+            # member as fitting (docs/design.md#relative-fit).
+            return _whole_examples(tf.cast(tf.equal(pred, y), "float32"))
         raise ValueError(f"fit_mask is undefined for loss kind {self.kind!r}")
+
+
+def _whole_examples(same):
+    """`(B,)`: 1.0 where every label of an example is right (`same` is `(B, ...)`)."""
+    rank = same.shape.rank
+    if rank is not None and rank > 1:
+        return tf.reduce_min(same, axis=list(range(1, rank)))
+    return same
 
 
 def _kind_of(name: str) -> str:

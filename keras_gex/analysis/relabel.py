@@ -121,8 +121,9 @@ def relabel(labels, pred_probs, noisy_mask, *, from_logits: bool = False) -> np.
     pred = np.asarray(pred_probs, dtype=np.float64)
     if pred.ndim != 2 or pred.shape[1] < 2:
         raise ValueError(
-            "Argument `pred_probs` must have shape (N, K) with K >= 2. "
-            f"Received: shape {pred.shape}"
+            "Argument `pred_probs` must have shape (N, K) with K >= 2: one class "
+            "distribution per example (per-position outputs, as a tagger's (N, T, K), are "
+            f"not relabeled). Received: shape {pred.shape}"
         )
     _check_pred_probs(pred, from_logits)
     n, k = pred.shape

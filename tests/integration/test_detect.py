@@ -366,3 +366,28 @@ def test_diagnostics_judge_the_cut_before_the_contradicted_label_cap(report):
     changed = dataclasses.replace(report, scores=scores, noisy_mask=capped, threshold_method="otsu")
     text = changed.diagnostics()
     assert any("otsu cut flags 67% of the rows" in w and "40%" in w for w in text)
+
+
+def test_tagger_with_labels_per_position():
+    """A `(N, T, K)` tagger with `(N, T)` labels, as `fit` takes them: sequences whose tags
+    were corrupted rank first, and a member's fit counts whole sequences."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    n, t, k = 400, 6, 3
+    x = rng.normal(size=(n, t, 4)).astype("float32")
+    tags = np.argmax(x[..., :k], -1)
+    noisy = rng.random(n) < 0.1
+    tags[noisy] = (tags[noisy] + rng.integers(1, k, size=(noisy.sum(), t))) % k
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((t, 4)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(k)]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, tags, epochs=20, batch_size=32, verbose=0)
+    report = keras_gex.detect_noisy((x, tags), model, num_members=2, seed=0, verbose=0)
+    assert roc_auc_score(noisy, report.scores) > 0.95
+    record = report.ensemble.record
+    whole = np.mean(np.all(np.argmax(model.predict(x, verbose=0), -1) == tags, axis=1))
+    assert abs(record.reference_stats.fit - whole) < 0.05  # evaluated on 384 of the 400 rows
+    assert record.chance_fit < 0.05  # the commonest whole tag sequence, not a first tag's class

@@ -233,6 +233,13 @@ def test_probability_problem():
         ("categorical_crossentropy", [[0.9, 0.1], [0.05, 0.95]], [[0.6, 0.4]] * 2, [1, 0]),
         ("binary_crossentropy", [[1], [0], [1]], [[0.7], [0.7], [0.2]], [1, 0, 0]),
         ("binary_crossentropy", [[1, 0], [1, 1]], [[0.8, 0.1], [0.8, 0.1]], [1, 0]),
+        # A tagger's labels per position: an example counts when every position is right.
+        (
+            "sparse_categorical_crossentropy",
+            [[0, 1], [0, 0]],
+            [[[0.9, 0.1], [0.2, 0.8]], [[0.9, 0.1], [0.2, 0.8]]],
+            [1, 0],
+        ),
     ],
 )
 def test_predicts_label_is_fit_mask_on_probabilities(kind, labels, probs, expected):
