@@ -137,6 +137,14 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.sum(a & b) / union)
 
 
+#: Loss kinds with a class per row (`PerExampleLoss.kind`).
+_CLASS_KINDS = (
+    "sparse_categorical_crossentropy",
+    "categorical_crossentropy",
+    "binary_crossentropy",
+)
+
+
 def _softmax(z):
     z = np.asarray(z, dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)
@@ -291,9 +299,9 @@ class NoisyLabelReport:
         Uses `ensemble_probs` when available, else θ*'s predictions.
         """
         given = self.given_labels()
-        probs = (self.ensemble_probs() if self._uses_ensemble("auto") else self.pred_probs()).copy()
-        if probs.ndim != 2 or probs.shape[1] < 2:
-            raise ValueError("Suggested labels need (N, K) class probabilities.")
+        probs = self._class_probs(
+            self.ensemble_probs() if self._uses_ensemble("auto") else self.pred_probs()
+        )
         out = given.astype(np.int64).copy()
         rows = np.flatnonzero(self.noisy_mask)
         probs[rows, given[rows]] = -np.inf
@@ -569,17 +577,53 @@ class NoisyLabelReport:
         return score_terms(self.score_method, self.deviations, self.member_losses)
 
     def predicted_labels(self) -> np.ndarray:
-        """θ*'s predicted class per row (argmax of `predictions`)."""
+        """θ*'s predicted class per row (the most likely class; 0/1 for one sigmoid output)."""
         if self.predictions is None:
             raise ValueError("This report holds no predictions.")
-        return np.argmax(self.predictions, axis=-1)
+        return np.argmax(self._class_probs(self.pred_probs()), axis=-1)
 
     def given_labels(self) -> np.ndarray:
-        """Given labels as class ids (argmax of one-hot labels)."""
+        """Given labels as class ids: sparse ids as they are, the arg-max of one-hot
+        labels, 0/1 for one sigmoid output.
+
+        Raises:
+            ValueError: Where a row has no single class (a regression, a
+                multi-label sigmoid output, a tagger's labels per position).
+        """
         labels = np.asarray(self.labels)
-        if labels.ndim == 2 and labels.shape[1] > 1:
+        self._one_class_per_row(labels)
+        if self.loss_kind == "binary_crossentropy":
+            return (labels.reshape(len(labels)).astype(np.float64) > 0.5).astype(np.int64)
+        if self.loss_kind == "categorical_crossentropy":
             return np.argmax(labels, axis=1)
         return labels.reshape(len(labels))
+
+    def _one_class_per_row(self, labels) -> None:
+        """Refuses class ids where a row of `labels` has none or several."""
+        if self.loss_kind not in _CLASS_KINDS:
+            raise ValueError(
+                f"Class ids need a classification loss; this model's loss kind is "
+                f"{self.loss_kind!r}."
+            )
+        if self.loss_kind == "categorical_crossentropy":
+            several = labels.ndim != 2  # one one-hot row per example
+        else:
+            several = labels[0].size != 1  # one id or one 0/1 label per example
+        if several:
+            raise ValueError(
+                f"Class ids need one class per row; these labels have shape {labels.shape} "
+                "(several labels per row: multi-label sigmoid outputs or labels per "
+                "position). Use the scores and `noisy_mask`, or `relabeled_targets()`."
+            )
+
+    def _class_probs(self, probs) -> np.ndarray:
+        """`(N, K)` class probabilities: one sigmoid output `p` as the two classes `(1 − p, p)`."""
+        self._one_class_per_row(np.asarray(self.labels))
+        probs = np.asarray(probs, dtype=np.float64)
+        if self.loss_kind == "binary_crossentropy":
+            p = probs.reshape(len(probs), 1)
+            return np.concatenate([1.0 - p, p], axis=1)
+        return probs.reshape(len(probs), -1).copy()
 
     def plot_gallery(self, images, *, k=16, class_names=None, image_shape=None, path=None):
         """The `k` most suspect images, captioned "given → suggested".

@@ -393,17 +393,13 @@ def _detect(args) -> None:
     if verbose:
         report.summary()
     np.save(os.path.join(args.out, "scores.npy"), report.scores)
-    given = report.given_labels()
-    predicted = report.predicted_labels()
-    suggested = report.suggested_labels()
+    labels = _label_columns(report)
     with open(os.path.join(args.out, "scores.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        header = ["index", report.score_method, "flagged", "given_label", "predicted_label"]
-        writer.writerow([*header, "suggested_label"])
+        writer.writerow(["index", report.score_method, "flagged", *labels])
         for i, score in enumerate(report.scores):
-            writer.writerow(
-                [i, f"{score:.6g}", int(report.noisy_mask[i]), given[i], predicted[i], suggested[i]]
-            )
+            columns = [values[i] for values in labels.values()]
+            writer.writerow([i, f"{score:.6g}", int(report.noisy_mask[i]), *columns])
     with open(os.path.join(args.out, "flagged.txt"), "w") as handle:
         handle.writelines(f"{i}\n" for i in report.noisy_indices)
     report.plot(path=os.path.join(args.out, "scores.png"))
@@ -417,6 +413,22 @@ def _detect(args) -> None:
         f"{report.num_flagged} of {len(report.scores)} examples flagged; results in {args.out}/ "
         "(scores.csv, scores.npy, flagged.txt, scores.png, report.html)"
     )
+
+
+def _label_columns(report) -> dict:
+    """`scores.csv`'s label columns: class ids where every row has one class.
+
+    A regression or a multi-label model has no class per row: its CSV holds
+    the scores and flags only.
+    """
+    try:
+        return {
+            "given_label": report.given_labels(),
+            "predicted_label": report.predicted_labels(),
+            "suggested_label": report.suggested_labels(),
+        }
+    except ValueError:
+        return {}
 
 
 if __name__ == "__main__":  # pragma: no cover

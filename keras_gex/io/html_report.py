@@ -6,8 +6,6 @@ import base64
 import html
 import io
 
-import numpy as np
-
 from keras_gex.io.plots import SCORE_LABELS, plot_gallery
 
 
@@ -40,11 +38,10 @@ def write_html_report(
     summary = report.summary(print_fn=None)
     score_name, formula = SCORE_LABELS[report.score_method]
     figures = [(score_name, _png(report.plot()), "")]
-    given = report.given_labels() if np.asarray(report.labels).ndim <= 2 else None
     try:
-        predicted = report.suggested_labels()
+        given, predicted = report.given_labels(), report.suggested_labels()
     except ValueError:
-        predicted = None  # no class probabilities (e.g. a regression loss)
+        given = predicted = None  # no class per row (a regression, multi-label outputs)
     if images is not None:
         try:
             gallery = plot_gallery(

@@ -269,6 +269,46 @@ def test_detect_reads_several_inputs_from_npz(tmp_path, monkeypatch, digits):
     assert (tmp_path / "gex_report" / "report.html").read_text().count("data:image/png") == 1
 
 
+@pytest.mark.parametrize("task", ["sigmoid", "regression"])
+def test_detect_on_a_sigmoid_classifier_and_a_regression(tmp_path, monkeypatch, digits, task):
+    """One sigmoid unit and 1-D labels: class ids 0/1 in scores.csv, a flagged row's suggestion
+    the other class. A regression has no class per row: scores and flags only."""
+    import csv
+
+    import keras
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    x = digits.x_train[:300]
+    y = (digits.y_train[:300] % 2).astype("float32")
+    loss = keras.losses.BinaryCrossentropy(from_logits=True) if task == "sigmoid" else "mse"
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile("adam", loss)
+    model.fit(x, y, epochs=30, verbose=0)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    args = ["detect", "model.keras", "data.npz", "--members", "2", "--steps", "20", "--quiet"]
+    assert main(args) == 0
+    with open(tmp_path / "gex_report" / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 300
+    if task == "regression":
+        assert set(rows[0]) == {"index", "member_loss", "flagged"}
+        return
+    given = np.array([int(r["given_label"]) for r in rows])
+    predicted = np.array([int(r["predicted_label"]) for r in rows])
+    suggested = np.array([int(r["suggested_label"]) for r in rows])
+    flagged = np.array([r["flagged"] == "1" for r in rows])
+    np.testing.assert_array_equal(given, y.astype(int))
+    logits = model.predict(x, verbose=0)[:, 0]
+    np.testing.assert_array_equal(predicted, (logits > 0).astype(int))  # two routes agree
+    assert flagged.any()
+    np.testing.assert_array_equal(suggested, np.where(flagged, 1 - given, given))
+
+
 def test_auto_or_number_arguments():
     from keras_gex.app.cli import _auto_or
 

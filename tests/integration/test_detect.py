@@ -391,3 +391,5 @@ def test_tagger_with_labels_per_position():
     whole = np.mean(np.all(np.argmax(model.predict(x, verbose=0), -1) == tags, axis=1))
     assert abs(record.reference_stats.fit - whole) < 0.05  # evaluated on 384 of the 400 rows
     assert record.chance_fit < 0.05  # the commonest whole tag sequence, not a first tag's class
+    with pytest.raises(ValueError, match="one class per row"):
+        report.given_labels()  # a tag per position: no class per row
