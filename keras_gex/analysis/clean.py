@@ -95,28 +95,44 @@ def compare_models(models: dict, test_data, *, print_fn=print) -> dict:
         print_fn: Where the Markdown table goes (None: nowhere). Defaults to `print`.
 
     Returns:
-        `{name: {"accuracy": float, "loss": float}}`.
+        `{name: {"accuracy": float, "loss": float}}`; accuracy is the share of rows
+        whose every label the model predicts (0/1 at ½ for sigmoid outputs), None
+        for a loss that is not classification.
     """
     from keras_gex.losses import resolve_loss
 
     if not isinstance(models, dict) or not models:
         raise ValueError("Argument `models` must be a non-empty dict {name: model}.")
     x, y = as_inputs(test_data[0]), np.asarray(test_data[1])
-    ids = np.argmax(y, axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(len(y))
     results = {}
     for name, model in models.items():
         outputs = np.asarray(model(x, training=False))
         loss = resolve_loss(model)
-        if loss.kind == "sparse_categorical_crossentropy":
-            y_for_loss = ids
-        elif loss.kind in ("categorical_crossentropy",) and y.ndim == 1:
-            y_for_loss = np.eye(outputs.shape[1], dtype=np.float32)[ids]
-        else:
-            y_for_loss = y
-        value = float(np.mean(np.asarray(loss(y_for_loss, outputs))))
-        results[name] = {"accuracy": float(np.mean(np.argmax(outputs, 1) == ids)), "loss": value}
+        labels = _labels_for(loss, y, outputs)
+        value = float(np.mean(np.asarray(loss(labels, outputs))))
+        accuracy = None
+        if loss.is_classification:  # the members' fit test: every label of a row right
+            accuracy = float(np.mean(np.asarray(loss.fit_mask(labels, outputs)), dtype=np.float64))
+        results[name] = {"accuracy": accuracy, "loss": value}
     if print_fn is not None:
         lines = ["| model | test accuracy | test loss |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v['accuracy']:.4f} | {v['loss']:.4f} |" for k, v in results.items()]
+        lines += [
+            f"| {k} | {'—' if v['accuracy'] is None else format(v['accuracy'], '.4f')} "
+            f"| {v['loss']:.4f} |"
+            for k, v in results.items()
+        ]
         print_fn("\n".join(lines))
     return results
+
+
+def _labels_for(loss, y, outputs) -> np.ndarray:
+    """`y` as the model's loss takes it: class ids for sparse cross-entropy, one-hot rows
+    for categorical, a last axis for `(N,)` labels against `(N, 1)` outputs."""
+    one_hot = y.ndim == outputs.ndim and y.shape[-1] == outputs.shape[-1] > 1
+    if loss.kind == "sparse_categorical_crossentropy":
+        return np.argmax(y, axis=-1) if one_hot else y
+    if loss.kind == "categorical_crossentropy" and not one_hot:
+        return np.eye(outputs.shape[-1], dtype=np.float32)[y.reshape(len(y)).astype(int)]
+    if y.ndim == outputs.ndim - 1 and outputs.shape[-1] == 1:
+        return y[..., None]
+    return y

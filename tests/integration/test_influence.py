@@ -190,3 +190,32 @@ def test_compare_models_before_after(trained_mlp, digits):
     assert "| trained |" in lines[0]
     with pytest.raises(ValueError, match="non-empty dict"):
         keras_gex.compare_models({}, (digits.x_test, digits.y_test))
+
+
+def test_compare_models_on_one_sigmoid_output_and_a_regression(digits):
+    """`(N,)` 0/1 labels against one sigmoid unit: accuracy at ½, as `fit` would count it; a
+    regression has a test loss and no accuracy."""
+    import keras
+
+    parity = (digits.y_train % 2).astype("float32")
+    keras.utils.set_random_seed(0)
+    models = {}
+    for name, loss in (("sigmoid", "binary_crossentropy"), ("regression", "mse")):
+        model = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dense(1, activation="sigmoid" if name == "sigmoid" else None),
+            ]
+        )
+        model.compile("adam", loss)
+        model.fit(digits.x_train, parity, epochs=5, verbose=0)
+        models[name] = model
+    test_parity = (digits.y_test % 2).astype("float32")
+    lines = []
+    out = keras_gex.compare_models(models, (digits.x_test, test_parity), print_fn=lines.append)
+    probs = np.asarray(models["sigmoid"](digits.x_test))[:, 0]
+    assert out["sigmoid"]["accuracy"] == np.mean((probs > 0.5) == (test_parity == 1))
+    assert out["sigmoid"]["accuracy"] > 0.8
+    assert out["regression"]["accuracy"] is None and out["regression"]["loss"] > 0
+    assert "| regression | — |" in lines[0]
