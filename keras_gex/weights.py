@@ -9,12 +9,14 @@ import numpy as np
 
 
 def stateless_call(model, trainable, non_trainable, *args, training=None, **kwargs):
-    """`model.stateless_call`, passing `training=` only to a `call()` that declares it.
+    """`model.stateless_call` with `training=` as `fit` gives it, whatever `call()` declares.
 
-    `Layer.__call__` passes `training` only to a `call()` that takes it, so
-    `fit` trains a subclassed model written `call(self, x)`; `stateless_call`
-    hands its keyword arguments to `call()` as they are, which such a model
-    refuses. The same rule here runs every model `fit` runs.
+    `Layer.__call__` passes `training` only to a `call()` that takes it, and
+    sets it for the layers inside through Keras' call context, so `fit` trains
+    a subclassed model written `call(self, x)` with its dropout and BatchNorm
+    in training mode. `stateless_call` hands keyword arguments to `call()` as
+    they are, which such a model refuses; it is run through `model(...)` in a
+    `keras.StatelessScope` instead, the same state mapping `stateless_call` uses.
 
     >>> import keras
     >>> class Summing(keras.Model):
@@ -30,9 +32,22 @@ def stateless_call(model, trainable, non_trainable, *args, training=None, **kwar
     >>> np.asarray(out).tolist()
     [[2.0]]
     """
-    if training is not None and _takes_training(model):
-        kwargs["training"] = training
-    return model.stateless_call(trainable, non_trainable, *args, **kwargs)
+    if training is None or _takes_training(model):
+        if training is not None:
+            kwargs["training"] = training
+        return model.stateless_call(trainable, non_trainable, *args, **kwargs)
+    import keras
+
+    return_losses = kwargs.pop("return_losses", False)
+    mapping = [*zip(model.trainable_variables, trainable)]
+    mapping += zip(model.non_trainable_variables, non_trainable)
+    with keras.StatelessScope(state_mapping=mapping, collect_losses=return_losses) as scope:
+        outputs = model(*args, training=training, **kwargs)
+        losses = model.losses if return_losses else None
+    new_non_trainable = [scope.get_current_value(v) for v in model.non_trainable_variables]
+    if return_losses:
+        return outputs, new_non_trainable, losses
+    return outputs, new_non_trainable
 
 
 def _takes_training(model) -> bool:

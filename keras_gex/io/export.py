@@ -47,7 +47,7 @@ class _ExportedScorer(tf.Module):
                 "predictions": ref_pred,
             }
 
-        self.score = tf.function(score, input_signature=[x_spec, y_spec])
+        self.score = tf.function(score, input_signature=[x_spec, y_spec], autograph=False)
 
 
 def _default_label_spec(ensemble):

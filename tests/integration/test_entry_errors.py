@@ -256,3 +256,48 @@ def test_string_labels_refused(data, no_fine_tuning):
         keras_gex.GeometricEnsemble.collect(
             _sigmoid_mlp(), (x, np.where(y % 2 == 1, "a", "b")), **SETTINGS
         )
+
+
+class _Twin(keras.Model):
+    """Dense - BatchNorm - Dropout - Dense; `call` with or without `training`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(32, activation="relu")
+        self.norm = keras.layers.BatchNormalization()
+        self.drop = keras.layers.Dropout(0.3)
+        self.out = keras.layers.Dense(10)
+
+
+class DeclaresTraining(_Twin):
+    def call(self, x, training=None):
+        return self.out(self.drop(self.norm(self.hidden(x), training=training), training=training))
+
+
+class OmitsTraining(_Twin):
+    def call(self, x):  # training reaches the layers through Keras' call context
+        return self.out(self.drop(self.norm(self.hidden(x))))
+
+
+def test_call_without_training_fine_tunes_as_fit_trains_it(data):
+    """Two routes agree: a `call()` without `training` gives the members, BatchNorm statistics
+    and dropout of the same model written with it."""
+    x, y = data
+    keras.utils.set_random_seed(0)
+    trained = DeclaresTraining()
+    trained.compile("adam", SCE(from_logits=True))
+    trained.fit(x, y, epochs=3, verbose=0)
+    twin = OmitsTraining()
+    twin(x[:1])
+    twin.set_weights(trained.get_weights())
+    twin.compile("adam", SCE(from_logits=True))
+    reports = []
+    for model in (trained, twin):
+        reports.append(
+            keras_gex.detect_noisy(
+                (x, y), model, num_members=2, steps=10, learning_rate=0.1, seed=0, verbose=0
+            )
+        )
+    np.testing.assert_array_equal(reports[1].reference_losses, reports[0].reference_losses)
+    np.testing.assert_array_equal(reports[1].member_losses, reports[0].member_losses)
+    assert not np.array_equal(reports[0].member_losses[:, 0], reports[0].reference_losses)
