@@ -34,6 +34,8 @@ class _ExportedScorer(tf.Module):
 
         def score(x, y):
             ref_pred, _ = stateless_call(model, self._ref_t, self._ref_n, x, training=False)
+            if y_spec.shape.rank is None:  # one sigmoid output: (N,) or (N, 1) labels
+                y = tf.reshape(y, tf.shape(ref_pred))
             ref_loss = loss(y, ref_pred)
             losses = [
                 loss(y, stateless_call(model, tv, ntv, x, training=False)[0])
@@ -56,6 +58,8 @@ def _default_label_spec(ensemble):
         return tf.TensorSpec([None], tf.int64, name="y")
     if out is None:
         raise ValueError("Pass `label_spec=`: the model has no symbolic output shape.")
+    if tuple(out.shape[1:]) == (1,):  # labels as `fit` takes them, (N,) or (N, 1)
+        return tf.TensorSpec(None, tf.float32, name="y")
     return tf.TensorSpec([None, *out.shape[1:]], tf.float32, name="y")
 
 
@@ -68,7 +72,8 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None) -> str:
         input_spec: `tf.TensorSpec` of an input batch. Defaults to `None`
             (the model's input with a free batch dimension).
         label_spec: `tf.TensorSpec` of a label batch. Defaults to `None`
-            (int64 class ids for sparse cross-entropy, otherwise float32
+            (int64 class ids for sparse cross-entropy; float32 labels `(N,)` or
+            `(N, 1)` for one output unit, as `fit` takes them; otherwise float32
             shaped like the model's output).
 
     Returns:

@@ -52,3 +52,22 @@ def test_export_validates_specs(digits_ensemble, tmp_path):
     spec = tf.TensorSpec([None, 64], tf.float32)
     export_scorer(digits_ensemble, tmp_path / "s2", input_spec=spec)
     assert (tmp_path / "s2" / "saved_model.pb").exists()
+
+
+def test_exported_scorer_of_one_sigmoid_unit_takes_labels_as_fit_does(digits, tmp_path):
+    """(N,) and (N, 1) labels both score, to the ensemble's own deviations."""
+    import keras
+
+    x, parity = digits.x_train[:200], (digits.y_train[:200] % 2).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(1)])
+    model.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True))
+    model.fit(x, parity, epochs=5, verbose=0)
+    ensemble = keras_gex.GeometricEnsemble.collect(
+        model, (x, parity), num_members=2, steps=10, learning_rate=0.1, seed=0, verbose=0
+    )
+    scorer = tf.saved_model.load(export_scorer(ensemble, tmp_path / "scorer"))
+    expected = ensemble.deviations((x, parity), verbose=0).deviations
+    for labels in (parity, parity[:, None]):
+        got = scorer.score(tf.constant(x), tf.constant(labels))["deviations"].numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
