@@ -78,9 +78,10 @@ class PerExampleLoss:
     def fit_mask(self, y_true, y_pred):
         """Per-example 1.0 if the prediction gets the label(s) right, else 0.0 (float32, (B,)).
 
-        For multi-label (binary cross-entropy) outputs and for sparse labels
-        per position (a tagger's `(B, T)` labels against `(B, T, K)` outputs) an
-        example counts only when every one of its labels is right.
+        For multi-label (binary cross-entropy) outputs and for labels per
+        position (a tagger's `(B, T)` ids or `(B, T, K)` one-hot rows against
+        `(B, T, K)` outputs) an example counts only when every one of its labels
+        is right.
 
         Only defined for classification losses; used to judge how far a
         fine-tuned member has left the memorising basin.
@@ -91,7 +92,7 @@ class PerExampleLoss:
             return _whole_examples(tf.cast(tf.equal(pred, y), "float32"))
         if self.kind == _CE:
             pred = tf.argmax(y_pred, axis=-1)
-            return tf.cast(tf.equal(pred, tf.argmax(y_true, axis=-1)), "float32")
+            return _whole_examples(tf.cast(tf.equal(pred, tf.argmax(y_true, axis=-1)), "float32"))
         if self.kind == _BCE:
             cut = 0.0 if self.from_logits else 0.5
             pred = tf.cast(y_pred > cut, "float32")

@@ -240,6 +240,12 @@ def test_probability_problem():
             [[[0.9, 0.1], [0.2, 0.8]], [[0.9, 0.1], [0.2, 0.8]]],
             [1, 0],
         ),
+        (
+            "categorical_crossentropy",
+            [[[1, 0], [0, 1]], [[1, 0], [1, 0]]],
+            [[[0.9, 0.1], [0.2, 0.8]], [[0.9, 0.1], [0.2, 0.8]]],
+            [1, 0],
+        ),
     ],
 )
 def test_predicts_label_is_fit_mask_on_probabilities(kind, labels, probs, expected):
