@@ -155,6 +155,20 @@ def _output_shape(model, input_spec) -> tuple | None:
     return tuple(outputs[0].shape) if len(outputs) == 1 else None
 
 
+def lacks_output_axis(label_rank, out_shape) -> bool:
+    """Whether labels of rank `label_rank` are one axis short of outputs of shape
+    `out_shape` whose last axis has size 1, which Keras' losses read as that axis.
+
+    >>> lacks_output_axis(1, (None, 1)), lacks_output_axis(2, (None, 1))
+    (True, False)
+    >>> lacks_output_axis(1, (None, 3)), lacks_output_axis(1, None)
+    (False, False)
+    """
+    if out_shape is None or len(out_shape) < 2 or out_shape[-1] != 1:
+        return False
+    return label_rank == len(out_shape) - 1
+
+
 class DataSource:
     """A validated `(x, y)` data source.
 
@@ -269,16 +283,14 @@ class DataSource:
         relabeled targets) then sees labels of the outputs' shape.
         """
         out_shape = _output_shape(model, self.element_spec[0])
-        if out_shape is None or len(out_shape) < 2 or out_shape[-1] != 1:
-            return
         if self._arrays is not None:
             x, y = self._arrays
-            if y.ndim == len(out_shape) - 1:
+            if lacks_output_axis(y.ndim, out_shape):
                 self._arrays = (x, y[..., None])
-            return
-        label_spec = self._dataset.element_spec[1]
-        if getattr(label_spec.shape, "rank", None) == len(out_shape) - 1:
-            self._dataset = self._dataset.map(lambda x, y: (x, tf.expand_dims(y, -1)))
+        else:
+            rank = getattr(getattr(self._dataset.element_spec[1], "shape", None), "rank", None)
+            if lacks_output_axis(rank, out_shape):
+                self._dataset = self._dataset.map(lambda x, y: (x, tf.expand_dims(y, -1)))
 
     def _check_batched(self, model) -> None:
         """Refuses unbatched datasets by comparing ranks with the model input."""

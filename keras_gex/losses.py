@@ -18,7 +18,8 @@ import tensorflow as tf
 _SPARSE_CE = "sparse_categorical_crossentropy"
 _CE = "categorical_crossentropy"
 _BCE = "binary_crossentropy"
-_CLASSIFICATION_KINDS = (_SPARSE_CE, _CE, _BCE)
+#: The loss kinds with classes (`PerExampleLoss.kind`).
+CLASSIFICATION_KINDS = (_SPARSE_CE, _CE, _BCE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ class PerExampleLoss:
 
     @property
     def is_classification(self) -> bool:
-        return self.kind in _CLASSIFICATION_KINDS
+        return self.kind in CLASSIFICATION_KINDS
 
     def label_classes(self, y_true) -> np.ndarray:
         """The given labels as class ids, one row per example (classification only).
@@ -115,7 +116,7 @@ def _whole_examples(same):
 
 def _kind_of(name: str) -> str:
     name = name.lower()
-    for kind in _CLASSIFICATION_KINDS:
+    for kind in CLASSIFICATION_KINDS:
         if name in (kind, "".join(p.capitalize() for p in kind.split("_")).lower()):
             return kind
     return "other"

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from keras_gex import _validation
 from keras_gex.analysis.prune import select
-from keras_gex.data import as_inputs, num_rows
+from keras_gex.data import as_inputs, lacks_output_axis, num_rows
 
 
 def clean(
@@ -133,6 +133,4 @@ def _labels_for(loss, y, outputs) -> np.ndarray:
         return np.argmax(y, axis=-1) if one_hot else y
     if loss.kind == "categorical_crossentropy" and not one_hot:
         return np.eye(outputs.shape[-1], dtype=np.float32)[y.reshape(len(y)).astype(int)]
-    if y.ndim == outputs.ndim - 1 and outputs.shape[-1] == 1:
-        return y[..., None]
-    return y
+    return y[..., None] if lacks_output_axis(y.ndim, outputs.shape) else y

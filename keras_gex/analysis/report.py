@@ -13,6 +13,7 @@ from keras_gex.collection.frozen import layer_list
 from keras_gex.collection.step_size import MEMORISED_FIT, relative_fit
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
+from keras_gex.losses import CLASSIFICATION_KINDS
 
 
 def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray:
@@ -135,14 +136,6 @@ class Uncertainty:
 def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
     union = np.sum(a | b)
     return 1.0 if union == 0 else float(np.sum(a & b) / union)
-
-
-#: Loss kinds with a class per row (`PerExampleLoss.kind`).
-_CLASS_KINDS = (
-    "sparse_categorical_crossentropy",
-    "categorical_crossentropy",
-    "binary_crossentropy",
-)
 
 
 def _softmax(z):
@@ -600,7 +593,7 @@ class NoisyLabelReport:
 
     def _one_class_per_row(self, labels) -> None:
         """Refuses class ids where a row of `labels` has none or several."""
-        if self.loss_kind not in _CLASS_KINDS:
+        if self.loss_kind not in CLASSIFICATION_KINDS:
             raise ValueError(
                 f"Class ids need a classification loss; this model's loss kind is "
                 f"{self.loss_kind!r}."
