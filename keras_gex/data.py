@@ -113,6 +113,23 @@ def _refuse_label_per_output(name: str, y, num_examples: int) -> None:
         raise ValueError(_per_output_message(name, len(parts)))
 
 
+def sole_label(y):
+    """The label array of `y` given as a dict or list of one, for one named output.
+
+    `fit` takes `{"label": y}` (or `[y]`) for a model whose one output is
+    named (`keras.Model(x, {"label": logits})`); a list holding one example's
+    label (`[3]`) stays a list of labels.
+
+    >>> sole_label({"label": [0, 1]}), sole_label([np.zeros(2)]), sole_label([3])
+    ([0, 1], array([0., 0.]), [3])
+    """
+    if isinstance(y, dict) and len(y) == 1:
+        return next(iter(y.values()))
+    if isinstance(y, (list, tuple)) and len(y) == 1 and np.ndim(y[0]) >= 1:
+        return y[0]
+    return y
+
+
 def _sample_weight_message(name: str, instead: str) -> str:
     """Why `(x, y, sample_weight)` is refused, and what to pass instead."""
     return (
@@ -207,7 +224,7 @@ class DataSource:
                 f"Argument `{self.name}` must be a pair `(x, y)`; labels are "
                 f"required to compute losses. Received a sequence of {len(data)} items."
             )
-        x, y = as_inputs(data[0]), np.asarray(data[1])
+        x, y = as_inputs(data[0]), np.asarray(sole_label(data[1]))
         if not tf.nest.flatten(x):
             raise ValueError(f"Argument `{self.name}`: `x` holds no input arrays.")
         leaves = [*input_leaves(x), ("y", y)]
@@ -220,6 +237,7 @@ class DataSource:
                     f"example (`x` may also be a dict, tuple or list of such arrays). "
                     f"Received: {label}={arr!r}"
                 )
+        for label, arr in leaves:
             if len(arr) != len(y):
                 raise ValueError(
                     f"Argument `{self.name}`: `{label}` and `y` must have the same number of "
@@ -255,6 +273,8 @@ class DataSource:
         labels = tf.nest.flatten(spec[1])
         if len(labels) > 1:
             raise ValueError(_per_output_message(self.name, len(labels)))
+        if labels and not isinstance(spec[1], tf.TypeSpec):  # {"label": y} or (y,)
+            ds = ds.map(lambda x, y: (x, tf.nest.flatten(y)[0]))
         card = int(ds.cardinality())
         if card == tf.data.INFINITE_CARDINALITY:
             raise ValueError(

@@ -409,7 +409,8 @@ class GeometricEnsemble:
             size = _validation.positive_int("batch_size", size)
             inputs = tf.data.Dataset.from_tensor_slices(arrays).batch(size)
         fn = self._get_scorer().mean_probabilities_for(inputs.element_spec)
-        bar = keras.utils.Progbar(None, unit_name="example") if verbose else None
+        total = None if isinstance(x, tf.data.Dataset) else num_rows(arrays)
+        bar = keras.utils.Progbar(total, unit_name="example") if verbose else None
         out, seen = [], 0
         for batch in inputs:
             out.append(fn(batch).numpy())

@@ -128,14 +128,15 @@ def resolve_loss(model: keras.Model, loss=None) -> PerExampleLoss:
     Args:
         model: The trained model. Its compiled loss is used when `loss` is None.
         loss: A `keras.losses.Loss`, a loss name, or a callable
-            `(y_true, y_pred) -> per-example values`. Defaults to `None`.
+            `(y_true, y_pred) -> per-example values`; a dict or list of one
+            such loss (a named output's) is that loss. Defaults to `None`.
 
     Returns:
         A `PerExampleLoss`.
 
     Raises:
-        ValueError: If no loss is available, or the loss is a dict/list
-            (multi-output models are not supported).
+        ValueError: If no loss is available, or the loss is a dict/list of
+            several (multi-output models are not supported).
     """
     if loss is None:
         loss = getattr(model, "loss", None)
@@ -144,9 +145,13 @@ def resolve_loss(model: keras.Model, loss=None) -> PerExampleLoss:
             "The model is not compiled with a loss and no `loss=` was given. "
             "Call `model.compile(loss=...)` or pass `loss=` explicitly."
         )
+    if isinstance(loss, (dict, list, tuple)) and len(loss) == 1:
+        # `compile(loss={"label": ...})` (or `[...]`) for one named output: that loss
+        loss = next(iter(loss.values())) if isinstance(loss, dict) else loss[0]
     if isinstance(loss, (dict, list, tuple)):
         raise ValueError(
-            f"keras_gex supports a single loss for a single-output model. Received: loss={loss!r}"
+            "keras_gex supports a single loss for a single-output model. Received "
+            f"{len(loss)} losses: loss={loss!r}"
         )
     if isinstance(loss, str):
         loss = keras.losses.get(loss)

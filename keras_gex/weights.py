@@ -35,7 +35,8 @@ def stateless_call(model, trainable, non_trainable, *args, training=None, **kwar
     if training is None or _takes_training(model):
         if training is not None:
             kwargs["training"] = training
-        return model.stateless_call(trainable, non_trainable, *args, **kwargs)
+        outputs, *rest = model.stateless_call(trainable, non_trainable, *args, **kwargs)
+        return (sole_output(outputs), *rest)
     import keras
 
     return_losses = kwargs.pop("return_losses", False)
@@ -45,9 +46,26 @@ def stateless_call(model, trainable, non_trainable, *args, training=None, **kwar
         outputs = model(*args, training=training, **kwargs)
         losses = model.losses if return_losses else None
     new_non_trainable = [scope.get_current_value(v) for v in model.non_trainable_variables]
+    outputs = sole_output(outputs)
     if return_losses:
         return outputs, new_non_trainable, losses
     return outputs, new_non_trainable
+
+
+def sole_output(outputs):
+    """The one output of a model that returns it named or in a list of one.
+
+    A functional model built `keras.Model(x, {"label": logits})` (or `[logits]`)
+    is a single-output model whose call returns a dict (list) of one tensor;
+    every computation here takes the tensor itself. Anything else is returned
+    as it is.
+
+    >>> sole_output({"label": 1.0}), sole_output([2.0]), sole_output(3.0)
+    (1.0, 2.0, 3.0)
+    """
+    if isinstance(outputs, (dict, list, tuple)) and len(outputs) == 1:
+        return next(iter(outputs.values())) if isinstance(outputs, dict) else outputs[0]
+    return outputs
 
 
 def _takes_training(model) -> bool:

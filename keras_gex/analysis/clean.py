@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from keras_gex import _validation
 from keras_gex.analysis.prune import select
-from keras_gex.data import as_inputs, lacks_output_axis, num_rows
+from keras_gex.data import as_inputs, lacks_output_axis, num_rows, sole_label
+from keras_gex.weights import sole_output
 
 
 def clean(
@@ -103,10 +104,10 @@ def compare_models(models: dict, test_data, *, print_fn=print) -> dict:
 
     if not isinstance(models, dict) or not models:
         raise ValueError("Argument `models` must be a non-empty dict {name: model}.")
-    x, y = as_inputs(test_data[0]), np.asarray(test_data[1])
+    x, y = as_inputs(test_data[0]), np.asarray(sole_label(test_data[1]))
     results = {}
     for name, model in models.items():
-        outputs = np.asarray(model(x, training=False))
+        outputs = np.asarray(sole_output(model(x, training=False)))
         loss = resolve_loss(model)
         labels = _labels_for(loss, y, outputs)
         value = float(np.mean(np.asarray(loss(labels, outputs))))

@@ -15,7 +15,7 @@ from keras_gex.collection.local import FineTuner
 from keras_gex.data import DataSource, take_rows
 from keras_gex.loss_checks import check_per_example
 from keras_gex.losses import resolve_loss
-from keras_gex.weights import stateless_call
+from keras_gex.weights import sole_output, stateless_call
 
 _SCORE_BATCH_SIZE = 1024
 
@@ -50,10 +50,10 @@ def loss_scores(
     source.check_against_model(model)
     source.check_ordered()
     x0, y0 = source.first_batch()
-    check_per_example(per_example, y0, model(x0, training=False))
+    check_per_example(per_example, y0, sole_output(model(x0, training=False)))
 
     def step(x, y):
-        return per_example(y, model(x, training=False))
+        return per_example(y, sole_output(model(x, training=False)))
 
     fn = compiled(step, input_signature=list(free_batch(source.element_spec)))
     return _collect(source, lambda x, y: fn(x, y).numpy(), "model's loss", verbose)
@@ -260,7 +260,7 @@ def el2n_scores(
         if tuner.has_batchnorm and bn_batches > 0:
             batches = iter(source.shuffled(min(batch_size, n), seed + r))
             tuner.refresh_batchnorm(batches, bn_batches)
-        out_shape = tuple(model(take_rows(x, slice(0, 1)), training=False).shape[1:])
+        out_shape = tuple(sole_output(model(take_rows(x, slice(0, 1)), training=False)).shape[1:])
         sparse = _uses_class_ids(y, per_example.kind, out_shape)
         activation = "identity"
         if per_example.from_logits:

@@ -301,3 +301,48 @@ def test_call_without_training_fine_tunes_as_fit_trains_it(data):
     np.testing.assert_array_equal(reports[1].reference_losses, reports[0].reference_losses)
     np.testing.assert_array_equal(reports[1].member_losses, reports[0].member_losses)
     assert not np.array_equal(reports[0].member_losses[:, 0], reports[0].reference_losses)
+
+
+def _named_output_twins(data):
+    """One trained network as a plain model and as one that returns `{"digit": logits}`
+    (compiled with `{"digit": loss}`), sharing every layer."""
+    x, y = data
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    logits = keras.layers.Dense(10)(keras.layers.Dense(16, activation="relu")(inputs))
+    plain = keras.Model(inputs, logits)
+    plain.compile("adam", SCE(from_logits=True))
+    plain.fit(x, y, epochs=3, verbose=0)
+    named = keras.Model(inputs, {"digit": logits})
+    named.compile("adam", {"digit": SCE(from_logits=True)})
+    return plain, named
+
+
+def test_one_named_output_scores_as_the_plain_output(data):
+    """A model built `keras.Model(x, {"digit": logits})` is a single-output model: with its
+    labels as `fit` takes them (`{"digit": y}`, `[y]` or `y`, arrays or a dataset) it gets the
+    members and scores of the same network returning the logits themselves."""
+    x, y = data
+    plain, named = _named_output_twins(data)
+    settings = dict(num_members=2, steps=10, learning_rate=0.1, seed=0, verbose=0)
+    expected = keras_gex.detect_noisy((x, y), plain, **settings)
+    for labels in ({"digit": y}, [y], y):
+        report = keras_gex.detect_noisy((x, labels), named, **settings)
+        np.testing.assert_array_equal(report.reference_losses, expected.reference_losses)
+        np.testing.assert_array_equal(report.member_losses, expected.member_losses)
+    streamed = tf.data.Dataset.from_tensor_slices((x, {"digit": y})).batch(32)
+    report = keras_gex.detect_noisy(streamed, named, **settings)
+    np.testing.assert_array_equal(report.member_losses, expected.member_losses)
+    np.testing.assert_array_equal(report.ensemble.predict(x), expected.ensemble.predict(x))
+    np.testing.assert_array_equal(
+        keras_gex.baselines.loss_scores(named, (x, {"digit": y}), verbose=0),
+        keras_gex.baselines.loss_scores(plain, (x, y), verbose=0),
+    )
+    named_table = keras_gex.compare_models({"m": named}, (x, {"digit": y}), print_fn=None)
+    assert named_table == keras_gex.compare_models({"m": plain}, (x, y), print_fn=None)
+
+
+def test_labels_of_no_example_refused_as_such(data, no_fine_tuning):
+    x, _ = data
+    with pytest.raises(ValueError, match=r"`y` must be an array with one row per example"):
+        keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), (x, {"a": 1, "b": 2}), **SETTINGS)
