@@ -33,8 +33,9 @@ class GEXCollector(keras.callbacks.Callback):
     ```
 
     Args:
-        train_data: The training data, as `(x, y)` arrays or a
-            `tf.data.Dataset` of `(x, y)` batches (the same data given to fit).
+        train_data: The training data, as `(x, y)` arrays, a `tf.data.Dataset`
+            of `(x, y)` batches or a `keras.utils.PyDataset` (the same data
+            given to fit).
         config: A `CollectionConfig` (the fine-tuning settings). Defaults to
             `None` (the defaults).
         loss: Loss to use instead of the compiled one. Defaults to `None`.

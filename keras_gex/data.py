@@ -1,7 +1,8 @@
 """Turn what `model.fit` accepts into ordered, batched, validated streams.
 
 `DataSource` wraps either a tuple of arrays `(x, y)` or a `tf.data.Dataset`
-of `(x, y)` batches and offers two views of it. `x` may be one array or, for
+of `(x, y)` batches (a `keras.utils.PyDataset` is read as one) and offers two
+views of it. `x` may be one array or, for
 a multi-input model, a dict, tuple or list of arrays (as `model.fit` takes it):
 
 * `ordered()`: every example exactly once, in dataset order (for scoring);
@@ -14,6 +15,8 @@ dataset that reshuffles on every iteration is refused for scoring.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import tensorflow as tf
 
@@ -21,6 +24,72 @@ from keras_gex import _validation
 
 DEFAULT_BATCH_SIZE = 256
 _SHUFFLE_BUFFER = 10_000
+
+
+def from_py_dataset(data, name: str = "data") -> tf.data.Dataset:
+    """A `keras.utils.PyDataset` as a `tf.data.Dataset` of its batches in index order.
+
+    `fit` takes a `PyDataset` (`__len__` batches, `data[i]` the i-th `(x, y)`
+    batch); GEX reads it as a dataset of `data[0], data[1], ...`, so scores
+    follow that order. Each batch's shapes past the batch axis must be the
+    first batch's; float64 arrays are read as float32, as array inputs are.
+    """
+    try:
+        count = data.num_batches
+    except NotImplementedError:
+        count = None
+    if count is None:
+        raise ValueError(
+            f"Argument `{name}` is a `PyDataset` without a length (`num_batches` is None); "
+            "GEX scores every example once. Give it a `__len__`."
+        )
+    if count == 0:
+        raise ValueError(f"Argument `{name}` is empty: it has no examples.")
+
+    def batch(i):
+        item = data[i]
+        if isinstance(item, (tuple, list)) and len(item) == 3:
+            raise ValueError(_sample_weight_message(name, "`(x, y)` batches from `__getitem__`"))
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(
+                f"Argument `{name}`: `__getitem__` must return `(x, y)` batches; labels are "
+                f"required to compute losses. Received: {type(item).__name__}"
+            )
+        return tf.nest.map_structure(_float32_array, tuple(item))
+
+    first = batch(0)
+    spec = tf.nest.map_structure(
+        lambda a: tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)), first
+    )
+    ds = tf.data.Dataset.from_generator(
+        lambda: (batch(i) for i in range(count)), output_signature=spec
+    )
+    return ds.apply(tf.data.experimental.assert_cardinality(count))
+
+
+def _float32_array(value) -> np.ndarray:
+    array = np.asarray(value)
+    return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def standard(data, name: str = "data"):
+    """`data` as `(x, y)` or a `tf.data.Dataset`: a `PyDataset` becomes a dataset.
+
+    Refuses what can be read only once (a generator or iterator), with what to
+    pass instead.
+    """
+    import keras
+
+    if isinstance(data, keras.utils.PyDataset):
+        return from_py_dataset(data, name)
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"Argument `{name}` is a {type(data).__name__}, which can be read only once; GEX "
+            "reads the data several times (fine-tuning, then scoring in order). Pass "
+            "`tf.data.Dataset.from_generator(make_batches, output_signature=...)`, a "
+            "`keras.utils.PyDataset`, or `(x, y)` arrays."
+        )
+    return data
 
 
 def _dataset_nodes(ds: tf.data.Dataset):
@@ -204,14 +273,15 @@ class DataSource:
             self.batch_size = _validation.positive_int("batch_size", batch_size)
         self._arrays = None
         self._dataset = None
+        data = standard(data, name)
         if isinstance(data, tf.data.Dataset):
             self._init_dataset(data)
         elif isinstance(data, (tuple, list)):
             self._init_arrays(data)
         else:
             raise TypeError(
-                f"Argument `{name}` must be a tuple `(x, y)` of arrays or a "
-                "`tf.data.Dataset` of `(x, y)` batches. "
+                f"Argument `{name}` must be a tuple `(x, y)` of arrays, a "
+                "`tf.data.Dataset` of `(x, y)` batches or a `keras.utils.PyDataset`. "
                 f"Received: {name} of type {type(data).__name__}"
             )
 

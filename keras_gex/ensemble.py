@@ -23,6 +23,7 @@ from keras_gex.data import (
     as_inputs,
     num_rows,
     reshuffles_each_iteration,
+    standard,
 )
 from keras_gex.io import persistence
 from keras_gex.loss_checks import check_first_batch
@@ -121,8 +122,8 @@ class GeometricEnsemble:
 
         Args:
             model: A trained, built Keras model.
-            train_data: Its training data: `(x, y)` arrays or a `tf.data.Dataset`
-                of `(x, y)` batches.
+            train_data: Its training data: `(x, y)` arrays, a `tf.data.Dataset`
+                of `(x, y)` batches or a `keras.utils.PyDataset`.
             config: A `CollectionConfig` (the fine-tuning settings). Defaults
                 to `None` (the defaults).
             loss: Loss to use instead of the compiled one. Defaults to `None`.
@@ -392,6 +393,7 @@ class GeometricEnsemble:
                 f"loss; this ensemble's loss kind is {self.loss.kind!r}."
             )
         verbose = _validation.verbose_level(verbose)
+        data = standard(data)
         x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 else data
         if isinstance(x, tf.data.Dataset):
             spec = x.element_spec

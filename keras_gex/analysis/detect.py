@@ -34,9 +34,9 @@ def detect_noisy(
     """Scores every training example by its GE members' losses and flags outliers.
 
     Args:
-        train_data: `(x, y)` arrays or a `tf.data.Dataset` of `(x, y)` batches,
-            in the order the scores should have (a dataset that reshuffles on
-            every iteration is refused).
+        train_data: `(x, y)` arrays, a `tf.data.Dataset` of `(x, y)` batches or a
+            `keras.utils.PyDataset`, in the order the scores should have (a
+            dataset that reshuffles on every iteration is refused).
         ensemble: A `GeometricEnsemble` (e.g. `collector.ensemble`), or a
             trained `keras.Model`, in which case the ensemble is collected
             post hoc from `train_data` with `config` and `collect_kwargs`.

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
-from keras_gex.data import as_inputs, num_rows
+from keras_gex.data import as_inputs, num_rows, standard
 
 
 @dataclasses.dataclass
@@ -53,15 +53,17 @@ class PruneResult:
 def select(data, mask: np.ndarray, *, batch_size: int | None = None):
     """Rows of `data` where `mask` is True (arrays or a batched dataset)."""
     mask = np.asarray(mask, dtype=bool)
+    data = standard(data)
     if isinstance(data, (tuple, list)):
-        x, y = as_inputs(data[0]), np.asarray(data[1])
+        x, y = as_inputs(data[0]), data[1]
+        y = {k: np.asarray(v) for k, v in y.items()} if isinstance(y, dict) else np.asarray(y)
         if num_rows(x) != len(mask):
             raise ValueError(f"The data has {num_rows(x)} examples but the mask has {len(mask)}.")
-        return tf.nest.map_structure(lambda a: a[mask], x), y[mask]
+        return tf.nest.map_structure(lambda a: a[mask], (x, y))
     if not isinstance(data, tf.data.Dataset):
         raise TypeError(
-            "Argument `data` must be a tuple `(x, y)` or a `tf.data.Dataset`. "
-            f"Received: {type(data).__name__}"
+            "Argument `data` must be a tuple `(x, y)`, a `tf.data.Dataset` or a "
+            f"`keras.utils.PyDataset`. Received: {type(data).__name__}"
         )
     if batch_size is None:
         for x, _ in data.take(1):

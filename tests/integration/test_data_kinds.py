@@ -1,0 +1,95 @@
+"""What `fit` reads, GEX reads: a `keras.utils.PyDataset` gives the scores of its arrays, and
+data that can be read only once is refused with what to pass instead."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_mlp
+
+import keras_gex
+
+SETTINGS = dict(num_members=2, steps=10, learning_rate=0.1, seed=0, verbose=0)
+
+
+class Batches(keras.utils.PyDataset):
+    """`(x, y)` arrays served as `fit` reads a `PyDataset`: batch `i` by index."""
+
+    def __init__(self, x, y, batch_size=64, **kwargs):
+        super().__init__(**kwargs)
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i):
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[rows], self.y[rows]
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    # float64 inputs, as a loader would serve them: read as float32, as arrays are
+    return digits.x_train[:256].astype("float64"), digits.y_train[:256]
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    model = make_mlp(hidden=16)
+    model.fit(Batches(*data), epochs=3, verbose=0)
+    return model
+
+
+def test_py_dataset_scores_as_its_arrays(data, model):
+    """Two routes agree: the batches of a `PyDataset` in index order, and the arrays."""
+    x, y = data
+    expected = keras_gex.detect_noisy((x, y), model, **SETTINGS)
+    report = keras_gex.detect_noisy(Batches(x, y), model, **SETTINGS)
+    np.testing.assert_array_equal(report.reference_losses, expected.reference_losses)
+    np.testing.assert_array_equal(report.member_losses, expected.member_losses)
+    ensemble = report.ensemble
+    np.testing.assert_array_equal(
+        ensemble.predict(Batches(x, y), verbose=0), ensemble.predict(x, verbose=0)
+    )
+    kept = keras_gex.prune(Batches(x, y), ensemble, fraction=0.25, verbose=0)
+    assert len(kept.kept_indices) == 192
+    cleaned = keras_gex.clean(Batches(x, y), report, action="drop", shuffle=False)
+    assert sum(len(batch[1]) for batch in cleaned) == len(x) - report.noisy_mask.sum()
+
+
+def test_collector_takes_the_py_dataset_fit_reads(data):
+    x, y = data
+    model = make_mlp(hidden=16)
+    collector = keras_gex.GEXCollector(Batches(x, y), **SETTINGS)
+    model.fit(Batches(x, y), epochs=2, verbose=0, callbacks=[collector])
+    deviations = collector.ensemble.deviations(Batches(x, y), verbose=0)
+    assert deviations.member_losses.shape == (len(x), 2)
+
+
+def test_py_dataset_without_labels_or_length_refused(data):
+    x, y = data
+
+    class Inputs(Batches):
+        def __getitem__(self, i):
+            return super().__getitem__(i)[0]
+
+    class Endless(Batches):
+        @property
+        def num_batches(self):
+            return None
+
+    model = make_mlp(hidden=16)
+    with pytest.raises(ValueError, match=r"`__getitem__` must return `\(x, y\)` batches"):
+        keras_gex.detect_noisy(Inputs(x, y), model, **SETTINGS)
+    with pytest.raises(ValueError, match=r"a `PyDataset` without a length"):
+        keras_gex.detect_noisy(Endless(x, y), model, **SETTINGS)
+
+
+@pytest.mark.parametrize("kind", ["generator", "iterator"])
+def test_data_read_once_refused_with_what_to_pass(data, kind):
+    x, y = data
+    once = ((x[i : i + 64], y[i : i + 64]) for i in range(0, len(x), 64))
+    if kind == "iterator":
+        once = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(64))
+    with pytest.raises(TypeError, match=r"can be read only once; .* `keras\.utils\.PyDataset`"):
+        keras_gex.detect_noisy(once, make_mlp(hidden=16), **SETTINGS)
