@@ -8,8 +8,23 @@ Checks run in Python at the entry point, never inside a ``tf.function``.
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 
 import numpy as np
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel of the first caller outside keras_gex, as
+    seen from the function that calls this one."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _PACKAGE_DIR + os.sep
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _integer_at_least(name: str, value, minimum: int, what: str) -> int:

@@ -22,7 +22,10 @@ class GEXCollector(keras.callbacks.Callback):
     its weights and its optimizer state are left exactly as `fit` made them.
     Every argument is checked here, before `fit` starts, and the model, its
     loss and `train_data` are checked against each other when `fit` begins
-    (labels, outputs against `from_logits`, input shapes).
+    (labels, outputs against `from_logits`, input shapes). Callbacks end in
+    list order: put the collector after one that sets the weights when `fit`
+    ends (`EarlyStopping(restore_best_weights=True)`), or it collects from the
+    last epoch's weights (scoring then warns that the model has changed).
 
     Example:
 

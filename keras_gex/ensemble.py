@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -214,8 +215,32 @@ class GeometricEnsemble:
         return cls(model, reference, members, per_example, info)
 
     # -- scoring ---------------------------------------------------------------------
+    def _warn_if_theta_moved(self) -> None:
+        """Warns when the model's trainable weights are no longer the θ* collected from.
+
+        Scores always describe the collected θ* and its members; a model that
+        changed since (a callback listed after `GEXCollector` that restores
+        other weights when `fit` ends, or more training) is not what they explain.
+        """
+        if self.record is None:  # built from given weights: no collected θ* to compare
+            return
+        current = self.model.trainable_variables
+        if len(current) == len(self.reference.trainable) and all(
+            np.array_equal(np.asarray(v), w) for v, w in zip(current, self.reference.trainable)
+        ):
+            return
+        warnings.warn(
+            "The model's weights have changed since this ensemble was collected: its scores "
+            "describe the weights it was collected from (θ*), not the model's weights now. "
+            "A callback that sets the weights when `fit` ends "
+            "(`EarlyStopping(restore_best_weights=True)`) must come before `GEXCollector` in "
+            "`callbacks` (they run in list order); after more training, collect again.",
+            stacklevel=_validation.user_stacklevel(),
+        )
+
     def _get_scorer(self, strategy=None) -> Scorer:
         """The scorer for a resolved strategy (None: one device), built once each."""
+        self._warn_if_theta_moved()
         if strategy is None:
             if self._scorer is None:
                 self._scorer = Scorer(self.model, self.loss, self.reference, self.members)

@@ -59,3 +59,33 @@ def test_collector_validates_arguments(kwargs, message, small_data):
 def test_collector_requires_train_data():
     with pytest.raises(ValueError, match="train_data"):
         keras_gex.GEXCollector(None)
+
+
+def test_weights_restored_after_collection_are_named(digits):
+    """`EarlyStopping(restore_best_weights=True)` listed after the collector restores other
+    weights once the ensemble is collected: scoring says so and what to do; listed before
+    it, the ensemble's θ* is the restored model and nothing is said."""
+    import warnings
+
+    import keras
+
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    # validation labels the training contradicts: the validation loss rises from the first
+    # epoch on, so the best weights are the first epoch's and training stops at the second
+    val = digits.x_train[300:400], (digits.y_train[300:400] + 1) % 10
+    settings = dict(num_members=2, steps=10, learning_rate=0.05, seed=0, verbose=0)
+    for late in (True, False):
+        model = make_mlp(seed=0, hidden=32)
+        collector = keras_gex.GEXCollector((x, y), **settings)
+        stop = keras.callbacks.EarlyStopping(patience=0, restore_best_weights=True)
+        callbacks = [collector, stop] if late else [stop, collector]
+        model.fit(x, y, epochs=3, validation_data=val, verbose=0, callbacks=callbacks)
+        assert stop.best_epoch == 0 and stop.stopped_epoch == 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            collector.ensemble.deviations((x, y), verbose=0)
+        said = [str(w.message) for w in caught if "weights have changed" in str(w.message)]
+        assert bool(said) == late
+        if late:
+            assert "must come before `GEXCollector`" in said[0]
+            assert caught[0].filename == __file__
