@@ -576,8 +576,9 @@ class NoisyLabelReport:
         return np.argmax(self._class_probs(self.pred_probs()), axis=-1)
 
     def given_labels(self) -> np.ndarray:
-        """Given labels as class ids: sparse ids as they are, the arg-max of one-hot
-        labels, 0/1 for one sigmoid output.
+        """Given labels as class ids (int64): sparse ids as integers (`fit` takes them
+        as floats or booleans too), the arg-max of one-hot labels, 0/1 for one
+        sigmoid output.
 
         Raises:
             ValueError: Where a row has no single class (a regression, a
@@ -589,7 +590,7 @@ class NoisyLabelReport:
             return (labels.reshape(len(labels)).astype(np.float64) > 0.5).astype(np.int64)
         if self.loss_kind == "categorical_crossentropy":
             return np.argmax(labels, axis=1)
-        return labels.reshape(len(labels))
+        return labels.reshape(len(labels)).astype(np.int64)
 
     def _one_class_per_row(self, labels) -> None:
         """Refuses class ids where a row of `labels` has none or several."""

@@ -113,6 +113,17 @@ def test_suggested_labels_replace_given_label_on_flagged_rows(report, digits):
     assert np.mean(suggested[flips] == digits.y_train_clean[flips]) > 0.8
 
 
+def test_class_ids_as_fit_takes_them_give_the_same_report(report, digits_ensemble, digits):
+    """Sparse class ids given as floats (read from a CSV) give the integer ids' losses,
+    class ids and suggestions."""
+    as_floats = digits.y_train.astype("float64")
+    floats = keras_gex.detect_noisy((digits.x_train, as_floats), digits_ensemble, verbose=0)
+    np.testing.assert_array_equal(floats.scores, report.scores)
+    assert floats.given_labels().dtype == np.int64
+    np.testing.assert_array_equal(floats.given_labels(), report.given_labels())
+    np.testing.assert_array_equal(floats.suggested_labels(), report.suggested_labels())
+
+
 def test_report_without_ensemble_explains_missing_probs(report):
     bare = dataclasses.replace(report, ensemble=None, _ensemble_probs=None)
     with pytest.raises(ValueError, match="no ensemble predictions"):
