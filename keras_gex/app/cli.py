@@ -143,6 +143,17 @@ def _parser() -> argparse.ArgumentParser:
             "model or other settings (default: reuse or resume it)"
         ),
     )
+    detect.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help=(
+            "a module (name, or .py file) to import before loading MODEL: where its custom "
+            "layers or model classes are defined and registered; may be repeated"
+        ),
+    )
     detect.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -337,6 +348,59 @@ def _collect(model, data, directory: str, *, overwrite: bool, **collect_kwargs):
         ) from None
 
 
+def _import_module(name: str) -> None:
+    """Imports `--import`'s module: a `.py` file by path, else a module name (the
+    working directory first on the path, as `python -m` has it)."""
+    import importlib
+    import importlib.util
+
+    if name.endswith(".py"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"`--import` file {name!r} does not exist.")
+        module_name = os.path.splitext(os.path.basename(name))[0]
+        spec = importlib.util.spec_from_file_location(module_name, os.path.abspath(name))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        return
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"`--import {name}`: no module {err.name!r} here. Pass a module name importable "
+            "from the working directory, or the path of a .py file."
+        ) from None
+
+
+def _load_model(path: str):
+    """`keras.models.load_model(path)`; a class Keras does not know is named with
+    the flag that imports it, instead of Keras' dump of the whole config."""
+    import keras
+
+    try:
+        return keras.models.load_model(path)
+    except (TypeError, ValueError) as err:
+        unknown = re.search(r"Could not locate (?:class|function) '([^']+)'", str(err))
+        if unknown is None:
+            raise
+        name = unknown.group(1)
+        where = re.search(rf"'module': '([^']+)', 'class_name': '{re.escape(name)}'", str(err))
+        module = where.group(1) if where else None
+        hint = (
+            f"`--import {module}` (or the path of its .py file)"
+            if module and module not in ("__main__", "builtins")
+            else "`--import MODULE` (a module name or the path of a .py file; a class "
+            "defined in a script's `__main__` must move to a module first)"
+        )
+        raise ValueError(
+            f"MODEL {path!r} uses {name!r}, which Keras cannot find in this process. Import "
+            f"the module that defines it with {hint}; its custom classes must be decorated "
+            "with `@keras.saving.register_keras_serializable()`."
+        ) from None
+
+
 def _detect(args) -> None:
     import csv
 
@@ -361,9 +425,9 @@ def _detect(args) -> None:
     weight_decay = _auto_or(args.weight_decay, float, "--weight-decay", "a number")
     steps = _auto_or(args.steps, int, "--steps", "a positive integer")
     num_members = _auto_or(args.members, int, "--members", "a positive integer")
-    import keras
-
-    model = keras.models.load_model(args.model)
+    for module in args.imports:
+        _import_module(module)
+    model = _load_model(args.model)
     x, y, class_names = _load_data(args.data)
     verbose = 0 if args.quiet else 1
     # Keras' progress bar redraws itself with ANSI codes: on a terminal only.

@@ -317,3 +317,48 @@ def test_auto_or_number_arguments():
     assert _auto_or("0.2", float, "--learning-rate", "a number") == 0.2
     with pytest.raises(ValueError, match="`--steps` must be 'auto' or a positive integer"):
         _auto_or("many", int, "--steps", "a positive integer")
+
+
+def test_detect_imports_the_module_of_a_custom_layer(tmp_path, monkeypatch, capsys, digits):
+    """A model with a registered custom layer loads once `--import` names its module (a name
+    importable from the working directory, or a .py file); without it the error names the
+    class and the flag, not Keras' dump of the whole config."""
+    import importlib.util
+    import uuid
+
+    import keras
+    import numpy as np
+
+    package = f"gex_test_{uuid.uuid4().hex[:8]}"  # a registry name no other test holds
+    source = (
+        "import keras\n"
+        f"@keras.saving.register_keras_serializable(package={package!r})\n"
+        "class Halve(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        "        return x * 0.5\n"
+    )
+    (tmp_path / f"{package}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location(package, tmp_path / f"{package}.py")
+    layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layers)
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), layers.Halve(), keras.layers.Dense(10)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    keras.saving.get_custom_objects().pop(f"{package}>Halve")  # as in a fresh process
+    args = ["detect", "model.keras", "data.npz", "--members", "1", "--steps", "5", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "uses 'Halve', which Keras cannot find" in err and f"`--import {package}`" in err
+    assert "config=" not in err
+    assert main([*args, "--import", "missing_module"]) == 2
+    assert "no module 'missing_module' here" in capsys.readouterr().err
+    for module in (package, f"{package}.py"):
+        keras.saving.get_custom_objects().pop(f"{package}>Halve", None)
+        sys.modules.pop(package, None)
+        assert main([*args, "--import", module, "--overwrite"]) == 0, capsys.readouterr().err
+        assert np.load(tmp_path / "gex_report" / "scores.npy").shape == (200,)
