@@ -120,14 +120,50 @@ def as_inputs(x):
     [(3, 2), (3,)]
     """
     if isinstance(x, dict):
-        return {key: np.asarray(value) for key, value in x.items()}
+        return {key: _array(value) for key, value in x.items()}
     if (
         isinstance(x, (tuple, list))
         and x
-        and all(isinstance(v, (np.ndarray, tf.Tensor, dict)) for v in x)
+        and all(isinstance(v, (np.ndarray, tf.Tensor, dict)) or _is_sparse(v) for v in x)
     ):
-        return tuple(as_inputs(v) if isinstance(v, dict) else np.asarray(v) for v in x)
-    return np.asarray(x)
+        return tuple(as_inputs(v) if isinstance(v, dict) else _array(v) for v in x)
+    return _array(x)
+
+
+#: Largest dense size a sparse input matrix is read into (bytes).
+_SPARSE_DENSE_BYTES = 2**30
+
+
+def _is_sparse(value) -> bool:
+    """A SciPy sparse matrix (array) or a `tf.SparseTensor`."""
+    return isinstance(value, tf.SparseTensor) or type(value).__module__.startswith("scipy.sparse")
+
+
+def _array(value) -> np.ndarray:
+    """`value` as a NumPy array; a sparse matrix (a TF-IDF, a bag of words) densified,
+    as a model with a dense `Input` reads it, up to `_SPARSE_DENSE_BYTES`.
+
+    >>> import scipy.sparse
+    >>> _array(scipy.sparse.csr_matrix(np.eye(2, dtype="float32"))).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    if not _is_sparse(value):
+        return np.asarray(value)
+    shape = tuple(int(d) for d in value.shape)
+    dtype = np.dtype(
+        value.dtype.as_numpy_dtype if isinstance(value, tf.SparseTensor) else value.dtype
+    )
+    size = dtype.itemsize * int(np.prod(shape))
+    if size > _SPARSE_DENSE_BYTES:
+        raise ValueError(
+            f"The inputs are a sparse matrix of shape {shape}, {size / 2**30:.1f} GiB dense, "
+            "more than keras_gex reads into memory. Serve dense batches instead, e.g. a "
+            "`keras.utils.PyDataset` whose `__getitem__(i)` returns "
+            "`(x[i * b:(i + 1) * b].toarray(), y[i * b:(i + 1) * b])`."
+        )
+    if isinstance(value, tf.SparseTensor):
+        return tf.sparse.to_dense(value).numpy()
+    return value.toarray()
 
 
 def input_leaves(x) -> list:
@@ -302,10 +338,15 @@ class DataSource:
             _refuse_label_per_output(self.name, data[1], len(leaves[0][1]))
         for label, arr in leaves:
             if arr.ndim == 0:
+                got = (
+                    repr(arr)
+                    if arr.dtype != object
+                    else f"an object of type {type(arr.item()).__name__}"
+                )
                 raise ValueError(
                     f"Argument `{self.name}`: `{label}` must be an array with one row per "
                     f"example (`x` may also be a dict, tuple or list of such arrays). "
-                    f"Received: {label}={arr!r}"
+                    f"Received: {label}={got}"
                 )
         for label, arr in leaves:
             if len(arr) != len(y):

@@ -93,3 +93,39 @@ def test_data_read_once_refused_with_what_to_pass(data, kind):
         once = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(64))
     with pytest.raises(TypeError, match=r"can be read only once; .* `keras\.utils\.PyDataset`"):
         keras_gex.detect_noisy(once, make_mlp(hidden=16), **SETTINGS)
+
+
+@pytest.mark.parametrize("kind", ["scipy", "tf"])
+def test_sparse_inputs_score_as_their_dense_arrays(data, model, kind):
+    """A TF-IDF or bag of words as `fit` takes it (a SciPy sparse matrix or a
+    `tf.SparseTensor`) is read densified: the scores of the dense arrays."""
+    import scipy.sparse
+
+    x, y = data
+    x = x.astype("float32")
+    sparse = scipy.sparse.csr_matrix(x) if kind == "scipy" else tf.sparse.from_dense(x)
+    expected = keras_gex.detect_noisy((x, y), model, **SETTINGS)
+    report = keras_gex.detect_noisy((sparse, y), model, **SETTINGS)
+    np.testing.assert_array_equal(report.member_losses, expected.member_losses)
+    np.testing.assert_array_equal(
+        report.ensemble.predict(sparse, verbose=0), expected.ensemble.predict(x, verbose=0)
+    )
+
+
+def test_sparse_inputs_too_large_to_densify_refused_with_what_to_pass(data, monkeypatch):
+    import scipy.sparse
+
+    from keras_gex import data as data_module
+
+    x, y = data
+    monkeypatch.setattr(data_module, "_SPARSE_DENSE_BYTES", 1024)
+    with pytest.raises(
+        ValueError, match=r"sparse matrix of shape \(256, 64\).* `keras\.utils\.PyDataset`"
+    ):
+        keras_gex.detect_noisy((scipy.sparse.csr_matrix(x), y), make_mlp(hidden=16), **SETTINGS)
+
+
+def test_an_object_for_inputs_is_named_not_dumped(data):
+    _, y = data
+    with pytest.raises(ValueError, match=r"Received: x=an object of type set$"):
+        keras_gex.detect_noisy(({1, 2}, y), make_mlp(hidden=16), **SETTINGS)
