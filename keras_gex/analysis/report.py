@@ -301,8 +301,18 @@ class NoisyLabelReport:
         out[rows] = np.argmax(probs[rows], axis=1)
         return out
 
-    def summary(self, print_fn=print) -> str:
-        """Prints and returns a readable summary with ensemble diagnostics."""
+    def summary(self, print_fn=print) -> str | None:
+        """A readable summary with ensemble diagnostics, printed as Keras'
+        `model.summary()` prints.
+
+        Args:
+            print_fn: Called with the text. Defaults to `print`; None returns
+                the text instead.
+
+        Returns:
+            The text when `print_fn` is None, else None (so a notebook cell
+            ending in `report.summary()` shows it once).
+        """
         n = len(self.scores)
         q = np.quantile(self.scores, [0.5, 0.9, 0.99])
         lines = [
@@ -372,9 +382,10 @@ class NoisyLabelReport:
             for warning in self.diagnostics():
                 lines.append(f"  WARNING: {warning}")
         text = "\n".join(lines)
-        if print_fn is not None:
-            print_fn(text)
-        return text
+        if print_fn is None:
+            return text
+        print_fn(text)
+        return None
 
     def _uncapped_cut(self):
         """The named threshold method's cut without the contradicted-label cap, or None."""
