@@ -127,10 +127,25 @@ def finite_1d(name: str, values) -> np.ndarray:
     return arr
 
 
+def check_backend() -> None:
+    """Refuses a Keras running on another backend than TensorFlow, which keras_gex needs
+    (its fine-tuning and scoring loops are TensorFlow functions)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"keras_gex runs on Keras' TensorFlow backend; this process runs Keras on "
+            f"{backend!r}. Set the environment variable `KERAS_BACKEND=tensorflow` before "
+            "Keras is first imported."
+        )
+
+
 def check_model(model, *, need_loss: bool, loss=None) -> None:
     """Refuses models the library cannot score with a clear message."""
     import keras
 
+    check_backend()
     if not isinstance(model, keras.Model):
         raise TypeError(
             "Argument `model` must be a `keras.Model`. "

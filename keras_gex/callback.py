@@ -68,6 +68,7 @@ class GEXCollector(keras.callbacks.Callback):
         **settings,
     ):
         super().__init__()
+        _validation.check_backend()
         if train_data is None:
             raise ValueError(
                 "Argument `train_data` is required: a callback cannot see the data "

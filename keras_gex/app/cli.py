@@ -238,6 +238,9 @@ def _start_tensorflow() -> None:
     """
     if "tensorflow" in sys.modules:
         return
+    # The command runs in a process of its own: Keras on the backend keras_gex needs,
+    # whatever KERAS_BACKEND the shell exports for other work.
+    os.environ["KERAS_BACKEND"] = "tensorflow"
     level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     quiet = level.strip() in ("2", "3")  # else the user asked for TensorFlow's log
     with _native_stderr_held() if quiet else contextlib.nullcontext():

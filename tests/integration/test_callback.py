@@ -89,3 +89,13 @@ def test_weights_restored_after_collection_are_named(digits):
         if late:
             assert "must come before `GEXCollector`" in said[0]
             assert caught[0].filename == __file__
+
+
+def test_another_keras_backend_refused_at_entry(monkeypatch, digits):
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(RuntimeError, match=r"on 'jax'\. Set the environment variable `KERAS"):
+        keras_gex.GEXCollector((digits.x_train, digits.y_train))
+    with pytest.raises(RuntimeError, match=r"runs on Keras' TensorFlow backend"):
+        keras_gex.detect_noisy((digits.x_train, digits.y_train), make_mlp(hidden=4))

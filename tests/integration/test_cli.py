@@ -126,8 +126,8 @@ def test_demo_end_to_end(tmp_path):
     assert plot.stat().st_size > 5000
 
 
-def _run_cli(args, cwd):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def _run_cli(args, cwd, **environ):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **environ)
     return subprocess.run(
         [sys.executable, "-m", "keras_gex", *args],
         capture_output=True,
@@ -152,6 +152,7 @@ def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
     proc = _run_cli(
         ["detect", "model.keras", "data.npz", "--out", "out", "--members", "3", "--quiet"],
         tmp_path,
+        KERAS_BACKEND="jax",  # a shell set up for other work: the command runs TensorFlow
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
