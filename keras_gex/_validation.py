@@ -147,9 +147,15 @@ def check_model(model, *, need_loss: bool, loss=None) -> None:
 
     check_backend()
     if not isinstance(model, keras.Model):
+        kind = f"{type(model).__module__}.{type(model).__qualname__}"
+        legacy = (
+            " (a Keras 2 model, from `tf_keras` or a `tf.keras` with TF_USE_LEGACY_KERAS: "
+            "keras_gex needs a Keras 3 model)"
+            if kind.startswith(("tf_keras.", "tensorflow.python.keras.", "keras.engine."))
+            else ""
+        )
         raise TypeError(
-            "Argument `model` must be a `keras.Model`. "
-            f"Received: model of type {type(model).__name__}"
+            f"Argument `model` must be a `keras.Model`. Received: model of type {kind}{legacy}"
         )
     if not model.built:
         raise ValueError(

@@ -99,3 +99,14 @@ def test_another_keras_backend_refused_at_entry(monkeypatch, digits):
         keras_gex.GEXCollector((digits.x_train, digits.y_train))
     with pytest.raises(RuntimeError, match=r"runs on Keras' TensorFlow backend"):
         keras_gex.detect_noisy((digits.x_train, digits.y_train), make_mlp(hidden=4))
+
+
+def test_a_keras_2_model_named_as_such(digits):
+    """A `tf_keras` model (its classes share Keras 3's names) is named by its module."""
+    Sequential = type("Sequential", (), {"__module__": "tf_keras.src.engine.sequential"})
+    with pytest.raises(
+        TypeError,
+        match=r"type tf_keras\.src\.engine\.sequential\.Sequential "
+        r"\(a Keras 2 model",
+    ):
+        keras_gex.GeometricEnsemble.collect(Sequential(), (digits.x_train, digits.y_train))
