@@ -68,6 +68,7 @@ def from_py_dataset(data, name: str = "data") -> tf.data.Dataset:
 
 
 def _float32_array(value) -> np.ndarray:
+    """`value` as an array, float64 as float32 (what Keras layers compute in)."""
     array = np.asarray(value)
     return array.astype(np.float32) if array.dtype == np.float64 else array
 
@@ -366,7 +367,7 @@ class DataSource:
         for label, arr in leaves:
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise ValueError(f"Argument `{self.name}`: `{label}` contains NaN or inf values.")
-        x = tf.nest.map_structure(lambda a: a.astype(np.float32) if a.dtype == np.float64 else a, x)
+        x = tf.nest.map_structure(_float32_array, x)
         self._arrays = (x, y)
         self.num_examples = len(y)
 
