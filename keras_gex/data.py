@@ -73,7 +73,7 @@ def _float32_array(value) -> np.ndarray:
     return array.astype(np.float32) if array.dtype == np.float64 else array
 
 
-def standard(data, name: str = "data"):
+def standardize_data(data, name: str = "data"):
     """`data` as `(x, y)` or a `tf.data.Dataset`: a `PyDataset` becomes a dataset.
 
     Refuses what can be read only once (a generator or iterator), with what to
@@ -310,7 +310,7 @@ class DataSource:
             self.batch_size = _validation.positive_int("batch_size", batch_size)
         self._arrays = None
         self._dataset = None
-        data = standard(data, name)
+        data = standardize_data(data, name)
         if isinstance(data, tf.data.Dataset):
             self._init_dataset(data)
         elif isinstance(data, (tuple, list)):

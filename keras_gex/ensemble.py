@@ -24,7 +24,7 @@ from keras_gex.data import (
     as_inputs,
     num_rows,
     reshuffles_each_iteration,
-    standard,
+    standardize_data,
 )
 from keras_gex.io import persistence
 from keras_gex.loss_checks import check_first_batch
@@ -418,7 +418,7 @@ class GeometricEnsemble:
                 f"loss; this ensemble's loss kind is {self.loss.kind!r}."
             )
         verbose = _validation.verbose_level(verbose)
-        data = standard(data)
+        data = standardize_data(data)
         x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 else data
         if isinstance(x, tf.data.Dataset):
             spec = x.element_spec

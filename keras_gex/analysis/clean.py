@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from keras_gex import _validation
 from keras_gex.analysis.prune import select
-from keras_gex.data import as_inputs, lacks_output_axis, num_rows, sole_label, standard
+from keras_gex.data import as_inputs, lacks_output_axis, num_rows, sole_label, standardize_data
 from keras_gex.weights import sole_output
 
 
@@ -52,7 +52,7 @@ def clean(
     if not isinstance(shuffle, bool):
         raise ValueError(f"Argument `shuffle` must be a bool. Received: shuffle={shuffle!r}")
     n = len(report.scores)
-    train_data = standard(train_data, "train_data")
+    train_data = standardize_data(train_data, "train_data")
     if isinstance(train_data, (tuple, list)):
         size = num_rows(as_inputs(train_data[0]))
         if size != n:

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
-from keras_gex.data import as_inputs, num_rows, standard
+from keras_gex.data import as_inputs, num_rows, standardize_data
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class PruneResult:
 def select(data, mask: np.ndarray, *, batch_size: int | None = None):
     """Rows of `data` where `mask` is True (arrays or a batched dataset)."""
     mask = np.asarray(mask, dtype=bool)
-    data = standard(data)
+    data = standardize_data(data)
     if isinstance(data, (tuple, list)):
         x, y = as_inputs(data[0]), data[1]
         y = {k: np.asarray(v) for k, v in y.items()} if isinstance(y, dict) else np.asarray(y)
