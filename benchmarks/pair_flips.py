@@ -11,6 +11,10 @@ Prints a markdown table (docs/design.md#pair-flips).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 #: Each class and the look-alike its labels are flipped to.
 PAIRS = {3: 8, 8: 3, 1: 7, 7: 1, 4: 9, 9: 4, 5: 6, 6: 5}
@@ -30,6 +34,7 @@ def flip_pairs(labels, rate: float, seed: int):
 
 
 def run(rate: float, seed: int) -> dict:
+    import _models
     import keras
     import numpy as np
     from sklearn.datasets import load_digits
@@ -43,15 +48,7 @@ def run(rate: float, seed: int) -> dict:
     x = (digits.data / 16).astype("float32")
     given, noisy = flip_pairs(digits.target, rate, seed)
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((64,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = _models.compiled(_models.mlp())
     model.fit(x, given, epochs=60, batch_size=64, verbose=0)
     report = keras_gex.detect_noisy((x, given), model, seed=seed, verbose=0)
     probs = cross_val_predict(
