@@ -141,6 +141,17 @@ def check_backend() -> None:
         )
 
 
+def check_trainable(model) -> None:
+    """Refuses to fine-tune a model with no trainable weights: no member could move."""
+    if not model.trainable_weights:
+        raise ValueError(
+            "The model has no trainable weights (`model.trainable = False`, or every layer "
+            "frozen), so no GE member could move from θ*: members fine-tune the trainable "
+            "weights. Set `trainable = True` on the layers to fine-tune (at least the head) "
+            "before collecting; the model's own weights are left as they are."
+        )
+
+
 def check_model(model, *, need_loss: bool, loss=None) -> None:
     """Refuses models the library cannot score with a clear message."""
     import keras

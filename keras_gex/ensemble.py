@@ -155,6 +155,7 @@ class GeometricEnsemble:
             A `GeometricEnsemble`; `ensemble.record` says what the collection did.
         """
         _validation.check_model(model, need_loss=True, loss=loss)
+        _validation.check_trainable(model)
         config = CollectionConfig.resolve(config, **settings)
         verbose = _validation.verbose_level(verbose)
         strategy = distribute.resolve_strategy(strategy, model)

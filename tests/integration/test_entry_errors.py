@@ -346,3 +346,14 @@ def test_labels_of_no_example_refused_as_such(data, no_fine_tuning):
     x, _ = data
     with pytest.raises(ValueError, match=r"`y` must be an array with one row per example"):
         keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), (x, {"a": 1, "b": 2}), **SETTINGS)
+
+
+def test_a_model_with_nothing_trainable_refused(data, no_fine_tuning):
+    """`model.trainable = False` (a model kept as a feature extractor): no member could move,
+    so collecting is refused at entry, not run to six probes that all keep θ*'s fit."""
+    model = make_mlp(hidden=8)
+    model.trainable = False
+    with pytest.raises(ValueError, match=r"no trainable weights \(`model\.trainable = False`"):
+        keras_gex.detect_noisy(data, model, **SETTINGS)
+    # its own loss needs no fine-tuning: still scored
+    assert keras_gex.baselines.loss_scores(model, data, verbose=0).shape == (len(data[1]),)
