@@ -210,6 +210,23 @@ def reshuffles_each_iteration(ds: tf.data.Dataset) -> bool:
     return False
 
 
+def repetitions(ds: tf.data.Dataset) -> int:
+    """How many times `ds` yields each example: the product of its finite `repeat(k)`
+    counts (an endless `repeat()` is refused on its own, by its cardinality).
+
+    >>> repetitions(tf.data.Dataset.range(4).repeat(3).batch(2))
+    3
+    >>> repetitions(tf.data.Dataset.range(4).batch(2))
+    1
+    """
+    times = 1
+    for node in _dataset_nodes(ds):
+        if type(node).__name__ == "_RepeatDataset":
+            count = int(getattr(node, "_count", -1))
+            times *= count if count > 0 else 1
+    return times
+
+
 def _refuse_label_per_output(name: str, y, num_examples: int) -> None:
     """Raises a clear error when array labels `y` hold one array per output of a model."""
     parts = list(y.values()) if isinstance(y, dict) else y
@@ -442,14 +459,25 @@ class DataSource:
             )
 
     def check_ordered(self) -> None:
-        """Refuses datasets whose order changes between iterations."""
-        if self._dataset is not None and reshuffles_each_iteration(self._dataset):
+        """Refuses datasets whose order changes between iterations, or that repeat
+        their examples: either way scores could not be matched to examples."""
+        if self._dataset is None:
+            return
+        if reshuffles_each_iteration(self._dataset):
             raise ValueError(
                 f"Argument `{self.name}` reshuffles on every iteration "
                 "(`shuffle(..., reshuffle_each_iteration=True)`), so scores could "
                 "not be matched to examples. Pass the dataset without `shuffle()` "
                 "(the fine-tuning shuffles on its own), or with "
                 "`reshuffle_each_iteration=False`."
+            )
+        times = repetitions(self._dataset)
+        if times > 1:
+            raise ValueError(
+                f"Argument `{self.name}` repeats its examples (`repeat()`, {times} times in "
+                "all), so each would be scored that many times and the scores would not "
+                "line up with the examples. Pass the dataset without `repeat()` (the "
+                "fine-tuning repeats it on its own)."
             )
 
     @property

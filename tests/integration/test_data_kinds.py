@@ -129,3 +129,15 @@ def test_an_object_for_inputs_is_named_not_dumped(data):
     _, y = data
     with pytest.raises(ValueError, match=r"Received: x=an object of type set$"):
         keras_gex.detect_noisy(({1, 2}, y), make_mlp(hidden=16), **SETTINGS)
+
+
+def test_a_dataset_that_repeats_its_examples_refused_for_scoring(data, model):
+    """`repeat(2)` yields every example twice: scores would not line up with the examples."""
+    x, y = data
+    twice = tf.data.Dataset.from_tensor_slices((x, y)).repeat(2).batch(64)
+    with pytest.raises(ValueError, match=r"repeats its examples \(`repeat\(\)`, 2 times in all\)"):
+        keras_gex.detect_noisy(twice, model, **SETTINGS)
+    once = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+    report = keras_gex.detect_noisy(once, model, **SETTINGS)
+    with pytest.raises(ValueError, match=r"repeats its examples"):
+        report.ensemble.deviations(twice, verbose=0)
