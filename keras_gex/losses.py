@@ -53,19 +53,8 @@ class PerExampleLoss:
         return self.kind in CLASSIFICATION_KINDS
 
     def label_classes(self, y_true) -> np.ndarray:
-        """The given labels as class ids, one row per example (classification only).
-
-        Sparse labels as they are, one-hot (soft) targets as their arg-max,
-        sigmoid targets as 0/1 per output: the rows `fit_mask` compares to.
-        """
-        y = np.asarray(y_true)
-        if self.kind == _SPARSE_CE:
-            return y.reshape(len(y), -1).astype(np.int64)  # (N, 1), or one per position
-        if self.kind == _CE:
-            return np.argmax(y, axis=-1).reshape(len(y), -1)
-        if self.kind == _BCE:
-            return (y.astype(np.float64) > 0.5).reshape(len(y), -1).astype(np.int64)
-        raise ValueError(f"label_classes is undefined for loss kind {self.kind!r}")
+        """The given labels as class ids, one row per example (`class_ids`)."""
+        return class_ids(self.kind, y_true)
 
     def predicts_label(self, y_true, probabilities) -> np.ndarray:
         """`(N,)` bool: whether `probabilities` predict the given label.
@@ -104,6 +93,28 @@ class PerExampleLoss:
             # member as fitting (docs/design.md#relative-fit).
             return _whole_examples(tf.cast(tf.equal(pred, y), "float32"))
         raise ValueError(f"fit_mask is undefined for loss kind {self.kind!r}")
+
+
+def class_ids(kind: str, y_true) -> np.ndarray:
+    """The labels `y_true` of a loss of `kind` as int64 class ids, one row per example.
+
+    Sparse labels as integers (`fit` takes them as floats or booleans too),
+    one-hot (soft) targets as their arg-max, sigmoid targets as 0/1 per output:
+    the rows `fit_mask` compares to.
+
+    >>> class_ids("sparse_categorical_crossentropy", [2.0, 0.0]).tolist()
+    [[2], [0]]
+    >>> class_ids("binary_crossentropy", [[0.9, 0.2]]).tolist()
+    [[1, 0]]
+    """
+    y = np.asarray(y_true)
+    if kind == _SPARSE_CE:
+        return y.reshape(len(y), -1).astype(np.int64)  # (N, 1), or one per position
+    if kind == _CE:
+        return np.argmax(y, axis=-1).reshape(len(y), -1)
+    if kind == _BCE:
+        return (y.astype(np.float64) > 0.5).reshape(len(y), -1).astype(np.int64)
+    raise ValueError(f"Class ids are undefined for loss kind {kind!r}")
 
 
 def _whole_examples(same):

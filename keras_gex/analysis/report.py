@@ -13,7 +13,7 @@ from keras_gex.collection.frozen import layer_list
 from keras_gex.collection.step_size import MEMORISED_FIT, relative_fit
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
-from keras_gex.losses import CLASSIFICATION_KINDS
+from keras_gex.losses import CLASSIFICATION_KINDS, class_ids
 
 
 def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray:
@@ -597,11 +597,7 @@ class NoisyLabelReport:
         """
         labels = np.asarray(self.labels)
         self._one_class_per_row(labels)
-        if self.loss_kind == "binary_crossentropy":
-            return (labels.reshape(len(labels)).astype(np.float64) > 0.5).astype(np.int64)
-        if self.loss_kind == "categorical_crossentropy":
-            return np.argmax(labels, axis=1)
-        return labels.reshape(len(labels)).astype(np.int64)
+        return class_ids(self.loss_kind, labels).reshape(len(labels))
 
     def _one_class_per_row(self, labels) -> None:
         """Refuses class ids where a row of `labels` has none or several."""

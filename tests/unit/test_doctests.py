@@ -16,6 +16,7 @@ MODULES = [
     "keras_gex.collection.frozen",
     "keras_gex.config",
     "keras_gex.data",
+    "keras_gex.losses",
     "keras_gex.weights",
 ]
 
