@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
+from keras_gex.weights import sole_output
 
 DEFAULT_BATCH_SIZE = 256
 _SHUFFLE_BUFFER = 10_000
@@ -246,11 +247,9 @@ def sole_label(y):
     >>> sole_label({"label": [0, 1]}), sole_label([np.zeros(2)]), sole_label([3])
     ([0, 1], array([0., 0.]), [3])
     """
-    if isinstance(y, dict) and len(y) == 1:
-        return next(iter(y.values()))
-    if isinstance(y, (list, tuple)) and len(y) == 1 and np.ndim(y[0]) >= 1:
-        return y[0]
-    return y
+    if isinstance(y, (list, tuple)) and len(y) == 1 and np.ndim(y[0]) < 1:
+        return y  # one example's label
+    return sole_output(y)
 
 
 def _sample_weight_message(name: str, instead: str) -> str:

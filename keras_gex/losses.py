@@ -15,6 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_gex.weights import sole_output
+
 _SPARSE_CE = "sparse_categorical_crossentropy"
 _CE = "categorical_crossentropy"
 _BCE = "binary_crossentropy"
@@ -156,9 +158,7 @@ def resolve_loss(model: keras.Model, loss=None) -> PerExampleLoss:
             "The model is not compiled with a loss and no `loss=` was given. "
             "Call `model.compile(loss=...)` or pass `loss=` explicitly."
         )
-    if isinstance(loss, (dict, list, tuple)) and len(loss) == 1:
-        # `compile(loss={"label": ...})` (or `[...]`) for one named output: that loss
-        loss = next(iter(loss.values())) if isinstance(loss, dict) else loss[0]
+    loss = sole_output(loss)  # `compile(loss={"label": ...})` (or `[...]`): that output's loss
     if isinstance(loss, (dict, list, tuple)):
         raise ValueError(
             "keras_gex supports a single loss for a single-output model. Received "
