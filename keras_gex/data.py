@@ -33,7 +33,7 @@ def from_py_dataset(data, name: str = "data") -> tf.data.Dataset:
     `fit` takes a `PyDataset` (`__len__` batches, `data[i]` the i-th `(x, y)`
     batch); GEX reads it as a dataset of `data[0], data[1], ...`, so scores
     follow that order. Each batch's shapes past the batch axis must be the
-    first batch's; float64 arrays are read as float32, as array inputs are.
+    first batch's; float64 inputs are read as float32, as array inputs are.
     """
     try:
         count = data.num_batches
@@ -56,7 +56,8 @@ def from_py_dataset(data, name: str = "data") -> tf.data.Dataset:
                 f"Argument `{name}`: `__getitem__` must return `(x, y)` batches; labels are "
                 f"required to compute losses. Received: {type(item).__name__}"
             )
-        return tf.nest.map_structure(_float32_array, tuple(item))
+        x, y = item
+        return tf.nest.map_structure(_float32_array, x), tf.nest.map_structure(np.asarray, y)
 
     first = batch(0)
     spec = tf.nest.map_structure(

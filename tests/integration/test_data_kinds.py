@@ -141,3 +141,13 @@ def test_a_dataset_that_repeats_its_examples_refused_for_scoring(data, model):
     report = keras_gex.detect_noisy(once, model, **SETTINGS)
     with pytest.raises(ValueError, match=r"repeats its examples"):
         report.ensemble.deviations(twice, verbose=0)
+
+
+def test_py_dataset_labels_keep_their_dtype_as_array_labels_do(data, model):
+    """Only inputs are read as float32: float64 labels stay as they are, as from arrays."""
+    x, y = data
+    float_labels = y.astype("float64")
+    expected = keras_gex.detect_noisy((x, float_labels), model, **SETTINGS)
+    report = keras_gex.detect_noisy(Batches(x, float_labels), model, **SETTINGS)
+    assert report.labels.dtype == expected.labels.dtype == np.float64
+    np.testing.assert_array_equal(report.member_losses, expected.member_losses)
