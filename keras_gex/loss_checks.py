@@ -8,6 +8,7 @@ Each error names what was received and what was expected.
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 
@@ -67,6 +68,16 @@ def _from_logits_known(loss: PerExampleLoss) -> bool:
         except Exception:  # a custom loss without a usable config: not judged
             return False
     return _keras_fn_name(loss) is not None
+
+
+def _fix_class(loss: PerExampleLoss) -> str:
+    """The `keras.losses` class to name in a `from_logits` fix: the model's own
+    loss where it takes `from_logits` (a focal loss), else its kind's."""
+    for name in (loss.name, "".join(p.capitalize() for p in loss.name.split("_"))):
+        cls = getattr(keras.losses, name, None)
+        if isinstance(cls, type) and "from_logits" in inspect.signature(cls).parameters:
+            return name
+    return _LOSS_CLASS[loss.kind]
 
 
 def check_labels(loss: PerExampleLoss, y_true, y_pred, *, name: str = "data") -> None:
@@ -226,7 +237,7 @@ def check_outputs(loss: PerExampleLoss, y_pred=None, model=None) -> None:
     if not loss.is_classification or not _from_logits_known(loss):
         return
     link = _LINK[loss.kind]
-    fix_class = _LOSS_CLASS[loss.kind]
+    fix_class = _fix_class(loss)
     rows_sum_to_one = loss.kind != _BCE
     looks_like_probabilities = None
     if y_pred is not None:

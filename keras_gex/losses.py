@@ -127,10 +127,30 @@ def _whole_examples(same):
     return same
 
 
+#: Keras's other classification losses, by the kind whose outputs, labels and
+#: fit they share: focal cross-entropy reweights the same cross-entropy per
+#: example, and the KL divergence to a target distribution is categorical
+#: cross-entropy less the targets' entropy (a constant per example).
+_SAME_KIND = {
+    "binary_focal_crossentropy": _BCE,
+    "categorical_focal_crossentropy": _CE,
+    "kl_divergence": _CE,
+    "kld": _CE,
+    "kullback_leibler_divergence": _CE,
+}
+
+
 def _kind_of(name: str) -> str:
+    """The loss kind of a Keras loss function or class name, "other" if none.
+
+    >>> _kind_of("SparseCategoricalCrossentropy"), _kind_of("binary_focal_crossentropy")
+    ('sparse_categorical_crossentropy', 'binary_crossentropy')
+    >>> _kind_of("KLDivergence"), _kind_of("mean_squared_error")
+    ('categorical_crossentropy', 'other')
+    """
     name = name.lower()
-    for kind in CLASSIFICATION_KINDS:
-        if name in (kind, "".join(p.capitalize() for p in kind.split("_")).lower()):
+    for snake, kind in [*((k, k) for k in CLASSIFICATION_KINDS), *_SAME_KIND.items()]:
+        if name in (snake, "".join(p.capitalize() for p in snake.split("_")).lower()):
             return kind
     return "other"
 

@@ -156,7 +156,8 @@ def distillation_targets(labels, pred_probs, noisy_mask) -> np.ndarray:
     own (softer) predictions instead of their hard labels.
 
     Args:
-        labels: `(N, K)` multi-hot (or one-hot) labels, or `(N,)` class ids.
+        labels: `(N, K)` multi-hot (or one-hot) labels, or `(N,)` class ids;
+            with one sigmoid output (`K = 1`), `(N,)` or `(N, 1)` 0/1 labels.
         pred_probs: `(N, K)` probabilities (sigmoid or softmax outputs).
         noisy_mask: Boolean `(N,)`.
 
@@ -165,6 +166,9 @@ def distillation_targets(labels, pred_probs, noisy_mask) -> np.ndarray:
 
     >>> distillation_targets([[1, 0]], [[0.3, 0.6]], np.array([True])).tolist()
     [[0.3, 0.6]]
+    >>> flagged = np.array([False, False, True])
+    >>> distillation_targets([0, 1, 0], [[0.2], [0.9], [0.7]], flagged).tolist()  # one output
+    [[0.0], [1.0], [0.7]]
     """
     pred = np.asarray(pred_probs, dtype=np.float64)
     if pred.ndim != 2:
@@ -175,12 +179,14 @@ def distillation_targets(labels, pred_probs, noisy_mask) -> np.ndarray:
         raise ValueError("Argument `pred_probs` must hold probabilities in [0, 1].")
     n, k = pred.shape
     lab = np.asarray(labels)
-    if lab.ndim == 1 or (lab.ndim == 2 and lab.shape[1] == 1):
+    if lab.shape == (n, k) or (k == 1 and lab.shape == (n,)):
+        # Labels of the outputs' shape; with one sigmoid output, `(N,)` 0/1
+        # labels too (never class ids: a single output has no class 1).
+        targets = lab.reshape(n, k).astype(np.float64).copy()
+    elif lab.ndim == 1 or (lab.ndim == 2 and lab.shape[1] == 1):
         ids, _ = _as_class_labels(lab, k)
         targets = np.zeros((n, k))
         targets[np.arange(n), ids] = 1.0
-    elif lab.shape == (n, k):
-        targets = lab.astype(np.float64).copy()
     else:
         raise ValueError(
             f"Argument `labels` must have shape (N,) or ({n}, {k}). Received: {lab.shape}"

@@ -371,11 +371,14 @@ def load_ensemble(directory: str, model, loss) -> tuple:
     if (loss.kind, loss.from_logits) != (saved["kind"], saved["from_logits"]) or (
         loss.kind == "other" and loss.name != saved["name"]
     ):
+        fix = "Pass the original `loss=`."
+        if loss.name == saved["name"] and loss.from_logits == saved["from_logits"]:
+            fix = "This version reads that loss as another kind; collect the ensemble again."
         raise ValueError(
             f"The ensemble in {directory!r} was collected with loss "
-            f"{saved['name']!r} (from_logits={saved['from_logits']}), but "
-            f"the model's loss is {loss.name!r} "
-            f"(from_logits={loss.from_logits}). Pass the original `loss=`."
+            f"{saved['name']!r} (kind {saved['kind']}, from_logits={saved['from_logits']}), "
+            f"but the model's loss is {loss.name!r} (kind {loss.kind}, "
+            f"from_logits={loss.from_logits}). {fix}"
         )
     members = [
         read_weights(model, os.path.join(directory, entry["file"])) for entry in manifest["members"]

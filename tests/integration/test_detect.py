@@ -1,5 +1,6 @@
 import dataclasses
 
+import keras
 import matplotlib.figure
 import numpy as np
 import pytest
@@ -406,3 +407,37 @@ def test_tagger_with_labels_per_position():
     assert record.chance_fit < 0.05  # the commonest whole tag sequence, not a first tag's class
     with pytest.raises(ValueError, match="one class per row"):
         report.given_labels()  # a tag per position: no class per row
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        keras.losses.BinaryCrossentropy(from_logits=True),
+        keras.losses.BinaryFocalCrossentropy(from_logits=True),  # read as binary cross-entropy
+    ],
+    ids=["bce", "focal"],
+)
+def test_one_sigmoid_output_relabels_the_flagged_rows_only(loss, digits):
+    """A binary model with one sigmoid output (0/1 labels): unflagged rows keep
+    their label, flagged ones get the members' probability, the suggestion is
+    the other class. Before, every unflagged 0 label became a target of 1."""
+    from conftest import make_mlp
+
+    rng = np.random.default_rng(0)
+    clean = (digits.y_train_clean >= 5).astype("float32")
+    flipped = rng.random(len(clean)) < 0.1
+    y = np.where(flipped, 1.0 - clean, clean)[:, None]
+    model = make_mlp(seed=0, num_classes=1, loss=loss)
+    model.fit(digits.x_train, y, epochs=40, batch_size=64, verbose=0)
+    report = keras_gex.detect_noisy(
+        (digits.x_train, y), model, num_members=2, steps=60, seed=0, verbose=0
+    )
+    assert report.loss_kind == "binary_crossentropy"
+    assert roc_auc_score(flipped, report.scores) > 0.9
+    mask = report.noisy_mask
+    assert 0 < mask.sum() < len(y) / 2
+    targets = report.relabeled_targets()
+    assert targets.shape == (len(y), 1)
+    np.testing.assert_array_equal(targets[~mask], y[~mask])
+    np.testing.assert_allclose(targets[mask], report.ensemble_probs()[mask], rtol=1e-6)
+    np.testing.assert_array_equal(report.suggested_labels()[mask], 1 - y[mask, 0])

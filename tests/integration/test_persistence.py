@@ -80,8 +80,16 @@ def test_load_refuses_other_architecture_weights_or_loss(bn_setup, tmp_path):
     retrained.set_weights([w + 1e-3 if w.dtype.kind == "f" else w for w in model.get_weights()])
     with pytest.raises(ValueError, match="different trained weights"):
         keras_gex.GeometricEnsemble.load(tmp_path / "ge", retrained)
-    with pytest.raises(ValueError, match="was collected with loss"):
+    with pytest.raises(ValueError, match=r"was collected with loss.*Pass the original `loss=`"):
         keras_gex.GeometricEnsemble.load(tmp_path / "ge", model, loss="mse")
+    # The same loss read as another kind (a focal loss saved by a version that read it
+    # as a regression): named by kind, not as "X, but the model's loss is X".
+    manifest_path = tmp_path / "ge" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["loss"]["kind"] = "other"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"kind other.*reads that loss as another kind"):
+        keras_gex.GeometricEnsemble.load(tmp_path / "ge", model)
     with pytest.raises(FileNotFoundError, match="No keras_gex ensemble"):
         keras_gex.GeometricEnsemble.load(tmp_path / "nothing", model)
 

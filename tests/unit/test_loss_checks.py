@@ -39,6 +39,11 @@ def _logits(rows=8, k=3):
         ("sparse_categorical_crossentropy", r"SparseCategoricalCrossentropy\(from_logits=True\)"),
         (keras.losses.CategoricalCrossentropy(), r"CategoricalCrossentropy\(from_logits=True\)"),
         (BCE(), r"BinaryCrossentropy\(from_logits=True\)"),
+        # Keras's other classification losses: the model's own class is named, or
+        # where it takes no `from_logits` (KL divergence) its kind's.
+        (keras.losses.BinaryFocalCrossentropy(), r"BinaryFocalCrossentropy\(from_logits=True\)"),
+        ("categorical_focal_crossentropy", r"CategoricalFocalCrossentropy\(from_logits=True\)"),
+        ("kl_divergence", r"CategoricalCrossentropy\(from_logits=True\)"),
     ],
 )
 def test_logits_under_from_logits_false_refused(loss, fix):
@@ -255,3 +260,21 @@ def test_predicts_label_is_fit_mask_on_probabilities(kind, labels, probs, expect
     np.testing.assert_array_equal(got, np.asarray(expected, dtype=bool))
     # The same test as the members' fit during calibration (two routes agree).
     np.testing.assert_array_equal(got, loss.fit_mask(labels, probs).numpy() == 1.0)
+
+
+@pytest.mark.parametrize(
+    "loss, kind, from_logits",
+    [
+        (keras.losses.BinaryFocalCrossentropy(from_logits=True), "binary_crossentropy", True),
+        ("binary_focal_crossentropy", "binary_crossentropy", False),
+        (keras.losses.CategoricalFocalCrossentropy(), "categorical_crossentropy", False),
+        (keras.losses.KLDivergence(), "categorical_crossentropy", False),
+        ("kld", "categorical_crossentropy", False),
+        (keras.losses.Hinge(), "other", False),
+    ],
+)
+def test_focal_and_kl_losses_are_read_as_the_cross_entropy_they_reweight(loss, kind, from_logits):
+    """Their fit, class ids and relabeling are the cross-entropy kind's, not a
+    regression's (before: "other", so no relabeling and a fit read as R²)."""
+    per_example = resolve_loss(_model(loss))
+    assert (per_example.kind, per_example.from_logits) == (kind, from_logits)

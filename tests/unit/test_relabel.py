@@ -88,6 +88,16 @@ def test_distillation_targets():
         keras_gex.distillation_targets(labels, probs * 3, np.array([True, False]))
 
 
+@pytest.mark.parametrize("shape", [(4,), (4, 1)])
+def test_distillation_targets_of_one_sigmoid_output_keep_the_labels(shape):
+    """A binary model's one output: 0/1 labels, not class ids (which read every
+    label as class 0 of one output, so every unflagged target became 1)."""
+    labels = np.array([0, 1, 0, 1]).reshape(shape)
+    probs = np.array([[0.2], [0.9], [0.7], [0.4]])
+    out = keras_gex.distillation_targets(labels, probs, np.array([False, False, True, True]))
+    np.testing.assert_array_equal(out, [[0.0], [1.0], [0.7], [0.4]])
+
+
 def test_soft_target_crossentropy_is_exact_for_unnormalised_targets():
     import tensorflow as tf
 
