@@ -10,7 +10,8 @@ a multi-input model, a dict, tuple or list of arrays (as `model.fit` takes it):
   (for fine-tuning the geometric ensemble).
 
 Scores are only meaningful when they line up with the dataset's order, so a
-dataset that reshuffles on every iteration is refused for scoring.
+dataset that reshuffles on every iteration, repeats its examples or drops the
+rows of a last, partial batch is refused for scoring.
 """
 
 from __future__ import annotations
@@ -227,6 +228,30 @@ def repetitions(ds: tf.data.Dataset) -> int:
             count = int(getattr(node, "_count", -1))
             times *= count if count > 0 else 1
     return times
+
+
+def dropped_rows(ds: tf.data.Dataset) -> int | None:
+    """Rows a `batch(..., drop_remainder=True)` in `ds` never yields: 0 where none
+    is dropped, None where some may be (the rows before it are not counted).
+
+    >>> dropped_rows(tf.data.Dataset.range(10).batch(4, drop_remainder=True))
+    2
+    >>> dropped_rows(tf.data.Dataset.range(8).batch(4, drop_remainder=True))
+    0
+    >>> filtered = tf.data.Dataset.range(10).filter(lambda i: i > 2)  # rows unknown
+    >>> dropped_rows(filtered.batch(4, drop_remainder=True)) is None
+    True
+    """
+    dropped = 0
+    for node in _dataset_nodes(ds):
+        if not bool(tf.get_static_value(getattr(node, "_drop_remainder", False))):
+            continue
+        size = tf.get_static_value(getattr(node, "_batch_size", None))
+        rows = int(node._input_dataset.cardinality())
+        if size is None or rows < 0:
+            return None
+        dropped += rows % int(size)
+    return dropped
 
 
 def _refuse_label_per_output(name: str, y, num_examples: int) -> None:
@@ -469,7 +494,17 @@ class DataSource:
                 "(`shuffle(..., reshuffle_each_iteration=True)`), so scores could "
                 "not be matched to examples. Pass the dataset without `shuffle()` "
                 "(the fine-tuning shuffles on its own), or with "
-                "`reshuffle_each_iteration=False`."
+                "`reshuffle_each_iteration=False`; Keras' loaders "
+                "(`keras.utils.image_dataset_from_directory`, ...) take `shuffle=False`."
+            )
+        dropped = dropped_rows(self._dataset)
+        if dropped != 0:
+            count = "rows" if dropped is None else f"{dropped} rows"
+            raise ValueError(
+                f"Argument `{self.name}` drops the {count} of its last, partial batch "
+                "(`batch(..., drop_remainder=True)`), which would get no score. Pass the "
+                "dataset batched without `drop_remainder` (the fine-tuning batches on its "
+                "own)."
             )
         times = repetitions(self._dataset)
         if times > 1:

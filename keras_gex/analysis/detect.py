@@ -36,7 +36,8 @@ def detect_noisy(
     Args:
         train_data: `(x, y)` arrays, a `tf.data.Dataset` of `(x, y)` batches or a
             `keras.utils.PyDataset`, in the order the scores should have (a
-            dataset that reshuffles on every iteration is refused).
+            dataset that reshuffles on every iteration, repeats its examples
+            or drops a last, partial batch is refused).
         ensemble: A `GeometricEnsemble` (e.g. `collector.ensemble`), or a
             trained `keras.Model`, in which case the ensemble is collected
             post hoc from `train_data` with `config` and `collect_kwargs`.

@@ -143,6 +143,33 @@ def test_a_dataset_that_repeats_its_examples_refused_for_scoring(data, model):
         report.ensemble.deviations(twice, verbose=0)
 
 
+def test_a_dataset_that_drops_its_last_partial_batch_refused_for_scoring(data, model):
+    """`batch(..., drop_remainder=True)` never yields the last rows: they would get no
+    score (before: scores for 192 of the 250 rows, without a word)."""
+    x, y = data
+    rows = tf.data.Dataset.from_tensor_slices((x[:250], y[:250]))
+    with pytest.raises(ValueError, match=r"drops the 58 rows of its last, partial batch"):
+        keras_gex.detect_noisy(rows.batch(64, drop_remainder=True), model, **SETTINGS)
+    filtered = rows.filter(lambda *_: True).batch(64, drop_remainder=True)  # rows unknown
+    with pytest.raises(ValueError, match=r"drops the rows of its last"):
+        keras_gex.detect_noisy(filtered, model, **SETTINGS)
+    whole = tf.data.Dataset.from_tensor_slices((x, y)).batch(64, drop_remainder=True)
+    report = keras_gex.detect_noisy(whole, model, **SETTINGS)  # 256 rows: nothing dropped
+    assert report.scores.shape == (256,)
+    with pytest.raises(ValueError, match=r"drops the 58 rows"):
+        report.ensemble.deviations(rows.batch(64, drop_remainder=True), verbose=0)
+
+
+def test_a_keras_loader_shuffling_by_default_is_refused_naming_its_switch(model, tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            (tmp_path / label / f"{i}.txt").write_text(f"{label} {i}")
+    shuffled = keras.utils.text_dataset_from_directory(tmp_path, batch_size=2, verbose=False)
+    with pytest.raises(ValueError, match=r"reshuffles on every iteration.*`shuffle=False`"):
+        keras_gex.detect_noisy(shuffled, model, **SETTINGS)
+
+
 def test_py_dataset_labels_keep_their_dtype_as_array_labels_do(data, model):
     """Only inputs are read as float32: float64 labels stay as they are, as from arrays."""
     x, y = data
