@@ -43,7 +43,32 @@ class PerExampleLoss:
     name: str
 
     def __call__(self, y_true, y_pred):
-        values = self.fn(y_true, y_pred)
+        values = self._per_example(self.fn(y_true, y_pred))
+        if self.kind == "other":
+            values -= self.saturated(y_true, y_pred)
+        return values
+
+    def saturated(self, y_true, y_pred):
+        """`(B,)` (or 0): the loss of predicting every target exactly, `loss(y, y)`.
+
+        A non-classification loss is measured above it, as a unit deviance:
+        0 for a distance (squared or absolute error, Huber), so nothing
+        changes there, but a likelihood such as Poisson's (`ŷ − y log ŷ`) is
+        lowest at `ŷ = y` with a value that depends on `y`, and its raw value
+        ranks rows by the size of their target rather than by how badly they
+        are fitted (docs/design.md#relative-fit). 0 where the labels are not
+        of the outputs' shape. (A classification loss's is 0 for hard labels.)
+        """
+        y_pred = tf.convert_to_tensor(y_pred)
+        targets = tf.cast(y_true, y_pred.dtype)
+        if not targets.shape.is_compatible_with(y_pred.shape) or (
+            targets.shape.rank != y_pred.shape.rank
+        ):
+            return 0.0
+        return self._per_example(self.fn(y_true, targets))
+
+    @staticmethod
+    def _per_example(values):
         values = tf.convert_to_tensor(values)
         rank = values.shape.rank
         if rank is not None and rank > 1:

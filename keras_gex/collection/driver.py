@@ -229,9 +229,19 @@ def collect(
     eval_batches = _evaluation_batches(source, batch_size, seed)
 
     weight_decay = step_size.WEIGHT_DECAY if config.weight_decay == "auto" else config.weight_decay
+    chance, baseline = _fit_baseline(loss, eval_batches)
+    # A regression loss is fine-tuned in units of the null model's (`tuner.in_units`).
+    loss_scale = 1.0 if baseline is None else 1.0 / baseline
     if strategy is None:
         xla = source.has_arrays and resolve_jit_compile(config.jit_compile, tuned)
-        tuner = FineTuner(tuned, loss, config.momentum, jit_compile=xla, weight_decay=weight_decay)
+        tuner = FineTuner(
+            tuned,
+            loss,
+            config.momentum,
+            jit_compile=xla,
+            weight_decay=weight_decay,
+            loss_scale=loss_scale,
+        )
     else:
         tuner = ReplicaFineTuner(
             tuned,
@@ -241,6 +251,7 @@ def collect(
             synchronized=not per_replica_members,
             global_batch_size=batch_size,
             weight_decay=weight_decay,
+            loss_scale=loss_scale,
         )
     width = tuner.width
 
@@ -252,7 +263,6 @@ def collect(
     tuner.load(theta_star)
     tuner.refresh_batchnorm(stream(["reference"] * width), config.bn_batches)
     reference = to_model(tuner.snapshots()[0])
-    chance, baseline = _fit_baseline(loss, eval_batches)
 
     def fit_of(fit, mean_loss):
         """The classification fit, or the share of the baseline loss explained."""

@@ -27,6 +27,9 @@ class FineTuner:
             why in `xla_error` and goes on without XLA. Defaults to `False`.
         weight_decay: Decoupled weight decay λ of the SGD step; `set_weight_decay`
             changes it between runs. Defaults to `0.0`.
+        loss_scale: Factor on the objective the SGD step differentiates
+            (`tuner.in_units`); the loss values it returns are not scaled.
+            Defaults to `1.0`.
     """
 
     width = 1  # members per round
@@ -38,10 +41,12 @@ class FineTuner:
         momentum: float = 0.9,
         jit_compile=False,
         weight_decay: float = 0.0,
+        loss_scale: float = 1.0,
     ):
         self.model = model
         self.loss = loss
         self.momentum = float(momentum)
+        self.loss_scale = float(loss_scale)
         self._decay = tf.Variable(float(weight_decay), dtype=tf.float32, trainable=False)
         self.jit_compile = bool(jit_compile)
         self._jit_proven = False  # an XLA call has succeeded
@@ -92,7 +97,8 @@ class FineTuner:
                 self.model, self.tv, self.ntv, x, training=True, return_losses=True
             )
             objective = core.regularised(tf.reduce_mean(self.loss(y, pred)), reg)
-        grads = tape.gradient(objective, self.tv)
+            scaled = core.in_units(objective, self.loss_scale)
+        grads = tape.gradient(scaled, self.tv)
         core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self._decay)
         core.assign_all(self.ntv, new_ntv)
         return objective

@@ -49,6 +49,8 @@ class ReplicaFineTuner:
         global_batch_size: Fine-tuning batch size across all replicas.
         weight_decay: Decoupled weight decay λ of the SGD step; `set_weight_decay`
             changes it between runs. Defaults to `0.0`.
+        loss_scale: Factor on the objective the SGD step differentiates
+            (`tuner.in_units`). Defaults to `1.0`.
     """
 
     def __init__(
@@ -61,10 +63,12 @@ class ReplicaFineTuner:
         synchronized: bool,
         global_batch_size: int,
         weight_decay: float = 0.0,
+        loss_scale: float = 1.0,
     ):
         self.model = model
         self.loss = loss
         self.momentum = float(momentum)
+        self.loss_scale = float(loss_scale)
         self.strategy = strategy
         self.synchronized = bool(synchronized)
         self.global_batch_size = int(global_batch_size)
@@ -192,7 +196,8 @@ class ReplicaFineTuner:
                     )
             else:
                 objective = core.regularised(tf.reduce_mean(per_example), reg)
-        grads = tape.gradient(objective, trainable)
+            scaled = core.in_units(objective, self.loss_scale)
+        grads = tape.gradient(scaled, trainable)
         if self.synchronized:
             context = tf.distribute.get_replica_context()
             present = [i for i, g in enumerate(grads) if g is not None]

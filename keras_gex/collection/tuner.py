@@ -121,6 +121,18 @@ def assign_all(variables, values) -> None:
         var.assign(value)
 
 
+def in_units(objective, loss_scale: float):
+    """`objective` × `loss_scale`: what the members' SGD differentiates.
+
+    A regression loss carries its targets' units (squared, for squared error),
+    so a step size that suits standardised targets diverges on raw ones; in
+    units of the null model's loss (`loss_scale` = 1 / the loss of predicting
+    the mean target) a step size means the same in any units. 1 (classification,
+    in nats already): the objective as it is.
+    """
+    return objective if loss_scale == 1.0 else objective * tf.cast(loss_scale, objective.dtype)
+
+
 def regularised(objective, reg):
     """`objective` plus the model's regularisation losses (`reg`, maybe empty)."""
     if reg:

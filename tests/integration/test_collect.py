@@ -153,12 +153,14 @@ def test_diverging_step_size_is_retried_not_averaged():
     y = x.sum(axis=1, keepdims=True)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
     model.compile(loss="mse")
+    # In units of the null loss (`tuner.in_units`, var(y) = 72) SGD with momentum 0.9
+    # is stable below 3.8 / λ_max = 15 on this model; 100 diverges.
     with pytest.warns(UserWarning, match="diverged"):
         ens = keras_gex.GeometricEnsemble.collect(
-            model, (x, y), num_members=1, steps=50, learning_rate=10.0, seed=0, verbose=0
+            model, (x, y), num_members=1, steps=50, learning_rate=100.0, seed=0, verbose=0
         )
     assert all(m.is_finite() for m in ens.members)
-    assert ens.info["learning_rate"] < 10.0
+    assert ens.info["learning_rate"] < 100.0
     assert np.all(np.isfinite(ens.self_influence((x, y), verbose=0)))
 
 

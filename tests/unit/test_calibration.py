@@ -385,10 +385,13 @@ def test_a_member_run_again_draws_another_batch_order(small_trained_mlp, monkeyp
 def test_regression_calibrates_on_the_share_of_loss_explained():
     """Squared error: the fit is the share of the loss of predicting the mean
     that a model explains (R²), chance 0; the same search lands members in
-    the window."""
+    the window. (With 10% of the targets corrupted: members forget them. On
+    clean targets the fit stays whole up to divergence: nothing to forget.)"""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 8)).astype("float32")
-    y = (x @ rng.normal(size=8) + 0.1 * rng.normal(size=400)).astype("float32")
+    y = x @ rng.normal(size=8) + 0.1 * rng.normal(size=400)
+    wrong = rng.random(400) < 0.1
+    y = np.where(wrong, y + rng.choice([-3.0, 3.0], 400) * y.std(), y).astype("float32")
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [keras.Input((8,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)]
@@ -401,13 +404,97 @@ def test_regression_calibrates_on_the_share_of_loss_explained():
             model, (x, y), num_members=2, steps=60, seed=0, verbose=0
         )
     record = ens.record
-    assert record.chance_fit == 0.0 and record.reference_stats.fit > 0.9
+    assert record.chance_fit == 0.0 and record.reference_stats.fit > 0.5
     mse = float(np.mean((model.predict(x, verbose=0)[:, 0] - y) ** 2))
     r2 = 1 - mse / float(np.var(y))
-    assert record.reference_stats.fit == pytest.approx(r2, abs=1e-3)
+    assert record.reference_stats.fit == pytest.approx(r2, abs=5e-3)  # on 3 batches of 128 rows
     assert record.calibration and record.calibration[-1].accepted
     fits = [relative_fit(s, record.reference_stats, 0.0) for s in record.member_stats]
     assert all(FIT_WINDOW[0] <= f <= 1.0 for f in fits)
+
+
+@pytest.mark.parametrize(
+    "loss, exact",
+    [("mse", True), ("mae", True), (keras.losses.Huber(), True), ("poisson", False)],
+)
+def test_non_classification_losses_are_measured_above_the_targets_own_loss(loss, exact):
+    """A regression loss is read as a unit deviance, `loss(y, ŷ) − loss(y, y)`: a
+    distance unchanged to the bit, Poisson's `ŷ − y log ŷ` shifted per row."""
+    rng = np.random.default_rng(0)
+    y = tf.constant(rng.poisson(3.0, size=(16, 1)).astype("float32"))
+    pred = tf.constant(rng.uniform(0.5, 6.0, size=(16, 1)).astype("float32"))
+    per_example = keras_gex.losses.resolve_loss(
+        make_mlp(hidden=4, num_classes=1, input_dim=2, loss=loss)
+    )
+    raw = keras.losses.get(loss) if isinstance(loss, str) else loss
+    raw = np.asarray(raw.fn(y, pred) if hasattr(raw, "fn") else raw(y, pred))
+    got = np.asarray(per_example(y, pred))
+    if exact:
+        np.testing.assert_array_equal(got, raw)
+    else:
+        at_targets = np.asarray(keras.losses.poisson(y, y))
+        np.testing.assert_allclose(got, raw - at_targets, rtol=1e-6, atol=1e-6)
+        assert np.all(got >= -1e-6) and np.any(raw < 0)  # a deviance: never below 0
+
+
+@pytest.mark.slow
+def test_poisson_regression_ranks_corrupted_counts_by_their_deviance():
+    """Poisson's loss is lowest at ŷ = y with a value that falls as y grows, so
+    its raw value ranked the inflated counts last (AUC 0.07) and found no
+    baseline to calibrate on; as a deviance both work (measured 0.99)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype("float32")
+    rate = np.exp(0.4 * x @ rng.normal(size=8) + 1.0)
+    y = rng.poisson(rate).astype("float32")
+    wrong = rng.random(400) < 0.1
+    y[wrong] = rng.poisson(rate[wrong] * 4 + 5)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(1, activation="softplus"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="poisson")
+    model.fit(x, y, epochs=150, batch_size=32, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibrated: no "cannot calibrate" warning
+        report = keras_gex.detect_noisy((x, y), model, num_members=2, seed=0, verbose=0)
+    assert report.ensemble.record.calibration[-1].accepted
+    assert roc_auc_score(wrong, report.scores) > 0.95
+    assert 0 < report.num_flagged <= 2 * wrong.sum()
+
+
+@pytest.mark.slow
+def test_regression_in_raw_units_is_fine_tuned_in_units_of_the_null_loss():
+    """Targets in raw units (×100, +300: a price, a count) make squared error 10⁴
+    times larger; SGD at any step size calibration tries diverged ("diverged
+    repeatedly", or AUC 0.50 after six runs redone). In units of the null
+    model's loss the same search lands (measured AUC 1.000)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype("float32")
+    signal = x @ rng.normal(size=8) + 0.3 * rng.normal(size=400)
+    wrong = rng.random(400) < 0.1
+    signal[wrong] += rng.choice([-3.0, 3.0], wrong.sum()) * signal.std()
+    y = (100 * signal + 300).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse")
+    model.fit(x, y, epochs=100, batch_size=32, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divergence, no missed window
+        report = keras_gex.detect_noisy((x, y), model, num_members=2, seed=0, verbose=0)
+    assert not any(report.ensemble.record.redone_members.values())
+    assert roc_auc_score(wrong, report.scores) > 0.95
 
 
 def test_a_loss_without_a_constant_baseline_keeps_a_fixed_step_size(small_trained_mlp):
