@@ -33,8 +33,10 @@ def from_py_dataset(data, name: str = "data") -> tf.data.Dataset:
 
     `fit` takes a `PyDataset` (`__len__` batches, `data[i]` the i-th `(x, y)`
     batch); GEX reads it as a dataset of `data[0], data[1], ...`, so scores
-    follow that order. Each batch's shapes past the batch axis must be the
-    first batch's; float64 inputs are read as float32, as array inputs are.
+    follow that order. Shapes past the batch axis are read as `fit` reads them,
+    from the first two batches: an axis whose size differs between them (a
+    batch padded to its longest sequence) is unknown, the others must hold in
+    every batch. Float64 inputs are read as float32, as array inputs are.
     """
     try:
         count = data.num_batches
@@ -60,14 +62,25 @@ def from_py_dataset(data, name: str = "data") -> tf.data.Dataset:
         x, y = item
         return tf.nest.map_structure(_float32_array, x), tf.nest.map_structure(np.asarray, y)
 
-    first = batch(0)
+    # As `fit` reads it: the shapes of the first two batches, an axis whose size
+    # differs between them (per-batch padding) left unknown.
+    peeked = [batch(i) for i in range(min(count, 2))]
     spec = tf.nest.map_structure(
-        lambda a: tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)), first
+        lambda *arrays: tf.TensorSpec(
+            (None, *(_common_size(sizes) for sizes in zip(*(a.shape[1:] for a in arrays)))),
+            tf.as_dtype(arrays[0].dtype),
+        ),
+        *peeked,
     )
     ds = tf.data.Dataset.from_generator(
         lambda: (batch(i) for i in range(count)), output_signature=spec
     )
     return ds.apply(tf.data.experimental.assert_cardinality(count))
+
+
+def _common_size(sizes) -> int | None:
+    """An axis's size where every batch has the same, else None (unknown)."""
+    return sizes[0] if len(set(sizes)) == 1 else None
 
 
 def _float32_array(value) -> np.ndarray:
@@ -549,7 +562,11 @@ class DataSource:
         `stateless_shuffle` permutation per epoch), independent of TensorFlow's
         global seed, so the same seed gives the same batches in any process.
         For a `tf.data.Dataset` it is `shuffle(seed=seed)` over its examples,
-        reproducible under the same global seed (`keras.utils.set_random_seed`).
+        reproducible under the same global seed (`keras.utils.set_random_seed`);
+        examples whose shape varies (a pipeline that pads each batch to its
+        longest sequence) are padded with zeros to the longest in each
+        mini-batch (`padded_batch`), the padding `padded_batch` and Keras'
+        `pad_sequences` use by default.
         """
         if self._arrays is not None:
             x, y = self._arrays
@@ -570,7 +587,11 @@ class DataSource:
         n = self.num_examples
         buffer = min(n, _SHUFFLE_BUFFER) if n else _SHUFFLE_BUFFER
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        if all(s.shape.is_fully_defined() for s in tf.nest.flatten(ds.element_spec)):
+            ds = ds.batch(batch_size, drop_remainder=True)
+        else:  # examples of varying length (batches padded to their longest): pad again
+            ds = ds.padded_batch(batch_size, drop_remainder=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
 
     def in_memory(self, max_bytes: int) -> DataSource:
         """This source as arrays, read in one pass, if a dataset's examples fit `max_bytes`.

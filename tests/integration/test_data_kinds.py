@@ -170,6 +170,55 @@ def test_a_keras_loader_shuffling_by_default_is_refused_naming_its_switch(model,
         keras_gex.detect_noisy(shuffled, model, **SETTINGS)
 
 
+class PaddedBatches(keras.utils.PyDataset):
+    """Token-id sequences, each batch padded with 0 to its longest (a text loader)."""
+
+    def __init__(self, sequences, y, batch_size=32, **kwargs):
+        super().__init__(**kwargs)
+        self.sequences, self.y, self.batch_size = sequences, y, batch_size
+
+    def __len__(self):
+        return -(-len(self.sequences) // self.batch_size)
+
+    def __getitem__(self, i):
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return keras.utils.pad_sequences(self.sequences[rows], padding="post"), self.y[rows]
+
+
+def test_batches_padded_to_their_longest_sequence_are_read_as_fit_reads_them():
+    """Sequence lengths that differ between batches: the `PyDataset` read as `fit`
+    reads it (an unknown length where its first two batches differ), the members'
+    mini-batches padded again (before: "generator yielded an element of shape
+    (32, 28) where (None, 27) was expected", and for a `padded_batch` dataset
+    "Cannot batch tensors with different shapes")."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    sequences = [list(rng.integers(1 + 20 * c, 21 + 20 * c, rng.integers(3, 30))) for c in y]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((None,), dtype="int32"),
+            keras.layers.Embedding(41, 8, mask_zero=True),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(PaddedBatches(sequences, y), epochs=2, verbose=0)
+    from_py = keras_gex.detect_noisy(PaddedBatches(sequences, y), model, **SETTINGS)
+    assert from_py.scores.shape == (200,) and np.all(np.isfinite(from_py.scores))
+    ragged = tf.data.Dataset.from_generator(
+        lambda: ((np.asarray(s, "int32"), c) for s, c in zip(sequences, y)),
+        output_signature=(tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int64)),
+    )
+    padded = ragged.padded_batch(32)
+    from_tf_data = keras_gex.detect_noisy(padded, model, **SETTINGS)
+    # The same batches scored (each padded to its longest): the same θ* losses.
+    np.testing.assert_allclose(
+        from_tf_data.reference_losses, from_py.reference_losses, rtol=1e-5, atol=1e-6
+    )
+
+
 def test_py_dataset_labels_keep_their_dtype_as_array_labels_do(data, model):
     """Only inputs are read as float32: float64 labels stay as they are, as from arrays."""
     x, y = data
