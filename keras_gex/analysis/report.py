@@ -369,7 +369,9 @@ class NoisyLabelReport:
                 if ref is not None:
                     text += f" (θ*: {ref.loss:.4f})"
                 if fits and ref is not None and ref.fit:
-                    text += f", fit {np.mean(fits):.3f} (θ*: {ref.fit:.3f})"
+                    # Regression: the share of the mean target's loss explained (R²).
+                    fit = "fit" if self.loss_kind in CLASSIFICATION_KINDS else "loss explained"
+                    text += f", {fit} {np.mean(fits):.3f} (θ*: {ref.fit:.3f})"
                 lines.append(text)
             redone = record.redone_members
             if any(redone.values()):

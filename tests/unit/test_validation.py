@@ -1,5 +1,7 @@
 """Every bad input gets a clear error, never a silently wrong score."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -202,6 +204,9 @@ def test_other_losses_end_to_end(kind):
     if kind == "mse":
         with pytest.raises(ValueError, match="classification loss"):
             report.relabeled_targets()
+        # a regression's fit is the share of the mean target's loss explained, said so
+        members = r"members: .*, loss explained -?[\d.]+ \(θ\*: -?[\d.]+\)"
+        assert re.search(members, report.summary(None))
 
 
 def test_auto_learning_rate_refuses_to_calibrate_on_a_model_at_chance():
