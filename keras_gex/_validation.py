@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -149,6 +150,37 @@ def check_trainable(model) -> None:
             "frozen), so no GE member could move from θ*: members fine-tune the trainable "
             "weights. Set `trainable = True` on the layers to fine-tune (at least the head) "
             "before collecting; the model's own weights are left as they are."
+        )
+
+
+def warn_custom_objective(model, loss=None) -> None:
+    """Warns when the model trains on its own code and GEX on its compiled loss.
+
+    A model that overrides `train_step` or `compute_loss` (distillation, mixup,
+    an extra term) was trained on that code's objective; the members fine-tune
+    and every example is scored on the compiled loss (plus the layers'
+    regularisation losses) alone, which is right only where the two agree.
+    Nothing to say when `loss=` is given: the caller chose the objective.
+    """
+    import keras
+
+    if loss is not None:
+        return
+    overridden = [
+        name
+        for name in ("train_step", "compute_loss")
+        if getattr(type(model), name, None) is not getattr(keras.Model, name, None)
+    ]
+    if overridden:
+        names = " and ".join(f"`{name}`" for name in overridden)
+        warnings.warn(
+            f"The model's class {type(model).__name__} overrides {names}, so it was "
+            f"trained on that code's objective, but GE members fine-tune and examples are "
+            f"scored on its compiled loss {getattr(model, 'loss', None)!r} (and the layers' "
+            "regularisation losses) only. If the objective differs, pass the per-example "
+            "loss to score as `loss=`.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
         )
 
 

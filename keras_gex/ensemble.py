@@ -156,6 +156,7 @@ class GeometricEnsemble:
         """
         _validation.check_model(model, need_loss=True, loss=loss)
         _validation.check_trainable(model)
+        _validation.warn_custom_objective(model, loss)
         config = CollectionConfig.resolve(config, **settings)
         verbose = _validation.verbose_level(verbose)
         strategy = distribute.resolve_strategy(strategy, model)

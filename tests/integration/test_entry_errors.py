@@ -357,3 +357,40 @@ def test_a_model_with_nothing_trainable_refused(data, no_fine_tuning):
         keras_gex.detect_noisy(data, model, **SETTINGS)
     # its own loss needs no fine-tuning: still scored
     assert keras_gex.baselines.loss_scores(model, data, verbose=0).shape == (len(data[1]),)
+
+
+class MixupModel(keras.Model):
+    """Trains on its own objective: a `compute_loss` that is not the compiled loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.out = keras.layers.Dense(10)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return 0.5 * super().compute_loss(x, y, y_pred, sample_weight, training)
+
+
+def test_a_model_training_on_its_own_objective_is_told_what_gex_fine_tunes(data):
+    """A `compute_loss` / `train_step` override: the members and scores use the compiled
+    loss only, which the warning says, with `loss=` as the way to choose; no warning for
+    a plain model or when `loss=` is given."""
+    import warnings
+
+    model = MixupModel()
+    model.compile(loss=SCE(from_logits=True))
+    model(data[0][:1])
+    with pytest.warns(UserWarning, match=r"MixupModel overrides `compute_loss`.* `loss=`"):
+        keras_gex.GeometricEnsemble.collect(model, data, **SETTINGS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keras_gex.GeometricEnsemble.collect(model, data, loss=SCE(from_logits=True), **SETTINGS)
+        keras_gex.GeometricEnsemble.collect(make_mlp(hidden=8), data, **SETTINGS)
+    assert not [w for w in caught if "overrides" in str(w.message)]
+    collector = keras_gex.GEXCollector(data, **SETTINGS)
+    model.compile(optimizer="adam", loss=SCE(from_logits=True))
+    with pytest.warns(UserWarning, match=r"overrides `compute_loss`"):
+        model.fit(*data, epochs=1, verbose=0, callbacks=[collector])
