@@ -260,7 +260,8 @@ def dropped_rows(ds: tf.data.Dataset) -> int | None:
         if not bool(tf.get_static_value(getattr(node, "_drop_remainder", False))):
             continue
         size = tf.get_static_value(getattr(node, "_batch_size", None))
-        rows = int(node._input_dataset.cardinality())
+        source = getattr(node, "_input_dataset", None)
+        rows = -1 if source is None else int(source.cardinality())
         if size is None or rows < 0:
             return None
         dropped += rows % int(size)
@@ -587,10 +588,13 @@ class DataSource:
         n = self.num_examples
         buffer = min(n, _SHUFFLE_BUFFER) if n else _SHUFFLE_BUFFER
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        if all(s.shape.is_fully_defined() for s in tf.nest.flatten(ds.element_spec)):
-            ds = ds.batch(batch_size, drop_remainder=True)
-        else:  # examples of varying length (batches padded to their longest): pad again
+        leaves = tf.nest.flatten(ds.element_spec)
+        if all(type(s) is tf.TensorSpec for s in leaves) and not all(
+            s.shape.is_fully_defined() for s in leaves
+        ):  # dense examples of varying length (batches padded to their longest): pad again
             ds = ds.padded_batch(batch_size, drop_remainder=True)
+        else:  # fixed shapes, or ragged / sparse components, which batch as they are
+            ds = ds.batch(batch_size, drop_remainder=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def in_memory(self, max_bytes: int) -> DataSource:

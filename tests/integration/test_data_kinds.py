@@ -219,6 +219,28 @@ def test_batches_padded_to_their_longest_sequence_are_read_as_fit_reads_them():
     )
 
 
+def test_members_batches_pad_only_dense_examples_of_varying_length():
+    """The members' stream re-pads dense examples of varying length; ragged components
+    and fixed shapes batch as they are."""
+    from keras_gex.data import DataSource
+
+    lengths = [3, 5, 2, 4, 6, 1, 2, 3]
+    ids = [np.arange(1, n + 1, dtype="int32") for n in lengths]
+    labels = np.arange(8) % 2
+    dense = tf.data.Dataset.from_generator(
+        lambda: zip(ids, labels),
+        output_signature=(tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int64)),
+    ).padded_batch(4)
+    x, _ = next(iter(DataSource(dense).shuffled(4, seed=0)))
+    assert isinstance(x, tf.Tensor) and x.shape[0] == 4
+    ragged = tf.data.Dataset.from_tensor_slices((tf.ragged.constant(ids), labels)).batch(4)
+    x, _ = next(iter(DataSource(ragged).shuffled(4, seed=0)))
+    assert isinstance(x, tf.RaggedTensor) and x.shape[0] == 4
+    fixed = tf.data.Dataset.from_tensor_slices((np.zeros((8, 3)), labels)).batch(4)
+    x, _ = next(iter(DataSource(fixed).shuffled(4, seed=0)))
+    assert x.shape == (4, 3)
+
+
 def test_py_dataset_labels_keep_their_dtype_as_array_labels_do(data, model):
     """Only inputs are read as float32: float64 labels stay as they are, as from arrays."""
     x, y = data
