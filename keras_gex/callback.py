@@ -117,7 +117,6 @@ class GEXCollector(keras.callbacks.Callback):
             return
         self._check_pending = False
         _validation.check_model(model, need_loss=True, loss=self.loss)
-        _validation.warn_custom_objective(model, self.loss)
         per_example = resolve_loss(model, self.loss)
         source = DataSource(self.train_data, name="train_data")
         source.check_against_model(model)
