@@ -17,17 +17,19 @@ import warnings
 
 #: case: (data, loss, output activation). Data: breast cancer (binary, one output),
 #: digits (10 classes, one-hot labels), diabetes (regression: standardised targets
-#: shifted above 0, or the raw score, mean 152, standard deviation 77).
+#: shifted above 0, or the raw score, mean 152, standard deviation 77). Loss: a
+#: `keras.losses` class with its arguments, or a loss name.
+_LOGITS = {"from_logits": True}
 CASES = {
-    "binary-bce": ("binary", "BinaryCrossentropy", None),
-    "binary-focal": ("binary", "BinaryFocalCrossentropy", None),
-    "digits-cce": ("digits", "CategoricalCrossentropy", None),
-    "digits-focal": ("digits", "CategoricalFocalCrossentropy", None),
+    "binary-bce": ("binary", ("BinaryCrossentropy", _LOGITS), None),
+    "binary-focal": ("binary", ("BinaryFocalCrossentropy", _LOGITS), None),
+    "digits-cce": ("digits", ("CategoricalCrossentropy", _LOGITS), None),
+    "digits-focal": ("digits", ("CategoricalFocalCrossentropy", _LOGITS), None),
     "digits-kl": ("digits", "kl_divergence", "softmax"),
     "diabetes-mse": ("diabetes", "mse", None),
     "diabetes-mse-raw-units": ("diabetes-raw", "mse", None),
     "diabetes-mae": ("diabetes", "mae", None),
-    "diabetes-huber": ("diabetes", "Huber", None),
+    "diabetes-huber": ("diabetes", ("Huber", {}), None),
     "diabetes-msle": ("diabetes", "msle", None),
     "diabetes-log-cosh": ("diabetes", "log_cosh", None),
     "diabetes-poisson": ("diabetes", "poisson", "softplus"),
@@ -65,11 +67,10 @@ def run(case: str, seed: int) -> dict:
 
     import keras_gex
 
-    data, loss_name, activation = CASES[case]
+    data, loss, activation = CASES[case]
     x, labels, noisy, outputs = _data(data, seed)
-    loss = getattr(keras.losses, loss_name, None)
-    loss = loss(from_logits=True) if isinstance(loss, type) and loss_name != "Huber" else loss
-    loss = keras.losses.Huber() if loss_name == "Huber" else loss or loss_name
+    if isinstance(loss, tuple):  # a class and its arguments
+        loss = getattr(keras.losses, loss[0])(**loss[1])
     keras.utils.set_random_seed(seed)
     width = 128 if data == "binary" else 256
     model = keras.Sequential(

@@ -498,8 +498,9 @@ class DataSource:
             )
 
     def check_ordered(self) -> None:
-        """Refuses datasets whose order changes between iterations, or that repeat
-        their examples: either way scores could not be matched to examples."""
+        """Refuses datasets whose order changes between iterations, that repeat
+        their examples or that drop the rows of a last, partial batch: scores
+        could not be matched to examples one to one."""
         if self._dataset is None:
             return
         if reshuffles_each_iteration(self._dataset):

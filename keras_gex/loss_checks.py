@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
-from keras_gex.losses import _BCE, _CE, _SPARSE_CE, PerExampleLoss
+from keras_gex.losses import _BCE, _CE, _SPARSE_CE, PerExampleLoss, _class_name
 
 _ELEMENTWISE_FNS = frozenset(
     {
@@ -73,7 +73,7 @@ def _from_logits_known(loss: PerExampleLoss) -> bool:
 def _fix_class(loss: PerExampleLoss) -> str:
     """The `keras.losses` class to name in a `from_logits` fix: the model's own
     loss where it takes `from_logits` (a focal loss), else its kind's."""
-    for name in (loss.name, "".join(p.capitalize() for p in loss.name.split("_"))):
+    for name in (loss.name, _class_name(loss.name)):
         cls = getattr(keras.losses, name, None)
         if isinstance(cls, type) and "from_logits" in inspect.signature(cls).parameters:
             return name

@@ -56,7 +56,7 @@ class PerExampleLoss:
         changes there, but a likelihood such as Poisson's (`ŷ − y log ŷ`) is
         lowest at `ŷ = y` with a value that depends on `y`, and its raw value
         ranks rows by the size of their target rather than by how badly they
-        are fitted (docs/design.md#relative-fit). 0 where the labels are not
+        are fitted (docs/design.md#regression-losses). 0 where the labels are not
         of the outputs' shape. (A classification loss's is 0 for hard labels.)
         """
         y_pred = tf.convert_to_tensor(y_pred)
@@ -165,6 +165,12 @@ _SAME_KIND = {
 }
 
 
+def _class_name(snake: str) -> str:
+    """A Keras loss function's name as its class's: `"binary_crossentropy"` ->
+    `"BinaryCrossentropy"`."""
+    return "".join(part.capitalize() for part in snake.split("_"))
+
+
 def _kind_of(name: str) -> str:
     """The loss kind of a Keras loss function or class name, "other" if none.
 
@@ -175,7 +181,7 @@ def _kind_of(name: str) -> str:
     """
     name = name.lower()
     for snake, kind in [*((k, k) for k in CLASSIFICATION_KINDS), *_SAME_KIND.items()]:
-        if name in (snake, "".join(p.capitalize() for p in snake.split("_")).lower()):
+        if name in (snake, _class_name(snake).lower()):
             return kind
     return "other"
 

@@ -170,19 +170,12 @@ def test_a_keras_loader_shuffling_by_default_is_refused_naming_its_switch(model,
         keras_gex.detect_noisy(shuffled, model, **SETTINGS)
 
 
-class PaddedBatches(keras.utils.PyDataset):
+class PaddedBatches(Batches):
     """Token-id sequences, each batch padded with 0 to its longest (a text loader)."""
 
-    def __init__(self, sequences, y, batch_size=32, **kwargs):
-        super().__init__(**kwargs)
-        self.sequences, self.y, self.batch_size = sequences, y, batch_size
-
-    def __len__(self):
-        return -(-len(self.sequences) // self.batch_size)
-
     def __getitem__(self, i):
-        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        return keras.utils.pad_sequences(self.sequences[rows], padding="post"), self.y[rows]
+        sequences, y = super().__getitem__(i)
+        return keras.utils.pad_sequences(sequences, padding="post"), y
 
 
 def test_batches_padded_to_their_longest_sequence_are_read_as_fit_reads_them():
@@ -204,8 +197,8 @@ def test_batches_padded_to_their_longest_sequence_are_read_as_fit_reads_them():
         ]
     )
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(PaddedBatches(sequences, y), epochs=2, verbose=0)
-    from_py = keras_gex.detect_noisy(PaddedBatches(sequences, y), model, **SETTINGS)
+    model.fit(PaddedBatches(sequences, y, batch_size=32), epochs=2, verbose=0)
+    from_py = keras_gex.detect_noisy(PaddedBatches(sequences, y, batch_size=32), model, **SETTINGS)
     assert from_py.scores.shape == (200,) and np.all(np.isfinite(from_py.scores))
     ragged = tf.data.Dataset.from_generator(
         lambda: ((np.asarray(s, "int32"), c) for s, c in zip(sequences, y)),
