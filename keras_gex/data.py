@@ -10,8 +10,9 @@ a multi-input model, a dict, tuple or list of arrays (as `model.fit` takes it):
   (for fine-tuning the geometric ensemble).
 
 Scores are only meaningful when they line up with the dataset's order, so a
-dataset that reshuffles on every iteration, repeats its examples or drops the
-rows of a last, partial batch is refused for scoring.
+dataset that reshuffles on every iteration, may yield its examples out of order
+(`deterministic=False`), repeats its examples or drops the rows of a last,
+partial batch is refused for scoring.
 """
 
 from __future__ import annotations
@@ -224,6 +225,59 @@ def reshuffles_each_iteration(ds: tf.data.Dataset) -> bool:
         ):
             return True
     return False
+
+
+# Parallel transformations that take `deterministic=`, by their dataset class.
+_PARALLEL_OPS = {
+    "_ParallelMapDataset": "map",
+    "_ParallelBatchDataset": "batch",
+    "_ParallelInterleaveDataset": "interleave",
+    "ParallelInterleaveDataset": "parallel_interleave",
+}
+
+
+def nondeterministic_order(ds: tf.data.Dataset) -> str | None:
+    """How `ds` may yield its elements in another order on each iteration
+    (`deterministic=False` on a parallel transformation or in its options), or
+    None where its order is fixed.
+
+    >>> ds = tf.data.Dataset.range(8)
+    >>> nondeterministic_order(ds.map(tf.square, num_parallel_calls=2, deterministic=False))
+    '`map(..., deterministic=False)`'
+    >>> nondeterministic_order(ds.map(tf.square, num_parallel_calls=2)) is None
+    True
+    """
+    if ds.options().deterministic is False:
+        return "`tf.data.Options.deterministic = False`"
+    for node in _dataset_nodes(ds):
+        name = _PARALLEL_OPS.get(type(node).__name__)
+        if name is not None and _op_deterministic(node) == "false":
+            return f"`{name}(..., deterministic=False)`"
+    return None
+
+
+def _op_deterministic(node) -> str:
+    """A parallel dataset op's `deterministic` attribute: "true", "false" or
+    "default" (the dataset's options decide)."""
+    value = getattr(node, "_deterministic", None)
+    if value is not None:
+        return str(value)
+    # `interleave` keeps it only in its op: read the serialized graph (rare path).
+    from tensorflow.core.framework import graph_pb2
+    from tensorflow.python.data.ops import options as options_lib
+
+    try:
+        graph = node._as_serialized_graph(
+            external_state_policy=options_lib.ExternalStatePolicy.IGNORE
+        )
+        graph_def = graph_pb2.GraphDef.FromString(graph.numpy())
+    except Exception:  # an input that cannot be serialized: assume the default
+        return "default"
+    for op in graph_def.node:
+        if op.op.startswith("ParallelInterleaveDataset") and "deterministic" in op.attr:
+            if op.attr["deterministic"].s == b"false":
+                return "false"
+    return "default"
 
 
 def repetitions(ds: tf.data.Dataset) -> int:
@@ -498,9 +552,10 @@ class DataSource:
             )
 
     def check_ordered(self) -> None:
-        """Refuses datasets whose order changes between iterations, that repeat
-        their examples or that drop the rows of a last, partial batch: scores
-        could not be matched to examples one to one."""
+        """Refuses datasets whose order changes between iterations (a reshuffle
+        or `deterministic=False`), that repeat their examples or that drop the
+        rows of a last, partial batch: scores could not be matched to examples
+        one to one."""
         if self._dataset is None:
             return
         if reshuffles_each_iteration(self._dataset):
@@ -511,6 +566,14 @@ class DataSource:
                 "(the fine-tuning shuffles on its own), or with "
                 "`reshuffle_each_iteration=False`; Keras' loaders "
                 "(`keras.utils.image_dataset_from_directory`, ...) take `shuffle=False`."
+            )
+        order = nondeterministic_order(self._dataset)
+        if order is not None:
+            raise ValueError(
+                f"Argument `{self.name}` may yield its examples in another order on "
+                f"every iteration ({order}), so scores could not be matched to "
+                "examples. Pass the dataset with `deterministic=True` or without the "
+                "argument (parallel calls stay parallel, their results in order)."
             )
         dropped = dropped_rows(self._dataset)
         if dropped != 0:

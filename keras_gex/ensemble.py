@@ -22,6 +22,7 @@ from keras_gex.data import (
     DEFAULT_BATCH_SIZE,
     DataSource,
     as_inputs,
+    nondeterministic_order,
     num_rows,
     reshuffles_each_iteration,
     standardize_data,
@@ -429,6 +430,13 @@ class GeometricEnsemble:
                 raise ValueError(
                     "Argument `data` reshuffles on every iteration, so predictions "
                     "would not line up with its order. Pass an ordered dataset."
+                )
+            order = nondeterministic_order(inputs)
+            if order is not None:
+                raise ValueError(
+                    f"Argument `data` may yield its examples in another order on every "
+                    f"iteration ({order}), so predictions would not line up with its "
+                    "order. Pass it with `deterministic=True` or without the argument."
                 )
         else:
             arrays = as_inputs(x)

@@ -365,7 +365,8 @@ def _check_same_first_batch(source: DataSource, first) -> None:
         raise ValueError(
             f"Argument `{source.name}` yields its examples in a different order on "
             "each iteration, so scores could not be matched to examples. Remove "
-            "any shuffling (or use `reshuffle_each_iteration=False`)."
+            "any shuffling (or use `reshuffle_each_iteration=False`) and any "
+            "`deterministic=False`."
         )
 
 

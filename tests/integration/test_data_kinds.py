@@ -160,6 +160,46 @@ def test_a_dataset_that_drops_its_last_partial_batch_refused_for_scoring(data, m
         report.ensemble.deviations(rows.batch(64, drop_remainder=True), verbose=0)
 
 
+def test_a_dataset_that_may_yield_out_of_order_is_refused_naming_the_transformation(data, model):
+    """`deterministic=False` lets parallel calls yield in the order they finish: scores
+    would follow one iteration's order, not the dataset's. Refused from the pipeline,
+    whether or not this iteration came out in order (before: only a first batch that
+    changed between two passes was caught, as a "shuffle")."""
+    x, y = data
+    rows = tf.data.Dataset.from_tensor_slices((x, y))
+    identity = lambda a, b: (a, b)  # noqa: E731
+    unordered = {
+        "map": rows.batch(64).map(identity, num_parallel_calls=2, deterministic=False),
+        "batch": rows.batch(64, num_parallel_calls=2, deterministic=False),
+        "interleave": tf.data.Dataset.range(4).interleave(
+            lambda i: rows.skip(64 * i).take(64).batch(64),
+            num_parallel_calls=2,
+            deterministic=False,
+        ),
+        "tf.data.Options.deterministic": rows.batch(64)
+        .map(identity, num_parallel_calls=2)
+        .with_options(_options(deterministic=False)),
+    }
+    for name, ds in unordered.items():
+        with pytest.raises(ValueError, match=rf"another order.*`{name}"):
+            keras_gex.detect_noisy(ds, model, **SETTINGS)
+    with pytest.raises(ValueError, match=r"another order.*\(`map\(.*predictions would not"):
+        model_inputs = unordered["map"].map(lambda a, b: a)
+        keras_gex.detect_noisy((x, y), model, **SETTINGS).ensemble.predict(model_inputs)
+    # Parallel calls in order (the default): the arrays' scores.
+    in_order = rows.batch(64).map(identity, num_parallel_calls=2)
+    expected = keras_gex.detect_noisy((x, y), model, **SETTINGS).reference_losses
+    report = keras_gex.detect_noisy(in_order, model, **SETTINGS)
+    np.testing.assert_array_equal(report.reference_losses, expected)
+
+
+def _options(**values) -> tf.data.Options:
+    options = tf.data.Options()
+    for name, value in values.items():
+        setattr(options, name, value)
+    return options
+
+
 def test_a_keras_loader_shuffling_by_default_is_refused_naming_its_switch(model, tmp_path):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()
