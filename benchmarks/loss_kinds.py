@@ -94,8 +94,14 @@ def run(case: str, seed: int) -> dict:
         "noisy": int(noisy.sum()),
         "kind": report.loss_kind,
         "lr": report.ensemble.record.learning_rate,
+        "decay": report.ensemble.record.weight_decay,
         "warnings": len(caught),
     }
+
+
+def _setting(row) -> str:
+    """The members' step size and decay: `lr, λ`."""
+    return f"{row['lr']:.3g}, {row['decay']:.3g}"
 
 
 def main(argv=None) -> None:
@@ -111,8 +117,8 @@ def main(argv=None) -> None:
         return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
 
     print(
-        "| case | loss kind read | GEX AUC | GEX AP | θ*'s loss AUC | flagged / noisy | lr "
-        "| warnings |"
+        "| case | loss kind read | GEX AUC | GEX AP | θ*'s loss AUC | flagged / noisy | "
+        "lr, λ | warnings |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in args.cases:
@@ -129,7 +135,7 @@ def main(argv=None) -> None:
             f"| `{case}` | {rows[0]['kind']} | {mean_std(rows, 'auc')} | {mean_std(rows, 'ap')} "
             f"| {mean_std(rows, 'theta')} | {np.mean([r['flagged'] for r in rows]):.0f} / "
             f"{np.mean([r['noisy'] for r in rows]):.0f} | "
-            f"{' / '.join(format(r['lr'], '.3g') for r in rows)} | "
+            f"{' / '.join(_setting(r) for r in rows)} | "
             f"{sum(r['warnings'] for r in rows)} |",
             flush=True,
         )

@@ -394,6 +394,7 @@ def collect(
             log,
             steps=steps,
             weight_decay=decay,
+            forget_by_decay=baseline is not None,  # a regression
         )
     elif lr is None:
         lr = float(config.learning_rate)

@@ -20,7 +20,8 @@ supports, and never sit at chance. Two mechanisms, one signal:
   member lands in `FIT_WINDOW`, at most `MAX_PROBES` probes. Where the fit
   jumps from above the window to chance (SGD's stability edge), or a probe
   inside the window halfway ends above it, the search holds the largest stable
-  step size and raises the decay instead. Every
+  step size and raises the decay instead; a regression is always searched so
+  (its members forget through the decay at a stable step size). Every
   probe is a full member, stopped halfway or at three quarters if it is
   above the window or at chance there; the accepted one is member 0 and every member uses
   its step size and decay. A member that diverged is run again `LR_FACTOR` × smaller; one that fell
@@ -245,6 +246,7 @@ def calibrate(
     steps: int,
     weight_decay: float,
     max_probes: int = MAX_PROBES,
+    forget_by_decay: bool = False,
 ):
     """Search for the step size (and decay) whose members land in `FIT_WINDOW`.
 
@@ -266,6 +268,14 @@ def calibrate(
     and is above it later (`restored_in_tail`) turns the search to the decay
     at its own step size at once.
 
+    With `forget_by_decay` (regression) the step size is searched only for
+    stability: from `INITIAL_LR` it halves until a probe keeps at least the
+    window's floor, and the decay is searched from there (a probe at the
+    starting decay is never accepted). A regression's squared-error gradient
+    grows with the residual, so its step size forgets at SGD's stability edge,
+    where members scatter by batch order; the decay pulls every member
+    towards the same regularised fit (docs/design.md#regression-members).
+
     Returns:
         `(learning_rate, weight_decay, accepted)`: the step size and decay, and
         the accepted probe's round (None when no probe landed in the window;
@@ -281,7 +291,8 @@ def calibrate(
         weights, stats = results[0]
         rel = rel_of(stats)
         abandoned = weights is None and stats.finite
-        accepted = bool(low <= rel <= high) and not abandoned
+        stability_only = forget_by_decay and searching == "lr"
+        accepted = bool(low <= rel <= high) and not abandoned and not stability_only
         record.append(
             Probe(
                 learning_rate=lr,
@@ -302,6 +313,13 @@ def calibrate(
         )
         if accepted:
             return lr, decay, results
+        if stability_only:  # kept its fit: forget through the decay from here
+            if rel >= low:
+                searching, too_small = "decay", decay
+                decay *= LR_FACTOR**2
+            else:
+                lr /= LR_FACTOR
+            continue
         value = lr if searching == "lr" else decay
         if rel > high:
             too_small = value if too_small is None else max(too_small, value)

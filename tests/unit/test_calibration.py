@@ -186,6 +186,42 @@ def test_a_probe_that_regains_the_fit_in_the_tail_turns_the_search_to_the_decay(
     assert [p.steps for p in record] == [20, 30, 40]
 
 
+@pytest.mark.parametrize(
+    "fit_at_lambda0, expected_calls",
+    [
+        # 0.1 collapses, 0.05 lands in the window at λ 0.1: a draw of the batch
+        # order at the edge, not accepted; λ goes up ×4 there.
+        (lambda lr: 0.0 if lr > 0.07 else 0.72, [(0.1, 0.1), (0.05, 0.1), (0.05, 0.4)]),
+        # 0.1 keeps θ*'s fit: a stable step size at once.
+        (lambda lr: 0.97, [(0.1, 0.1), (0.1, 0.4)]),
+    ],
+)
+def test_a_regression_forgets_through_the_decay_at_a_stable_step_size(
+    fit_at_lambda0, expected_calls
+):
+    """`forget_by_decay`: the step size halves until a probe keeps at least the
+    window's floor, and only the decay is searched into the window from there."""
+    calls, record = [], []
+
+    def run_probe(lr, weight_decay, abandon):
+        calls.append((lr, pytest.approx(weight_decay)))
+        fit = fit_at_lambda0(lr) if weight_decay < 0.2 else 0.55
+        return [(f"w@{lr:.3g},{weight_decay:.3g}", MemberStats(lr, 0.1, fit, 0.5))], None, 40
+
+    lr, decay, accepted = calibrate(
+        run_probe,
+        lambda stats: relative_fit(stats, REF, chance=0.0),
+        record,
+        lambda msg: None,
+        steps=40,
+        weight_decay=0.1,
+        forget_by_decay=True,
+    )
+    assert calls == expected_calls
+    assert (lr, decay) == (expected_calls[-1][0], pytest.approx(0.4)) and accepted is not None
+    assert [p.accepted for p in record] == [False] * (len(calls) - 1) + [True]
+
+
 def test_a_collapse_is_run_again_at_the_same_step_size_until_collapses_outnumber():
     """Near the stability edge a collapse is a draw of the batch order: the step
     size drops only once collapses outnumber kept members or come twice in a row."""
