@@ -263,7 +263,8 @@ def calibrate(
     the window or fell to chance, and the bracket is down to √`LR_FACTOR`, the
     fit jumps past the window at SGD's stability edge; the search then holds
     the largest step size that kept the fit and raises the decay λ by
-    `LR_FACTOR`² per probe (bisecting in log once bracketed), so that members
+    `LR_FACTOR`² per probe, first to at least one time constant of the
+    schedule (`raised_decay`; bisecting in log once bracketed), so that members
     forget at a stable step size. A probe that was inside the window halfway
     and is above it later (`restored_in_tail`) turns the search to the decay
     at its own step size at once.
@@ -316,7 +317,7 @@ def calibrate(
         if stability_only:  # kept its fit: forget through the decay from here
             if rel >= low:
                 searching, too_small = "decay", decay
-                decay *= LR_FACTOR**2
+                decay = raised_decay(decay, lr, steps)
             else:
                 lr /= LR_FACTOR
             continue
@@ -334,7 +335,7 @@ def calibrate(
         elif searching == "lr":
             value = lr * LR_FACTOR if too_large is None else lr / LR_FACTOR
         else:
-            value = decay * LR_FACTOR**2 if too_large is None else decay / LR_FACTOR**2
+            value = raised_decay(decay, lr, steps) if too_large is None else decay / LR_FACTOR**2
         lr, decay = (value, decay) if searching == "lr" else (lr, value)
     best = closest_to_window(record)
     warnings.warn(
@@ -347,6 +348,20 @@ def calibrate(
         stacklevel=4,
     )
     return best.learning_rate, best.weight_decay, None
+
+
+def raised_decay(decay: float, lr: float, steps: int) -> float:
+    """The next decay a decay search tries above `decay`: `LR_FACTOR`² × it, and
+    at least one time constant of the schedule, `λ · Σ_t lr_t ≥ 1` (a cosine's
+    `Σ_t lr_t ≈ lr · steps / 2`). Where the decay acts for less, a member is θ*
+    shrunk a little, not near the decay's fixed point (docs/design.md#regression-members).
+
+    >>> raised_decay(0.1, 0.1, 229)  # the zoo's regression: ×4
+    0.4
+    >>> raised_decay(0.1, 0.05, 50)  # 50 steps at 0.05: one time constant
+    0.8
+    """
+    return max(decay * LR_FACTOR**2, 2.0 / (lr * steps))
 
 
 def stability_edge(record: list, too_small, too_large) -> bool:

@@ -40,13 +40,14 @@ def _fake_member(fit_of_lr, calls, midway_of_lr=None, late_of_lr=None):
 
 
 def _calibrate(run_probe, record, max_probes=6):
-    """`calibrate` on 40-step probes from λ 0.1, chance 0."""
+    """`calibrate` from λ 0.1, chance 0, members of 400 steps (the decay's time
+    constant never binds); the fake probes report 40."""
     return calibrate(
         run_probe,
         lambda stats: relative_fit(stats, REF, chance=0.0),
         record,
         lambda msg: None,
-        steps=40,
+        steps=400,
         weight_decay=0.1,
         max_probes=max_probes,
     )
@@ -213,13 +214,39 @@ def test_a_regression_forgets_through_the_decay_at_a_stable_step_size(
         lambda stats: relative_fit(stats, REF, chance=0.0),
         record,
         lambda msg: None,
-        steps=40,
+        steps=400,
         weight_decay=0.1,
         forget_by_decay=True,
     )
     assert calls == expected_calls
     assert (lr, decay) == (expected_calls[-1][0], pytest.approx(0.4)) and accepted is not None
     assert [p.accepted for p in record] == [False] * (len(calls) - 1) + [True]
+
+
+@pytest.mark.parametrize("steps, lr, expected", [(400, 0.1, 0.4), (50, 0.05, 0.8), (50, 0.1, 0.4)])
+def test_the_decay_search_starts_at_one_time_constant_of_the_schedule(steps, lr, expected):
+    """The first raised decay is ×4 the starting one and at least `2 / (lr · steps)`:
+    over a cosine schedule (Σ lr_t ≈ lr · steps / 2) the decay then shrinks an
+    unrestored weight by e⁻¹ or more. Fewer steps or a smaller step size ask more."""
+    calls, record = [], []
+
+    def run_probe(probe_lr, weight_decay, abandon):
+        calls.append((probe_lr, weight_decay))
+        fit = 0.97 if probe_lr > lr or weight_decay < 0.2 else 0.5
+        fit = 0.0 if probe_lr > lr else fit  # collapses above `lr`
+        return [(f"w@{probe_lr},{weight_decay}", MemberStats(probe_lr, 0.1, fit, 0.5))], None, 40
+
+    calibrate(
+        run_probe,
+        lambda stats: relative_fit(stats, REF, chance=0.0),
+        record,
+        lambda msg: None,
+        steps=steps,
+        weight_decay=0.1,
+        forget_by_decay=True,
+    )
+    assert calls[-1] == (lr, pytest.approx(expected))
+    assert record[-1].accepted
 
 
 def test_a_collapse_is_run_again_at_the_same_step_size_until_collapses_outnumber():
