@@ -1,9 +1,9 @@
 """GEX on models compiled with the losses users pick beyond cross-entropy: focal
-cross-entropy and the KL divergence (classification), and regression losses from
-squared error to Poisson's. 10% of the labels flipped (classification) or of the
-standardised targets moved by ±3 standard deviations (regression), default
-collection; AUC / AP of the members' loss against the known noise, beside θ*'s own
-loss and the loss kind keras_gex reads.
+cross-entropy, the KL divergence and the hinge (classification), and regression
+losses from squared error to Poisson's. 10% of the labels flipped (classification)
+or of the standardised targets moved by ±3 standard deviations (regression),
+default collection; AUC / AP of the members' loss against the known noise, beside
+θ*'s own loss and the loss kind keras_gex reads.
 
     python benchmarks/loss_kinds.py [--cases NAME ...] [--seeds 0 1 2]
 
@@ -23,6 +23,8 @@ _LOGITS = {"from_logits": True}
 CASES = {
     "binary-bce": ("binary", ("BinaryCrossentropy", _LOGITS), None),
     "binary-focal": ("binary", ("BinaryFocalCrossentropy", _LOGITS), None),
+    "binary-hinge": ("binary", "hinge", None),
+    "binary-squared-hinge": ("binary", "squared_hinge", None),
     "digits-cce": ("digits", ("CategoricalCrossentropy", _LOGITS), None),
     "digits-focal": ("digits", ("CategoricalFocalCrossentropy", _LOGITS), None),
     "digits-kl": ("digits", "kl_divergence", "softmax"),

@@ -57,8 +57,13 @@ class PerExampleLoss:
         lowest at `ŷ = y` with a value that depends on `y`, and its raw value
         ranks rows by the size of their target rather than by how badly they
         are fitted (docs/design.md#regression-losses). 0 where the labels are not
-        of the outputs' shape. (A classification loss's is 0 for hard labels.)
+        of the outputs' shape, and for a margin loss (hinge), whose minimum is
+        0 at any margin of at least 1 and whose labels are not a prediction:
+        `hinge(0, 0)` is 1, as a label 0 is read as −1. (A classification
+        loss's is 0 for hard labels.)
         """
+        if _is_margin_loss(self.name):
+            return 0.0
         y_pred = tf.convert_to_tensor(y_pred)
         targets = tf.cast(y_true, y_pred.dtype)
         if not targets.shape.is_compatible_with(y_pred.shape) or (
@@ -163,6 +168,20 @@ _SAME_KIND = {
     "kld": _CE,
     "kullback_leibler_divergence": _CE,
 }
+
+
+#: Keras's margin losses: 0 at any margin of at least 1, labels read as ±1.
+_MARGIN_LOSSES = ("hinge", "squared_hinge", "categorical_hinge")
+
+
+def _is_margin_loss(name: str) -> bool:
+    """Whether `name` is a Keras margin loss's function or class name.
+
+    >>> _is_margin_loss("Hinge"), _is_margin_loss("squared_hinge"), _is_margin_loss("mse")
+    (True, True, False)
+    """
+    name = name.lower()
+    return any(name in (snake, _class_name(snake).lower()) for snake in _MARGIN_LOSSES)
 
 
 def _class_name(snake: str) -> str:
