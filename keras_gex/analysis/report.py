@@ -354,8 +354,16 @@ class NoisyLabelReport:
                     f"{layer_list(record.frozen_layers)}"
                 )
             if record.calibration:
+                # A regression's step size is probed for stability, its decay for the
+                # window (`step_size.calibrate(..., forget_by_decay=True)`).
+                kept = (
+                    "share of θ*'s fit above chance kept"
+                    if self.loss_kind in CLASSIFICATION_KINDS
+                    else "share of θ*'s loss explained kept; the step size probed for "
+                    "stability, the decay for the window"
+                )
                 lines.append(
-                    "  calibration probes (lr → share of θ*'s fit above chance kept): "
+                    f"  calibration probes (lr → {kept}): "
                     + ", ".join(
                         _probe_text(p, record.calibration[0].weight_decay, record.steps)
                         for p in record.calibration

@@ -474,6 +474,11 @@ def test_regression_calibrates_on_the_share_of_loss_explained():
     assert record.calibration and record.calibration[-1].accepted
     fits = [relative_fit(s, record.reference_stats, 0.0) for s in record.member_stats]
     assert all(FIT_WINDOW[0] <= f <= 1.0 for f in fits)
+    # Members forget through the decay: the accepted probe raised it, and the
+    # summary says why a probe in the window at the first decay was not kept.
+    assert record.weight_decay > step_size.WEIGHT_DECAY
+    summary = keras_gex.detect_noisy((x, y), ens, verbose=0).summary(None)
+    assert "the step size probed for stability, the decay for the window" in summary
 
 
 @pytest.mark.parametrize(
