@@ -39,17 +39,18 @@ def _fake_member(fit_of_lr, calls, midway_of_lr=None, late_of_lr=None):
     return run_probe
 
 
-def _calibrate(run_probe, record, max_probes=6):
-    """`calibrate` from λ 0.1, chance 0, members of 400 steps (the decay's time
-    constant never binds); the fake probes report 40."""
+def _calibrate(run_probe, record, max_probes=6, steps=400, **kwargs):
+    """`calibrate` from λ 0.1, chance 0, members of 400 steps by default (the
+    decay's time constant does not bind); the fake probes report 40."""
     return calibrate(
         run_probe,
         lambda stats: relative_fit(stats, REF, chance=0.0),
         record,
         lambda msg: None,
-        steps=400,
+        steps=steps,
         weight_decay=0.1,
         max_probes=max_probes,
+        **kwargs,
     )
 
 
@@ -209,15 +210,7 @@ def test_a_regression_forgets_through_the_decay_at_a_stable_step_size(
         fit = fit_at_lambda0(lr) if weight_decay < 0.2 else 0.55
         return [(f"w@{lr:.3g},{weight_decay:.3g}", MemberStats(lr, 0.1, fit, 0.5))], None, 40
 
-    lr, decay, accepted = calibrate(
-        run_probe,
-        lambda stats: relative_fit(stats, REF, chance=0.0),
-        record,
-        lambda msg: None,
-        steps=400,
-        weight_decay=0.1,
-        forget_by_decay=True,
-    )
+    lr, decay, accepted = _calibrate(run_probe, record, forget_by_decay=True)
     assert calls == expected_calls
     assert (lr, decay) == (expected_calls[-1][0], pytest.approx(0.4)) and accepted is not None
     assert [p.accepted for p in record] == [False] * (len(calls) - 1) + [True]
@@ -236,15 +229,7 @@ def test_the_decay_search_starts_at_one_time_constant_of_the_schedule(steps, lr,
         fit = 0.0 if probe_lr > lr else fit  # collapses above `lr`
         return [(f"w@{probe_lr},{weight_decay}", MemberStats(probe_lr, 0.1, fit, 0.5))], None, 40
 
-    calibrate(
-        run_probe,
-        lambda stats: relative_fit(stats, REF, chance=0.0),
-        record,
-        lambda msg: None,
-        steps=steps,
-        weight_decay=0.1,
-        forget_by_decay=True,
-    )
+    _calibrate(run_probe, record, steps=steps, forget_by_decay=True)
     assert calls[-1] == (lr, pytest.approx(expected))
     assert record[-1].accepted
 
