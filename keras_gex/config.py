@@ -47,8 +47,10 @@ class CollectionConfig:
         weight_decay: Decoupled weight decay λ of the members' SGD: every
             step shrinks the weights by `learning_rate × λ`, so what only a
             few examples hold is forgotten while the rest of the data restores
-            what it supports. `"auto"` is 0.1 (docs/design.md#member-rule).
-            Defaults to `"auto"`.
+            what it supports. `"auto"` starts at 0.1 and, with
+            `learning_rate="auto"`, calibration raises it where the step size
+            cannot forget: at SGD's stability edge, and for every regression
+            (docs/design.md#member-rule). Defaults to `"auto"`.
         seed: Seed of the members' mini-batch shuffling; `None` draws one
             from NumPy's global generator (which `keras.utils.set_random_seed`
             seeds, so a seeded script gives the same members every run) and
