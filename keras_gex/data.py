@@ -256,6 +256,26 @@ def nondeterministic_order(ds: tf.data.Dataset) -> str | None:
     return None
 
 
+def changing_order(ds: tf.data.Dataset) -> tuple[str, str] | None:
+    """`(why, what to pass instead)` where `ds` may yield its examples in another
+    order on each iteration (a reshuffle, or `deterministic=False`), else None."""
+    if reshuffles_each_iteration(ds):
+        return (
+            "reshuffles on every iteration (`shuffle(..., reshuffle_each_iteration=True)`)",
+            "Pass the dataset without `shuffle()` (the members' fine-tuning shuffles on "
+            "its own), or with `reshuffle_each_iteration=False`; Keras' loaders "
+            "(`keras.utils.image_dataset_from_directory`, ...) take `shuffle=False`.",
+        )
+    order = nondeterministic_order(ds)
+    if order is not None:
+        return (
+            f"may yield its examples in another order on every iteration ({order})",
+            "Pass the dataset with `deterministic=True` or without the argument "
+            "(parallel calls stay parallel, their results in order).",
+        )
+    return None
+
+
 def _op_deterministic(node) -> str:
     """A parallel dataset op's `deterministic` attribute: "true", "false" or
     "default" (the dataset's options decide)."""
@@ -558,22 +578,11 @@ class DataSource:
         one to one."""
         if self._dataset is None:
             return
-        if reshuffles_each_iteration(self._dataset):
+        changing = changing_order(self._dataset)
+        if changing is not None:
+            why, fix = changing
             raise ValueError(
-                f"Argument `{self.name}` reshuffles on every iteration "
-                "(`shuffle(..., reshuffle_each_iteration=True)`), so scores could "
-                "not be matched to examples. Pass the dataset without `shuffle()` "
-                "(the fine-tuning shuffles on its own), or with "
-                "`reshuffle_each_iteration=False`; Keras' loaders "
-                "(`keras.utils.image_dataset_from_directory`, ...) take `shuffle=False`."
-            )
-        order = nondeterministic_order(self._dataset)
-        if order is not None:
-            raise ValueError(
-                f"Argument `{self.name}` may yield its examples in another order on "
-                f"every iteration ({order}), so scores could not be matched to "
-                "examples. Pass the dataset with `deterministic=True` or without the "
-                "argument (parallel calls stay parallel, their results in order)."
+                f"Argument `{self.name}` {why}, so scores could not be matched to examples. {fix}"
             )
         dropped = dropped_rows(self._dataset)
         if dropped != 0:

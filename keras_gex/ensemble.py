@@ -22,9 +22,8 @@ from keras_gex.data import (
     DEFAULT_BATCH_SIZE,
     DataSource,
     as_inputs,
-    nondeterministic_order,
+    changing_order,
     num_rows,
-    reshuffles_each_iteration,
     standardize_data,
 )
 from keras_gex.io import persistence
@@ -426,17 +425,11 @@ class GeometricEnsemble:
         if isinstance(x, tf.data.Dataset):
             spec = x.element_spec
             inputs = x.map(lambda *e: e[0]) if isinstance(spec, tuple) else x
-            if reshuffles_each_iteration(inputs):
+            changing = changing_order(inputs)
+            if changing is not None:
+                why, fix = changing
                 raise ValueError(
-                    "Argument `data` reshuffles on every iteration, so predictions "
-                    "would not line up with its order. Pass an ordered dataset."
-                )
-            order = nondeterministic_order(inputs)
-            if order is not None:
-                raise ValueError(
-                    f"Argument `data` may yield its examples in another order on every "
-                    f"iteration ({order}), so predictions would not line up with its "
-                    "order. Pass it with `deterministic=True` or without the argument."
+                    f"Argument `data` {why}, so predictions would not line up with its order. {fix}"
                 )
         else:
             arrays = as_inputs(x)

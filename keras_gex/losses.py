@@ -180,14 +180,18 @@ def _is_margin_loss(name: str) -> bool:
     >>> _is_margin_loss("Hinge"), _is_margin_loss("squared_hinge"), _is_margin_loss("mse")
     (True, True, False)
     """
-    name = name.lower()
-    return any(name in (snake, _class_name(snake).lower()) for snake in _MARGIN_LOSSES)
+    return any(_names(name, snake) for snake in _MARGIN_LOSSES)
 
 
 def _class_name(snake: str) -> str:
     """A Keras loss function's name as its class's: `"binary_crossentropy"` ->
     `"BinaryCrossentropy"`."""
     return "".join(part.capitalize() for part in snake.split("_"))
+
+
+def _names(name: str, snake: str) -> bool:
+    """Whether `name` is the Keras loss function `snake` or its class, in any case."""
+    return name.lower() in (snake, _class_name(snake).lower())
 
 
 def _kind_of(name: str) -> str:
@@ -198,9 +202,8 @@ def _kind_of(name: str) -> str:
     >>> _kind_of("KLDivergence"), _kind_of("mean_squared_error")
     ('categorical_crossentropy', 'other')
     """
-    name = name.lower()
     for snake, kind in [*((k, k) for k in CLASSIFICATION_KINDS), *_SAME_KIND.items()]:
-        if name in (snake, _class_name(snake).lower()):
+        if _names(name, snake):
             return kind
     return "other"
 

@@ -204,11 +204,13 @@ def test_labels_per_output_named_as_such(data):
             ensemble.deviations(dataset, verbose=0)
 
 
-class SubclassedSigmoid(keras.Model):
-    def __init__(self):
+class TwoLayers(keras.Model):
+    """A subclassed model: one hidden layer, then `units` outputs."""
+
+    def __init__(self, hidden=16, units=1):
         super().__init__()
-        self.hidden = keras.layers.Dense(16, activation="relu")
-        self.out = keras.layers.Dense(1)
+        self.hidden = keras.layers.Dense(hidden, activation="relu")
+        self.out = keras.layers.Dense(units)
 
     def call(self, x):
         return self.out(self.hidden(x))
@@ -217,7 +219,7 @@ class SubclassedSigmoid(keras.Model):
 def _sigmoid_mlp(subclassed=False):
     keras.utils.set_random_seed(0)
     if subclassed:
-        model = SubclassedSigmoid()
+        model = TwoLayers()  # one sigmoid output
     else:
         model = keras.Sequential(
             [
@@ -359,16 +361,11 @@ def test_a_model_with_nothing_trainable_refused(data, no_fine_tuning):
     assert keras_gex.baselines.loss_scores(model, data, verbose=0).shape == (len(data[1]),)
 
 
-class MixupModel(keras.Model):
+class MixupModel(TwoLayers):
     """Trains on its own objective: a `compute_loss` that is not the compiled loss."""
 
     def __init__(self):
-        super().__init__()
-        self.hidden = keras.layers.Dense(8, activation="relu")
-        self.out = keras.layers.Dense(10)
-
-    def call(self, x):
-        return self.out(self.hidden(x))
+        super().__init__(hidden=8, units=10)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return 0.5 * super().compute_loss(x, y, y_pred, sample_weight, training)
