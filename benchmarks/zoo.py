@@ -73,10 +73,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import _models
 import _zoo_cases
+import _zoo_heldout
 import numpy as np
 import quality
 
 CASES = _zoo_cases.CASES
+#: Cases no default was designed on (`--held-out`), measured the same way.
+HELD_OUT = _zoo_heldout.HELD_OUT
+ALL_CASES = {**CASES, **HELD_OUT}
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 NOISE = 0.1
 #: Regression noise: a corrupted target moves by this many standard deviations.
@@ -201,7 +205,7 @@ def _outputs(case, model, x) -> np.ndarray:
 def given_label_probability(case, outputs, labels) -> np.ndarray:
     """p(given label) from outputs: softmax of logits, probabilities, or one sigmoid."""
     if case.target == "binary":
-        p1 = 1.0 / (1.0 + np.exp(-outputs[:, 0]))
+        p1 = outputs[:, 0] if case.outputs == "probs" else 1.0 / (1.0 + np.exp(-outputs[:, 0]))
         return np.where(labels == 1, p1, 1.0 - p1)
     if case.outputs == "logits":
         z = outputs - outputs.max(axis=1, keepdims=True)
@@ -216,7 +220,11 @@ def _fit_share(case, model, x, labels) -> float:
     if case.target == "regression":
         return float("nan")
     outputs = _outputs(case, model, x)
-    predicted = (outputs[:, 0] > 0).astype(int) if case.target == "binary" else outputs.argmax(1)
+    if case.target == "binary":
+        cut = 0.5 if case.outputs == "probs" else 0.0
+        predicted = (outputs[:, 0] > cut).astype(int)
+    else:
+        predicted = outputs.argmax(1)
     return float(np.mean(predicted == labels))
 
 
@@ -317,9 +325,9 @@ def oracle(case, data, given, epochs: int, seed: int) -> np.ndarray:
     """Out-of-fold loss of the given labels under the architecture fit to the clean ones.
 
     `FOLDS` folds (stratified on the clean labels for classification); fold
-    `k`'s model is trained with seed `seed + 200 + k`. (No zoo model has a
-    trainable BatchNorm layer, so quality.py's re-estimation of its statistics
-    does not apply.)
+    `k`'s model is trained with seed `seed + 200 + k`, its BatchNorm statistics
+    (held-out models) re-estimated on its training rows as quality.py's oracle's
+    are: trained for a fifth of θ*'s epochs, the moving averages lag the weights.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -331,6 +339,8 @@ def oracle(case, data, given, epochs: int, seed: int) -> np.ndarray:
     for k, (fit_rows, out_rows) in enumerate(folds):
         x_fit = _take(data.x, fit_rows)
         model, _ = train(case, data, x_fit, data.y[fit_rows], epochs, seed + 200 + k)
+        if isinstance(x_fit, np.ndarray):  # dict inputs: no zoo model with BatchNorm
+            quality._refresh_batchnorm(model, x_fit, case.batch_size, seed + 200 + k)
         out = _outputs(case, model, _take(data.x, out_rows))
         if case.target == "regression":
             scores[out_rows] = np.abs(given[out_rows] - out[:, 0])
@@ -526,7 +536,7 @@ def _pair(group, a, b, digits=3) -> str:
 
 
 def _groups(rows) -> dict:
-    order = {name: i for i, name in enumerate(CASES)}
+    order = {name: i for i, name in enumerate(ALL_CASES)}
     out = {}
     for row in sorted(rows, key=lambda r: (order.get(r["case"], len(order)), r["seed"])):
         out.setdefault(row["case"], []).append(row)
@@ -663,7 +673,7 @@ def cases_table(names, quick: bool = False) -> str:
     """The cases as Markdown: name, setup covered, data, model, epochs (`quick`: the smoke's)."""
     lines = ["| case | setup | data | model | epochs |", "|---|---|---|---|---|"]
     for name in names:
-        c = CASES[name]
+        c = ALL_CASES[name]
         epochs = c.quick_epochs if quick and c.quick_epochs else c.epochs
         stop = f" (stops at {c.fit_until:.0%} fit)" if c.fit_until else ""
         smoke = " (smoke run: fewer rows and epochs)" if quick else ""
@@ -682,7 +692,12 @@ def _write_csv(rows, path: pathlib.Path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), metavar="NAME")
+    parser.add_argument("--cases", nargs="+", choices=list(ALL_CASES), metavar="NAME")
+    parser.add_argument(
+        "--held-out",
+        action="store_true",
+        help="run the held-out cases (models no default was designed on) instead of the zoo's",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR / "zoo.md")
     parser.add_argument(
@@ -715,15 +730,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _case_names(args) -> list:
+    """The cases a run measures: `--cases`, else the held-out set or the zoo's.
+
+    >>> _case_names(_parser().parse_args(["--held-out"])) == list(HELD_OUT)
+    True
+    >>> _case_names(_parser().parse_args(["--quick", "--cases", "toy-2d", "bow-text"]))
+    ['toy-2d']
+    """
+    if args.quick:
+        quick = [n for n in ALL_CASES if ALL_CASES[n].quick]
+        return [n for n in (args.cases or ()) if n in quick] or quick
+    return args.cases or list(HELD_OUT if args.held_out else CASES)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    names = args.cases or list(CASES)
-    seeds = args.seeds
-    if args.quick:
-        names = [n for n in (args.cases or CASES) if CASES[n].quick] or [
-            n for n in CASES if CASES[n].quick
-        ]
-        seeds = seeds[:1]
+    names = _case_names(args)
+    seeds = args.seeds[:1] if args.quick else args.seeds
     if args.table_only:
         return _write_table(_read_rows(args.out.with_suffix(".csv")), None, args)
     references = read_references(args.references) if args.references else {}
@@ -736,7 +760,7 @@ def main(argv=None) -> int:
             began = time.perf_counter()
             try:
                 row = run_one(
-                    CASES[name],
+                    ALL_CASES[name],
                     seed,
                     quick=args.quick,
                     model_cache=args.model_cache,

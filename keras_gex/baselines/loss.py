@@ -87,8 +87,9 @@ def _fresh_copy(model: keras.Model) -> keras.Model:
 
     `keras.models.clone_model` draws every weight from the layers' initialisers
     (under the caller's `keras.utils.set_random_seed`); the variables the model
-    does not train (a frozen backbone, BatchNorm statistics) get the trained
-    model's values back, so that a frozen pretrained part stays pretrained.
+    does not train (a frozen backbone, BatchNorm statistics, an adapted
+    `Normalization` layer's mean and variance) get the trained model's values
+    back, so that a frozen pretrained part stays pretrained.
     """
     try:
         fresh = keras.models.clone_model(model)
@@ -106,6 +107,11 @@ def _fresh_copy(model: keras.Model) -> keras.Model:
     for old, new in zip(model.weights, fresh.weights):
         if not old.trainable:
             new.assign(old)
+    # An adapted preprocessing layer (`Normalization`) computes the constants its
+    # call uses from its variables in `finalize_state`, which `assign` does not run.
+    for layer in fresh._flatten_layers(include_self=False):
+        if hasattr(layer, "finalize_state"):
+            layer.finalize_state()
     optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer))
     fresh.compile(optimizer=optimizer, loss=model.loss)
     return fresh

@@ -56,6 +56,27 @@ def test_cases_cover_issue_setups(zoo):
             assert "scikit-learn" in case.data
 
 
+def test_held_out_cases_are_apart_from_the_zoo(zoo):
+    """`--held-out` runs models no default was designed on, never a zoo row again."""
+    assert len(zoo.HELD_OUT) >= 6 and not set(zoo.HELD_OUT) & set(zoo.CASES)
+    assert not any(case.quick for case in zoo.HELD_OUT.values())
+    table = zoo.cases_table(list(zoo.HELD_OUT))
+    assert all(f"| {name} |" in table for name in zoo.HELD_OUT)
+
+
+def test_sigmoid_probabilities_are_read_as_probabilities(zoo):
+    """A sigmoid unit's output is p(1) when the case says `outputs="probs"`, a logit otherwise."""
+    labels = np.array([1, 0, 1])
+    probs = zoo.ALL_CASES["sgd-sigmoid"]
+    logits = zoo.CASES["sigmoid-binary"]
+    out = np.array([[0.9], [0.2], [0.4]])
+    np.testing.assert_allclose(zoo.given_label_probability(probs, out, labels), [0.9, 0.8, 0.4])
+    expected = 1.0 / (1.0 + np.exp(-out[:, 0]))
+    np.testing.assert_allclose(
+        zoo.given_label_probability(logits, out, labels), np.where(labels, expected, 1 - expected)
+    )
+
+
 @pytest.mark.parametrize("num_classes", [2, 10])
 def test_noise_flips_exactly_the_stated_fraction_to_another_class(zoo, num_classes):
     case = zoo.CASES["string-loss"]

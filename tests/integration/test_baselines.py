@@ -329,6 +329,22 @@ def test_el2n_clone_keeps_the_variables_the_model_does_not_train():
     assert int(fresh.optimizer.iterations.numpy()) == 0
 
 
+def test_el2n_clone_normalises_as_the_adapted_model_does():
+    """An adapted `Normalization` layer's statistics reach its call in the clone:
+    columns in their own units (here ~1,000) are standardised as in the model."""
+    x, _ = _data(n=40)
+    x = x * 1000.0 + 500.0
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), norm, keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    fresh = loss_module._fresh_copy(model)
+    np.testing.assert_allclose(
+        np.asarray(fresh.layers[0](x)), np.asarray(norm(x)), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_el2n_refuses_a_model_it_cannot_clone():
     class Opaque(keras.Model):
         def __init__(self):

