@@ -48,6 +48,36 @@ def _probe_text(probe: Probe, weight_decay=None, steps=None) -> str:
     return text + (" (kept)" if probe.accepted else "")
 
 
+def member_scatter(stats, ref, chance: float, window) -> tuple | None:
+    """`(learning_rate, lowest, highest)` relative fit of members that landed far apart.
+
+    Members fine-tuned at one step size and decay normally land close together
+    (within half the fit window on 55 of the zoo's 57 classification runs);
+    farther apart, some kept memorised labels and others did not
+    (docs/design.md#known-weaknesses). Grouped by step size (members run again
+    may use a smaller one); None when no group spreads that far.
+
+    >>> from keras_gex.config import MemberStats
+    >>> ref = MemberStats(0.1, 0.0, 1.0, 0.0)
+    >>> fits = [0.58, 1.0, 0.99, 0.6]  # chance 0.5: relative fits 0.16, 1.0, 0.98, 0.2
+    >>> member_scatter([MemberStats(0.07, 0.3, f, 0.5) for f in fits], ref, 0.5, (0.2, 0.9))
+    (0.07, 0.16, 1.0)
+    >>> member_scatter([MemberStats(0.07, 0.3, f, 0.5) for f in (0.8, 0.9)], ref, 0.5, (0.2, 0.9))
+    """
+    by_lr = {}
+    for member in stats:
+        if member.fit is not None:
+            rel = relative_fit(member, ref, chance)
+            by_lr.setdefault(member.learning_rate, []).append(round(rel, 6))
+    spread = {lr: max(rel) - min(rel) for lr, rel in by_lr.items()}
+    if not spread:
+        return None
+    lr = max(spread, key=spread.get)
+    if spread[lr] <= (window[1] - window[0]) / 2:
+        return None
+    return lr, min(by_lr[lr]), max(by_lr[lr])
+
+
 def calibration_miss(record: CollectionRecord) -> str | None:
     """Why a calibrated step size missed the fit window, and what to do; None if it did not.
 
@@ -441,6 +471,20 @@ class NoisyLabelReport:
                     f"members fit only {np.mean(rel):.1%} of what θ* fits above chance: "
                     "fine-tuning moved them towards chance, so their scores rank rows "
                     "close to at random; decrease `learning_rate`."
+                )
+            scatter = member_scatter(stats, ref, chance, window)
+            if scatter is not None:
+                lr, lowest, highest = scatter
+                out.append(
+                    f"members fine-tuned alike landed far apart: at lr {lr:.3g} they kept "
+                    f"{lowest:.0%} to {highest:.0%} of what θ* fits above chance. The fit "
+                    "falls steeply near this step size and each member's batch order decides "
+                    "how much it forgets, so the scores mix members that still hold memorised "
+                    "labels with members that do not (as on models that memorise through a "
+                    "learned embedding table, text models among them). Check the flagged set's "
+                    "stability with `report.uncertainty()`, and compare the ranking with "
+                    "models trained briefly from scratch: `keras_gex.baselines.el2n_scores("
+                    "model, x, y, epochs=...)` with about a tenth of the epochs it trained for."
                 )
         if chance == 0.0:  # not classification: the fit is the share of loss explained
             ref_fit = None

@@ -362,6 +362,34 @@ def test_diagnostics_judge_members_by_their_fit_above_chance(report):
     assert any(near_chance in w for w in with_members_keeping(0.1))
 
 
+def test_diagnostics_say_when_members_fine_tuned_alike_land_far_apart(report):
+    """Members at one step size spread over more than half the fit window: some kept
+    memorised labels and some did not; the warning names the spread and what to do."""
+    record = report.record
+    ref_fit, chance = record.reference_stats.fit, record.chance_fit
+    low, high = record.fit_window
+
+    def with_shares(shares):
+        stats = [
+            dataclasses.replace(s, fit=chance + share * (ref_fit - chance))
+            for s, share in zip(record.member_stats, shares)
+        ]
+        return dataclasses.replace(
+            report, record=dataclasses.replace(record, member_stats=stats)
+        ).diagnostics()
+
+    apart = "landed far apart"
+    m = len(record.member_stats)
+    assert m >= 2
+    middle = (low + high) / 2
+    assert not any(apart in w for w in with_shares([middle] * m))
+    spread = [high + 0.05] + [low + 0.05] * (m - 1)  # one in θ*'s basin, the rest forgot
+    text = [w for w in with_shares(spread) if apart in w]
+    assert len(text) == 1
+    assert f"{low + 0.05:.0%} to {high + 0.05:.0%}" in text[0]
+    assert "report.uncertainty()" in text[0] and "el2n_scores" in text[0]
+
+
 def test_diagnostics_say_when_the_threshold_flags_most_rows(report):
     """Wrong labels cannot be the majority: a cut above half the rows is reported."""
     assert not any("cannot be the majority" in w for w in report.diagnostics())
