@@ -271,17 +271,15 @@ def ucla(quick: bool) -> Data:
     return Data(sparse.toarray(), y.astype("int64"), sparse, int(y.max()) + 1)
 
 
-def reviews(quick: bool, rows: int = 3000, vocab: int = 8000, length: int = 120) -> Data:
-    """Amazon fine-food reviews ("great" vs other score) as padded word-id sequences.
+def word_ids(texts, vocab: int, length: int):
+    """Texts as padded word-id sequences and the bag of words of the same ids.
 
     Ids 2.. are the `vocab` most frequent words (0 pads, 1 is a rarer word);
-    the linear reference gets the bag of words of the same ids.
+    sequences are cut to `length`.
     """
     import scipy.sparse
     from sklearn.feature_extraction.text import CountVectorizer
 
-    frame = _rdataset("modeldata", "training_data").iloc[:rows]
-    texts = frame["review"].tolist()
     counter = CountVectorizer(max_features=vocab)
     counter.fit(texts)
     analyze, index = counter.build_analyzer(), counter.vocabulary_
@@ -289,10 +287,18 @@ def reviews(quick: bool, rows: int = 3000, vocab: int = 8000, length: int = 120)
     for i, text in enumerate(texts):
         ids = [index.get(word, -1) + 2 for word in analyze(text)][:length]
         x[i, : len(ids)] = ids
-    rows_, cols = np.nonzero(x)
+    rows, cols = np.nonzero(x)
     bag = scipy.sparse.csr_matrix(
-        (np.ones(len(rows_), dtype="float32"), (rows_, x[rows_, cols])), shape=(len(x), vocab + 2)
+        (np.ones(len(rows), dtype="float32"), (rows, x[rows, cols])), shape=(len(x), vocab + 2)
     )
+    return x, bag
+
+
+def reviews(quick: bool, rows: int = 3000, vocab: int = 8000, length: int = 120) -> Data:
+    """Amazon fine-food reviews ("great" vs other score) as padded word-id sequences
+    (`word_ids`); the linear reference gets their bag of words."""
+    frame = _rdataset("modeldata", "training_data").iloc[:rows]
+    x, bag = word_ids(frame["review"].tolist(), vocab, length)
     y = (frame["score"] == "great").to_numpy().astype("int64")
     return Data(x, y, bag, 2)
 

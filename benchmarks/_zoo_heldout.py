@@ -13,7 +13,6 @@ rows the zoo does not use.
 
 from __future__ import annotations
 
-import numpy as np
 from _zoo_cases import (
     FASHION_ROWS,
     Case,
@@ -24,6 +23,7 @@ from _zoo_cases import (
     _standardize,
     _subset,
     fashion,
+    word_ids,
 )
 
 #: Fashion-MNIST rows of the held-out CNN: after the zoo's (0-16,000), before the
@@ -32,25 +32,6 @@ RESNET_START = 16_000
 
 
 # -- data -------------------------------------------------------------------------------
-def _word_ids(texts, vocab: int, length: int):
-    """Texts as padded word-id sequences (0 pads, 1 is a rarer word) and their bag of words."""
-    import scipy.sparse
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    counter = CountVectorizer(max_features=vocab)
-    counter.fit(texts)
-    analyze, index = counter.build_analyzer(), counter.vocabulary_
-    x = np.zeros((len(texts), length), dtype="int64")
-    for i, text in enumerate(texts):
-        ids = [index.get(word, -1) + 2 for word in analyze(text)][:length]
-        x[i, : len(ids)] = ids
-    rows, cols = np.nonzero(x)
-    bag = scipy.sparse.csr_matrix(
-        (np.ones(len(rows), dtype="float32"), (rows, x[rows, cols])), shape=(len(x), vocab + 2)
-    )
-    return x, bag
-
-
 def held_out_reviews(quick: bool, vocab: int = 6000, length: int = 80) -> Data:
     """Fine-food reviews `embedding-text` leaves out: training_data[3000:] and testing_data."""
     import pandas as pd
@@ -61,7 +42,7 @@ def held_out_reviews(quick: bool, vocab: int = 6000, length: int = 80) -> Data:
             _rdataset("modeldata", "testing_data"),
         ]
     )
-    x, bag = _word_ids(frame["review"].tolist(), vocab, length)
+    x, bag = word_ids(frame["review"].tolist(), vocab, length)
     y = (frame["score"] == "great").to_numpy().astype("int64")
     return Data(x, y, bag, 2)
 
@@ -69,7 +50,7 @@ def held_out_reviews(quick: bool, vocab: int = 6000, length: int = 80) -> Data:
 def fortune_ids(quick: bool, vocab: int = 5000, length: int = 48) -> Data:
     """The fortune cookies of `bow-text` as word-id sequences (an attention model's input)."""
     texts, y = _fortunes()
-    x, bag = _word_ids(texts, vocab, length)
+    x, bag = word_ids(texts, vocab, length)
     return Data(x, y, bag, int(y.max()) + 1)
 
 
