@@ -5,6 +5,7 @@ the zoo's 20 cases (`_zoo_cases.CASES`). The member rule, the fit window and
 the calibration were measured on those 20 rows and quality.py's seven; these
 rows check that the defaults carry to what else users train: recurrent and
 attention text models, BatchNorm with L2 penalties and dropout on tabular data,
+dropout on an MLP that memorises and on a CNN that does not,
 a θ* trained with SGD and momentum, sigmoid and softmax outputs given as
 probabilities, a `Normalization` layer adapted inside the model, a residual
 CNN under a cosine schedule. Same data sources as the zoo (nothing downloaded),
@@ -22,13 +23,15 @@ from _zoo_cases import (
     _sparse_ce,
     _standardize,
     _subset,
+    digits,
     fashion,
     word_ids,
 )
 
-#: Fashion-MNIST rows of the held-out CNN: after the zoo's (0-16,000), before the
-#: frozen backbone's pretraining rows (40,000-46,000).
+#: Fashion-MNIST rows of the held-out CNN and dropout MLP: after the zoo's (0-16,000),
+#: before the frozen backbone's pretraining rows (40,000-46,000).
 RESNET_START = 16_000
+DROPOUT_MLP_START = 18_000
 
 
 # -- data -------------------------------------------------------------------------------
@@ -181,6 +184,47 @@ def normalized_mlp(data: Data):
     return model
 
 
+def digit_images(quick: bool) -> Data:
+    """scikit-learn's digits as 8×8×1 images."""
+    return digits(quick, image=True)
+
+
+def dropout_mlp(data: Data):
+    """(Dense 256 - Dropout 0.5) × 2 - logits, Adam."""
+    import keras
+
+    layers = [keras.Input(data.x.shape[1:])]
+    for _ in range(2):
+        layers += [keras.layers.Dense(256, activation="relu"), keras.layers.Dropout(0.5)]
+    layers.append(keras.layers.Dense(data.num_classes))
+    model = keras.Sequential(layers)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_sparse_ce())
+    return model
+
+
+def spatial_dropout_cnn(data: Data):
+    """Conv 32 - SpatialDropout 0.2 - pool - Conv 64 - SpatialDropout 0.2 - GAP - 64 -
+    Dropout 0.5 - logits, Adam."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input(data.x.shape[1:]),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.SpatialDropout2D(0.2),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+            keras.layers.SpatialDropout2D(0.2),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(data.num_classes),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_sparse_ce())
+    return model
+
+
 def resnet_cnn(data: Data, epochs: int = 30, batch_size: int = 64):
     """Conv-BN-ReLU stem, two residual blocks (32, 64, strided), GAP, logits; SGD + cosine."""
     import keras
@@ -271,6 +315,27 @@ HELD_OUT = [
         fashion(RESNET_START),
         resnet_cnn,
         epochs=30,
+    ),
+]
+HELD_OUT += [
+    Case(
+        "dropout-mlp",
+        "dropout 0.5 on a memorising MLP (θ* fits under 90%)",
+        f"Fashion-MNIST train[{DROPOUT_MLP_START}:{DROPOUT_MLP_START + FASHION_ROWS}], flattened",
+        "(Dense 256 - Dropout 0.5) × 2 - 10",
+        fashion(DROPOUT_MLP_START, flat=True),
+        dropout_mlp,
+        epochs=60,
+    ),
+    Case(
+        "spatial-dropout-cnn",
+        "spatial dropout and dropout that keep θ* from fitting flipped labels",
+        "digits (scikit-learn) as 8×8×1 images, 1,797",
+        "Conv 32 - SpatialDropout 0.2 - pool - Conv 64 - SpatialDropout 0.2 - GAP - 64 - "
+        "Dropout 0.5 - 10",
+        digit_images,
+        spatial_dropout_cnn,
+        epochs=60,
     ),
 ]
 HELD_OUT = {case.name: case for case in HELD_OUT}
