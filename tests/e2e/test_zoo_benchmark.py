@@ -121,3 +121,59 @@ def test_linear_reference_ranks_flipped_rows_above_clean_ones(zoo):
     assert scores.shape == (600,)
     assert np.mean(scores[noisy]) > np.mean(scores[~noisy])
     assert zoo.quality._ranking(noisy, scores)["auc"] > 0.95
+
+
+def _synthetic(zoo, case, n=160, seed=0):
+    """`(Data, labels)` of a case's input kind and shape, without its data files."""
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "gru-text": ((n, 20), 50),
+        "attention-text": ((n, 16), 50),
+        "resnet-cnn": ((n, 28, 28, 1), 0),
+        "spatial-dropout-cnn": ((n, 8, 8, 1), 0),
+    }
+    shape, vocab = shapes.get(case.name, ((n, 12), 0))
+    classes = 2 if case.target == "binary" else 4
+    labels = rng.integers(0, classes, n)
+    if vocab:  # word ids; 0 pads; the builders read the vocabulary from the bag's width
+        x = rng.integers(classes + 1, vocab, shape).astype("int64")
+        x[:, 0] = labels + 1  # a token that tells the label
+        features = np.zeros((n, vocab + 2), dtype="float32")
+    else:
+        x = rng.normal(size=shape).astype("float32")
+        x.reshape(n, -1)[:, :4] += 3.0 * labels[:, None]  # something to learn
+        features = x.reshape(n, -1)
+    return zoo._zoo_cases.Data(x, labels, features, classes), labels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gru-text",
+        "attention-text",
+        "bn-l2-tabular",
+        "sgd-sigmoid",
+        "normalization-layer",
+        "resnet-cnn",
+        "dropout-mlp",
+        "spatial-dropout-cnn",
+    ],
+)
+def test_held_out_models_run_with_default_arguments(zoo, name):
+    """Each held-out model (GRU with masking, attention, BN + L2, sigmoid probabilities,
+    an adapted Normalization layer, a residual BN CNN, dropout) trains briefly on data
+    of its inputs' kind and `detect_noisy` runs on it with default arguments."""
+    import keras
+
+    import keras_gex
+
+    case = zoo.HELD_OUT[name]
+    data, labels = _synthetic(zoo, case)
+    keras.utils.set_random_seed(0)
+    model = case.build(data)
+    targets = zoo.targets(case, labels, data.num_classes)
+    model.fit(data.x, targets, epochs=8, batch_size=32, verbose=0)
+    report = keras_gex.detect_noisy((data.x, targets), model, seed=0, verbose=0)
+    assert report.scores.shape == (len(labels),) and np.all(np.isfinite(report.scores))
+    assert 4 <= report.ensemble.num_members <= 8
