@@ -82,17 +82,28 @@ def _build_model(model_fn: Callable) -> keras.Model:
     return model
 
 
+def _rebuilt_unless_adapted(layer):
+    """`clone_model`'s default, a new layer from the config, except for a layer with `adapt`."""
+    if hasattr(layer, "adapt"):
+        return layer
+    return layer.__class__.from_config(layer.get_config())
+
+
 def _fresh_copy(model: keras.Model) -> keras.Model:
     """`model` rebuilt with new trainable weights, compiled with a new optimizer like its own.
 
     `keras.models.clone_model` draws every weight from the layers' initialisers
     (under the caller's `keras.utils.set_random_seed`); the variables the model
-    does not train (a frozen backbone, BatchNorm statistics, an adapted
-    `Normalization` layer's mean and variance) get the trained model's values
-    back, so that a frozen pretrained part stays pretrained.
+    does not train (a frozen backbone, BatchNorm statistics) get the trained
+    model's values back, so that a frozen pretrained part stays pretrained. An
+    adapted preprocessing layer (`TextVectorization`, the lookups,
+    `Normalization`, `Discretization`: a layer with `adapt`) is the model's
+    own, shared: its state is the data's, not learned, and lives partly outside
+    its variables (lookup tables, bin boundaries, constants computed from them),
+    where a rebuilt layer would start empty.
     """
     try:
-        fresh = keras.models.clone_model(model)
+        fresh = keras.models.clone_model(model, clone_function=_rebuilt_unless_adapted)
     except Exception as err:
         raise TypeError(
             f"Argument `model_fn`: the model {model.name!r} could not be cloned ({err}). Pass "
@@ -107,11 +118,6 @@ def _fresh_copy(model: keras.Model) -> keras.Model:
     for old, new in zip(model.weights, fresh.weights):
         if not old.trainable:
             new.assign(old)
-    # An adapted preprocessing layer (`Normalization`) computes the constants its
-    # call uses from its variables in `finalize_state`, which `assign` does not run.
-    for layer in fresh._flatten_layers(include_self=False):
-        if hasattr(layer, "finalize_state"):
-            layer.finalize_state()
     optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer))
     fresh.compile(optimizer=optimizer, loss=model.loss)
     return fresh

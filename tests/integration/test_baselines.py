@@ -329,20 +329,72 @@ def test_el2n_clone_keeps_the_variables_the_model_does_not_train():
     assert int(fresh.optimizer.iterations.numpy()) == 0
 
 
-def test_el2n_clone_normalises_as_the_adapted_model_does():
-    """An adapted `Normalization` layer's statistics reach its call in the clone:
-    columns in their own units (here ~1,000) are standardised as in the model."""
+def _adapted(kind):
+    """`(layer adapted to its data, inputs)` of one preprocessing kind."""
+    if kind == "text":
+        texts = np.array([["a b c"], ["b c d e"], ["f g a"]], dtype=object)
+        layer = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=5)
+        layer.adapt(texts[:, 0])
+        return layer, texts
+    if kind == "lookup":
+        ids = np.array([[1], [2], [3], [3], [7]])
+        layer = keras.layers.IntegerLookup()
+        layer.adapt(ids)
+        return layer, ids
     x, _ = _data(n=40)
-    x = x * 1000.0 + 500.0
-    norm = keras.layers.Normalization()
-    norm.adapt(x)
+    x = x[:, :1] * 1000.0 + 500.0  # a column in its own units (~1,000)
+    layer = (
+        keras.layers.Normalization()
+        if kind == "normalization"
+        else keras.layers.Discretization(num_bins=4)
+    )
+    layer.adapt(x)
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["normalization", "discretization", "lookup", "text"])
+def test_el2n_clone_preprocesses_as_the_adapted_model_does(kind):
+    """An adapted preprocessing layer's state (statistics, bin boundaries, lookup
+    tables) reaches the clone's call: the fresh copy sees the inputs as the model does."""
+    layer, inputs = _adapted(kind)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), norm, keras.layers.Dense(3)])
+    model = keras.Sequential(
+        [
+            keras.Input(inputs.shape[1:], dtype="string" if kind == "text" else inputs.dtype),
+            layer,
+            keras.layers.Dense(3),
+        ]
+    )
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     fresh = loss_module._fresh_copy(model)
-    np.testing.assert_allclose(
-        np.asarray(fresh.layers[0](x)), np.asarray(norm(x)), rtol=1e-5, atol=1e-5
+    np.testing.assert_array_equal(np.asarray(fresh.layers[0](inputs)), np.asarray(layer(inputs)))
+    assert not np.array_equal(fresh.layers[-1].get_weights()[0], model.layers[-1].get_weights()[0])
+
+
+def test_el2n_of_a_model_that_reads_raw_strings():
+    """`el2n_scores(model, ...)` on a text model with `TextVectorization` inside: the
+    copies read the strings through the model's vocabulary."""
+    texts = np.array(["good fine nice", "bad awful poor", "nice good", "poor bad"] * 10, object)
+    y = np.array([1, 0, 1, 0] * 10)
+    vectorize = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=4)
+    vectorize.adapt(texts)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((), dtype="string"),
+            vectorize,
+            keras.layers.Embedding(20, 4),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ]
     )
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    scores = el2n_scores(model, texts, y, epochs=3, repeats=1, batch_size=8, seed=0, verbose=0)
+    assert scores.shape == (40,) and np.all(np.isfinite(scores))
+    assert scores.max() < 0.5  # the copies learned the words, so none is far off
 
 
 def test_el2n_refuses_a_model_it_cannot_clone():
