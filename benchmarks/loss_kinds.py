@@ -79,22 +79,22 @@ def _data(name: str, seed: int):
         noisy = rng.random(len(y)) < 0.1
         given = np.where(noisy, (y + rng.integers(1, 10, len(y))) % 10, y)
         return x, np.eye(10, dtype="float32")[given], noisy, 10
-    if name in ("boston", "wage", "diamonds"):  # standardised targets, centred
-        features, target = _frame(name)
-        x = ((features - features.mean(0)) / (features.std(0) + 1e-9)).astype("float32")
-        noisy = rng.random(len(x)) < 0.1
-        t = (target - target.mean()) / target.std()
-        t = np.where(noisy, t + rng.choice([-3.0, 3.0], len(t)), t)
-        return x, t.astype("float32")[:, None], noisy, 1
-    d = load_breast_cancer() if name == "binary" else load_diabetes()  # 442 rows
-    x = ((d.data - d.data.mean(0)) / d.data.std(0)).astype("float32")
+    held_out = name in ("boston", "wage", "diamonds")
+    if held_out:  # one-hot columns may be constant in a sample: never divide by 0
+        (features, target), spread = _frame(name), 1e-9
+    else:
+        d = load_breast_cancer() if name == "binary" else load_diabetes()  # 442 rows
+        features, target, spread = d.data, d.target, 0.0
+    x = ((features - features.mean(0)) / (features.std(0) + spread)).astype("float32")
     noisy = rng.random(len(x)) < 0.1
     if name == "binary":
-        return x, np.where(noisy, 1 - d.target, d.target).astype("float32")[:, None], noisy, 1
-    t = (d.target - d.target.mean()) / d.target.std()
+        return x, np.where(noisy, 1 - target, target).astype("float32")[:, None], noisy, 1
+    t = (target - target.mean()) / target.std()
     t = np.where(noisy, t + rng.choice([-3.0, 3.0], len(t)), t)
+    if held_out:  # standardised targets, centred
+        return x, t.astype("float32")[:, None], noisy, 1
     if name == "diabetes-raw":  # the disease progression score in its own units
-        return x, (t * d.target.std() + d.target.mean()).astype("float32")[:, None], noisy, 1
+        return x, (t * target.std() + target.mean()).astype("float32")[:, None], noisy, 1
     return x, (t - t.min() + 0.5).astype("float32")[:, None], noisy, 1  # > 0 for msle, poisson
 
 
