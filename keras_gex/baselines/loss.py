@@ -100,10 +100,13 @@ def _fresh_copy(model: keras.Model) -> keras.Model:
     `Normalization`, `Discretization`: a layer with `adapt`) is the model's
     own, shared: its state is the data's, not learned, and lives partly outside
     its variables (lookup tables, bin boundaries, constants computed from them),
-    where a rebuilt layer would start empty.
+    where a rebuilt layer would start empty; nested Sequential and functional
+    models are cloned layer by layer, so one inside them is shared too.
     """
     try:
-        fresh = keras.models.clone_model(model, clone_function=_rebuilt_unless_adapted)
+        fresh = keras.models.clone_model(
+            model, clone_function=_rebuilt_unless_adapted, recursive=True
+        )
     except Exception as err:
         raise TypeError(
             f"Argument `model_fn`: the model {model.name!r} could not be cloned ({err}). Pass "

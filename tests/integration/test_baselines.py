@@ -371,6 +371,18 @@ def test_el2n_clone_preprocesses_as_the_adapted_model_does(kind):
     assert not np.array_equal(fresh.layers[-1].get_weights()[0], model.layers[-1].get_weights()[0])
 
 
+def test_el2n_clone_preprocesses_as_a_nested_adapted_model_does():
+    """An adapted layer inside a nested preprocessing model is shared too."""
+    layer, ids = _adapted("lookup")
+    preprocess = keras.Sequential([keras.Input((1,), dtype="int64"), layer])
+    inputs = keras.Input((1,), dtype="int64")
+    hidden = keras.layers.Flatten()(keras.layers.Embedding(10, 2)(preprocess(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    fresh = loss_module._fresh_copy(model)
+    np.testing.assert_array_equal(np.asarray(fresh.layers[1](ids)), np.asarray(layer(ids)))
+
+
 def test_el2n_of_a_model_that_reads_raw_strings():
     """`el2n_scores(model, ...)` on a text model with `TextVectorization` inside: the
     copies read the strings through the model's vocabulary."""
