@@ -101,12 +101,19 @@ def _fresh_copy(model: keras.Model) -> keras.Model:
     own, shared: its state is the data's, not learned, and lives partly outside
     its variables (lookup tables, bin boundaries, constants computed from them),
     where a rebuilt layer would start empty; nested Sequential and functional
-    models are cloned layer by layer, so one inside them is shared too.
+    models are cloned layer by layer, so one inside them is shared too. A
+    subclassed model is rebuilt from its config (`get_config`), every layer anew.
     """
+    layer_by_layer = isinstance(model, keras.Sequential) or any(
+        cls.__name__ == "Functional" for cls in type(model).__mro__
+    )
     try:
-        fresh = keras.models.clone_model(
-            model, clone_function=_rebuilt_unless_adapted, recursive=True
-        )
+        if layer_by_layer:
+            fresh = keras.models.clone_model(
+                model, clone_function=_rebuilt_unless_adapted, recursive=True
+            )
+        else:  # `clone_function` is for graph models only
+            fresh = keras.models.clone_model(model)
     except Exception as err:
         raise TypeError(
             f"Argument `model_fn`: the model {model.name!r} could not be cloned ({err}). Pass "

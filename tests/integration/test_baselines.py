@@ -409,6 +409,35 @@ def test_el2n_of_a_model_that_reads_raw_strings():
     assert scores.max() < 0.5  # the copies learned the words, so none is far off
 
 
+def test_el2n_rebuilds_a_subclassed_model_from_its_config():
+    """A subclassed model with `get_config` is cloned from its config (sharing
+    adapted layers is for graph models: `clone_function` refuses the others)."""
+
+    @keras.saving.register_keras_serializable(package="test_baselines")
+    class Net(keras.Model):
+        def __init__(self, units=16, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+            self.hidden = keras.layers.Dense(units, activation="relu")
+            self.out = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units}
+
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = Net()
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    model.fit(x, y, epochs=2, verbose=0)
+    scores = el2n_scores(model, x, y, epochs=2, repeats=1, seed=0, verbose=0)
+    assert scores.shape == (len(y),) and np.all(np.isfinite(scores))
+
+
 def test_el2n_refuses_a_model_it_cannot_clone():
     class Opaque(keras.Model):
         def __init__(self):
