@@ -198,7 +198,9 @@ class Probe:
             it diverged).
         loss: Its mean evaluation loss.
         seconds: Wall time of the probe.
-        accepted: Whether its step size was kept (the probe is then member 0).
+        accepted: Whether it was kept as member 0, every member using its step
+            size and decay: the probe that landed in the fit window or, where
+            none did, the one nearest it if it ran its whole schedule.
         midway_fit: Relative fit halfway through its steps, where measured.
         abandoned: Whether it was stopped early (halfway or at three quarters)
             as hopeless; `relative_fit` is then the fit there.

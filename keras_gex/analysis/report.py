@@ -94,9 +94,9 @@ def calibration_miss(record: CollectionRecord) -> str | None:
     probes = record.calibration
     if record.learning_rate_requested != "auto" or not probes or len(record.fit_window) != 2:
         return None
-    if any(p.accepted for p in probes):
-        return None
     low, high = record.fit_window
+    if any(p.accepted and low <= p.relative_fit <= high for p in probes):
+        return None  # (a probe kept outside the window is the nearest one: a miss)
     window = f"{low:.0%}-{high:.0%} of θ*'s fit above chance"
     above = [p for p in probes if p.relative_fit > high and np.isfinite(p.loss)]
     below = [p for p in probes if p not in above]

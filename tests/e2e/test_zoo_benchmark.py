@@ -158,11 +158,12 @@ def _synthetic(zoo, case, n=160, seed=0):
         "resnet-cnn",
         "dropout-mlp",
         "spatial-dropout-cnn",
+        "early-stopped-mlp",
     ],
 )
 def test_held_out_models_run_with_default_arguments(zoo, name):
     """Each held-out model (GRU with masking, attention, BN + L2, sigmoid probabilities,
-    an adapted Normalization layer, a residual BN CNN, dropout) trains briefly on data
+    an adapted Normalization layer, a residual BN CNN, dropout, a small MLP) trains briefly on data
     of its inputs' kind and `detect_noisy` runs on it with default arguments."""
     import keras
 
