@@ -394,7 +394,6 @@ def collect(
             log,
             steps=steps,
             weight_decay=decay,
-            steps_per_pass=n / batch_size,
             forget_by_decay=baseline is not None,  # a regression
         )
     elif lr is None:

@@ -247,7 +247,6 @@ def calibrate(
     *,
     steps: int,
     weight_decay: float,
-    steps_per_pass: float,
     max_probes: int = MAX_PROBES,
     forget_by_decay: bool = False,
 ):
@@ -270,9 +269,7 @@ def calibrate(
     schedule (`raised_decay`; bisecting in log once bracketed), so that members
     forget at a stable step size. A probe that was inside the window halfway
     and is above it later (`restored_in_tail`) turns the search to the decay
-    at its own step size at once. The decay never rises above
-    `decay_ceiling`: where a probe there still keeps more than the window, the
-    search stops and every member uses the probe nearest the window.
+    at its own step size at once.
 
     With `forget_by_decay` (regression) the step size is searched only for
     stability: from `INITIAL_LR` it halves until a probe keeps at least the
@@ -294,7 +291,6 @@ def calibrate(
     too_small, too_large = None, None  # values known to be too small / large
     lr, decay = INITIAL_LR, weight_decay
     searching = "lr"
-    at_ceiling = False  # the decay search stopped at `decay_ceiling`
     for _ in range(max_probes):
         probe_start = time.perf_counter()
         results, midway, run = run_probe(lr, decay, hopeless)
@@ -328,10 +324,7 @@ def calibrate(
         if stability_only:  # kept its fit: forget through the decay from here
             if rel >= low:
                 searching, too_small = "decay", decay
-                decay = min(raised_decay(decay, lr, steps), decay_ceiling(lr, steps_per_pass))
-                if decay <= too_small * (1 + 1e-9):
-                    at_ceiling = True
-                    break
+                decay = raised_decay(decay, lr, steps)
             else:
                 lr /= LR_FACTOR
             continue
@@ -350,11 +343,6 @@ def calibrate(
             value = lr * LR_FACTOR if too_large is None else lr / LR_FACTOR
         else:
             value = raised_decay(decay, lr, steps) if too_large is None else decay / LR_FACTOR**2
-        if searching == "decay":
-            value = min(value, decay_ceiling(lr, steps_per_pass))
-            if value <= too_small * (1 + 1e-9):  # the probe at the ceiling kept too much
-                at_ceiling = True
-                break
         lr, decay = (value, decay) if searching == "lr" else (lr, value)
     best = closest_to_window(record)
     kept = None
@@ -362,19 +350,13 @@ def calibrate(
         # It ran member 0's stream whole at the settings every member uses: it is member 0.
         record[nearest_round[0]] = best = dataclasses.replace(best, accepted=True)
         kept = nearest_round[1]
-    probes = ", ".join(f"{p.learning_rate:.3g} → {p.relative_fit:.0%}" for p in record)
-    why = (
-        f"the decay reached its ceiling at lr {lr:.3g} (weight_decay={decay:.3g}, one time "
-        "constant per pass over the data) with members still above the window: θ* may have "
-        "memorised few of its labels"
-        if at_ceiling
-        else f"in {max_probes} probes. Few labels to forget, or a fit that jumps past the window"
-    )
     warnings.warn(
         f"Step-size calibration found no learning rate whose members keep "
-        f"{low:.0%}-{high:.0%} of θ*'s training fit above chance ({probes}); every member "
-        f"uses the closest, learning_rate={best.learning_rate:.4g} with "
-        f"weight_decay={best.weight_decay:.3g}: {why}; see `report.summary()`.",
+        f"{low:.0%}-{high:.0%} of θ*'s training fit above chance in {max_probes} probes "
+        f"({', '.join(f'{p.learning_rate:.3g} → {p.relative_fit:.0%}' for p in record)}); "
+        f"every member uses the closest, learning_rate={best.learning_rate:.4g} with "
+        f"weight_decay={best.weight_decay:.3g}. Few labels to forget, or a fit that jumps "
+        "past the window; see `report.summary()`.",
         stacklevel=4,
     )
     return best.learning_rate, best.weight_decay, kept
@@ -392,26 +374,6 @@ def raised_decay(decay: float, lr: float, steps: int) -> float:
     0.8
     """
     return max(decay * LR_FACTOR**2, 2.0 / (lr * steps))
-
-
-def decay_ceiling(lr: float, steps_per_pass: float) -> float:
-    """The largest decay a decay search tries at `lr`: one time constant per pass
-    over the data, `lr · λ ≤ 1 / steps_per_pass`.
-
-    Each step shrinks the weights by `lr · λ`, so they hold about the last
-    `1 / (lr · λ)` steps of gradient. A decay that forgets faster than a pass
-    leaves members that fit their last batches under a heavy penalty, not what
-    the data supports: on a θ* that memorised nothing it pushed members into the
-    window by erasing correct labels (an MLP stopped before it fit its flipped
-    digits: λ 1.6 at lr 0.8, AUC 0.870 against θ*'s loss 0.999;
-    docs/design.md#calibration).
-
-    >>> round(decay_ceiling(0.8, 14.0), 4)  # digits: 1,797 rows at batch 128
-    0.0893
-    >>> decay_ceiling(0.2, 15.625)  # 2,000 rows
-    0.32
-    """
-    return 1.0 / (lr * max(steps_per_pass, 1.0))
 
 
 def stability_edge(record: list, too_small, too_large) -> bool:

@@ -48,7 +48,6 @@ def _calibrate(run_probe, record, max_probes=6, steps=400, **kwargs):
         record,
         lambda msg: None,
         steps=steps,
-        steps_per_pass=kwargs.pop("steps_per_pass", 1.0),
         weight_decay=0.1,
         max_probes=max_probes,
         **kwargs,
@@ -235,83 +234,37 @@ def test_the_decay_search_starts_at_one_time_constant_of_the_schedule(steps, lr,
     assert record[-1].accepted
 
 
-@pytest.mark.parametrize("forget_by_decay", [False, True])
-def test_the_decay_search_stops_at_one_time_constant_per_pass(forget_by_decay):
-    """The decay is never raised above `lr · λ = 1 / steps_per_pass`; where the
-    probe at that ceiling still keeps more than the window, the search stops and
-    the members use the probe nearest the window, with a warning that says so.
-    That probe ran member 0's stream whole at those settings: it is member 0."""
+def test_where_no_probe_lands_in_the_window_the_nearest_whole_one_is_member_0():
+    """Every probe replays member 0's batches, so the nearest probe, where it ran
+    its whole schedule, is the member 0 of the settings every member then uses;
+    it is kept (no step spent again), and the record still shows the miss."""
+    from keras_gex.analysis.report import calibration_miss
+    from keras_gex.config import CollectionRecord
+
     calls, record = [], []
-
-    def run_probe(lr, weight_decay, abandon):
-        calls.append((lr, weight_decay))
-        if lr > 0.12:  # the stability edge (classification); the regression stays at 0.1
-            return [(None, MemberStats(lr, float("nan"), 0.0, float("nan"), False))], None, 40
-        fit = 0.97 if weight_decay < 0.2 else 0.93  # λ 1 would bring it into the window
-        fit = 0.5 if weight_decay > 0.9 else fit
-        return [(f"w@{lr:.3g},{weight_decay:.3g}", MemberStats(lr, 0.1, fit, 0.5))], None, 40
-
-    with pytest.warns(UserWarning, match="one time constant per pass"):
-        lr, decay, accepted = _calibrate(
-            run_probe, record, steps_per_pass=40.0, forget_by_decay=forget_by_decay
-        )
-    ceiling = step_size.decay_ceiling(0.1, 40.0)  # 0.25
-    assert calls[-1] == (0.1, pytest.approx(ceiling)) and ceiling == pytest.approx(0.25)
-    assert all(wd <= ceiling + 1e-12 for _, wd in calls)
-    assert (lr, decay) == (0.1, pytest.approx(ceiling))
-    assert [weights for weights, _ in accepted] == [f"w@0.1,{ceiling:.3g}"]
-    assert [p.accepted for p in record] == [False] * (len(record) - 1) + [True]
-    assert record[-1].relative_fit > FIT_WINDOW[1]  # kept, yet outside the window
-
-
-def test_no_decay_search_above_its_ceiling_at_the_step_size_searched():
-    """A step size whose shrink at the starting decay already exceeds one pass's
-    worth (lr · λ > 1 / steps_per_pass) leaves no decay to raise: no probe is spent."""
-    calls, record = [], []
-
-    def run_probe(lr, weight_decay, abandon):
-        calls.append((lr, weight_decay))
-        if lr > 1.0:
-            return [(None, MemberStats(lr, float("nan"), 0.0, float("nan"), False))], None, 40
-        return [(f"w@{lr:.3g}", MemberStats(lr, 0.1, 0.96, 0.5))], None, 40
-
-    with pytest.warns(UserWarning, match="ceiling"):
-        _calibrate(run_probe, record, steps_per_pass=14.0)
-    # 0.1 … 0.8 keep 96%, 1.6 diverges, 1.13 diverges: the edge at 0.8, whose
-    # ceiling (0.089) is below the decay it already has.
-    assert all(wd == 0.1 for _, wd in calls)
-
-
-@pytest.mark.slow
-def test_an_early_stopped_model_is_not_pushed_off_what_the_data_supports():
-    """A digits MLP stopped after 30 epochs fits its clean rows and none of its
-    flipped labels: nothing is memorised, members keep 93-98% of its fit up to
-    lr 0.8, and a probe there regains its fit in the tail. Before the decay's
-    ceiling the search raised λ to 1.6 at lr 0.8 (a weight shrunk by more than
-    itself each step), members fit 35% and ranked the flips at AUC 0.870 against
-    θ*'s loss at 0.999, flagging 617 rows for 180 flips."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype("float32")
-    given, noisy = keras_gex.datasets.flip_labels(y, 0.1, 10, seed=0)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [keras.Input((64,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)]
+    # Inside the window halfway and at three quarters, above it at the end, at
+    # every setting: each probe runs whole and none is accepted.
+    run_probe = _fake_member(lambda lr: 0.95, calls, lambda lr: 0.6, lambda lr: 0.6)
+    with pytest.warns(UserWarning, match="found no learning rate"):
+        lr, decay, accepted = _calibrate(run_probe, record)
+    nearest = step_size.closest_to_window(record)
+    assert len(record) == 6 and nearest.relative_fit > FIT_WINDOW[1] and nearest.accepted
+    assert [p.accepted for p in record].count(True) == 1
+    assert [weights for weights, _ in accepted] == [f"weights@{nearest.learning_rate:.4g}"]
+    assert (lr, decay) == (nearest.learning_rate, nearest.weight_decay)
+    summary = CollectionRecord.from_dict(
+        {"learning_rate_requested": "auto", "fit_window": FIT_WINDOW, "weight_decay": 0.1}
     )
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, given, epochs=30, verbose=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # θ* fits 89%: warned; the window is missed: warned
-        report = keras_gex.detect_noisy((x, given), model, seed=0, verbose=0)
-    record = report.record
-    per_pass = len(x) / 128
-    raised = [p for p in record.calibration if p.weight_decay > step_size.WEIGHT_DECAY]
-    assert all(p.learning_rate * p.weight_decay * per_pass <= 1.0 + 1e-9 for p in raised)
-    theta_auc = roc_auc_score(noisy, report.reference_losses)
-    assert theta_auc > 0.99  # θ* fitted none of the flips
-    assert roc_auc_score(noisy, report.scores) >= theta_auc - 0.005
-    assert report.num_flagged < 2 * noisy.sum()
+    summary.calibration = record
+    assert "no step size put members in the fit window" in calibration_miss(summary)
+
+
+def test_a_nearest_probe_stopped_early_is_not_member_0():
+    calls, record = [], []
+    run_probe = _fake_member(lambda lr: 0.95, calls)  # above the window halfway: stopped
+    with pytest.warns(UserWarning, match="found no learning rate"):
+        _, _, accepted = _calibrate(run_probe, record)
+    assert accepted is None and not any(p.accepted for p in record)
 
 
 def test_a_collapse_is_run_again_at_the_same_step_size_until_collapses_outnumber():
