@@ -20,7 +20,8 @@ supports, and never sit at chance. Two mechanisms, one signal:
   member lands in `FIT_WINDOW`, at most `MAX_PROBES` probes. Where the fit
   jumps from above the window to chance (SGD's stability edge), or a probe
   inside the window halfway ends above it, the search holds the largest stable
-  step size and raises the decay instead; a regression is always searched so
+  step size and raises the decay instead, for a classifier once at most (to
+  `LR_FACTOR`² × the starting decay); a regression is always searched so
   (its members forget through the decay at a stable step size). Every
   probe is a full member, stopped halfway or at three quarters if it is
   above the window or at chance there; the accepted one (or, where none lands
@@ -269,7 +270,11 @@ def calibrate(
     schedule (`raised_decay`; bisecting in log once bracketed), so that members
     forget at a stable step size. A probe that was inside the window halfway
     and is above it later (`restored_in_tail`) turns the search to the decay
-    at its own step size at once.
+    at its own step size at once. A classifier's decay is raised once at most,
+    to `LR_FACTOR`² × `weight_decay`: above it the penalty, not the data,
+    decides what members fit (a θ* that memorised nothing has only correct
+    labels to lose; docs/design.md#the-decays-ceiling). Where the probe there
+    still keeps more than the window, the search stops.
 
     With `forget_by_decay` (regression) the step size is searched only for
     stability: from `INITIAL_LR` it halves until a probe keeps at least the
@@ -287,7 +292,9 @@ def calibrate(
         otherwise).
     """
     low, high = FIT_WINDOW
+    ceiling = weight_decay * LR_FACTOR**2  # a classifier's decay is raised once at most
     nearest_round = None  # (index, round) of the nearest probe that ran its whole schedule
+    at_ceiling = False
     too_small, too_large = None, None  # values known to be too small / large
     lr, decay = INITIAL_LR, weight_decay
     searching = "lr"
@@ -343,6 +350,11 @@ def calibrate(
             value = lr * LR_FACTOR if too_large is None else lr / LR_FACTOR
         else:
             value = raised_decay(decay, lr, steps) if too_large is None else decay / LR_FACTOR**2
+            if not forget_by_decay and value > ceiling * (1 + 1e-9):
+                if too_small >= ceiling * (1 - 1e-9):
+                    at_ceiling = True  # the probe at the ceiling kept too much
+                    break
+                value = ceiling
         lr, decay = (value, decay) if searching == "lr" else (lr, value)
     best = closest_to_window(record)
     kept = None
@@ -352,11 +364,17 @@ def calibrate(
         kept = nearest_round[1]
     warnings.warn(
         f"Step-size calibration found no learning rate whose members keep "
-        f"{low:.0%}-{high:.0%} of θ*'s training fit above chance in {max_probes} probes "
+        f"{low:.0%}-{high:.0%} of θ*'s training fit above chance in {len(record)} probes "
         f"({', '.join(f'{p.learning_rate:.3g} → {p.relative_fit:.0%}' for p in record)}); "
         f"every member uses the closest, learning_rate={best.learning_rate:.4g} with "
-        f"weight_decay={best.weight_decay:.3g}. Few labels to forget, or a fit that jumps "
-        "past the window; see `report.summary()`.",
+        f"weight_decay={best.weight_decay:.3g}. "
+        + (
+            f"The decay at its ceiling ({ceiling:.3g}) still kept more: θ* may have "
+            "memorised few of its labels"
+            if at_ceiling
+            else "Few labels to forget, or a fit that jumps past the window"
+        )
+        + "; see `report.summary()`.",
         stacklevel=4,
     )
     return best.learning_rate, best.weight_decay, kept

@@ -135,7 +135,8 @@ def test_no_step_size_in_the_window_warns_and_takes_the_nearest_probe():
 
     with pytest.warns(UserWarning, match="found no learning rate") as caught:
         lr, accepted, record, _ = _calibrate_fake(fit, max_probes=4, midway_of_lr=lambda lr: 0.6)
-    assert accepted == [] and len(record) == 4
+    # 0.1 regained its fit in the tail; the decay at its ceiling (0.4) kept it too.
+    assert accepted == [] and len(record) == 2 and record[-1].weight_decay == 0.4
     assert lr < 0.2  # 0.95 is nearer the window than a collapse at 0.1
     assert f"the closest, learning_rate={lr:.4g} with weight_decay=0.1" in str(caught[0].message)
 
@@ -248,7 +249,7 @@ def test_where_no_probe_lands_in_the_window_the_nearest_whole_one_is_member_0():
     with pytest.warns(UserWarning, match="found no learning rate"):
         lr, decay, accepted = _calibrate(run_probe, record)
     nearest = step_size.closest_to_window(record)
-    assert len(record) == 6 and nearest.relative_fit > FIT_WINDOW[1] and nearest.accepted
+    assert nearest.relative_fit > FIT_WINDOW[1] and nearest.accepted
     assert [p.accepted for p in record].count(True) == 1
     assert [weights for weights, _ in accepted] == [f"weights@{nearest.learning_rate:.4g}"]
     assert (lr, decay) == (nearest.learning_rate, nearest.weight_decay)
@@ -259,12 +260,64 @@ def test_where_no_probe_lands_in_the_window_the_nearest_whole_one_is_member_0():
     assert "no step size put members in the fit window" in calibration_miss(summary)
 
 
+def test_a_classifier_decay_search_raises_the_decay_once_at_most():
+    """Above `LR_FACTOR`² × the starting decay a classifier's members fit what the
+    penalty allows, not what the data supports: the search stops at that ceiling
+    where a probe there still keeps more than the window, and says so. (A
+    regression forgets through the decay and is searched past it.)"""
+    calls, record = [], []
+
+    def run_probe(lr, weight_decay, abandon):
+        calls.append((lr, weight_decay))
+        fit = 0.0 if lr > 0.15 else (0.5 if weight_decay > 1.0 else 0.95)
+        return [(f"w@{lr:.3g},{weight_decay:.3g}", MemberStats(lr, 0.1, fit, 0.5))], None, 40
+
+    with pytest.warns(UserWarning, match=r"The decay at its ceiling \(0.4\) still kept more"):
+        lr, decay, kept = _calibrate(run_probe, record)
+    assert max(wd for _, wd in calls) == pytest.approx(0.4)
+    assert calls[-1] == (pytest.approx(0.1414, abs=1e-4), pytest.approx(0.4))  # the edge
+    # Every probe kept 95%: the first, nearest of equals and run whole, is member 0.
+    assert (lr, decay) == (0.1, 0.1) and record[0].accepted and kept
+    calls.clear()
+    _calibrate(run_probe, [], forget_by_decay=True)  # a regression: λ 1.6 lands
+    assert calls[-1] == (0.1, pytest.approx(1.6))
+
+
 def test_a_nearest_probe_stopped_early_is_not_member_0():
     calls, record = [], []
     run_probe = _fake_member(lambda lr: 0.95, calls)  # above the window halfway: stopped
     with pytest.warns(UserWarning, match="found no learning rate"):
         _, _, accepted = _calibrate(run_probe, record)
     assert accepted is None and not any(p.accepted for p in record)
+
+
+@pytest.mark.slow
+def test_an_early_stopped_model_is_not_pushed_off_what_the_data_supports():
+    """A digits MLP stopped after 30 epochs (where early stopping on a validation
+    split stops it) fits its clean rows and none of its flipped labels: nothing is
+    memorised. Its probe at lr 0.8 regains its fit in the tail; before the
+    decay's ceiling the search went on to λ 1.6, members fit a third of θ*'s fit
+    and ranked the flips at AUC 0.870 against θ*'s loss at 0.999, flagging 617
+    rows for 180 flips (docs/design.md#the-decays-ceiling)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype("float32")
+    given, noisy = keras_gex.datasets.flip_labels(y, 0.1, 10, seed=0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, given, epochs=30, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # θ* fits 89%: warned; the window is missed: warned
+        report = keras_gex.detect_noisy((x, given), model, seed=0, verbose=0)
+    assert max(p.weight_decay for p in report.record.calibration) <= 0.4 + 1e-9
+    theta_auc = roc_auc_score(noisy, report.reference_losses)
+    assert theta_auc > 0.99  # θ* fitted none of the flips
+    assert roc_auc_score(noisy, report.scores) >= theta_auc - 0.005
+    assert report.num_flagged < 2 * noisy.sum()
 
 
 def test_a_collapse_is_run_again_at_the_same_step_size_until_collapses_outnumber():
