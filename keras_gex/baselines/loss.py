@@ -11,6 +11,7 @@ import tensorflow as tf
 from keras_gex import _validation
 from keras_gex._tracing import compiled, free_batch
 from keras_gex.baselines._common import _collect, _scoring_args, _shared_doc
+from keras_gex.collection.frozen import layer_graph
 from keras_gex.collection.local import FineTuner
 from keras_gex.data import DataSource, take_rows
 from keras_gex.loss_checks import check_per_example
@@ -104,11 +105,8 @@ def _fresh_copy(model: keras.Model) -> keras.Model:
     models are cloned layer by layer, so one inside them is shared too. A
     subclassed model is rebuilt from its config (`get_config`), every layer anew.
     """
-    layer_by_layer = isinstance(model, keras.Sequential) or any(
-        cls.__name__ == "Functional" for cls in type(model).__mro__
-    )
     try:
-        if layer_by_layer:
+        if isinstance(model, keras.Sequential) or layer_graph(model) is not None:
             fresh = keras.models.clone_model(
                 model, clone_function=_rebuilt_unless_adapted, recursive=True
             )

@@ -203,10 +203,19 @@ def _holds_weights(layers: list) -> bool:
     return any(not is_seed_state(v) for layer in layers for v in layer.variables)
 
 
+def layer_graph(model):
+    """The graph of layers of a functional model, or of a built Sequential's; None otherwise.
+
+    A subclassed model has none: Keras can neither cut nor clone it layer by layer.
+    """
+    graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
+    return graph if hasattr(graph, "_nodes_by_depth") else None
+
+
 def _graph(model):
     """The model's functional graph with a single input, or None."""
-    graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
-    if not hasattr(graph, "_nodes_by_depth") or len(graph.inputs) != 1:
+    graph = layer_graph(model)
+    if graph is None or len(graph.inputs) != 1:
         return None
     return graph
 
