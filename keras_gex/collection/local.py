@@ -54,6 +54,7 @@ class FineTuner:
         self.tv = [tf.Variable(v.numpy(), trainable=True) for v in model.trainable_variables]
         self.ntv = [tf.Variable(v.numpy(), trainable=False) for v in model.non_trainable_variables]
         self.velocity = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.tv]
+        self._constraints = core.weight_constraints(model)
         self._bn = core.batchnorm_layers(model)
         self._bn_index = core.batchnorm_index(model, self._bn)
         self._seed_positions = core.seed_state_positions(model)
@@ -99,7 +100,9 @@ class FineTuner:
             objective = core.regularised(tf.reduce_mean(self.loss(y, pred)), reg)
             scaled = core.in_units(objective, self.loss_scale)
         grads = tape.gradient(scaled, self.tv)
-        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self._decay)
+        core.sgd_update(
+            self.tv, grads, self.velocity, self.momentum, lr, self._decay, self._constraints
+        )
         core.assign_all(self.ntv, new_ntv)
         return objective
 

@@ -82,6 +82,7 @@ class ReplicaFineTuner:
             self.ntv = [tf.Variable(w, **_REPLICA_LOCAL) for w in non_trainable]
             self.velocity = [tf.Variable(np.zeros_like(w), **_REPLICA_LOCAL) for w in trainable]
             self._decay = tf.Variable(float(weight_decay), dtype=tf.float32, trainable=False)
+        self._constraints = core.weight_constraints(model)
         self._bn = core.batchnorm_layers(model)
         self._bn_index = core.batchnorm_index(model, self._bn)
         self._bn_positions = {i for pair in self._bn_index for i in pair}
@@ -206,7 +207,9 @@ class ReplicaFineTuner:
             for i, g in zip(present, reduced):
                 grads[i] = g
             new_ntv = self._mean_batchnorm_state(new_ntv, tf.shape(per_example)[0])
-        core.sgd_update(self.tv, grads, self.velocity, self.momentum, lr, self._decay)
+        core.sgd_update(
+            self.tv, grads, self.velocity, self.momentum, lr, self._decay, self._constraints
+        )
         core.assign_all(self.ntv, new_ntv)
         return tf.reshape(objective, [1])
 

@@ -92,7 +92,9 @@ def schedule_loop(step_fn, iterator, steps, learning_rate, start, total):
     return values.stack()
 
 
-def sgd_update(variables, grads, velocity, momentum: float, lr, weight_decay=0.0) -> None:
+def sgd_update(
+    variables, grads, velocity, momentum: float, lr, weight_decay=0.0, constraints=None
+) -> None:
     """SGD with momentum and decoupled weight decay, in place (traced).
 
     `v ← μ·v − lr·g`, `w ← w − lr·λ·w + v` with `λ = weight_decay`, a float or
@@ -100,9 +102,13 @@ def sgd_update(variables, grads, velocity, momentum: float, lr, weight_decay=0.0
     with momentum, to the bit for finite weights). The momentum step is
     TensorFlow's fused `ResourceApplyKerasMomentum` kernel: the same arithmetic
     as four separate ops, in one kernel per variable (docs/design.md#sgd-schedule).
+    `constraints` (aligned with `variables`, `None` where a weight has none) are
+    applied after the step, as Keras' optimizers apply a layer's
+    `kernel_constraint`: members stay in the model class θ* was trained in.
     """
     shrink = lr * weight_decay
-    for var, grad, vel in zip(variables, grads, velocity):
+    constraints = constraints or [None] * len(variables)
+    for var, grad, vel, constraint in zip(variables, grads, velocity, constraints):
         if grad is None:
             continue
         dtype = var.dtype
@@ -114,6 +120,15 @@ def sgd_update(variables, grads, velocity, momentum: float, lr, weight_decay=0.0
             grad=tf.cast(tf.convert_to_tensor(grad), dtype),  # IndexedSlices: dense
             momentum=tf.cast(momentum, dtype),
         )
+        if constraint is not None:
+            var.assign(tf.cast(constraint(tf.convert_to_tensor(var)), dtype))
+
+
+def weight_constraints(model) -> list | None:
+    """The constraint of each of `model.trainable_variables` (`None` where a
+    weight has none), or `None` where no weight has one."""
+    constraints = [getattr(v, "constraint", None) for v in model.trainable_variables]
+    return constraints if any(c is not None for c in constraints) else None
 
 
 def assign_all(variables, values) -> None:

@@ -46,6 +46,30 @@ def test_members_differ_from_reference_and_each_other(digits_ensemble):
     assert digits_ensemble.members[0].distance(digits_ensemble.members[1]) > 0
 
 
+def test_members_keep_the_models_weight_constraints(digits):
+    """Members are fine-tuned in the model class θ* was trained in: a layer's
+    `kernel_constraint` holds after every member step, as under Keras' optimizers."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(32, "relu", kernel_constraint=keras.constraints.NonNeg()),
+            keras.layers.Dense(10, kernel_constraint=keras.constraints.MaxNorm(0.5)),
+        ]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    ensemble = keras_gex.GeometricEnsemble.collect(
+        model, (x, y), num_members=2, steps=20, learning_rate=0.5, verbose=0, seed=0
+    )
+    for member in ensemble.members:
+        hidden, _, head, _ = member.trainable
+        assert member.distance(ensemble.reference) > 0
+        assert hidden.min() >= 0.0
+        assert np.sqrt((head**2).sum(axis=0)).max() <= 0.5 + 1e-5
+
+
 @pytest.fixture(scope="module")
 def small_mlp(digits):
     """A small MLP trained briefly on 200 digits: `(model, x, y)`."""

@@ -267,6 +267,35 @@ def test_data_parallel_members_match_sequential_members(digits):
     assert_weights_close(parallel.members, sequential.members, DATA_PARALLEL_ATOL)
 
 
+@pytest.mark.parametrize("per_replica", [True, False])
+def test_replicas_keep_weight_constraints_as_one_device_does(digits, per_replica):
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    keras.utils.set_random_seed(0)
+    nonneg = keras.constraints.NonNeg()
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(32, activation="relu", kernel_constraint=nonneg),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    kwargs = dict(COLLECT, learning_rate=0.5, num_members=2)
+    sequential = keras_gex.GeometricEnsemble.collect(model, (x, y), verbose=0, **kwargs)
+    parallel = keras_gex.GeometricEnsemble.collect(
+        model,
+        (x, y),
+        verbose=0,
+        strategy=mirrored(2),
+        per_replica_members=per_replica,
+        **kwargs,
+    )
+    tolerance = PER_REPLICA_ATOL if per_replica else DATA_PARALLEL_ATOL
+    assert_weights_close(parallel.members, sequential.members, tolerance)
+    assert min(member.trainable[0].min() for member in parallel.members) >= 0.0
+
+
 def test_data_parallel_batchnorm_statistics_identical_on_every_replica(digits):
     x, y = digits.x_train[:256], digits.y_train[:256]
     model = bn_model(seed=2)

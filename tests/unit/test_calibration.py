@@ -366,6 +366,28 @@ def test_sgd_update_equals_keras_sgd_with_decoupled_weight_decay():
     np.testing.assert_allclose(ours.numpy(), keras_var.numpy(), rtol=1e-6, atol=1e-6)
 
 
+def test_sgd_update_applies_weight_constraints_as_keras_sgd_does():
+    """Two routes agree: a constrained weight under our update and under
+    `keras.optimizers.SGD`, which applies `variable.constraint` after each step."""
+    rng = np.random.default_rng(2)
+    w0 = np.abs(rng.normal(size=(4, 3))).astype("float32")
+    grads = [rng.normal(size=(4, 3)).astype("float32") * 3 for _ in range(4)]
+    for constraint in (keras.constraints.NonNeg(), keras.constraints.MaxNorm(1.0)):
+        ours, velocity = tf.Variable(w0), [tf.Variable(tf.zeros_like(w0))]
+        keras_var = keras.Variable(w0)
+        keras_var.constraint = constraint
+        optimizer = keras.optimizers.SGD(learning_rate=0.3, momentum=0.9, weight_decay=0.1)
+        for g in grads:
+            sgd_update([ours], [tf.constant(g)], velocity, 0.9, tf.constant(0.3), 0.1, [constraint])
+            optimizer.apply_gradients([(tf.constant(g), keras_var)])
+        np.testing.assert_allclose(ours.numpy(), keras_var.numpy(), rtol=1e-6, atol=1e-6)
+    unconstrained = tf.Variable(w0)
+    velocity = [tf.Variable(tf.zeros_like(w0))]
+    for g in grads:
+        sgd_update([unconstrained], [tf.constant(g)], velocity, 0.9, tf.constant(0.3), 0.1)
+    assert unconstrained.numpy().min() < 0  # the steps above do leave the constraint
+
+
 def test_sgd_update_takes_an_embedding_sparse_gradient_as_its_dense_equal():
     """An `IndexedSlices` gradient (an Embedding's) moves the weights exactly as
     the same gradient given dense; rows it does not touch still decay and keep
