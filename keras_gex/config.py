@@ -179,6 +179,8 @@ class MemberStats:
             predicts (classification losses), or None.
         loss: Mean per-example loss on the evaluation examples (inference mode).
         finite: Whether every fine-tuning loss and weight was finite.
+        weight_decay: Decoupled weight decay λ it was fine-tuned with (None for
+            θ* and in records written before members could differ in it).
     """
 
     learning_rate: float
@@ -186,6 +188,7 @@ class MemberStats:
     fit: float | None
     loss: float
     finite: bool = True
+    weight_decay: float | None = None
 
 
 @dataclasses.dataclass
@@ -198,9 +201,11 @@ class Probe:
             it diverged).
         loss: Its mean evaluation loss.
         seconds: Wall time of the probe.
-        accepted: Whether it was kept as member 0, every member using its step
-            size and decay: the probe that landed in the fit window or, where
-            none did, the one nearest it if it ran its whole schedule.
+        accepted: Whether it was kept as a member. The probe that landed in
+            the fit window (or, where none did, the one nearest it if it ran
+            its whole schedule) is member 0, every member using its step size
+            and decay; a probe that ran whole and ended above the window (its
+            fit regained in the tail) is kept as a member at its own settings.
         midway_fit: Relative fit halfway through its steps, where measured.
         abandoned: Whether it was stopped early (halfway or at three quarters)
             as hopeless; `relative_fit` is then the fit there.
@@ -331,4 +336,5 @@ def _stats(saved: dict) -> MemberStats:
         fit=saved.get("fit"),
         loss=nan if saved.get("loss") is None else saved["loss"],
         finite=saved.get("finite", True),
+        weight_decay=saved.get("weight_decay"),
     )

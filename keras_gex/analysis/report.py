@@ -10,7 +10,7 @@ from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
 from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
 from keras_gex.collection.frozen import layer_list
-from keras_gex.collection.step_size import MEMORISED_FIT, relative_fit
+from keras_gex.collection.step_size import MEMORISED_FIT, closest_to_window, relative_fit
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
 from keras_gex.losses import CLASSIFICATION_KINDS, class_ids
@@ -48,14 +48,30 @@ def _probe_text(probe: Probe, weight_decay=None, steps=None) -> str:
     return text + (" (kept)" if probe.accepted else "")
 
 
+def _decay_spread(record: CollectionRecord) -> str:
+    """The members' decays where they differ (probes kept at their own settings).
+
+    >>> record = CollectionRecord.from_dict({"weight_decay": 0.4, "member_stats": [
+    ...     {"learning_rate": 0.2, "weight_decay": 0.4},
+    ...     {"learning_rate": 0.2, "weight_decay": 0.1}]})
+    >>> _decay_spread(record)
+    ' (members 0.1-0.4: probes kept at their own)'
+    """
+    decays = [s.weight_decay for s in record.member_stats if s.weight_decay is not None]
+    if not decays or min(decays) == max(decays):
+        return ""
+    return f" (members {min(decays):g}-{max(decays):g}: probes kept at their own)"
+
+
 def member_scatter(stats, ref, chance: float, window) -> tuple | None:
     """`(learning_rate, lowest, highest)` relative fit of members that landed far apart.
 
     Members fine-tuned at one step size and decay normally land close together
     (within half the fit window on 55 of the zoo's 57 classification runs);
     farther apart, some kept memorised labels and others did not
-    (docs/design.md#known-weaknesses). Grouped by step size (members run again
-    may use a smaller one); None when no group spreads that far.
+    (docs/design.md#known-weaknesses). Grouped by step size and decay (members
+    run again may use a smaller step size, probes kept as members their own
+    decay); None when no group spreads that far.
 
     >>> from keras_gex.config import MemberStats
     >>> ref = MemberStats(0.1, 0.0, 1.0, 0.0)
@@ -63,19 +79,23 @@ def member_scatter(stats, ref, chance: float, window) -> tuple | None:
     >>> member_scatter([MemberStats(0.07, 0.3, f, 0.5) for f in fits], ref, 0.5, (0.2, 0.9))
     (0.07, 0.16, 1.0)
     >>> member_scatter([MemberStats(0.07, 0.3, f, 0.5) for f in (0.8, 0.9)], ref, 0.5, (0.2, 0.9))
+    >>> kept = [MemberStats(0.2, 0.3, 0.6, 0.5, True, 0.4),
+    ...         MemberStats(0.2, 0.3, 0.97, 0.5, True, 0.1)]
+    >>> member_scatter(kept, ref, 0.5, (0.2, 0.9))  # two decays: not fine-tuned alike
     """
-    by_lr = {}
+    by_setting = {}
     for member in stats:
         if member.fit is not None:
             rel = relative_fit(member, ref, chance)
-            by_lr.setdefault(member.learning_rate, []).append(round(rel, 6))
-    spread = {lr: max(rel) - min(rel) for lr, rel in by_lr.items()}
+            setting = (member.learning_rate, member.weight_decay)
+            by_setting.setdefault(setting, []).append(round(rel, 6))
+    spread = {setting: max(rel) - min(rel) for setting, rel in by_setting.items()}
     if not spread:
         return None
-    lr = max(spread, key=spread.get)
-    if spread[lr] <= (window[1] - window[0]) / 2:
+    setting = max(spread, key=spread.get)
+    if spread[setting] <= (window[1] - window[0]) / 2:
         return None
-    return lr, min(by_lr[lr]), max(by_lr[lr])
+    return setting[0], min(by_setting[setting]), max(by_setting[setting])
 
 
 def calibration_miss(record: CollectionRecord) -> str | None:
@@ -359,9 +379,10 @@ class NoisyLabelReport:
         if record is not None:
             how = "calibrated" if record.learning_rate_requested == "auto" else "given"
             member_lrs = [s.learning_rate for s in record.member_stats]
-            kept = [p.learning_rate for p in record.calibration if p.accepted]
-            if kept and kept[0] != record.learning_rate:
-                how += f" at {kept[0]:.4g}"  # the kept probe, member 1
+            kept = [p for p in record.calibration if p.accepted]
+            if kept and closest_to_window(kept).learning_rate != record.learning_rate:
+                # The probe every member's settings come from, member 1.
+                how += f" at {closest_to_window(kept).learning_rate:.4g}"
             if member_lrs and max(member_lrs) > min(member_lrs):
                 # Members were run again smaller: `lr` is their median.
                 lo, hi = min(member_lrs), max(member_lrs)
@@ -376,7 +397,8 @@ class NoisyLabelReport:
             lines.append(
                 f"  ensemble: M={record.num_members} members{members_how}, T={record.steps} "
                 f"steps{steps_how}, lr={record.learning_rate:.4g} ({how}), "
-                f"weight decay {record.weight_decay:g}, batch {record.batch_size}"
+                f"weight decay {record.weight_decay:g}{_decay_spread(record)}, "
+                f"batch {record.batch_size}"
             )
             if record.frozen_layers:
                 lines.append(

@@ -77,7 +77,7 @@ def affordable_members(
 
 
 def rejected_steps(calibration: list) -> int:
-    """SGD steps of the calibration probes not kept as member 0.
+    """SGD steps of the calibration probes not kept as members.
 
     >>> from keras_gex.config import Probe
     >>> kept = Probe(0.2, 0.5, 1.0, accepted=True, steps=160)

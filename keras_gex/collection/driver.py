@@ -349,7 +349,8 @@ def collect(
                 weights, finite = None, False
                 mean_loss, fit = float("nan"), 0.0 if loss.is_classification else None
             fit = fit_of(fit, mean_loss)
-            out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite)))
+            member_decay = decay if weight_decay is None else weight_decay
+            out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite, member_decay)))
         return out, midway, done
 
     trained = budget.trained_steps(model)
@@ -374,7 +375,7 @@ def collect(
         tuner.train(stream(["warm-up"] * width), steps, 0.0, stop=1)
         warmup_seconds = time.perf_counter() - warm_start
 
-    pending = None  # the accepted calibration round, taken as the first round
+    pending = []  # `[(probe index, round)]` of the probes kept as members, taken first
     auto = config.learning_rate == "auto"
     adaptive = auto and ref_stats.fit is not None and ref_stats.fit > chance
     if lr is None and auto and not adaptive:
@@ -385,7 +386,7 @@ def collect(
         )
         lr = step_size.uncalibrated_learning_rate(why, stacklevel=3)
     elif lr is None and auto:
-        lr, decay, pending = step_size.calibrate(
+        lr, decay, kept_probes = step_size.calibrate(
             lambda probe_lr, probe_decay, abandon: run_round(
                 probe_lr, 0, theta_star, abandon, weight_decay=probe_decay, late=True
             ),
@@ -396,11 +397,18 @@ def collect(
             weight_decay=decay,
             forget_by_decay=baseline is not None,  # a regression
         )
+        pending = list(kept_probes or [])
     elif lr is None:
         lr = float(config.learning_rate)
+    num_members = member_count()
+    while pending and len(pending) > -(-(num_members - len(members)) // width):
+        # A kept probe beyond the members asked for is not a member: its steps
+        # count as rejected, which may lower what θ*'s steps afford.
+        index, _ = pending.pop()
+        calibration[index] = dataclasses.replace(calibration[index], accepted=False)
+        num_members = member_count()
     if store is not None and not store.calibrated:
         store.save_calibration(lr, decay, [dataclasses.asdict(p) for p in calibration])
-    num_members = member_count()
     if num_members < len(members):  # resumed from a store that holds more
         members, stats = members[:num_members], stats[:num_members]
     if config.num_members == "auto" and num_members < budget.MAX_MEMBERS:
@@ -418,12 +426,12 @@ def collect(
     rounds = 0
     while len(members) < num_members:
         first = len(members)
-        if pending is None:
+        if not pending:
             start_weights = previous if config.chain else theta_star
             rerun = reruns.get(first, 0)
             results, _, ran = run_round(lr, first, start_weights, gate.abandon(), rerun=rerun)
-        else:  # the accepted probe, which ran its whole schedule
-            results, ran, pending = pending, steps, None
+        else:  # a probe kept as a member, which ran its whole schedule
+            (_, results), ran = pending.pop(0), steps
         rounds += 1
         for offset, (weights, member_stats) in enumerate(results):
             index = first + offset

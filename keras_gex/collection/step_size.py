@@ -26,8 +26,11 @@ supports, and never sit at chance. Two mechanisms, one signal:
   probe is a full member, stopped halfway or at three quarters if it is
   above the window or at chance there; the accepted one (or, where none lands
   in the window, the nearest if it ran whole) is member 0 and every member uses
-  its step size and decay. A member that diverged is run again `LR_FACTOR` × smaller; one that fell
-  below the window is run again on another batch order, and the step size drops
+  its step size and decay. A probe that ran whole is a finished member: where
+  the member gate would keep it (above the window's floor: its fit regained in
+  the tail), it is kept as one too, not run for nothing. A member that
+  diverged is run again `LR_FACTOR` × smaller; one that fell below the window
+  is run again on another batch order, and the step size drops
   √`LR_FACTOR` × only once more members collapsed at it than kept it; at most
   `MAX_PROBES` runs again.
 
@@ -284,16 +287,25 @@ def calibrate(
     where members scatter by batch order; the decay pulls every member
     towards the same regularised fit (docs/design.md#regression-members).
 
+    A probe that ran its whole schedule and ended above the window's floor
+    (above its top: its fit regained in the tail, since a probe above it at a
+    checkpoint is stopped there) is a finished member the member gate would
+    keep; it is kept as a member too (`Probe.accepted`), not discarded after a
+    whole member's steps. A regression's probes at the starting decay are not
+    (its members forget through the decay).
+
     Returns:
-        `(learning_rate, weight_decay, accepted)`: the step size and decay, and
-        the round of the probe kept as member 0. When no probe landed in the
-        window, a warning says which settings every member uses (the nearest
-        probe's), and that probe is kept if it ran its whole schedule (None
-        otherwise).
+        `(learning_rate, weight_decay, kept)`: the step size and decay, and
+        `[(probe index, round)]` of the probes kept as members, member 0 first:
+        the accepted probe or, when no probe landed in the window, the nearest
+        if it ran its whole schedule (a warning says which settings every
+        member uses), then the other whole probes above the floor in the order
+        they ran. Empty when none is kept.
     """
     low, high = FIT_WINDOW
     ceiling = weight_decay * LR_FACTOR**2  # a classifier's decay is raised once at most
     nearest_round = None  # (index, round) of the nearest probe that ran its whole schedule
+    whole = []  # (index, round) of the probes that ran whole above the floor, not accepted
     at_ceiling = False
     too_small, too_large = None, None  # values known to be too small / large
     lr, decay = INITIAL_LR, weight_decay
@@ -325,9 +337,11 @@ def calibrate(
             f"θ*'s fit above chance{where}"
         )
         if accepted:
-            return lr, decay, results
+            return lr, decay, _kept(record, [(len(record) - 1, results), *whole])
         if weights is not None and stats.finite and closest_to_window(record) is record[-1]:
             nearest_round = (len(record) - 1, results)
+        if weights is not None and stats.finite and rel >= low and not stability_only:
+            whole.append((len(record) - 1, results))
         if stability_only:  # kept its fit: forget through the decay from here
             if rel >= low:
                 searching, too_small = "decay", decay
@@ -357,11 +371,12 @@ def calibrate(
                 value = ceiling
         lr, decay = (value, decay) if searching == "lr" else (lr, value)
     best = closest_to_window(record)
-    kept = None
+    first = []
     if nearest_round is not None and record[nearest_round[0]] is best:
         # It ran member 0's stream whole at the settings every member uses: it is member 0.
-        record[nearest_round[0]] = best = dataclasses.replace(best, accepted=True)
-        kept = nearest_round[1]
+        first = [nearest_round]
+    kept = _kept(record, first + [w for w in whole if w[0] not in {i for i, _ in first}])
+    best = closest_to_window(record)
     warnings.warn(
         f"Step-size calibration found no learning rate whose members keep "
         f"{low:.0%}-{high:.0%} of θ*'s training fit above chance in {len(record)} probes "
@@ -378,6 +393,13 @@ def calibrate(
         stacklevel=4,
     )
     return best.learning_rate, best.weight_decay, kept
+
+
+def _kept(record: list, kept: list) -> list:
+    """Marks the probes of `kept` (`[(index, round)]`) as kept in `record`; returns `kept`."""
+    for index, _ in kept:
+        record[index] = dataclasses.replace(record[index], accepted=True)
+    return kept
 
 
 def raised_decay(decay: float, lr: float, steps: int) -> float:

@@ -11,7 +11,7 @@ from conftest import make_mlp
 from sklearn.metrics import roc_auc_score
 
 import keras_gex
-from keras_gex.collection import step_size
+from keras_gex.collection import budget, step_size
 from keras_gex.collection.step_size import FIT_WINDOW, LR_FACTOR, calibrate, relative_fit
 from keras_gex.collection.tuner import sgd_update
 from keras_gex.config import MemberStats, Probe
@@ -54,6 +54,11 @@ def _calibrate(run_probe, record, max_probes=6, steps=400, **kwargs):
     )
 
 
+def nearest_stats(probe):
+    """The stats `_fake_member` gives a probe that ran whole."""
+    return MemberStats(probe.learning_rate, 0.1, probe.relative_fit, 0.5)
+
+
 def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None, late_of_lr=None):
     calls, record = [], []
     run_probe = _fake_member(fit_of_lr, calls, midway_of_lr, late_of_lr)
@@ -64,7 +69,7 @@ def _calibrate_fake(fit_of_lr, max_probes=6, midway_of_lr=None, late_of_lr=None)
 def test_first_probe_in_window_is_kept_as_a_member():
     lr, accepted, record, calls = _calibrate_fake(lambda lr: 0.8)
     assert calls == [0.1] and lr == 0.1
-    assert accepted == [("weights@0.1", MemberStats(0.1, 0.1, 0.8, 0.5))]
+    assert accepted == [(0, [("weights@0.1", MemberStats(0.1, 0.1, 0.8, 0.5))])]
     assert record[0].accepted is True and record[0].seconds >= 0.0
 
 
@@ -189,6 +194,30 @@ def test_a_probe_that_regains_the_fit_in_the_tail_turns_the_search_to_the_decay(
     assert [p.steps for p in record] == [20, 30, 40]
 
 
+def test_a_probe_that_regained_its_fit_and_ran_whole_is_kept_as_a_member():
+    """A probe inside the window at three quarters that ends just above it ran a
+    whole member's steps: the member gate keeps members above the window, so it
+    is kept as a member (after member 0, the accepted probe), not discarded;
+    probes stopped early or below the floor are not."""
+    calls, record = [], []
+
+    def run_probe(lr, weight_decay, abandon):
+        calls.append((lr, weight_decay))
+        if lr < 0.15:  # still in the basin halfway: abandoned there
+            return [(None, MemberStats(lr, 0.2, 0.97, 0.3))], 0.97, 20
+        if weight_decay < 0.2:  # inside the window to three quarters, above it at the end
+            return [(f"regained@{lr}", MemberStats(lr, 0.1, 0.93, 0.4))], 0.8, 40
+        return [(f"weights@{lr}", MemberStats(lr, 0.1, 0.7, 0.5))], 0.8, 40
+
+    lr, decay, kept = _calibrate(run_probe, record)
+    assert calls == [(0.1, 0.1), (0.2, 0.1), (0.2, pytest.approx(0.4))]
+    assert (lr, decay) == (0.2, pytest.approx(0.4))  # every other member's settings
+    assert [index for index, _ in kept] == [2, 1]  # member 0 first
+    assert [round_[0][0] for _, round_ in kept] == ["weights@0.2", "regained@0.2"]
+    assert [p.accepted for p in record] == [False, True, True]
+    assert budget.rejected_steps(record) == 20
+
+
 @pytest.mark.parametrize(
     "fit_at_lambda0, expected_calls",
     [
@@ -250,8 +279,10 @@ def test_where_no_probe_lands_in_the_window_the_nearest_whole_one_is_member_0():
         lr, decay, accepted = _calibrate(run_probe, record)
     nearest = step_size.closest_to_window(record)
     assert nearest.relative_fit > FIT_WINDOW[1] and nearest.accepted
-    assert [p.accepted for p in record].count(True) == 1
-    assert [weights for weights, _ in accepted] == [f"weights@{nearest.learning_rate:.4g}"]
+    # Member 0 first; every other probe ran whole above the floor and is kept too.
+    assert accepted[0][1] == [(f"weights@{nearest.learning_rate:.4g}", nearest_stats(nearest))]
+    assert sorted(i for i, _ in accepted) == list(range(len(record)))
+    assert all(p.accepted for p in record)
     assert (lr, decay) == (nearest.learning_rate, nearest.weight_decay)
     summary = CollectionRecord.from_dict(
         {"learning_rate_requested": "auto", "fit_window": FIT_WINDOW, "weight_decay": 0.1}
@@ -288,7 +319,7 @@ def test_a_nearest_probe_stopped_early_is_not_member_0():
     run_probe = _fake_member(lambda lr: 0.95, calls)  # above the window halfway: stopped
     with pytest.warns(UserWarning, match="found no learning rate"):
         _, _, accepted = _calibrate(run_probe, record)
-    assert accepted is None and not any(p.accepted for p in record)
+    assert accepted == [] and not any(p.accepted for p in record)
 
 
 @pytest.mark.slow
@@ -507,6 +538,41 @@ def test_members_below_the_window_are_run_again_smaller(small_trained_mlp, monke
     assert max(rates) < 3.0
     summary = keras_gex.detect_noisy((x, y), ens, verbose=0).summary(print_fn=None)
     assert "members run again: " in summary and "on another batch order" in summary
+
+
+def test_probes_kept_by_calibration_are_the_first_members(small_trained_mlp, monkeypatch):
+    """The rounds `calibrate` keeps are the ensemble's first members, each with the
+    decay it ran at; beyond the members asked for a kept probe is not a member
+    and its steps count as rejected."""
+    rounds = {}
+
+    def fake_calibrate(run_probe, rel_of, record, log, *, steps, weight_decay, **kwargs):
+        for decay in (0.1, 0.4):  # a probe above the window, then the accepted one
+            rounds[decay], _, run = run_probe(0.05, decay, lambda rel: False)
+            record.append(Probe(0.05, 0.8, 1.0, accepted=True, steps=run, weight_decay=decay))
+        return 0.05, 0.4, [(1, rounds[0.4]), (0, rounds[0.1])]
+
+    monkeypatch.setattr(step_size, "calibrate", fake_calibrate)
+    x, y, model = small_trained_mlp
+    kwargs = dict(steps=20, batch_size=32, seed=0, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ens = keras_gex.GeometricEnsemble.collect(model, (x, y), num_members=3, **kwargs)
+    for member, decay in zip(ens.members, (0.4, 0.1)):
+        for a, b in zip(member.trainable, rounds[decay][0][0].trainable):
+            np.testing.assert_array_equal(a, b)
+    assert ens.members[0].distance(ens.members[1]) > 0
+    decays = [s.weight_decay for s in ens.record.member_stats]
+    assert decays == [0.4, 0.1, 0.4] and ens.record.weight_decay == 0.4
+    assert all(p.accepted for p in ens.record.calibration)
+    summary = keras_gex.detect_noisy((x, y), ens, verbose=0).summary(print_fn=None)
+    assert "weight decay 0.4 (members 0.1-0.4: probes kept at their own)" in summary
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = keras_gex.GeometricEnsemble.collect(model, (x, y), num_members=1, **kwargs)
+    assert one.num_members == 1 and one.record.member_stats[0].weight_decay == 0.4
+    assert [p.accepted for p in one.record.calibration] == [False, True]
+    assert budget.rejected_steps(one.record.calibration) == 20
 
 
 def test_a_member_run_again_draws_another_batch_order(small_trained_mlp, monkeypatch):
