@@ -27,8 +27,8 @@ supports, and never sit at chance. Two mechanisms, one signal:
   above the window or at chance there; the accepted one (or, where none lands
   in the window, the nearest if it ran whole) is member 0 and every member uses
   its step size and decay. A probe that ran whole is a finished member: where
-  the member gate would keep it (above the window's floor: its fit regained in
-  the tail), it is kept as one too, not run for nothing. A member that
+  its fit was regained in the tail (above the window only at its end, which
+  the member gate keeps), it is kept as one too, not run for nothing. A member that
   diverged is run again `LR_FACTOR` × smaller; one that fell below the window
   is run again on another batch order, and the step size drops
   √`LR_FACTOR` × only once more members collapsed at it than kept it; at most
@@ -287,20 +287,20 @@ def calibrate(
     where members scatter by batch order; the decay pulls every member
     towards the same regularised fit (docs/design.md#regression-members).
 
-    A probe that ran its whole schedule and ended above the window's floor
-    (above its top: its fit regained in the tail, since a probe above it at a
-    checkpoint is stopped there) is a finished member the member gate would
-    keep; it is kept as a member too (`Probe.accepted`), not discarded after a
-    whole member's steps. A regression's probes at the starting decay are not
-    (its members forget through the decay).
+    A probe that ran its whole schedule inside the window at its checkpoints
+    and ended above it (its fit regained in the tail) is a finished member the
+    member gate would keep; it is kept as a member too (`Probe.accepted`), not
+    discarded after a whole member's steps. A regression's probes at the
+    starting decay are not (its members forget through the decay), nor are
+    probes whose fit was not read on the way (rounds of several replicas).
 
     Returns:
         `(learning_rate, weight_decay, kept)`: the step size and decay, and
         `[(probe index, round)]` of the probes kept as members, member 0 first:
         the accepted probe or, when no probe landed in the window, the nearest
         if it ran its whole schedule (a warning says which settings every
-        member uses), then the other whole probes above the floor in the order
-        they ran. Empty when none is kept.
+        member uses), then the probes that regained their fit in the tail and
+        ran whole, in the order they ran. Empty when none is kept.
     """
     low, high = FIT_WINDOW
     ceiling = weight_decay * LR_FACTOR**2  # a classifier's decay is raised once at most
@@ -338,9 +338,10 @@ def calibrate(
         )
         if accepted:
             return lr, decay, _kept(record, [(len(record) - 1, results), *whole])
+        restored = restored_in_tail(midway, rel)
         if weights is not None and stats.finite and closest_to_window(record) is record[-1]:
             nearest_round = (len(record) - 1, results)
-        if weights is not None and stats.finite and rel >= low and not stability_only:
+        if weights is not None and stats.finite and restored and not stability_only:
             whole.append((len(record) - 1, results))
         if stability_only:  # kept its fit: forget through the decay from here
             if rel >= low:
@@ -354,7 +355,6 @@ def calibrate(
             too_small = value if too_small is None else max(too_small, value)
         else:
             too_large = value if too_large is None else min(too_large, value)
-        restored = restored_in_tail(midway, rel)
         if searching == "lr" and (restored or stability_edge(record, too_small, too_large)):
             searching, lr = "decay", too_small  # the probe's own step size if `restored`
             too_small, too_large = decay, None

@@ -216,6 +216,16 @@ def test_a_probe_that_regained_its_fit_and_ran_whole_is_kept_as_a_member():
     assert [round_[0][0] for _, round_ in kept] == ["weights@0.2", "regained@0.2"]
     assert [p.accepted for p in record] == [False, True, True]
     assert budget.rejected_steps(record) == 20
+    # A probe above the window whose fit was never read on the way (a round of
+    # several replicas runs whole) may never have left θ*'s basin: not kept.
+    unread = []
+
+    def run_unread(lr, weight_decay, abandon):
+        fit = 0.97 if lr < 0.15 else 0.7
+        return [(f"w@{lr}", MemberStats(lr, 0.1, fit, 0.5))], None, 40
+
+    _, _, kept = _calibrate(run_unread, unread)
+    assert [index for index, _ in kept] == [1] and not unread[0].accepted
 
 
 @pytest.mark.parametrize(
