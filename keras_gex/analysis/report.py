@@ -380,9 +380,10 @@ class NoisyLabelReport:
             how = "calibrated" if record.learning_rate_requested == "auto" else "given"
             member_lrs = [s.learning_rate for s in record.member_stats]
             kept = [p for p in record.calibration if p.accepted]
-            if kept and closest_to_window(kept).learning_rate != record.learning_rate:
-                # The probe every member's settings come from, member 1.
-                how += f" at {closest_to_window(kept).learning_rate:.4g}"
+            # The probe every member's settings come from (member 1): the nearest kept.
+            kept_lr = closest_to_window(kept).learning_rate if kept else None
+            if kept_lr is not None and kept_lr != record.learning_rate:
+                how += f" at {kept_lr:.4g}"
             if member_lrs and max(member_lrs) > min(member_lrs):
                 # Members were run again smaller: `lr` is their median.
                 lo, hi = min(member_lrs), max(member_lrs)

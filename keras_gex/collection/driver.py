@@ -310,7 +310,8 @@ def collect(
             stream_seed(stream_seed(seed, first + r, rerun), "layers") for r in range(width)
         ]
         tuner.load(start_weights, layer_seeds)
-        tuner.set_weight_decay(decay if weight_decay is None else weight_decay)
+        member_decay = decay if weight_decay is None else weight_decay
+        tuner.set_weight_decay(member_decay)
         midway, done = None, 0
         if abandon is not None and width == 1:
             for point in checkpoints(steps, late):
@@ -349,7 +350,6 @@ def collect(
                 weights, finite = None, False
                 mean_loss, fit = float("nan"), 0.0 if loss.is_classification else None
             fit = fit_of(fit, mean_loss)
-            member_decay = decay if weight_decay is None else weight_decay
             out.append((weights, MemberStats(lr, train_loss, fit, mean_loss, finite, member_decay)))
         return out, midway, done
 

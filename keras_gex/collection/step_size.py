@@ -305,7 +305,7 @@ def calibrate(
     low, high = FIT_WINDOW
     ceiling = weight_decay * LR_FACTOR**2  # a classifier's decay is raised once at most
     nearest_round = None  # (index, round) of the nearest probe that ran its whole schedule
-    whole = []  # (index, round) of the probes that ran whole above the floor, not accepted
+    whole = []  # (index, round) of the probes that regained their fit in the tail, ran whole
     at_ceiling = False
     too_small, too_large = None, None  # values known to be too small / large
     lr, decay = INITIAL_LR, weight_decay
@@ -376,7 +376,6 @@ def calibrate(
         # It ran member 0's stream whole at the settings every member uses: it is member 0.
         first = [nearest_round]
     kept = _kept(record, first + [w for w in whole if w[0] not in {i for i, _ in first}])
-    best = closest_to_window(record)
     warnings.warn(
         f"Step-size calibration found no learning rate whose members keep "
         f"{low:.0%}-{high:.0%} of θ*'s training fit above chance in {len(record)} probes "
