@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import make_mlp
+from tolerances import PROB_ATOL, SCORE_ATOL, SCORE_RTOL
 
 import keras_gex
 from keras_gex import ensemble as ensemble_module
@@ -246,8 +247,13 @@ def test_binary_labels_without_last_axis_read_as_keras_reads_them(data, subclass
     streamed = keras_gex.detect_noisy(
         tf.data.Dataset.from_tensor_slices((x, parity)).batch(32), model, **settings
     )
+    np.testing.assert_array_equal(flat.member_losses, column.member_losses)
+    # Streamed in batches of 32: the same members, scored by matmuls of another shape,
+    # which on some CPUs (AVX2) round a few rows differently in the last float32 bit.
     for report in (flat, streamed):
-        np.testing.assert_array_equal(report.member_losses, column.member_losses)
+        np.testing.assert_allclose(
+            report.member_losses, column.member_losses, rtol=SCORE_RTOL, atol=SCORE_ATOL
+        )
         np.testing.assert_array_equal(report.noisy_mask, column.noisy_mask)
         assert report.labels.shape == (len(x), 1)
 
@@ -334,8 +340,13 @@ def test_one_named_output_scores_as_the_plain_output(data):
         np.testing.assert_array_equal(report.member_losses, expected.member_losses)
     streamed = tf.data.Dataset.from_tensor_slices((x, {"digit": y})).batch(32)
     report = keras_gex.detect_noisy(streamed, named, **settings)
-    np.testing.assert_array_equal(report.member_losses, expected.member_losses)
-    np.testing.assert_array_equal(report.ensemble.predict(x), expected.ensemble.predict(x))
+    # Batches of 32 round a few rows differently on some CPUs (AVX2): float32 level.
+    np.testing.assert_allclose(
+        report.member_losses, expected.member_losses, rtol=SCORE_RTOL, atol=SCORE_ATOL
+    )
+    np.testing.assert_allclose(
+        report.ensemble.predict(x), expected.ensemble.predict(x), atol=PROB_ATOL
+    )
     np.testing.assert_array_equal(
         keras_gex.baselines.loss_scores(named, (x, {"digit": y}), verbose=0),
         keras_gex.baselines.loss_scores(plain, (x, y), verbose=0),
