@@ -28,7 +28,12 @@ supports, and never sit at chance. Two mechanisms, one signal:
   in the window, the nearest if it ran whole) is member 0 and every member uses
   its step size and decay. A probe that ran whole is a finished member: where
   its fit was regained in the tail (above the window only at its end, which
-  the member gate keeps), it is kept as one too, not run for nothing. A member that
+  the member gate keeps), it is kept as one too, not run for nothing. Where
+  the accepted probe's fit still fell in the schedule's last, smallest steps
+  (`shrink_bound`), its members forget by being shrunk, not moved: calibration
+  tries `LR_FACTOR` × its step size at 1/`LR_FACTOR` its decay (the same
+  shrink per step) and takes it while the fit rises and stays in the window,
+  so members take the larger steps that keep what the data supports. A member that
   diverged is run again `LR_FACTOR` × smaller; one that fell below the window
   is run again on another batch order, and the step size drops
   √`LR_FACTOR` × only once more members collapsed at it than kept it; at most
@@ -135,6 +140,19 @@ def restored_in_tail(midway, rel: float) -> bool:
     (True, False, False)
     """
     return midway is not None and midway <= FIT_WINDOW[1] < rel
+
+
+def shrink_bound(midway, rel: float) -> bool:
+    """Whether a probe's fit fell from halfway (`midway`) to its end (`rel`).
+
+    In the cosine schedule's last, smallest steps SGD's noise fades and a
+    member regains what the data supports; a fit that still falls there is
+    the decay shrinking it, not its steps moving it (docs/design.md#calibration).
+
+    >>> shrink_bound(0.57, 0.50), shrink_bound(0.73, 0.76), shrink_bound(None, 0.5)
+    (True, False, False)
+    """
+    return midway is not None and rel < midway
 
 
 def warn_unless_memorised(ref_fit, stacklevel: int) -> None:
@@ -287,6 +305,10 @@ def calibrate(
     where members scatter by batch order; the decay pulls every member
     towards the same regularised fit (docs/design.md#regression-members).
 
+    An accepted classifier probe whose fit fell in its tail (`shrink_bound`)
+    is followed by a step up (`_step_up`): `LR_FACTOR` × its step size at
+    1/`LR_FACTOR` its decay, taken while the fit rises inside the window.
+
     A probe that ran its whole schedule inside the window at its checkpoints
     and ended above it (its fit regained in the tail) is a finished member the
     member gate would keep; it is kept as a member too (`Probe.accepted`), not
@@ -337,7 +359,12 @@ def calibrate(
             f"θ*'s fit above chance{where}"
         )
         if accepted:
-            return lr, decay, _kept(record, [(len(record) - 1, results), *whole])
+            first = (len(record) - 1, results)
+            if not forget_by_decay:
+                lr, decay, first = _step_up(
+                    run_probe, rel_of, record, log, (lr, decay, first, rel, midway), max_probes
+                )
+            return lr, decay, _kept(record, [first, *whole])
         restored = restored_in_tail(midway, rel)
         if weights is not None and stats.finite and closest_to_window(record) is record[-1]:
             nearest_round = (len(record) - 1, results)
@@ -392,6 +419,52 @@ def calibrate(
         stacklevel=4,
     )
     return best.learning_rate, best.weight_decay, kept
+
+
+def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: int):
+    """From an accepted probe whose fit fell in its tail, larger steps at the same shrink.
+
+    `accepted` is `(lr, decay, (index, round), rel, midway)`. While the probe
+    taken is `shrink_bound` and probes remain, one probe at `LR_FACTOR` × its
+    step size and 1/`LR_FACTOR` its decay runs, abandoned at a checkpoint where
+    it keeps less than the taken probe did halfway (or is `hopeless`); it is
+    taken where it ends inside the window keeping at least as much as the
+    taken probe. Returns `(lr, decay, (index, round))` of the probe taken; the
+    probes it replaced no longer count as accepted.
+    """
+    lr, decay, taken, rel, midway = accepted
+    while shrink_bound(midway, rel) and len(record) < max_probes:
+        up_lr, up_decay, floor = lr * LR_FACTOR, decay / LR_FACTOR, midway
+        probe_start = time.perf_counter()
+        results, up_midway, run = run_probe(
+            up_lr, up_decay, lambda fit, floor=floor: hopeless(fit) or fit < floor
+        )
+        weights, stats = results[0]
+        up_rel = rel_of(stats)
+        better = weights is not None and stats.finite and rel <= up_rel <= FIT_WINDOW[1]
+        record.append(
+            Probe(
+                learning_rate=up_lr,
+                relative_fit=up_rel,
+                loss=stats.loss,
+                seconds=time.perf_counter() - probe_start,
+                accepted=better,
+                midway_fit=up_midway,
+                abandoned=weights is None and stats.finite,
+                steps=run,
+                weight_decay=up_decay,
+            )
+        )
+        log(
+            f"calibration: a step up to lr {up_lr:.4g}, weight decay {up_decay:.3g} -> keeps "
+            f"{up_rel:.1%} of θ*'s fit above chance ({'taken' if better else 'not taken'})"
+        )
+        if not better:
+            break
+        record[taken[0]] = dataclasses.replace(record[taken[0]], accepted=False)
+        taken = (len(record) - 1, results)
+        lr, decay, rel, midway = up_lr, up_decay, up_rel, up_midway
+    return lr, decay, taken
 
 
 def _kept(record: list, kept: list) -> list:

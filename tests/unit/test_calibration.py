@@ -185,7 +185,7 @@ def test_a_probe_that_regains_the_fit_in_the_tail_turns_the_search_to_the_decay(
             return [(None, MemberStats(lr, 0.2, 0.97, 0.3))], 0.97, 20
         if weight_decay < 0.2:  # above the window again at three quarters
             return [(None, MemberStats(lr, 0.2, 0.93, 0.3))], 0.8, 30
-        return [(f"weights@{lr}", MemberStats(lr, 0.1, 0.7, 0.5))], 0.8, 40
+        return [(f"weights@{lr}", MemberStats(lr, 0.1, 0.7, 0.5))], 0.65, 40
 
     lr, decay, accepted = _calibrate(run_probe, record)
     assert calls == [(0.1, 0.1), (0.2, 0.1), (0.2, pytest.approx(0.1 * LR_FACTOR**2))]
@@ -207,7 +207,7 @@ def test_a_probe_that_regained_its_fit_and_ran_whole_is_kept_as_a_member():
             return [(None, MemberStats(lr, 0.2, 0.97, 0.3))], 0.97, 20
         if weight_decay < 0.2:  # inside the window to three quarters, above it at the end
             return [(f"regained@{lr}", MemberStats(lr, 0.1, 0.93, 0.4))], 0.8, 40
-        return [(f"weights@{lr}", MemberStats(lr, 0.1, 0.7, 0.5))], 0.8, 40
+        return [(f"weights@{lr}", MemberStats(lr, 0.1, 0.7, 0.5))], 0.65, 40
 
     lr, decay, kept = _calibrate(run_probe, record)
     assert calls == [(0.1, 0.1), (0.2, 0.1), (0.2, pytest.approx(0.4))]
@@ -322,6 +322,69 @@ def test_a_classifier_decay_search_raises_the_decay_once_at_most():
     calls.clear()
     _calibrate(run_probe, [], forget_by_decay=True)  # a regression: λ 1.6 lands
     assert calls[-1] == (0.1, pytest.approx(1.6))
+
+
+def _shrink_bound_member(calls, edge=1.0):
+    """A `run_probe` whose members forget by shrinking at λ 0.1 (their fit falls in
+    the tail), and whose fit rises with the step size at the same shrink `lr·λ`
+    up to the stability edge at lr `edge`, where they collapse."""
+
+    def run_probe(lr, weight_decay, abandon):
+        calls.append((lr, weight_decay))
+        if lr < 0.15:  # still in the basin halfway: abandoned there
+            return [(None, MemberStats(lr, 0.2, 0.96, 0.3))], 0.96, 20
+        if lr > edge:  # collapsed: below the probe it steps up from at once
+            fit = 0.0
+            if abandon(fit):
+                return [(None, MemberStats(lr, 0.2, fit, 0.3))], fit, 20
+        end = min(0.5 + 0.1 * math.log2(lr / 0.2), 0.88)
+        midway = end + 0.07 if lr < 0.7 else end - 0.02  # falls in the tail below lr 0.7
+        if abandon(midway):
+            return [(None, MemberStats(lr, 0.2, midway, 0.3))], midway, 20
+        return [(f"weights@{lr:.4g}", MemberStats(lr, 0.1, end, 0.5))], midway, 40
+
+    return run_probe
+
+
+def test_members_that_forget_by_shrinking_take_larger_steps_at_the_same_shrink():
+    """The accepted probe's fit fell in its tail: lr ×2 at λ ÷2 while the fit
+    rises; the step up whose fit came back in its tail is the last tried."""
+    calls, record = [], []
+    lr, decay, kept = _calibrate(_shrink_bound_member(calls), record)
+    assert calls == [(0.1, 0.1), (0.2, 0.1), (0.4, 0.05), (0.8, pytest.approx(0.025))]
+    assert (lr, decay) == (0.8, pytest.approx(0.025))
+    assert [index for index, _ in kept] == [3]
+    assert kept[0][1][0][0] == "weights@0.8"
+    assert [p.accepted for p in record] == [False, False, False, True]
+    assert budget.rejected_steps(record) == 20 + 40 + 40  # the probes it replaced
+
+
+def test_a_step_up_that_keeps_less_is_stopped_and_not_taken():
+    """At the stability edge the larger step collapses: abandoned at its first
+    checkpoint, the accepted probe stays member 0."""
+    calls, record = [], []
+    lr, decay, kept = _calibrate(_shrink_bound_member(calls, edge=0.3), record)
+    assert calls == [(0.1, 0.1), (0.2, 0.1), (0.4, 0.05)]
+    assert (lr, decay) == (0.2, 0.1) and [index for index, _ in kept] == [1]
+    assert record[-1].abandoned and record[-1].steps == 20
+    assert [p.accepted for p in record] == [False, True, False]
+
+
+def test_no_step_up_where_the_fit_came_back_in_the_tail_or_for_a_regression():
+    # Accepted at once, its fit rose from 0.7 halfway to 0.8: no step up.
+    lr, _, _, calls = _calibrate_fake(lambda lr: 0.8, midway_of_lr=lambda lr: 0.7)
+    assert calls == [0.1] and lr == 0.1
+    assert not step_size.shrink_bound(0.8, 0.8)  # unchanged: not a fall
+    # A regression forgets through the decay by design: never stepped up.
+    calls, record = [], []
+
+    def run_probe(lr, weight_decay, abandon):
+        calls.append((lr, weight_decay))
+        fit = 0.95 if weight_decay < 0.2 else 0.6
+        return [(f"w@{lr}", MemberStats(lr, 0.1, fit, 0.5))], fit + 0.1, 40
+
+    _calibrate(run_probe, record, forget_by_decay=True)
+    assert calls == [(0.1, 0.1), (0.1, pytest.approx(0.4))]
 
 
 def test_a_nearest_probe_stopped_early_is_not_member_0():
