@@ -49,7 +49,9 @@ class CollectionConfig:
             few examples hold is forgotten while the rest of the data restores
             what it supports. `"auto"` starts at 0.1 and, with
             `learning_rate="auto"`, calibration raises it where the step size
-            cannot forget: at SGD's stability edge, and for every regression
+            cannot forget: at SGD's stability edge, and for every regression;
+            where members forget by being shrunk (their fit still falls in the
+            schedule's tail) it halves it at twice the step size
             (docs/design.md#member-rule). Defaults to `"auto"`.
         seed: Seed of the members' mini-batch shuffling; `None` draws one
             from NumPy's global generator (which `keras.utils.set_random_seed`
