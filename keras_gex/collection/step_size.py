@@ -340,19 +340,7 @@ def calibrate(
         abandoned = weights is None and stats.finite
         stability_only = forget_by_decay and searching == "lr"
         accepted = bool(low <= rel <= high) and not abandoned and not stability_only
-        record.append(
-            Probe(
-                learning_rate=lr,
-                relative_fit=rel,
-                loss=stats.loss,
-                seconds=time.perf_counter() - probe_start,
-                accepted=accepted,
-                midway_fit=midway,
-                abandoned=abandoned,
-                steps=run,
-                weight_decay=decay,
-            )
-        )
+        _record_probe(record, lr, decay, stats, rel, probe_start, accepted, midway, abandoned, run)
         where = f" after {run / max(steps, 1):.0%} of its steps (abandoned)" if abandoned else ""
         log(
             f"calibration: lr {lr:.4g}, weight decay {decay:.3g} -> keeps {rel:.1%} of "
@@ -442,18 +430,9 @@ def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: 
         weights, stats = results[0]
         up_rel = rel_of(stats)
         better = weights is not None and stats.finite and rel <= up_rel <= FIT_WINDOW[1]
-        record.append(
-            Probe(
-                learning_rate=up_lr,
-                relative_fit=up_rel,
-                loss=stats.loss,
-                seconds=time.perf_counter() - probe_start,
-                accepted=better,
-                midway_fit=up_midway,
-                abandoned=weights is None and stats.finite,
-                steps=run,
-                weight_decay=up_decay,
-            )
+        abandoned = weights is None and stats.finite
+        _record_probe(
+            record, up_lr, up_decay, stats, up_rel, probe_start, better, up_midway, abandoned, run
         )
         log(
             f"calibration: a step up to lr {up_lr:.4g}, weight decay {up_decay:.3g} -> keeps "
@@ -465,6 +444,25 @@ def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: 
         taken = (len(record) - 1, results)
         lr, decay, rel, midway = up_lr, up_decay, up_rel, up_midway
     return lr, decay, taken
+
+
+def _record_probe(
+    record: list, lr, decay, stats, rel, start, accepted, midway, abandoned, run
+) -> None:
+    """Appends one calibration probe to `record`, timed from `start`."""
+    record.append(
+        Probe(
+            learning_rate=lr,
+            relative_fit=rel,
+            loss=stats.loss,
+            seconds=time.perf_counter() - start,
+            accepted=accepted,
+            midway_fit=midway,
+            abandoned=abandoned,
+            steps=run,
+            weight_decay=decay,
+        )
+    )
 
 
 def _kept(record: list, kept: list) -> list:
