@@ -340,7 +340,18 @@ def calibrate(
         abandoned = weights is None and stats.finite
         stability_only = forget_by_decay and searching == "lr"
         accepted = bool(low <= rel <= high) and not abandoned and not stability_only
-        _record_probe(record, lr, decay, stats, rel, probe_start, accepted, midway, abandoned, run)
+        _record_probe(
+            record,
+            probe_start,
+            stats,
+            learning_rate=lr,
+            weight_decay=decay,
+            relative_fit=rel,
+            accepted=accepted,
+            midway_fit=midway,
+            abandoned=abandoned,
+            steps=run,
+        )
         where = f" after {run / max(steps, 1):.0%} of its steps (abandoned)" if abandoned else ""
         log(
             f"calibration: lr {lr:.4g}, weight decay {decay:.3g} -> keeps {rel:.1%} of "
@@ -430,9 +441,17 @@ def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: 
         weights, stats = results[0]
         up_rel = rel_of(stats)
         better = weights is not None and stats.finite and rel <= up_rel <= FIT_WINDOW[1]
-        abandoned = weights is None and stats.finite
         _record_probe(
-            record, up_lr, up_decay, stats, up_rel, probe_start, better, up_midway, abandoned, run
+            record,
+            probe_start,
+            stats,
+            learning_rate=up_lr,
+            weight_decay=up_decay,
+            relative_fit=up_rel,
+            accepted=better,
+            midway_fit=up_midway,
+            abandoned=weights is None and stats.finite,
+            steps=run,
         )
         log(
             f"calibration: a step up to lr {up_lr:.4g}, weight decay {up_decay:.3g} -> keeps "
@@ -446,23 +465,9 @@ def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: 
     return lr, decay, taken
 
 
-def _record_probe(
-    record: list, lr, decay, stats, rel, start, accepted, midway, abandoned, run
-) -> None:
-    """Appends one calibration probe to `record`, timed from `start`."""
-    record.append(
-        Probe(
-            learning_rate=lr,
-            relative_fit=rel,
-            loss=stats.loss,
-            seconds=time.perf_counter() - start,
-            accepted=accepted,
-            midway_fit=midway,
-            abandoned=abandoned,
-            steps=run,
-            weight_decay=decay,
-        )
-    )
+def _record_probe(record: list, start: float, stats: MemberStats, **fields) -> None:
+    """Appends one calibration probe (`Probe` `fields`) to `record`, timed from `start`."""
+    record.append(Probe(loss=stats.loss, seconds=time.perf_counter() - start, **fields))
 
 
 def _kept(record: list, kept: list) -> list:
