@@ -51,7 +51,7 @@ class CollectionConfig:
             `learning_rate="auto"`, calibration raises it where the step size
             cannot forget: at SGD's stability edge, and for every regression;
             where members forget by being shrunk (their fit still falls in the
-            schedule's tail) it halves it at twice the step size
+            schedule's tail) it quarters it at four times the step size
             (docs/design.md#member-rule). Defaults to `"auto"`.
         seed: Seed of the members' mini-batch shuffling; `None` draws one
             from NumPy's global generator (which `keras.utils.set_random_seed`

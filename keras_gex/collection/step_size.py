@@ -31,9 +31,11 @@ supports, and never sit at chance. Two mechanisms, one signal:
   the member gate keeps), it is kept as one too, not run for nothing. Where
   the accepted probe's fit still fell in the schedule's last, smallest steps
   (`shrink_bound`), its members forget by being shrunk, not moved: calibration
-  tries `LR_FACTOR` × its step size at 1/`LR_FACTOR` its decay (the same
+  tries `LR_FACTOR`² × its step size at 1/`LR_FACTOR`² its decay (the same
   shrink per step) and takes it while the fit rises and stays in the window,
-  so members take the larger steps that keep what the data supports. A member that
+  so members take the larger steps that keep what the data supports (a
+  shrink-bound member is far below SGD's stability edge, so the step up
+  strides as the decay search does; one that overshoots is stopped halfway). A member that
   diverged is run again `LR_FACTOR` × smaller; one that fell below the window
   is run again on another batch order, and the step size drops
   √`LR_FACTOR` × only once more members collapsed at it than kept it; at most
@@ -306,8 +308,8 @@ def calibrate(
     towards the same regularised fit (docs/design.md#regression-members).
 
     An accepted classifier probe whose fit fell in its tail (`shrink_bound`)
-    is followed by a step up (`_step_up`): `LR_FACTOR` × its step size at
-    1/`LR_FACTOR` its decay, taken while the fit rises inside the window.
+    is followed by a step up (`_step_up`): `LR_FACTOR`² × its step size at
+    1/`LR_FACTOR`² its decay, taken while the fit rises inside the window.
 
     A probe that ran its whole schedule inside the window at its checkpoints
     and ended above it (its fit regained in the tail) is a finished member the
@@ -424,16 +426,22 @@ def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: 
     """From an accepted probe whose fit fell in its tail, larger steps at the same shrink.
 
     `accepted` is `(lr, decay, (index, round), rel, midway)`. While the probe
-    taken is `shrink_bound` and probes remain, one probe at `LR_FACTOR` × its
-    step size and 1/`LR_FACTOR` its decay runs, abandoned at a checkpoint where
+    taken is `shrink_bound` and probes remain, one probe at `LR_FACTOR`² × its
+    step size and 1/`LR_FACTOR`² its decay runs, abandoned at a checkpoint where
     it keeps less than the taken probe did halfway (or is `hopeless`); it is
     taken where it ends inside the window keeping at least as much as the
     taken probe. Returns `(lr, decay, (index, round))` of the probe taken; the
     probes it replaced no longer count as accepted.
+
+    The stride is the decay search's, `LR_FACTOR`²: a step up that is taken
+    replaces a probe that ran whole, one that overshoots is stopped at its first
+    checkpoint, so a long stride costs less (on the zoo's `many-classes` one
+    probe instead of two for the same members, docs/design.md#calibration).
     """
     lr, decay, taken, rel, midway = accepted
     while shrink_bound(midway, rel) and len(record) < max_probes:
-        up_lr, up_decay, floor = lr * LR_FACTOR, decay / LR_FACTOR, midway
+        stride = LR_FACTOR**2
+        up_lr, up_decay, floor = lr * stride, decay / stride, midway
         probe_start = time.perf_counter()
         results, up_midway, run = run_probe(
             up_lr, up_decay, lambda fit, floor=floor: hopeless(fit) or fit < floor

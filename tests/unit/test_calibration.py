@@ -324,10 +324,10 @@ def test_a_classifier_decay_search_raises_the_decay_once_at_most():
     assert calls[-1] == (0.1, pytest.approx(1.6))
 
 
-def _shrink_bound_member(calls, edge=1.0):
+def _shrink_bound_member(calls, edge=1.0, rises_from=0.7):
     """A `run_probe` whose members forget by shrinking at λ 0.1 (their fit falls in
-    the tail), and whose fit rises with the step size at the same shrink `lr·λ`
-    up to the stability edge at lr `edge`, where they collapse."""
+    the tail below lr `rises_from`), and whose fit rises with the step size at the
+    same shrink `lr·λ` up to the stability edge at lr `edge`, where they collapse."""
 
     def run_probe(lr, weight_decay, abandon):
         calls.append((lr, weight_decay))
@@ -338,7 +338,7 @@ def _shrink_bound_member(calls, edge=1.0):
             if abandon(fit):
                 return [(None, MemberStats(lr, 0.2, fit, 0.3))], fit, 20
         end = min(0.5 + 0.1 * math.log2(lr / 0.2), 0.88)
-        midway = end + 0.07 if lr < 0.7 else end - 0.02  # falls in the tail below lr 0.7
+        midway = end + 0.07 if lr < rises_from else end - 0.02  # falls in the tail below it
         if abandon(midway):
             return [(None, MemberStats(lr, 0.2, midway, 0.3))], midway, 20
         return [(f"weights@{lr:.4g}", MemberStats(lr, 0.1, end, 0.5))], midway, 40
@@ -347,16 +347,28 @@ def _shrink_bound_member(calls, edge=1.0):
 
 
 def test_members_that_forget_by_shrinking_take_larger_steps_at_the_same_shrink():
-    """The accepted probe's fit fell in its tail: lr ×2 at λ ÷2 while the fit
+    """The accepted probe's fit fell in its tail: lr ×4 at λ ÷4 while the fit
     rises; the step up whose fit came back in its tail is the last tried."""
     calls, record = [], []
     lr, decay, kept = _calibrate(_shrink_bound_member(calls), record)
-    assert calls == [(0.1, 0.1), (0.2, 0.1), (0.4, 0.05), (0.8, pytest.approx(0.025))]
+    assert calls == [(0.1, 0.1), (0.2, 0.1), (0.8, pytest.approx(0.025))]
     assert (lr, decay) == (0.8, pytest.approx(0.025))
-    assert [index for index, _ in kept] == [3]
+    assert [index for index, _ in kept] == [2]
     assert kept[0][1][0][0] == "weights@0.8"
+    assert [p.accepted for p in record] == [False, False, True]
+    assert budget.rejected_steps(record) == 20 + 40  # the probes it replaced
+
+
+def test_the_step_up_repeats_while_the_probe_taken_still_falls_in_its_tail():
+    calls, record = [], []
+    lr, decay, kept = _calibrate(_shrink_bound_member(calls, edge=4.0, rises_from=1.0), record)
+    assert calls == [
+        (0.1, 0.1), (0.2, 0.1), (0.8, pytest.approx(0.025)), (3.2, pytest.approx(0.00625))
+    ]  # fmt: skip
+    assert (lr, decay) == (3.2, pytest.approx(0.00625))
+    assert [index for index, _ in kept] == [3]
     assert [p.accepted for p in record] == [False, False, False, True]
-    assert budget.rejected_steps(record) == 20 + 40 + 40  # the probes it replaced
+    assert budget.rejected_steps(record) == 20 + 40 + 40
 
 
 def test_a_step_up_that_keeps_less_is_stopped_and_not_taken():
@@ -364,7 +376,7 @@ def test_a_step_up_that_keeps_less_is_stopped_and_not_taken():
     checkpoint, the accepted probe stays member 0."""
     calls, record = [], []
     lr, decay, kept = _calibrate(_shrink_bound_member(calls, edge=0.3), record)
-    assert calls == [(0.1, 0.1), (0.2, 0.1), (0.4, 0.05)]
+    assert calls == [(0.1, 0.1), (0.2, 0.1), (0.8, pytest.approx(0.025))]
     assert (lr, decay) == (0.2, 0.1) and [index for index, _ in kept] == [1]
     assert record[-1].abandoned and record[-1].steps == 20
     assert [p.accepted for p in record] == [False, True, False]
