@@ -439,8 +439,8 @@ def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: 
     probe instead of two for the same members, docs/design.md#calibration).
     """
     lr, decay, taken, rel, midway = accepted
+    stride = LR_FACTOR**2
     while shrink_bound(midway, rel) and len(record) < max_probes:
-        stride = LR_FACTOR**2
         up_lr, up_decay, floor = lr * stride, decay / stride, midway
         probe_start = time.perf_counter()
         results, up_midway, run = run_probe(
