@@ -166,7 +166,7 @@ class GeometricEnsemble:
         per_example = resolve_loss(model, loss)
         source = DataSource(train_data, name="train_data")
         source.check_against_model(model)
-        check_first_batch(model, per_example, source)
+        per_example = check_first_batch(model, per_example, source)
         result = collection.collect(
             model,
             source,
@@ -213,7 +213,9 @@ class GeometricEnsemble:
         directory = os.fspath(directory)
         _validation.check_model(model, need_loss=True, loss=loss)
         per_example = resolve_loss(model, loss)
-        reference, members, info = persistence.load_ensemble(directory, model, per_example)
+        reference, members, info, per_example = persistence.load_ensemble(
+            directory, model, per_example
+        )
         return cls(model, reference, members, per_example, info)
 
     # -- scoring ---------------------------------------------------------------------

@@ -35,12 +35,16 @@ class PerExampleLoss:
             during calibration and which relabeling applies.
         from_logits: Whether predictions are logits (classification kinds only).
         name: A readable name, recorded in ensemble metadata.
+        inferred: Whether `kind` was read from the model's outputs and labels
+            (`loss_checks.read_as_classifier`: user code that keras_gex does not
+            know by name) rather than from the loss itself.
     """
 
     fn: Callable
     kind: str
     from_logits: bool
     name: str
+    inferred: bool = False
 
     def __call__(self, y_true, y_pred):
         values = self._per_example(self.fn(y_true, y_pred))

@@ -401,6 +401,13 @@ class NoisyLabelReport:
                 f"weight decay {record.weight_decay:g}{_decay_spread(record)}, "
                 f"batch {record.batch_size}"
             )
+            loss = getattr(self.ensemble, "loss", None)
+            if loss is not None and loss.inferred:
+                on = "logits" if loss.from_logits else "probabilities"
+                lines.append(
+                    f"  loss: {loss.name!r}, user code read from its outputs and labels as "
+                    f"{loss.kind.replace('_', ' ')} on {on}"
+                )
             if record.frozen_layers:
                 lines.append(
                     f"  frozen layers computed once for every member: "

@@ -318,7 +318,22 @@ class MemberStore:
 
 
 def _loss_entry(loss) -> dict:
-    return {"name": loss.name, "kind": loss.kind, "from_logits": loss.from_logits}
+    return {
+        "name": loss.name,
+        "kind": loss.kind,
+        "from_logits": loss.from_logits,
+        "inferred": loss.inferred,
+    }
+
+
+def _as_collected(loss, saved: dict):
+    """`loss` with the kind it was collected under where that kind was read from
+    the outputs and labels (`loss_checks.read_as_classifier`), not from the loss."""
+    if saved.get("inferred") and loss.kind == "other" and loss.name == saved["name"]:
+        return dataclasses.replace(
+            loss, kind=saved["kind"], from_logits=saved["from_logits"], inferred=True
+        )
+    return loss
 
 
 def save_ensemble(directory: str, model, reference, members: list, loss, info: dict) -> None:
@@ -350,7 +365,10 @@ def save_ensemble(directory: str, model, reference, members: list, loss, info: d
 
 
 def load_ensemble(directory: str, model, loss) -> tuple:
-    """`(reference, members, info)` of a complete ensemble in `directory`.
+    """`(reference, members, info, loss)` of a complete ensemble in `directory`.
+
+    `loss` is the model's, read as the kind it was collected under where
+    that kind was read from the outputs and labels (`_as_collected`).
 
     Raises:
         FileNotFoundError: If `directory` holds no ensemble.
@@ -368,6 +386,7 @@ def load_ensemble(directory: str, model, loss) -> tuple:
         )
     check_compatible(manifest, model, WeightSet.from_model(model), directory)
     saved = manifest["loss"]
+    loss = _as_collected(loss, saved)
     if (loss.kind, loss.from_logits) != (saved["kind"], saved["from_logits"]) or (
         loss.kind == "other" and loss.name != saved["name"]
     ):
@@ -384,7 +403,7 @@ def load_ensemble(directory: str, model, loss) -> tuple:
         read_weights(model, os.path.join(directory, entry["file"])) for entry in manifest["members"]
     ]
     reference = read_weights(model, os.path.join(directory, REFERENCE_FILE))
-    return reference, members, manifest.get("info")
+    return reference, members, manifest.get("info"), loss
 
 
 def _jsonable(value):

@@ -854,14 +854,15 @@ def test_a_loss_without_a_constant_baseline_keeps_a_fixed_step_size(small_traine
     fixed step size is used, with a warning that says why."""
     x, y, model = small_trained_mlp
 
-    def odd_loss(y_true, y_pred):  # sparse labels against (B, 10) logits, not classification
-        y_true = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+    def odd_loss(y_true, y_pred):  # labels 10-19, no class of the (B, 10) outputs: not read
+        y_true = tf.cast(tf.reshape(y_true, [-1]), tf.int32) - 10  # as a classifier's
         return tf.nn.sparse_softmax_cross_entropy_with_logits(y_true, y_pred)
 
     with pytest.warns(UserWarning, match="cannot calibrate the step size"):
         ens = keras_gex.GeometricEnsemble.collect(
-            model, (x, y), loss=odd_loss, num_members=1, steps=20, seed=0, verbose=0
+            model, (x, y + 10), loss=odd_loss, num_members=1, steps=20, seed=0, verbose=0
         )
+    assert ens.loss.kind == "other"
     assert ens.record.learning_rate == step_size.INITIAL_LR and not ens.record.calibration
 
 

@@ -12,7 +12,12 @@ import tensorflow as tf
 import keras_gex
 from keras_gex import _validation
 from keras_gex.io import persistence
-from keras_gex.loss_checks import check_labels, check_outputs, output_activation
+from keras_gex.loss_checks import (
+    check_labels,
+    check_outputs,
+    output_activation,
+    read_as_classifier,
+)
 from keras_gex.losses import PerExampleLoss, resolve_loss
 
 SCE = keras.losses.SparseCategoricalCrossentropy
@@ -278,3 +283,68 @@ def test_focal_and_kl_losses_are_read_as_the_cross_entropy_they_reweight(loss, k
     regression's (before: "other", so no relabeling and a fit read as R²)."""
     per_example = resolve_loss(_model(loss))
     assert (per_example.kind, per_example.from_logits) == (kind, from_logits)
+
+
+# -- user code read as the classifier its outputs and labels imply --------------------------------
+def _sparse_ce_logits(y, p):
+    return keras.losses.sparse_categorical_crossentropy(y, p, from_logits=True)
+
+
+def _logistic(y, p):
+    return tf.reduce_mean(tf.nn.softplus(p) - tf.cast(y, p.dtype) * p, axis=-1)
+
+
+def _softmax_ce_logits(y, p):
+    return -tf.reduce_sum(tf.cast(y, p.dtype) * tf.nn.log_softmax(p), axis=-1)
+
+
+def _squared(y, p):
+    return tf.reduce_mean((p - tf.cast(y, p.dtype)) ** 2, axis=-1)
+
+
+_IDS = np.arange(8) % 3
+_PROBS = tf.nn.softmax(_logits())
+_BINARY = (np.arange(8) % 2).astype("float32")[:, None]
+
+
+@pytest.mark.parametrize(
+    "fn, activation, labels, outputs, expected",
+    [
+        (_squared, "softmax", _IDS, _PROBS, ("sparse_categorical_crossentropy", False)),
+        (_squared, None, _IDS[:, None], _PROBS, ("sparse_categorical_crossentropy", False)),
+        (_squared, "softmax", np.eye(3)[_IDS], _PROBS, ("categorical_crossentropy", False)),
+        (_squared, "sigmoid", _BINARY, tf.sigmoid(_logits(k=1)), ("binary_crossentropy", False)),
+        (
+            _squared,
+            "sigmoid",
+            _BINARY[:, 0],
+            tf.sigmoid(_logits(k=1)),
+            ("binary_crossentropy", False),
+        ),
+        (_squared, None, np.eye(3)[_IDS], tf.sigmoid(_logits()), ("binary_crossentropy", False)),
+        (_sparse_ce_logits, "linear", _IDS, _logits(), ("sparse_categorical_crossentropy", True)),
+        (_logistic, "linear", _BINARY, _logits(k=1), ("binary_crossentropy", True)),
+        (_softmax_ce_logits, None, np.eye(3)[_IDS], _logits(), ("categorical_crossentropy", True)),
+        # A distance is lowest at the labels: a regression onto 0/1 or one-hot targets.
+        (_squared, "linear", _BINARY, _logits(k=1), ("other", False)),
+        (_squared, "linear", np.eye(3)[_IDS], _logits(), ("other", False)),
+        # Targets that are not classes, or classes the outputs do not have.
+        (_squared, "linear", _BINARY + 0.5, _logits(k=1), ("other", False)),
+        (_squared, "softmax", _IDS + 1, _PROBS, ("other", False)),
+    ],
+)
+def test_user_losses_are_read_as_the_classifier_their_outputs_and_labels_imply(
+    fn, activation, labels, outputs, expected
+):
+    user = PerExampleLoss(fn, "other", False, fn.__name__)
+    read = read_as_classifier(user, labels, outputs, activation)
+    assert (read.kind, read.from_logits) == expected
+    assert read.inferred == (expected[0] != "other")
+    assert read.fn is fn and read.name == fn.__name__  # the loss values stay the user's
+
+
+@pytest.mark.parametrize("loss", ["mse", keras.losses.Hinge(), "sparse_categorical_crossentropy"])
+def test_losses_keras_knows_are_read_by_name_only(loss):
+    """Keras' own losses keep the kind their name gives, whatever the data."""
+    per_example = resolve_loss(_model(loss, "softmax"))
+    assert read_as_classifier(per_example, _IDS, _PROBS, "softmax") == per_example
