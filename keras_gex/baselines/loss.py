@@ -14,7 +14,7 @@ from keras_gex.baselines._common import _collect, _scoring_args, _shared_doc
 from keras_gex.collection.frozen import layer_graph
 from keras_gex.collection.local import FineTuner
 from keras_gex.data import DataSource, take_rows
-from keras_gex.loss_checks import check_per_example
+from keras_gex.loss_checks import check_per_example, output_activation, read_as_classifier
 from keras_gex.losses import resolve_loss
 from keras_gex.weights import sole_output, stateless_call
 
@@ -51,7 +51,9 @@ def loss_scores(
     source.check_against_model(model)
     source.check_ordered()
     x0, y0 = source.first_batch()
-    check_per_example(per_example, y0, sole_output(model(x0, training=False)))
+    pred0 = sole_output(model(x0, training=False))
+    per_example = read_as_classifier(per_example, y0, pred0, output_activation(model)[0])
+    check_per_example(per_example, y0, pred0)
 
     def step(x, y):
         return per_example(y, sole_output(model(x, training=False)))
@@ -275,12 +277,16 @@ def el2n_scores(
         keras.utils.set_random_seed(seed + r)
         model = _build_model(model_fn)
         model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
-        per_example = resolve_loss(model)
+        first = slice(0, min(n, _SCORE_BATCH_SIZE))
+        pred0 = sole_output(model(take_rows(x, first), training=False))
+        per_example = read_as_classifier(
+            resolve_loss(model), y[first], pred0, output_activation(model)[0]
+        )
         tuner = FineTuner(model, per_example)
         if tuner.has_batchnorm and bn_batches > 0:
             batches = iter(source.shuffled(min(batch_size, n), seed + r))
             tuner.refresh_batchnorm(batches, bn_batches)
-        out_shape = tuple(sole_output(model(take_rows(x, slice(0, 1)), training=False)).shape[1:])
+        out_shape = tuple(pred0.shape[1:])
         sparse = _uses_class_ids(y, per_example.kind, out_shape)
         activation = "identity"
         if per_example.from_logits:

@@ -875,3 +875,35 @@ def test_baselines_show_progress_unless_silenced(capsys):
         assert ("2/2" if name == "el2n" else "9/9") in capsys.readouterr().out, name
         with pytest.raises(ValueError, match="Argument `verbose`"):
             fn(verbose=3)
+
+
+def _user_sparse_ce(y_true, y_pred):
+    """A user's loss: the sparse cross-entropy on logits, under a name keras_gex does not know."""
+    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+def test_baselines_read_a_user_loss_as_the_cross_entropy_it_computes():
+    """Two routes agree: a user function computing the compiled loss gives the
+    compiled loss's scores (before, EL2N read its logits as probabilities)."""
+    x, y = _data(n=40)
+
+    def build(user):
+        model = _dense_model()
+        if user:
+            model.compile(optimizer=keras.optimizers.SGD(1e-2), loss=_user_sparse_ce)
+        return model
+
+    compiled, user = (
+        el2n_scores(
+            lambda u=u: build(u), x, y, epochs=2, repeats=2, batch_size=8, seed=5, verbose=0
+        )
+        for u in (False, True)
+    )
+    np.testing.assert_allclose(user, compiled, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    model = build(True)
+    np.testing.assert_allclose(
+        loss_scores(model, (x, y), verbose=0),
+        loss_scores(build(False), (x, y), verbose=0),
+        rtol=SCORE_RTOL,
+        atol=SCORE_ATOL,
+    )
