@@ -13,7 +13,7 @@ from keras_gex._tracing import compiled, free_batch
 from keras_gex.baselines._common import _collect, _scoring_args, _shared_doc
 from keras_gex.collection.frozen import layer_graph
 from keras_gex.collection.local import FineTuner
-from keras_gex.data import DataSource, take_rows
+from keras_gex.data import DataSource
 from keras_gex.loss_checks import check_per_example, output_activation, read_as_classifier
 from keras_gex.losses import resolve_loss
 from keras_gex.weights import sole_output, stateless_call
@@ -271,17 +271,16 @@ def el2n_scores(
     (x, y), n = source.arrays, source.num_examples
     x_spec, y_spec = source.element_spec
 
+    x0, y0 = source.first_batch()  # the loss is read on it, as `loss_scores` reads it
     total = np.zeros(n, dtype=np.float64)
     bar = keras.utils.Progbar(repeats, unit_name="run") if verbose else None
     for r in range(repeats):
         keras.utils.set_random_seed(seed + r)
         model = _build_model(model_fn)
         model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
-        first = slice(0, min(n, _SCORE_BATCH_SIZE))
-        pred0 = sole_output(model(take_rows(x, first), training=False))
-        per_example = read_as_classifier(
-            resolve_loss(model), y[first], pred0, output_activation(model)[0]
-        )
+        pred0 = sole_output(model(x0, training=False))
+        output_layer = output_activation(model)[0]
+        per_example = read_as_classifier(resolve_loss(model), y0, pred0, output_layer)
         tuner = FineTuner(model, per_example)
         if tuner.has_batchnorm and bn_batches > 0:
             batches = iter(source.shuffled(min(batch_size, n), seed + r))
