@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import user_sparse_ce
 from tolerances import SCORE_ATOL, SCORE_RTOL
 
 from keras_gex.baselines import (
@@ -877,11 +878,6 @@ def test_baselines_show_progress_unless_silenced(capsys):
             fn(verbose=3)
 
 
-def _user_sparse_ce(y_true, y_pred):
-    """A user's loss: the sparse cross-entropy on logits, under a name keras_gex does not know."""
-    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-
-
 def test_baselines_read_a_user_loss_as_the_cross_entropy_it_computes():
     """Two routes agree: a user function computing the compiled loss gives the
     compiled loss's scores (before, EL2N read its logits as probabilities)."""
@@ -890,7 +886,7 @@ def test_baselines_read_a_user_loss_as_the_cross_entropy_it_computes():
     def build(user):
         model = _dense_model()
         if user:
-            model.compile(optimizer=keras.optimizers.SGD(1e-2), loss=_user_sparse_ce)
+            model.compile(optimizer=keras.optimizers.SGD(1e-2), loss=user_sparse_ce)
         return model
 
     compiled, user = (

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_bn_model, make_mlp
+from conftest import make_bn_model, make_mlp, user_sparse_ce
 from tolerances import XLA_WEIGHTS_ATOL
 
 import keras_gex
@@ -567,11 +567,6 @@ def test_num_members_auto_counts_the_member_runs_redone(small_mlp, tmp_path, mon
         np.testing.assert_array_equal(a.trainable[0], b.trainable[0])
 
 
-def _user_sparse_ce(y_true, y_pred):
-    """A user's loss function: the compiled cross-entropy, under a name keras_gex does not know."""
-    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-
-
 @pytest.mark.filterwarnings("ignore:Step-size calibration found no learning rate")
 def test_a_user_loss_computing_the_compiled_cross_entropy_collects_the_same_members(
     small_mlp, tmp_path
@@ -582,7 +577,7 @@ def test_a_user_loss_computing_the_compiled_cross_entropy_collects_the_same_memb
     model, x, y = small_mlp
     kwargs = dict(num_members=2, steps=20, seed=3, verbose=0)
     compiled = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
-    user = keras_gex.GeometricEnsemble.collect(model, (x, y), loss=_user_sparse_ce, **kwargs)
+    user = keras_gex.GeometricEnsemble.collect(model, (x, y), loss=user_sparse_ce, **kwargs)
     assert (user.loss.kind, user.loss.from_logits, user.loss.inferred) == (
         "sparse_categorical_crossentropy",
         True,
@@ -596,10 +591,8 @@ def test_a_user_loss_computing_the_compiled_cross_entropy_collects_the_same_memb
         for wa, wb in zip(a.trainable, b.trainable):
             np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
     summary = keras_gex.detect_noisy((x, y), user).summary(print_fn=None)
-    assert (
-        "loss: '_user_sparse_ce', user code read from its outputs and labels as sparse" in summary
-    )
+    assert "loss: 'user_sparse_ce', user code read from its outputs and labels as sparse" in summary
     # Saved and loaded with the user's loss, the ensemble keeps the kind it was collected under.
     user.save(tmp_path / "ens")
-    loaded = keras_gex.GeometricEnsemble.load(tmp_path / "ens", model, loss=_user_sparse_ce)
+    loaded = keras_gex.GeometricEnsemble.load(tmp_path / "ens", model, loss=user_sparse_ce)
     assert (loaded.loss.kind, loaded.loss.from_logits) == ("sparse_categorical_crossentropy", True)
