@@ -211,10 +211,42 @@ def take_rows(x, rows):
 
 
 def spec_of(x):
-    """The spec of batches of `x` (a nest), with a free batch dimension."""
-    return tf.nest.map_structure(
-        lambda a: tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype)), x
-    )
+    """The spec of batches of `x` (a nest), with a free batch dimension.
+
+    A `tf.SparseTensor` or `tf.RaggedTensor` (a `tf.data` pipeline's bag of
+    words, say) keeps its kind, as `fit` takes it.
+
+    >>> spec_of(tf.sparse.from_dense(tf.eye(2)))
+    SparseTensorSpec(TensorShape([None, 2]), tf.float32)
+    """
+
+    def free(a):
+        shape = [None, *a.shape[1:]]
+        if isinstance(a, tf.SparseTensor):
+            return tf.SparseTensorSpec(shape, a.dtype)
+        if isinstance(a, tf.RaggedTensor):
+            return tf.RaggedTensorSpec(shape, a.dtype, a.ragged_rank, a.row_splits.dtype)
+        return tf.TensorSpec(shape, tf.as_dtype(a.dtype))
+
+    return tf.nest.map_structure(free, x)
+
+
+def batch_like(rows: tf.data.Dataset, batch_size: int, batched_spec) -> tf.data.Dataset:
+    """`rows` (single examples) batched as the pipeline of `batched_spec` batched them.
+
+    Ragged inputs become ragged batches again (`ragged_batch`: an example taken
+    out of a ragged batch and mapped is a dense tensor of its own length);
+    dense examples of varying length (batches padded to their longest) are
+    padded again; fixed shapes and sparse inputs batch as they are.
+    """
+    leaves = tf.nest.flatten(batched_spec)
+    if any(isinstance(s, tf.RaggedTensorSpec) for s in leaves):
+        return rows.ragged_batch(batch_size)
+    if all(type(s) is tf.TensorSpec for s in leaves) and not all(
+        s.shape[1:].is_fully_defined() for s in leaves
+    ):
+        return rows.padded_batch(batch_size)
+    return rows.batch(batch_size)
 
 
 def reshuffles_each_iteration(ds: tf.data.Dataset) -> bool:
@@ -740,13 +772,19 @@ class DataSource:
         if self._arrays is not None:
             chunks = [self._arrays]
         else:
-            chunks = ((np.asarray(x), np.asarray(y)) for x, y in self._dataset)
+            chunks = iter(self._dataset)
         total = 0
         for x, y in chunks:
-            for arr in [*tf.nest.flatten(x), y]:
+            # Sparse and ragged inputs as their component arrays; dicts by leaf.
+            for arr in tf.nest.flatten((x, y), expand_composites=True):
                 arr = np.ascontiguousarray(arr)
                 digest.update(f"{arr.dtype}{arr.shape[1:]}".encode())
-                digest.update(arr.tobytes())
+                if arr.dtype == object:  # strings: their bytes, not the pointers
+                    for item in arr.ravel():
+                        digest.update(item if isinstance(item, bytes) else str(item).encode())
+                        digest.update(b"\0")
+                else:
+                    digest.update(arr.tobytes())
             total += len(y)
         if self.num_examples is None:
             self.num_examples = total
@@ -831,12 +869,38 @@ def finite_rows(x):
     """
     rows = None
     for t in tf.nest.flatten(x):
-        t = tf.convert_to_tensor(t)
+        if not isinstance(t, (tf.SparseTensor, tf.RaggedTensor)):
+            t = tf.convert_to_tensor(t)
         if not t.dtype.is_floating:
             continue
-        ok = tf.reduce_all(tf.math.is_finite(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1)
+        ok = _finite_per_row(t)
         rows = ok if rows is None else tf.logical_and(rows, ok)
     return rows
+
+
+def _finite_per_row(t):
+    """`(B,)` bool: every value of each row of `t` (dense, sparse or ragged) is finite.
+
+    >>> _finite_per_row(tf.sparse.from_dense([[0.0, 1.0], [float("nan"), 0.0]])).numpy()
+    array([ True, False])
+    >>> _finite_per_row(tf.ragged.constant([[1.0], [2.0, float("inf")], []])).numpy()
+    array([ True, False,  True])
+    """
+    if isinstance(t, tf.SparseTensor):  # a row is finite unless one stored value is not
+        bad = tf.cast(tf.logical_not(tf.math.is_finite(t.values)), tf.int32)
+        rows = tf.cast(t.indices[:, 0], tf.int32)
+        num_rows = tf.cast(t.dense_shape[0], tf.int32)
+        return tf.math.unsorted_segment_max(bad, rows, num_rows) <= 0
+    if isinstance(t, tf.RaggedTensor):
+        bad = tf.cast(tf.logical_not(tf.math.is_finite(t.flat_values)), tf.int32)
+        bad = tf.reshape(bad, [tf.shape(bad)[0], -1])
+        bad = tf.reduce_max(tf.pad(bad, [[0, 0], [0, 1]]), axis=1)  # no inner values: fine
+        rows = t.nested_value_rowids()
+        ids = rows[-1]
+        for outer in reversed(rows[:-1]):
+            ids = tf.gather(outer, ids)
+        return tf.math.unsorted_segment_max(bad, ids, t.nrows(out_type=tf.int32)) <= 0
+    return tf.reduce_all(tf.math.is_finite(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1)
 
 
 def nan_where_not_finite(x, values):

@@ -359,7 +359,7 @@ def _check_same_first_batch(source: DataSource, first) -> None:
     again = source.first_batch()
     same = all(
         _same(np.asarray(a), np.asarray(b))
-        for a, b in zip(tf.nest.flatten(first), tf.nest.flatten(again))
+        for a, b in zip(*(tf.nest.flatten(t, expand_composites=True) for t in (first, again)))
     )
     if not same:
         raise ValueError(

@@ -7,7 +7,14 @@ import tensorflow as tf
 
 from keras_gex import _validation
 from keras_gex.analysis.prune import select
-from keras_gex.data import as_inputs, lacks_output_axis, num_rows, sole_label, standardize_data
+from keras_gex.data import (
+    as_inputs,
+    batch_like,
+    lacks_output_axis,
+    num_rows,
+    sole_label,
+    standardize_data,
+)
 from keras_gex.weights import sole_output
 
 
@@ -84,7 +91,9 @@ def clean(
         count = n
     if shuffle and count > 1:
         rows = rows.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True)
-    return rows.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if isinstance(train_data, (tuple, list)):
+        return rows.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return batch_like(rows, batch_size, train_data.element_spec).prefetch(tf.data.AUTOTUNE)
 
 
 def compare_models(models: dict, test_data, *, print_fn=print) -> dict:

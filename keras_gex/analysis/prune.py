@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
-from keras_gex.data import as_inputs, num_rows, standardize_data
+from keras_gex.data import as_inputs, batch_like, num_rows, standardize_data
 
 
 @dataclasses.dataclass
@@ -74,7 +74,7 @@ def select(data, mask: np.ndarray, *, batch_size: int | None = None):
     rows = rows.map(lambda i, example: example)
     # `filter` forgets the size; Keras progress bars and `steps_per_epoch` want it.
     rows = rows.apply(tf.data.experimental.assert_cardinality(int(mask.sum())))
-    return rows.batch(batch_size)
+    return batch_like(rows, batch_size, data.element_spec)
 
 
 def prune(train_data, ensemble_or_scores, *, fraction: float, verbose="auto") -> PruneResult:

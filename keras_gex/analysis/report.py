@@ -63,6 +63,23 @@ def _decay_spread(record: CollectionRecord) -> str:
     return f" (members {min(decays):g}-{max(decays):g}: probes kept at their own)"
 
 
+def _uncalibrated(record) -> str | None:
+    """Why `learning_rate="auto"` ran no probe and kept its fixed step size, or None.
+
+    Calibration judges members by their fit above chance as a share of θ*'s
+    (`relative_fit`): nothing to judge where θ* fits no better than chance or the
+    loss cannot score a constant prediction (`step_size.uncalibrated_learning_rate`).
+    """
+    ref, chance = record.reference_stats, record.chance_fit
+    if ref is None:
+        return None
+    if ref.fit is None:
+        return "fixed: the loss cannot score a constant prediction, so no fit to calibrate on"
+    if chance is not None and ref.fit <= chance:
+        return f"fixed: θ* fits its labels no better than chance ({chance:.1%})"
+    return None
+
+
 def member_scatter(stats, ref, chance: float, window) -> tuple | None:
     """`(learning_rate, lowest, highest)` relative fit of members that landed far apart.
 
@@ -378,6 +395,8 @@ class NoisyLabelReport:
         record = self.record
         if record is not None:
             how = "calibrated" if record.learning_rate_requested == "auto" else "given"
+            if how == "calibrated" and not record.calibration:
+                how = _uncalibrated(record) or how
             member_lrs = [s.learning_rate for s in record.member_stats]
             kept = [p for p in record.calibration if p.accepted]
             # The probe every member's settings come from (member 1): the nearest kept.
@@ -487,7 +506,9 @@ class NoisyLabelReport:
         window = record.fit_window if record is not None else None
         chance = record.chance_fit if record is not None else None
         ref_fit = ref.fit if ref is not None else None
-        if stats and ref_fit is not None and window and chance is not None:
+        # Relative fit is a share of what θ* fits above chance: undefined where θ*
+        # fits no better than chance (calibration says so and keeps a fixed step).
+        if stats and ref_fit is not None and window and chance is not None and ref_fit > chance:
             rel = [relative_fit(s, ref, chance) for s in stats if s.fit is not None]
             if rel and np.mean(rel) > window[1]:
                 out.append(

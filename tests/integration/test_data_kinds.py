@@ -112,6 +112,92 @@ def test_sparse_inputs_score_as_their_dense_arrays(data, model, kind):
     )
 
 
+def test_a_pipeline_of_sparse_or_ragged_batches_scores_as_the_model_reads_it(data, tmp_path):
+    """A `tf.data` pipeline that serves `tf.SparseTensor` or `tf.RaggedTensor` batches to a
+    model whose `Input` takes them (fit trains on it) is scored in order: θ*'s losses are
+    Keras' own on `model.predict`, sparse batches score as their dense twin, and the cache
+    key does not depend on where the tensors live."""
+    x, y = data
+    x = x.astype("float32")
+    rows = [np.flatnonzero(row > 0.3).astype("int32") + 1 for row in x]  # a bag of ids
+    per_example = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    def pipeline(kind):
+        inputs = tf.sparse.from_dense(x) if kind == "sparse" else tf.ragged.constant(rows)
+        return tf.data.Dataset.from_tensor_slices((inputs, y)).batch(64)
+
+    def model_for(kind):
+        keras.utils.set_random_seed(0)
+        if kind == "sparse":
+            inputs = keras.Input((64,), sparse=True)
+            features = inputs
+        else:
+            inputs = keras.Input((None,), ragged=True, dtype="int32")
+            embedded = keras.layers.Embedding(70, 8)(inputs)
+            features = keras.layers.Lambda(lambda r: tf.reduce_sum(r, axis=1))(embedded)
+        hidden = keras.layers.Dense(16, activation="relu")(features)
+        model = keras.Model(inputs, keras.layers.Dense(10)(hidden))
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    for kind in ("sparse", "ragged"):
+        served = pipeline(kind)
+        model = model_for(kind)
+        model.fit(served, epochs=2, verbose=0)
+        report = keras_gex.detect_noisy(served, model, **SETTINGS)
+        assert report.member_losses.shape == (len(y), 2)
+        assert np.isfinite(report.member_losses).all()
+        keras_losses = per_example(y, model.predict(served, verbose=0)).numpy()
+        np.testing.assert_allclose(
+            report.reference_losses, keras_losses, rtol=1e-5, atol=1e-6, err_msg=kind
+        )
+        if kind == "sparse":
+            dense = report.ensemble.scored_losses(
+                tf.data.Dataset.from_tensor_slices((x, y)).batch(64), verbose=0
+            )
+            np.testing.assert_allclose(report.member_losses, dense.members, rtol=1e-4, atol=1e-5)
+        cache = str(tmp_path / f"{kind}.npy")
+        first = np.array(report.ensemble.loss_deviations(served, cache=cache, verbose=0))
+        assert first.shape == (len(y), 2)
+        np.save(cache, np.zeros_like(first))  # a hit returns the file, not a new scoring
+        hit = report.ensemble.loss_deviations(pipeline(kind), cache=cache, verbose=0)
+        np.testing.assert_array_equal(hit, np.zeros_like(first), err_msg=kind)
+        _check_cleaned_batches(served, report)
+
+
+def _check_cleaned_batches(data, report):
+    """`clean` and `prune` re-batch a pipeline's examples as it batched them (ragged
+    again, or padded to each batch's longest), and the model reads what they give."""
+    model = report.ensemble.model
+    kept = ~report.noisy_mask
+    dropped = keras_gex.clean(data, report, action="drop", shuffle=False)
+    assert sum(len(y) for _, y in dropped) == kept.sum()
+    relabeled = keras_gex.clean(data, report, action="relabel", shuffle=False)
+    assert sum(len(y) for _, y in relabeled) == len(kept)
+    model.predict(relabeled.map(lambda x, y: x), verbose=0)
+    pruned = keras_gex.prune(data, report.ensemble, fraction=0.25, verbose=0)
+    assert sum(len(y) for _, y in pruned.apply(data)) == len(pruned.kept_indices)
+
+
+def test_a_cache_key_reads_strings_and_dict_inputs_by_value():
+    """Two copies of the same examples have one fingerprint: strings by their bytes (not
+    where NumPy keeps them) and a pipeline's dict inputs leaf by leaf."""
+    from keras_gex.data import DataSource
+
+    words = np.array(["a wrong label", "a right one"], dtype=object)
+    labels = np.array([0, 1])
+    copy = np.array([str(w) for w in words], dtype=object)
+    assert DataSource((words, labels)).fingerprint() == DataSource((copy, labels)).fingerprint()
+    other = np.array(["a wrong label", "a right two"], dtype=object)
+    assert DataSource((words, labels)).fingerprint() != DataSource((other, labels)).fingerprint()
+
+    def pipeline():
+        inputs = {"ids": np.arange(6).reshape(3, 2), "size": np.ones((3, 1), "float32")}
+        return tf.data.Dataset.from_tensor_slices((inputs, np.arange(3))).batch(2)
+
+    assert DataSource(pipeline()).fingerprint() == DataSource(pipeline()).fingerprint()
+
+
 def test_sparse_inputs_too_large_to_densify_refused_with_what_to_pass(data, monkeypatch):
     import scipy.sparse
 
@@ -250,6 +336,7 @@ def test_batches_padded_to_their_longest_sequence_are_read_as_fit_reads_them():
     np.testing.assert_allclose(
         from_tf_data.reference_losses, from_py.reference_losses, rtol=1e-5, atol=1e-6
     )
+    _check_cleaned_batches(padded, from_tf_data)
 
 
 def test_members_batches_pad_only_dense_examples_of_varying_length():

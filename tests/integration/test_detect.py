@@ -362,6 +362,31 @@ def test_diagnostics_judge_members_by_their_fit_above_chance(report):
     assert any(near_chance in w for w in with_members_keeping(0.1))
 
 
+def test_a_theta_star_at_chance_gets_no_relative_fit_and_no_claim_of_calibration(report):
+    """Where θ* fits its labels no better than chance, `learning_rate="auto"` runs no
+    probe and keeps its fixed step size: the summary says so instead of "calibrated",
+    and no diagnostic divides by θ*'s fit above chance (it printed -9.5e12%)."""
+    record = report.record
+    chance = record.chance_fit
+    below = dataclasses.replace(record.reference_stats, fit=chance / 2)
+    members = [dataclasses.replace(s, fit=chance * 0.9) for s in record.member_stats]
+    at_chance = dataclasses.replace(
+        report,
+        record=dataclasses.replace(
+            record,
+            reference_stats=below,
+            member_stats=members,
+            calibration=[],
+            learning_rate_requested="auto",
+        ),
+    )
+    text = at_chance.summary(print_fn=None)
+    assert f"fixed: θ* fits its labels no better than chance ({chance:.1%})" in text
+    assert "(calibrated" not in text
+    assert not any("above chance" in w for w in at_chance.diagnostics())
+    assert "(calibrated" in report.summary(print_fn=None)  # the default run probed
+
+
 def test_diagnostics_say_when_members_fine_tuned_alike_land_far_apart(report):
     """Members at one step size spread over more than half the fit window: some kept
     memorised labels and some did not; the warning names the spread and what to do."""
