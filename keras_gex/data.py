@@ -885,6 +885,8 @@ def _finite_per_row(t):
     array([ True, False])
     >>> _finite_per_row(tf.ragged.constant([[1.0], [2.0, float("inf")], []])).numpy()
     array([ True, False,  True])
+    >>> _finite_per_row(tf.ragged.constant([[], []], dtype=tf.float32)).numpy()  # no values
+    array([ True,  True])
     """
     if isinstance(t, tf.SparseTensor):  # a row is finite unless one stored value is not
         bad = tf.cast(tf.logical_not(tf.math.is_finite(t.values)), tf.int32)
@@ -892,9 +894,10 @@ def _finite_per_row(t):
         num_rows = tf.cast(t.dense_shape[0], tf.int32)
         return tf.math.unsorted_segment_max(bad, rows, num_rows) <= 0
     if isinstance(t, tf.RaggedTensor):
-        bad = tf.cast(tf.logical_not(tf.math.is_finite(t.flat_values)), tf.int32)
-        bad = tf.reshape(bad, [tf.shape(bad)[0], -1])
-        bad = tf.reduce_max(tf.pad(bad, [[0, 0], [0, 1]]), axis=1)  # no inner values: fine
+        bad = tf.logical_not(tf.math.is_finite(t.flat_values))
+        if bad.shape.rank > 1:  # uniform inner axes: one flag per flat value
+            bad = tf.reduce_any(bad, axis=list(range(1, bad.shape.rank)))
+        bad = tf.cast(bad, tf.int32)
         rows = t.nested_value_rowids()
         ids = rows[-1]
         for outer in reversed(rows[:-1]):
