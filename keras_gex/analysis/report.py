@@ -10,7 +10,12 @@ from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
 from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
 from keras_gex.collection.frozen import layer_list
-from keras_gex.collection.step_size import MEMORISED_FIT, closest_to_window, relative_fit
+from keras_gex.collection.step_size import (
+    MEMORISED_FIT,
+    closest_to_window,
+    relative_fit,
+    why_uncalibrated,
+)
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
 from keras_gex.losses import CLASSIFICATION_KINDS, class_ids
@@ -64,20 +69,11 @@ def _decay_spread(record: CollectionRecord) -> str:
 
 
 def _uncalibrated(record) -> str | None:
-    """Why `learning_rate="auto"` ran no probe and kept its fixed step size, or None.
-
-    Calibration judges members by their fit above chance as a share of θ*'s
-    (`relative_fit`): nothing to judge where θ* fits no better than chance or the
-    loss cannot score a constant prediction (`step_size.uncalibrated_learning_rate`).
-    """
-    ref, chance = record.reference_stats, record.chance_fit
-    if ref is None:
-        return None
-    if ref.fit is None:
-        return "fixed: the loss cannot score a constant prediction, so no fit to calibrate on"
-    if chance is not None and ref.fit <= chance:
-        return f"fixed: θ* fits its labels no better than chance ({chance:.1%})"
-    return None
+    """The summary's "fixed: <why>" where `learning_rate="auto"` ran no probe and
+    kept its fixed step size (`step_size.why_uncalibrated`), or None."""
+    ref = record.reference_stats
+    why = None if ref is None else why_uncalibrated(ref.fit, record.chance_fit)
+    return f"fixed: {why}" if why else None
 
 
 def member_scatter(stats, ref, chance: float, window) -> tuple | None:
@@ -508,7 +504,7 @@ class NoisyLabelReport:
         ref_fit = ref.fit if ref is not None else None
         # Relative fit is a share of what θ* fits above chance: undefined where θ*
         # fits no better than chance (calibration says so and keeps a fixed step).
-        if stats and ref_fit is not None and window and chance is not None and ref_fit > chance:
+        if stats and window and chance is not None and why_uncalibrated(ref_fit, chance) is None:
             rel = [relative_fit(s, ref, chance) for s in stats if s.fit is not None]
             if rel and np.mean(rel) > window[1]:
                 out.append(

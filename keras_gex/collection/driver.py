@@ -377,13 +377,9 @@ def collect(
 
     pending = []  # `[(probe index, round)]` of the probes kept as members, taken first
     auto = config.learning_rate == "auto"
-    adaptive = auto and ref_stats.fit is not None and ref_stats.fit > chance
+    why = step_size.why_uncalibrated(ref_stats.fit, chance, loss.name)
+    adaptive = auto and why is None
     if lr is None and auto and not adaptive:
-        why = (
-            f"the loss {loss.name!r} cannot score a constant prediction of the mean target"
-            if ref_stats.fit is None
-            else f"θ* fits its training labels no better than chance ({chance:.1%})"
-        )
         lr = step_size.uncalibrated_learning_rate(why, stacklevel=3)
     elif lr is None and auto:
         lr, decay, kept_probes = step_size.calibrate(

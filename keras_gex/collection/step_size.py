@@ -169,6 +169,26 @@ def warn_unless_memorised(ref_fit, stacklevel: int) -> None:
         )
 
 
+def why_uncalibrated(reference_fit, chance, loss_name=None) -> str | None:
+    """Why no step size can be calibrated from θ*'s fit, or None where one can.
+
+    Calibration judges members by their share of θ*'s fit above chance
+    (`relative_fit`): undefined where the loss cannot score a constant
+    prediction (`reference_fit` None) or θ* fits no better than chance.
+
+    >>> why_uncalibrated(0.9, 0.5) is None
+    True
+    >>> why_uncalibrated(0.4, 0.5)
+    'θ* fits its training labels no better than chance (50.0%)'
+    """
+    if reference_fit is None:
+        loss = f"the loss {loss_name!r}" if loss_name else "the loss"
+        return f"{loss} cannot score a constant prediction of the mean target"
+    if chance is not None and reference_fit <= chance:
+        return f"θ* fits its training labels no better than chance ({chance:.1%})"
+    return None
+
+
 def uncalibrated_learning_rate(why: str, stacklevel: int) -> float:
     """The fixed step size "auto" uses when no fit can be judged, with a warning."""
     warnings.warn(

@@ -381,7 +381,7 @@ def test_a_theta_star_at_chance_gets_no_relative_fit_and_no_claim_of_calibration
         ),
     )
     text = at_chance.summary(print_fn=None)
-    assert f"fixed: θ* fits its labels no better than chance ({chance:.1%})" in text
+    assert f"fixed: θ* fits its training labels no better than chance ({chance:.1%})" in text
     assert "(calibrated" not in text
     assert not any("above chance" in w for w in at_chance.diagnostics())
     assert "(calibrated" in report.summary(print_fn=None)  # the default run probed

@@ -858,12 +858,16 @@ def test_a_loss_without_a_constant_baseline_keeps_a_fixed_step_size(small_traine
         y_true = tf.cast(tf.reshape(y_true, [-1]), tf.int32) - 10  # as a classifier's
         return tf.nn.sparse_softmax_cross_entropy_with_logits(y_true, y_pred)
 
-    with pytest.warns(UserWarning, match="cannot calibrate the step size"):
+    with pytest.warns(
+        UserWarning, match="cannot calibrate the step size: the loss 'odd_loss' cannot score"
+    ):
         ens = keras_gex.GeometricEnsemble.collect(
             model, (x, y + 10), loss=odd_loss, num_members=1, steps=20, seed=0, verbose=0
         )
     assert ens.loss.kind == "other"
     assert ens.record.learning_rate == step_size.INITIAL_LR and not ens.record.calibration
+    summary = keras_gex.detect_noisy((x, y + 10), ens, verbose=0).summary(print_fn=None)
+    assert "(fixed: the loss cannot score a constant prediction of the mean target)" in summary
 
 
 def test_a_missed_window_is_explained_with_what_to_do():
