@@ -531,7 +531,8 @@ class NoisyLabelReport:
                     "learned embedding table, text models among them). Check the flagged set's "
                     "stability with `report.uncertainty()`, and compare the ranking with "
                     "models trained briefly from scratch: `keras_gex.baselines.el2n_scores("
-                    "model, x, y, epochs=...)` with about a tenth of the epochs it trained for."
+                    "model, x, y, epochs=...)` (or `(model, dataset, epochs=...)`) with about "
+                    "a tenth of the epochs it trained for."
                 )
         if chance == 0.0:  # not classification: the fit is the share of loss explained
             ref_fit = None
@@ -574,9 +575,9 @@ class NoisyLabelReport:
                 "compare with `report.reference_losses`, and where the inputs predict the "
                 "labels poorly, rank by models trained briefly from scratch, which fit what the "
                 "data supports before they memorise the rest: `keras_gex.baselines."
-                "el2n_scores(model, x, y, epochs=...)` (fresh copies of the model) with about a "
-                "tenth of the epochs it trained for, or by a cross-validated model's loss of the "
-                "given label."
+                "el2n_scores(model, x, y, epochs=...)` (or `(model, dataset, epochs=...)`; "
+                "fresh copies of the model) with about a tenth of the epochs it trained for, or "
+                "by a cross-validated model's loss of the given label."
             )
         miss = calibration_miss(record) if record is not None else None
         if miss is not None:

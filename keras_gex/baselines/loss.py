@@ -11,6 +11,7 @@ import tensorflow as tf
 from keras_gex import _validation
 from keras_gex._tracing import compiled, free_batch
 from keras_gex.baselines._common import _collect, _scoring_args, _shared_doc
+from keras_gex.collection import driver
 from keras_gex.collection.frozen import layer_graph
 from keras_gex.collection.local import FineTuner
 from keras_gex.data import DataSource
@@ -175,10 +176,34 @@ def _uses_class_ids(y: np.ndarray, kind: str, out_shape: tuple) -> bool:
     return False
 
 
+def _el2n_source(x, y) -> DataSource:
+    """`el2n_scores`' data, validated: `(x, y)` arrays, or a dataset (`y` None) in order.
+
+    A dataset of fixed-shape examples within the collection's limit
+    (`driver._IN_MEMORY_BYTES`) is read into arrays once, as members read it:
+    each repeat's `fit` then shuffles arrays, not a pipeline.
+    """
+    if y is None:
+        if not isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)):
+            raise ValueError(
+                "Argument `y` is required when `x` holds arrays: pass the labels, or "
+                "`x` as a `tf.data.Dataset` of `(x, y)` batches. Received: y=None"
+            )
+        source = DataSource(x, name="x")
+        source.check_ordered()
+        return source.in_memory(driver._IN_MEMORY_BYTES)
+    if isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)):
+        raise ValueError(
+            "Argument `y` must be None when `x` is a dataset: its batches hold the "
+            f"labels, as for `model.fit`. Received: y of type {type(y).__name__}"
+        )
+    return DataSource((x, y), name="x")  # validated; `x` may be a dict or tuple of arrays
+
+
 def el2n_scores(
     model_fn: Callable[[], keras.Model],
     x,
-    y,
+    y=None,
     *,
     epochs: int = 20,
     repeats: int = 5,
@@ -217,9 +242,16 @@ def el2n_scores(
             frozen backbone's weights, BatchNorm statistics) keep their
             values; the model itself is not changed. Models that cannot be
             cloned (most subclassed ones) need the callable.
-        x: Training inputs, one row per example.
+        x: Training inputs, one row per example; or, as `model.fit` takes
+            them, a `tf.data.Dataset` of `(x, y)` batches or a
+            `keras.utils.PyDataset` (with `y` left `None`), in the order the
+            scores should have. A dataset whose examples vary in length (a
+            text pipeline's `padded_batch`) trains on mini-batches padded to
+            their longest, as `GEXCollector` members do; one of fixed shapes
+            up to 1 GiB is read into arrays once and scores as its arrays.
         y: Training labels: integer class ids `(N,)` or one-hot / target
-            rows shaped like the model's outputs.
+            rows shaped like the model's outputs. `None` when `x` is a
+            dataset. Defaults to `None`.
         epochs: Training epochs per repeat (the paper's App. E uses 20 out
             of 200, about 10% of a full run). Keep it near a tenth of the
             model's full training: models trained a third of the way have
@@ -236,7 +268,8 @@ def el2n_scores(
             each one a training run). Defaults to `"auto"`.
 
     Returns:
-        `(N,)` float64 mean EL2N scores in the order of `x`; higher = more suspect.
+        `(N,)` float64 mean EL2N scores in the order of `x` (of the dataset's
+        examples); higher = more suspect.
 
     Raises:
         TypeError: If `model_fn` is a model, is not callable, or does not return a
@@ -267,9 +300,9 @@ def el2n_scores(
     seed = _validation.non_negative_int("seed", seed)
     bn_batches = _validation.non_negative_int("bn_batches", bn_batches)
     verbose = _validation.verbose_level(verbose)
-    source = DataSource((x, y), name="x")  # validated; `x` may be a dict or tuple of arrays
-    (x, y), n = source.arrays, source.num_examples
-    x_spec, y_spec = source.element_spec
+    source = _el2n_source(x, y)
+    n = source.count_examples()
+    x_spec, y_spec = free_batch(source.element_spec)
 
     x0, y0 = source.first_batch()  # the loss is read on it, as `loss_scores` reads it
     total = np.zeros(n, dtype=np.float64)
@@ -277,7 +310,13 @@ def el2n_scores(
     for r in range(repeats):
         keras.utils.set_random_seed(seed + r)
         model = _build_model(model_fn)
-        model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
+        if source.has_arrays:
+            x, y = source.arrays
+            model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
+        else:  # an epoch of whole mini-batches drawn from the shuffled examples
+            batches = source.shuffled(min(batch_size, n), seed + r)
+            steps = max(1, n // min(batch_size, n))
+            model.fit(batches, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0)
         pred0 = sole_output(model(x0, training=False))
         output_layer = output_activation(model)[0]
         per_example = read_as_classifier(resolve_loss(model), y0, pred0, output_layer)
@@ -286,15 +325,16 @@ def el2n_scores(
             batches = iter(source.shuffled(min(batch_size, n), seed + r))
             tuner.refresh_batchnorm(batches, bn_batches)
         out_shape = tuple(pred0.shape[1:])
-        sparse = _uses_class_ids(y, per_example.kind, out_shape)
+        sparse = _uses_class_ids(np.asarray(y0), per_example.kind, out_shape)
         activation = "identity"
         if per_example.from_logits:
             binary = per_example.kind == "binary_crossentropy"
             activation = "sigmoid" if binary else "softmax"
         fn = _el2n_fn(tuner, sparse, activation, x_spec, y_spec)
-        scores = np.concatenate(
-            [fn(*batch).numpy() for batch in source.array_batches_of(_SCORE_BATCH_SIZE)]
+        batches = (
+            source.array_batches_of(_SCORE_BATCH_SIZE) if source.has_arrays else source.ordered()
         )
+        scores = np.concatenate([fn(*batch).numpy() for batch in batches])
         if not np.all(np.isfinite(scores)):
             raise ValueError(
                 f"EL2N run {r} produced NaN or inf scores: its training diverged. "
