@@ -131,6 +131,7 @@ def _synthetic(zoo, case, n=160, seed=0):
         "attention-text": ((n, 16), 50),
         "resnet-cnn": ((n, 28, 28, 1), 0),
         "spatial-dropout-cnn": ((n, 8, 8, 1), 0),
+        "lstm-rows": ((n, 8, 8), 0),
     }
     shape, vocab = shapes.get(case.name, ((n, 12), 0))
     classes = 2 if case.target == "binary" else 4
@@ -159,12 +160,13 @@ def _synthetic(zoo, case, n=160, seed=0):
         "dropout-mlp",
         "spatial-dropout-cnn",
         "early-stopped-mlp",
+        "lstm-rows",
     ],
 )
 def test_held_out_models_run_with_default_arguments(zoo, name):
     """Each held-out model (GRU with masking, attention, BN + L2, sigmoid probabilities,
-    an adapted Normalization layer, a residual BN CNN, dropout, a small MLP) trains briefly on data
-    of its inputs' kind and `detect_noisy` runs on it with default arguments."""
+    an adapted Normalization layer, a residual BN CNN, dropout, a small MLP, an LSTM) trains
+    briefly on data of its inputs' kind and `detect_noisy` runs on it with default arguments."""
     import keras
 
     import keras_gex
