@@ -260,7 +260,9 @@ def collect(
         return tuner.open_stream(source, batch_size, seeds)
 
     theta_star = tuner.snapshots()[0]
-    tuner.load(theta_star)
+    # θ*'s BN statistics are re-estimated in training mode, random layers active: their
+    # draws follow from `seed`, not from the state θ* was built or loaded under.
+    tuner.load(theta_star, [stream_seed(seed, "reference layers")] * width)
     tuner.refresh_batchnorm(stream(["reference"] * width), config.bn_batches)
     reference = to_model(tuner.snapshots()[0])
 

@@ -91,7 +91,8 @@ def test_same_seed_same_members(small_mlp):
 
 def test_seed_alone_fixes_random_layers(digits):
     """Dropout and noise layers draw from the collection's seed, not from the generator
-    state θ* was built or loaded under (another process holds another one)."""
+    state θ* was built or loaded under (another process holds another one): in the
+    members, and where θ*'s BatchNorm statistics are re-estimated behind them."""
     x, y = digits.x_train[:200], digits.y_train[:200]
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
@@ -100,6 +101,7 @@ def test_seed_alone_fixes_random_layers(digits):
             keras.layers.GaussianNoise(0.1),
             keras.layers.Dense(32, activation="relu"),
             keras.layers.Dropout(0.3),
+            keras.layers.BatchNormalization(),
             keras.layers.Dense(10),
         ]
     )
@@ -117,6 +119,15 @@ def test_seed_alone_fixes_random_layers(digits):
     for ma, mb in zip(runs[0].members, runs[1].members):
         for wa, wb in zip(ma.trainable, mb.trainable):
             np.testing.assert_array_equal(wa, wb)
+    moments = [i for i, v in enumerate(model.non_trainable_variables) if "moving" in v.name]
+    assert len(moments) == 2
+    for i in moments:  # θ*'s statistics behind the dropout, re-estimated alike
+        np.testing.assert_array_equal(
+            runs[0].reference.non_trainable[i], runs[1].reference.non_trainable[i]
+        )
+    np.testing.assert_array_equal(
+        runs[0].predict(x[:50], verbose=0), runs[1].predict(x[:50], verbose=0)
+    )
     # Each member draws its own masks: its generators started from its own seed.
     position = [v.name for v in model.non_trainable_variables].index("seed_generator_state")
     first, second = (m.non_trainable[position][0] for m in runs[0].members)
