@@ -183,8 +183,9 @@ def _el2n_source(x, y) -> DataSource:
     (`driver._IN_MEMORY_BYTES`) is read into arrays once, as members read it:
     each repeat's `fit` then shuffles arrays, not a pipeline.
     """
+    is_dataset = isinstance(x, (tf.data.Dataset, keras.utils.PyDataset))
     if y is None:
-        if not isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)):
+        if not is_dataset:
             raise ValueError(
                 "Argument `y` is required when `x` holds arrays: pass the labels, or "
                 "`x` as a `tf.data.Dataset` of `(x, y)` batches. Received: y=None"
@@ -192,7 +193,7 @@ def _el2n_source(x, y) -> DataSource:
         source = DataSource(x, name="x")
         source.check_ordered()
         return source.in_memory(driver._IN_MEMORY_BYTES)
-    if isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)):
+    if is_dataset:
         raise ValueError(
             "Argument `y` must be None when `x` is a dataset: its batches hold the "
             f"labels, as for `model.fit`. Received: y of type {type(y).__name__}"
@@ -305,6 +306,9 @@ def el2n_scores(
     x_spec, y_spec = free_batch(source.element_spec)
 
     x0, y0 = source.first_batch()  # the loss is read on it, as `loss_scores` reads it
+    # The labels' layout is judged on every row where there are arrays, else on y0.
+    labels = source.arrays[1] if source.has_arrays else np.asarray(y0)
+    train_batch = min(batch_size, n)
     total = np.zeros(n, dtype=np.float64)
     bar = keras.utils.Progbar(repeats, unit_name="run") if verbose else None
     for r in range(repeats):
@@ -314,18 +318,19 @@ def el2n_scores(
             x, y = source.arrays
             model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
         else:  # an epoch of whole mini-batches drawn from the shuffled examples
-            batches = source.shuffled(min(batch_size, n), seed + r)
-            steps = max(1, n // min(batch_size, n))
-            model.fit(batches, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0)
+            batches = source.shuffled(train_batch, seed + r)
+            model.fit(
+                batches, epochs=epochs, steps_per_epoch=n // train_batch, shuffle=False, verbose=0
+            )
         pred0 = sole_output(model(x0, training=False))
         output_layer = output_activation(model)[0]
         per_example = read_as_classifier(resolve_loss(model), y0, pred0, output_layer)
         tuner = FineTuner(model, per_example)
         if tuner.has_batchnorm and bn_batches > 0:
-            batches = iter(source.shuffled(min(batch_size, n), seed + r))
+            batches = iter(source.shuffled(train_batch, seed + r))
             tuner.refresh_batchnorm(batches, bn_batches)
         out_shape = tuple(pred0.shape[1:])
-        sparse = _uses_class_ids(np.asarray(y0), per_example.kind, out_shape)
+        sparse = _uses_class_ids(labels, per_example.kind, out_shape)
         activation = "identity"
         if per_example.from_logits:
             binary = per_example.kind == "binary_crossentropy"
