@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -374,6 +375,33 @@ def dropped_rows(ds: tf.data.Dataset) -> int | None:
     return dropped
 
 
+class Progress:
+    """A Keras progress bar over examples, or over batches where only they are counted.
+
+    A dataset's examples are counted by a pass over it; before one, the bar
+    counts batches out of its cardinality, as `model.predict` does, rather
+    than examples out of "Unknown". Silent with `verbose=0`.
+    """
+
+    def __init__(self, examples: int | None, batches: int | None, verbose) -> None:
+        self._by_batch = examples is None and batches is not None and batches > 0
+        target, unit = (batches, "batch") if self._by_batch else (examples, "example")
+        self._bar = keras.utils.Progbar(target, unit_name=unit) if verbose else None
+        self._done = 0
+
+    def advance(self, rows: int) -> None:
+        """Moves the bar past one batch of `rows` examples."""
+        if self._bar is not None:
+            self._done += 1 if self._by_batch else rows
+            self._bar.update(self._done)
+
+
+def known_batches(ds: tf.data.Dataset) -> int | None:
+    """The number of batches `ds` yields, or None where tf.data cannot tell."""
+    card = int(ds.cardinality())
+    return card if card >= 0 else None
+
+
 def _refuse_label_per_output(name: str, y, num_examples: int) -> None:
     """Raises a clear error when array labels `y` hold one array per output of a model."""
     parts = list(y.values()) if isinstance(y, dict) else y
@@ -650,6 +678,11 @@ class DataSource:
         if self._arrays is None:
             return self._dataset.element_spec
         return spec_of(self._arrays)
+
+    def progress(self, verbose) -> Progress:
+        """A progress bar for one ordered pass (`Progress`)."""
+        batches = None if self._arrays is not None else known_batches(self._dataset)
+        return Progress(self.num_examples, batches, verbose)
 
     # -- views ------------------------------------------------------------------
     def ordered(self) -> tf.data.Dataset:

@@ -21,8 +21,10 @@ from keras_gex.config import CollectionConfig, CollectionRecord
 from keras_gex.data import (
     DEFAULT_BATCH_SIZE,
     DataSource,
+    Progress,
     as_inputs,
     changing_order,
+    known_batches,
     num_rows,
     standardize_data,
 )
@@ -441,14 +443,14 @@ class GeometricEnsemble:
             size = _validation.positive_int("batch_size", size)
             inputs = tf.data.Dataset.from_tensor_slices(arrays).batch(size)
         fn = self._get_scorer().mean_probabilities_for(inputs.element_spec)
-        total = None if isinstance(x, tf.data.Dataset) else num_rows(arrays)
-        bar = keras.utils.Progbar(total, unit_name="example") if verbose else None
-        out, seen = [], 0
+        if isinstance(x, tf.data.Dataset):
+            bar = Progress(None, known_batches(inputs), verbose)
+        else:
+            bar = Progress(num_rows(arrays), None, verbose)
+        out = []
         for batch in inputs:
             out.append(fn(batch).numpy())
-            seen += len(out[-1])
-            if bar is not None:
-                bar.update(seen)
+            bar.advance(len(out[-1]))
         if not out:
             raise ValueError("Argument `data` is empty: it has no examples.")
         probs = np.concatenate(out).astype(np.float64)

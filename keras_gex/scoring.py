@@ -271,7 +271,7 @@ class Scorer:
         source.check_ordered()
         first = source.first_batch()
         self._check_loss(first, eager)
-        bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
+        bar = source.progress(verbose)
         seen = 0
         for ref_loss, member_losses, y, ref_pred in self._batches(source, with_predictions, eager):
             if seen == 0 and self.strategy is not None:
@@ -279,8 +279,7 @@ class Scorer:
             _check_finite(ref_loss, member_losses, seen)
             yield seen, ref_loss, member_losses, y, ref_pred
             seen += len(ref_loss)
-            if bar is not None:
-                bar.update(seen)
+            bar.advance(len(ref_loss))
         if seen == 0:
             raise ValueError(f"Argument `{source.name}` is empty: it has no examples.")
         if source.num_examples is None:

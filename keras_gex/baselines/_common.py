@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 
 from keras_gex import _validation
@@ -45,12 +44,11 @@ def _collect(source: DataSource, batch_fn, what: str, verbose: int = 0) -> np.nd
 
     With `verbose`, a Keras progress bar counts the examples done.
     """
-    bar = keras.utils.Progbar(source.num_examples, unit_name="example") if verbose else None
+    bar = source.progress(verbose)
     out = []
     for x, y in source.ordered():
         out.append(np.asarray(nan_where_not_finite(x, batch_fn(x, y)), np.float64))
-        if bar is not None:
-            bar.add(len(out[-1]))
+        bar.advance(len(out[-1]))
     if not out:
         raise ValueError(f"Argument `{source.name}` is empty: it has no examples.")
     values = np.concatenate(out)

@@ -938,6 +938,25 @@ def test_baselines_show_progress_unless_silenced(capsys):
             fn(verbose=3)
 
 
+def test_a_dataset_pass_counts_its_batches_before_its_examples_are_known(capsys):
+    """On a dataset's first pass the bar counts batches of a known cardinality
+    (before, it counted examples out of "Unknown")."""
+    ens = _tiny_ensemble()
+    x, y = _data(n=9)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    calls = {
+        "loss_scores": lambda v: loss_scores(ens.model, ds, verbose=v),
+        "deviations": lambda v: ens.deviations(ds, verbose=v).deviations,
+        "predict": lambda v: ens.predict(ds, verbose=v),
+    }
+    for name, fn in calls.items():
+        quiet = fn(0)
+        assert capsys.readouterr().out == "", name
+        np.testing.assert_array_equal(fn(1), quiet)
+        out = capsys.readouterr().out
+        assert "3/3" in out and "Unknown" not in out, (name, out)
+
+
 def test_baselines_read_a_user_loss_as_the_cross_entropy_it_computes():
     """Two routes agree: a user function computing the compiled loss gives the
     compiled loss's scores (before, EL2N read its logits as probabilities)."""
