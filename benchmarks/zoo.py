@@ -114,6 +114,7 @@ FIELDS = (
     "seed",
     "rows",
     "noisy",
+    "noise",
     "epochs",
     "train_fit",
     "train_seconds",
@@ -144,28 +145,28 @@ FIELDS = (
 
 
 # -- noise and targets ------------------------------------------------------------------
-def add_noise(case, data, seed: int):
-    """`(given labels or targets, is_noisy)` for one seed: `NOISE` of the rows corrupted.
+def add_noise(case, data, seed: int, rate: float = NOISE):
+    """`(given labels or targets, is_noisy)` for one seed: `rate` of the rows corrupted.
 
     "flip": `flip_labels` (a uniformly drawn different class); "flip_per_class":
-    `NOISE` of each class's rows flipped (binary: to the other class);
+    `rate` of each class's rows flipped (binary: to the other class);
     "shift": targets moved by ±`SHIFT_STD` standard deviations.
     """
     from keras_gex.datasets import flip_labels
 
     y = data.y
     if case.noise == "flip":
-        return flip_labels(y, NOISE, data.num_classes, seed=seed + 1)
+        return flip_labels(y, rate, data.num_classes, seed=seed + 1)
     if case.noise == "flip_per_class":
         given, mask = y.copy(), np.zeros(len(y), dtype=bool)
         for c in range(data.num_classes):
             rows = np.flatnonzero(y == c)
-            flipped, m = flip_labels(y[rows], NOISE, data.num_classes, seed=seed + 1 + c)
+            flipped, m = flip_labels(y[rows], rate, data.num_classes, seed=seed + 1 + c)
             given[rows], mask[rows] = flipped, m
         return given, mask
     if case.noise == "shift":
         rng = np.random.default_rng(seed + 1)
-        rows = rng.choice(len(y), round(NOISE * len(y)), replace=False)
+        rows = rng.choice(len(y), round(rate * len(y)), replace=False)
         given = y.astype("float32").copy()
         given[rows] += rng.choice([-1.0, 1.0], len(rows)) * SHIFT_STD * float(np.std(y))
         mask = np.zeros(len(y), dtype=bool)
@@ -409,23 +410,38 @@ def read_references(path) -> dict:
 
 
 def run_one(
-    case, seed: int, *, quick=False, model_cache=None, references=None, scores_dir=None
+    case,
+    seed: int,
+    *,
+    quick=False,
+    model_cache=None,
+    references=None,
+    scores_dir=None,
+    noise=NOISE,
+    oracle_too=True,
 ) -> dict:
     """Trains θ* for one case and seed, runs GEX and the references; returns the row.
 
     With `references` (a `read_references` row for this case and seed, same rows
     and noise count) the LR reference and the oracle are taken from it: neither
-    depends on keras_gex. With `scores_dir`, GEX's scores, θ*'s losses and the
-    noise mask are saved there (`zoo-CASE-SEED.npz`) for threshold studies.
+    depends on keras_gex. With `scores_dir`, GEX's scores, θ*'s losses, the
+    noise mask, the given labels and the rows the members contradict (empty for
+    regression) are saved there (`zoo-CASE-SEED.npz`) for threshold studies.
+    `noise` is the share of rows corrupted (θ* cached under `noise-RATE/` when it
+    is not `NOISE`); without `oracle_too` the oracle is not trained (its columns
+    stay empty and the bars read the LR reference alone).
     """
     import keras_gex
 
     data = case.load(quick)
     epochs = case.quick_epochs if quick and case.quick_epochs else case.epochs
-    given, noisy = add_noise(case, data, seed)
+    given, noisy = add_noise(case, data, seed, noise)
     row = {"case": case.name, "seed": seed, "rows": len(data), "noisy": int(noisy.sum())}
+    row["noise"] = noise
 
     cache = None if quick else model_cache  # smoke-run models are not worth keeping
+    if cache is not None and noise != NOISE:  # θ* of other labels: never mixed up
+        cache = pathlib.Path(cache) / f"noise-{noise:g}"
     model, run, train_seconds, loaded = _theta_star(case, data, data.x, given, epochs, seed, cache)
     row.update(epochs=run, train_seconds=train_seconds, theta_loaded=loaded)
     row["train_fit"] = _fit_share(case, model, data.x, given)
@@ -455,6 +471,10 @@ def run_one(
                 reference_losses=report.reference_losses,
                 noisy=noisy,
                 given=np.asarray(given),
+                # Rows the members' mean prediction does not give their label (the cap).
+                contradicted=(
+                    np.zeros(0, bool) if report.contradicted is None else report.contradicted
+                ),
             )
         row.update(
             gex_auc=ranking["auc"],
@@ -487,6 +507,8 @@ def run_one(
     start = time.perf_counter()
     ref = quality._ranking(noisy, linear_reference(case, data, given))
     row.update(ref_auc=ref["auc"], ref_ap=ref["ap"], ref_seconds=time.perf_counter() - start)
+    if not oracle_too:
+        return row
 
     start = time.perf_counter()
     oracle_epochs = max(ORACLE_MIN_EPOCHS, round(ORACLE_EPOCHS * epochs))
@@ -512,8 +534,13 @@ def _progress(row, done: int, total: int, seconds: float) -> str:
         f"[{done}/{total}] {row['case']} seed {row['seed']}: θ* {row['epochs']} ep in "
         f"{row['train_seconds']:.0f} s{fit_text}; {gex}; θ* loss AUC "
         f"{row.get('theta_auc', float('nan')):.3f}; LR AUC {row['ref_auc']:.3f} "
-        f"({row['ref_seconds']:.0f} s); oracle AUC {row['oracle_auc']:.3f} "
-        f"({row['oracle_seconds']:.0f} s); {seconds:.0f} s in all"
+        f"({row['ref_seconds']:.0f} s); "
+        + (
+            f"oracle AUC {row['oracle_auc']:.3f} ({row['oracle_seconds']:.0f} s); "
+            if "oracle_auc" in row
+            else ""
+        )
+        + f"{seconds:.0f} s in all"
     )
 
 
@@ -558,14 +585,19 @@ def bars(group) -> dict:
     ...            calibration_share=0.1)
     >>> {k: v for k, v in bars([row]).items() if v is not True}
     {'AP': False, 'F1': False}
+    >>> del row["oracle_auc"], row["oracle_ap"]  # --no-oracle: the LR reference's floors
+    >>> {k: v for k, v in bars([row]).items() if v is not True}
+    {'AUC': False, 'AP': False, 'F1': False}
     """
     if any(r.get("error") for r in group) or _mean(group, "gex_auc") is None:
         return {name: False for name in BAR_NAMES}
     m = {k: _mean(group, k) for k in NUMERIC_FIELDS}
-    ap_floor = min(m["ref_ap"], m["oracle_ap"])
+    # Without the oracle (`--no-oracle`) the floors are the LR reference's: stricter.
+    ap_floor = min(v for v in (m["ref_ap"], m["oracle_ap"]) if v is not None)
+    auc_floor = min(v for v in (m["ref_auc"], m["oracle_auc"]) if v is not None)
     return {
         "θ* loss": m["gex_auc"] >= m["theta_auc"],
-        "AUC": m["gex_auc"] >= min(m["ref_auc"], m["oracle_auc"]) - AUC_SLACK,
+        "AUC": m["gex_auc"] >= auc_floor - AUC_SLACK,
         "AP": m["gex_ap"] >= ap_floor - AP_SLACK,
         "F1": m["gex_f1"] >= F1_BAR if ap_floor >= F1_WHEN_AP else None,
         "flagged": m["flagged"] <= FLAGGED_RATIO * m["noisy"],
@@ -617,9 +649,11 @@ def markdown(rows, seconds: float | None = None) -> str:
             _pair(group, "early_auc", "early_ap"),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rates = sorted({float(r["noise"]) for r in rows if r.get("noise") not in (None, "")})
     lines += [
         "",
-        f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds. GEX: `detect_noisy` with "
+        (f"Noise: {', '.join(f'{r:.0%}' for r in rates)} of the rows. " if rates else "")
+        + f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds. GEX: `detect_noisy` with "
         "default settings; F1 and flagged: its default threshold. LR ref: 5-fold logistic "
         "(linear for regression) regression on the given labels. Oracle: the same architecture "
         "5-fold on the true labels, out-of-fold loss of the given label. Calibration share: "
@@ -705,6 +739,18 @@ def _parser() -> argparse.ArgumentParser:
         help="run the held-out cases (models no default was designed on) instead of the zoo's",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--noise",
+        type=_noise_rate,
+        default=NOISE,
+        metavar="RATE",
+        help=f"share of the rows corrupted (default {NOISE:g}); the bars are judged alike",
+    )
+    parser.add_argument(
+        "--no-oracle",
+        action="store_true",
+        help="do not train the oracle (its columns stay empty; the bars read the LR reference)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR / "zoo.md")
     parser.add_argument(
         "--model-cache",
@@ -721,7 +767,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scores-dir",
         metavar="DIR",
-        help="save each run's GEX scores, θ*'s losses and the noise mask here (.npz)",
+        help="save each run's GEX scores, θ*'s losses, noise mask, given labels and the rows "
+        "the members contradict here (.npz)",
     )
     parser.add_argument(
         "--table-only",
@@ -734,6 +781,22 @@ def _parser() -> argparse.ArgumentParser:
         help="smoke run: the scikit-learn cases marked quick, tiny, seed 0 (not for reporting)",
     )
     return parser
+
+
+def _noise_rate(text: str) -> float:
+    """A share of rows to corrupt, in (0, 0.5): at half, wrong labels are no minority.
+
+    >>> _parser().parse_args(["--noise", "0.03"]).noise
+    0.03
+    >>> _noise_rate("0.5")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: must be in (0, 0.5); received 0.5
+    """
+    rate = float(text)
+    if not 0.0 < rate < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in (0, 0.5); received {text}")
+    return rate
 
 
 def _case_names(args) -> list:
@@ -772,6 +835,8 @@ def main(argv=None) -> int:
                     model_cache=args.model_cache,
                     references=references.get((name, seed)),
                     scores_dir=args.scores_dir,
+                    noise=args.noise,
+                    oracle_too=not args.no_oracle,
                 )
             except Exception as err:  # a case that cannot run (data missing) is reported
                 print(f"[{len(rows) + 1}/{total}] {name} seed {seed}: failed: {err}", flush=True)
