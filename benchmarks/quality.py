@@ -55,7 +55,7 @@ for this architecture and data, i.e. how close to 1 an AUC / AP can be expected
 to get. Its table sets GEX beside it (`ceiling_table`).
 
 Also, from the GEX scores: F1 of the flagged set for Otsu's threshold on
-each transform of `keras_gex.analysis.thresholding.TRANSFORMS` (the default is
+each method of `keras_gex.analysis.thresholding.METHODS` (the default is
 `detect_noisy`'s); and relabel → retrain: the model retrained from scratch
 (same epochs) on Kong et al.'s relabeled targets (`report.relabeled_targets()`,
 `SoftTargetCrossentropy`; distillation targets for the sigmoid case) for GEX's
@@ -443,7 +443,7 @@ def run_one(
 
     import keras_gex
     from keras_gex import baselines
-    from keras_gex.analysis.thresholding import TRANSFORMS, threshold_scores
+    from keras_gex.analysis.thresholding import METHODS, threshold_scores
 
     data_fn, image, model_fn, epochs, batch_size, noise, sigmoid = ALL_CASES[case]
     epochs = max(1, round(epochs * epoch_scale))
@@ -511,7 +511,7 @@ def run_one(
     )
     paper = keras_gex.detect_noisy((x, targets), ens, score="self_influence", verbose=0)
     add(GEX_PAPER, paper.scores, gex_seconds, paper.noisy_mask)
-    for name in TRANSFORMS:
+    for name in METHODS:
         cut = threshold_scores(report.scores, name)
         rows.append(
             {

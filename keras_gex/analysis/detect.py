@@ -1,4 +1,4 @@
-"""`detect_noisy`: GE loss scores, an Otsu threshold, flagged examples."""
+"""`detect_noisy`: GE loss scores, a threshold, flagged examples."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 
 from keras_gex import _validation
 from keras_gex.analysis.report import NoisyLabelReport, score_terms
-from keras_gex.analysis.thresholding import TRANSFORMS, threshold_scores
+from keras_gex.analysis.thresholding import METHODS, threshold_scores
 from keras_gex.config import CollectionConfig
 from keras_gex.data import DataSource
 from keras_gex.ensemble import GeometricEnsemble, check_floor
@@ -15,7 +15,7 @@ from keras_gex.ensemble import GeometricEnsemble, check_floor
 #: What `detect_noisy(score=...)` ranks by. Both come from the same members.
 SCORES = ("self_influence", "member_loss")
 #: The threshold rule `threshold="auto"` uses for each score.
-DEFAULT_THRESHOLDS = {"self_influence": "otsu_sqrt", "member_loss": "otsu"}
+DEFAULT_THRESHOLDS = {"self_influence": "otsu_sqrt", "member_loss": "min_error"}
 
 
 def detect_noisy(
@@ -43,14 +43,17 @@ def detect_noisy(
             post hoc from `train_data` with `config` and `collect_kwargs`.
         config: The `CollectionConfig` of a post-hoc collection. Defaults to
             `None` (the defaults).
-        threshold: How to cut the scores: "otsu" (Otsu on raw scores, the
-            paper's rule), "otsu_sqrt" (Otsu on sqrt(score), the root-mean-square
-            deviation), "otsu_cbrt" / "otsu_root4" (cube / fourth root),
-            "otsu_log", or a number (a cut on raw scores). "auto" is "otsu"
-            for "member_loss" (a loss, not a squared deviation) and
-            "otsu_sqrt" for self-influence, the rules whose flagged sets scored
-            best (docs/design.md#default-threshold). `report.threshold_method` holds the
-            rule used. Defaults to `"auto"`.
+        threshold: How to cut the scores: "min_error" (the minimum-error cut of
+            two equal-variance groups, each weighed by its share), "otsu"
+            (Otsu on raw scores, the paper's rule: the same cut for groups of
+            equal size), either followed by "_sqrt" (on sqrt(score), the
+            root-mean-square deviation), "_cbrt" / "_root4" (cube / fourth
+            root) or "_log", or a number (a cut on raw scores). "auto" is
+            "min_error" for "member_loss" (a loss, not a squared deviation: wrong
+            labels are a small group, and Otsu's cut falls into the correct
+            labels' tail where they are few) and "otsu_sqrt" for self-influence
+            (docs/design.md#default-threshold). `report.threshold_method` holds
+            the rule used. Defaults to `"auto"`.
         score: What to rank by; both come from the same members at the same
             cost. "member_loss": the members' mean loss mean_m ℓ(z, θ_m) on
             the given label. "self_influence": GEX self-influence
@@ -83,7 +86,7 @@ def detect_noisy(
     # Every check before any fine-tuning: a collection can take minutes.
     _validation.one_of("score", score, SCORES)
     if isinstance(threshold, str):
-        _validation.one_of("threshold", threshold, ("auto", *TRANSFORMS))
+        _validation.one_of("threshold", threshold, ("auto", *METHODS))
         if threshold == "auto":
             threshold = DEFAULT_THRESHOLDS[score]
     check_floor(reference_floor)

@@ -1,9 +1,12 @@
-"""Otsu's threshold on a 1-D score distribution (pure NumPy).
+"""Cuts of a 1-D score distribution into a low and a high group (pure NumPy).
 
-GEX self-influence is bimodal on noisy data: a mass of typical examples near
-zero and a separate mode of memorised (often mislabeled) examples. Otsu's
-method picks the cut that maximises the between-class variance; here it is
-computed exactly over every split of the sorted values (no histogram bins).
+GEX scores are bimodal on noisy data: a mass of typical examples and a
+separate mode of memorised (often mislabeled) examples. Otsu's method picks
+the cut that maximises the between-class variance; the minimum-error cut
+keeps Otsu's model of two equal-variance groups and weighs each by its share,
+so that a small group of wrong labels is not cut into the large group's tail.
+Both are computed exactly over the splits of the sorted values (no histogram
+bins).
 """
 
 from __future__ import annotations
@@ -14,18 +17,16 @@ import numpy as np
 
 from keras_gex import _validation
 
-#: Transforms applied to scores before thresholding (the cut is mapped back).
+#: Transforms applied to scores before a cut is chosen (the cut is mapped back).
 #: Self-influence is a mean of squared loss deviations, heavy-tailed to the right;
 #: powers between 1 (raw, the paper's rule) and 0 (log) trade the raw cut's
 #: conservatism (missed flips) against the log cut's looseness (false flags).
-#: `detect_noisy` cuts its default score (the members' mean loss) with "otsu" and
-#: self-influence with "otsu_sqrt"; `benchmarks/quality.py` measures the F1 of each.
-TRANSFORMS = {
-    "otsu": lambda v: v,
-    "otsu_sqrt": np.sqrt,
-    "otsu_cbrt": np.cbrt,
-    "otsu_root4": lambda v: np.sqrt(np.sqrt(v)),
-    "otsu_log": lambda v: np.log(np.maximum(v, np.finfo(np.float64).tiny)),
+_TRANSFORMS = {
+    "": lambda v: v,
+    "_sqrt": np.sqrt,
+    "_cbrt": np.cbrt,
+    "_root4": lambda v: np.sqrt(np.sqrt(v)),
+    "_log": lambda v: np.log(np.maximum(v, np.finfo(np.float64).tiny)),
 }
 
 
@@ -67,6 +68,62 @@ def otsu_threshold(values) -> float:
     if v[0] == v[-1]:
         return float(v[0])
     return float(v[int(np.argmax(_between_class_variance(v)))])
+
+
+def min_error_threshold(values) -> float:
+    """The minimum-error cut of two equal-variance groups, each weighed by its share.
+
+    Otsu's cut lies midway between the means of the two groups it makes: the
+    cut between two equal-variance Gaussian groups that are equally likely.
+    Where one group is small (a few percent of wrong labels), that midpoint
+    lies in the large group's tail and flags many of its rows. This cut keeps
+    the model and weighs each group by its share `w`: from Otsu's split, it
+    moves to `(m0 + m1) / 2 + σ² ln(w0 / w1) / (m1 − m0)`, where an example
+    is as likely in either group (`σ²` the pooled variance within the groups),
+    and again from the split that makes, until the split holds.
+
+    Args:
+        values: 1-D array-like of finite numbers.
+
+    Returns:
+        The largest value of the lower group (a float); the largest value
+        where the cut passes every value (no group of high values), and that
+        value if all are equal.
+
+    >>> large = np.round(-np.log(1 - np.linspace(0.0, 0.97, 194)), 2)  # a long tail
+    >>> scores = np.r_[large, 6.0, 6.5, 7.0]
+    >>> int(np.sum(scores > otsu_threshold(scores)))  # cuts into the large group's tail
+    37
+    >>> min_error_threshold(scores)  # keeps it whole: the 3 high scores above
+    3.51
+    >>> min_error_threshold([3.0, 3.0])
+    3.0
+    """
+    v = np.sort(_validation.finite_1d("values", values))
+    if v[0] == v[-1]:
+        return float(v[0])
+    n = v.size
+    csum, csq = np.cumsum(v), np.cumsum(v * v)
+    k = int(np.argmax(_between_class_variance(v))) + 1  # values in the lower group
+    seen = set()
+    while 0 < k < n and k not in seen:
+        seen.add(k)
+        m0, m1 = csum[k - 1] / k, (csum[-1] - csum[k - 1]) / (n - k)
+        within = (csq[-1] - k * m0 * m0 - (n - k) * m1 * m1) / n
+        cut = (m0 + m1) / 2 + within * np.log(k / (n - k)) / (m1 - m0)
+        k = int(np.searchsorted(v, cut, side="right"))
+    return float(v[min(max(k, 1), n) - 1])
+
+
+#: Named threshold methods: the cut rule and the transform it is chosen on.
+#: `detect_noisy` cuts its default score (the members' mean loss) with
+#: "min_error" and self-influence with "otsu_sqrt"; `benchmarks/quality.py`
+#: and `benchmarks/zoo.py --scores-dir` measure the F1 of each.
+METHODS = {
+    f"{name}{suffix}": (cut, transform)
+    for name, cut in (("otsu", otsu_threshold), ("min_error", min_error_threshold))
+    for suffix, transform in _TRANSFORMS.items()
+}
 
 
 def otsu_separability(values) -> float:
@@ -118,13 +175,13 @@ def capped_threshold(scores, cut: float, count: int) -> float:
 
 
 def threshold_scores(scores: np.ndarray, method, max_flagged: int | None = None) -> float:
-    """Threshold for `scores` by `method` (a name in `TRANSFORMS` or a number).
+    """Threshold for `scores` by `method` (a name in `METHODS` or a number).
 
-    A named method chooses Otsu's cut on the transformed scores with the top
-    `TAIL_SHARE` winsorised; every score above the cut is flagged, those top
-    scores included. With `max_flagged`, a named method's cut is raised until
-    at most that many scores lie above it (`capped_threshold`); a number is
-    the caller's cut and is kept.
+    A named method chooses its cut (Otsu's or the minimum-error cut) on the
+    transformed scores with the top `TAIL_SHARE` winsorised; every score above
+    the cut is flagged, those top scores included. With `max_flagged`, a named
+    method's cut is raised until at most that many scores lie above it
+    (`capped_threshold`); a number is the caller's cut and is kept.
 
     >>> scores = np.r_[np.linspace(0.0, 0.2, 90), np.linspace(2.0, 3.0, 9), 60.0]
     >>> threshold_scores(scores, "otsu") == 0.2  # the 10 high scores, not just 60
@@ -135,18 +192,19 @@ def threshold_scores(scores: np.ndarray, method, max_flagged: int | None = None)
     if isinstance(method, str) and max_flagged is not None:
         return capped_threshold(scores, threshold_scores(scores, method), max_flagged)
     if isinstance(method, str):
-        _validation.one_of("threshold", method, TRANSFORMS)
+        _validation.one_of("threshold", method, METHODS)
+        choose, transform = METHODS[method]
         values = np.asarray(scores, dtype=np.float64)
-        transformed = TRANSFORMS[method](values)
+        transformed = transform(values)
         # Every transform is monotone: winsorising after it cuts the same values.
-        cap = TRANSFORMS[method](np.quantile(values, 1.0 - TAIL_SHARE))
-        cut = otsu_threshold(np.minimum(transformed, cap))
+        cap = transform(np.quantile(values, 1.0 - TAIL_SHARE))
+        cut = choose(np.minimum(transformed, cap))
         # Map back: the largest original score whose transform is <= cut.
         below = scores[transformed <= cut]
         return float(below.max()) if below.size else float(np.min(scores))
     if isinstance(method, bool) or not isinstance(method, numbers.Real) or not np.isfinite(method):
         raise ValueError(
-            f"Argument `threshold` must be one of {sorted(TRANSFORMS)} or a finite "
+            f"Argument `threshold` must be one of {sorted(METHODS)} or a finite "
             f"number. Received: threshold={method!r}"
         )
     return float(method)

@@ -17,12 +17,12 @@ import time
 import warnings
 
 # NumPy only; `keras_gex.analysis.detect` would start TensorFlow.
-from keras_gex.analysis.thresholding import TRANSFORMS
+from keras_gex.analysis.thresholding import METHODS
 
 #: `keras_gex.analysis.detect.SCORES` and `DEFAULT_THRESHOLDS`, restated so that
 #: `--help` needs no TensorFlow; tests/integration/test_cli.py checks they agree.
 SCORES = ("self_influence", "member_loss")
-DEFAULT_THRESHOLDS = {"self_influence": "otsu_sqrt", "member_loss": "otsu"}
+DEFAULT_THRESHOLDS = {"self_influence": "otsu_sqrt", "member_loss": "min_error"}
 
 #: For each command, the library argument each flag sets: warnings and errors
 #: written for Python callers are reworded with the flags.
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     detect.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
     rules = ", ".join(f"{rule} for {score}" for score, rule in DEFAULT_THRESHOLDS.items())
-    transforms = ", ".join(TRANSFORMS)
+    transforms = ", ".join(METHODS)
     threshold_help = f"auto (default: the score's rule, {rules}), {transforms}, or a number"
     detect.add_argument("--threshold", default="auto", help=threshold_help)
     detect.add_argument(
@@ -416,12 +416,12 @@ def _detect(args) -> None:
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"MODEL file {args.model!r} does not exist.")
     threshold = args.threshold
-    if threshold != "auto" and threshold not in TRANSFORMS:
+    if threshold != "auto" and threshold not in METHODS:
         try:
             threshold = float(threshold)
         except ValueError:
             raise ValueError(
-                f"Argument `--threshold` must be auto, one of {', '.join(TRANSFORMS)} or a number. "
+                f"Argument `--threshold` must be auto, one of {', '.join(METHODS)} or a number. "
                 f"Received: {args.threshold!r}"
             ) from None
     learning_rate = _auto_or(args.learning_rate, float, "--learning-rate", "a number")

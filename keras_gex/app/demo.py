@@ -205,7 +205,7 @@ def result_lines(result: DemoResult) -> list[str]:
     """
     lines = [
         f"detection vs known flips:  AUC {result.auc:.4f}   AP {result.ap:.4f}",
-        f"Otsu threshold flags {result.num_flagged}: precision {result.precision:.3f}   "
+        f"the threshold flags {result.num_flagged}: precision {result.precision:.3f}   "
         f"recall {result.recall:.3f}",
         f"test accuracy:  noisy {result.accuracy_noisy:.4f}  ->  relabeled "
         f"{result.accuracy_relabeled:.4f}   (clean labels {result.accuracy_clean:.4f})",

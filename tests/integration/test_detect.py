@@ -9,12 +9,17 @@ from sklearn.metrics import roc_auc_score
 from tolerances import MIN_DIGITS_AUC, PROB_ATOL
 
 import keras_gex
-from keras_gex.analysis.thresholding import TAIL_SHARE, capped_threshold, threshold_scores
+from keras_gex.analysis.thresholding import (
+    METHODS,
+    TAIL_SHARE,
+    capped_threshold,
+    threshold_scores,
+)
 
 
 @pytest.fixture(scope="module")
 def report(digits_ensemble, digits):
-    """The default report: the members' mean loss, Otsu threshold."""
+    """The default report: the members' mean loss, the minimum-error threshold."""
     return keras_gex.detect_noisy((digits.x_train, digits.y_train), digits_ensemble, verbose=0)
 
 
@@ -89,17 +94,17 @@ def test_flagged_rows_never_outnumber_the_labels_the_members_contradict(
     np.testing.assert_array_equal(report.contradicted, probs.argmax(axis=1) != digits.y_train)
     assert report.num_flagged <= report.contradicted.sum()
     # Members that are θ* itself contradict only the labels θ* does not fit:
-    # Otsu's cut on their scores flags more, the cap keeps the top scores.
+    # the default cut on their scores flags more, the cap keeps the top scores.
     ens = digits_ensemble
     same = keras_gex.GeometricEnsemble(ens.model, ens.reference, [ens.reference] * 2, ens.loss)
     data = (digits.x_train, digits.y_train)
     capped = keras_gex.detect_noisy(data, same, verbose=0)
     count = int(capped.contradicted.sum())
-    otsu = threshold_scores(capped.scores, "otsu")
-    assert count < np.sum(capped.scores > otsu)
+    cut = threshold_scores(capped.scores, capped.threshold_method)
+    assert capped.threshold_method == "min_error" and count < np.sum(capped.scores > cut)
     assert capped.num_flagged == count
     top = np.sort(capped.scores)[::-1]
-    assert capped.threshold == top[count] and capped.threshold > otsu
+    assert capped.threshold == top[count] and capped.threshold > cut
     assert f"contradicts only {count} given labels" in capped.summary(print_fn=None)
     assert "raised from" not in report.summary(print_fn=None)
 
@@ -290,7 +295,7 @@ def test_ensemble_predict_accepts_arrays_pairs_and_datasets(report, digits):
         ens.predict(x[:0], verbose=0)
 
 
-@pytest.mark.parametrize("method", ["otsu", "otsu_sqrt", "otsu_cbrt", "otsu_root4", "otsu_log"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_threshold_rule_is_accepted_and_orders_sensibly(report, digits, method):
     data = (digits.x_train, digits.y_train)
     again = keras_gex.detect_noisy(data, report.ensemble, threshold=method, verbose=0)
@@ -311,8 +316,8 @@ def test_member_loss_score_is_the_members_mean_loss(report, si_report, digits_en
         self_inf.scores, digits_ensemble.self_influence(data, verbose=0), rtol=1e-5
     )
     assert by_loss.score_method == "member_loss" and self_inf.score_method == "self_influence"
-    # threshold="auto": Otsu on member losses, on sqrt(self-influence) otherwise.
-    assert by_loss.threshold_method == "otsu" and self_inf.threshold_method == "otsu_sqrt"
+    # threshold="auto": the minimum-error cut on member losses, Otsu on sqrt(self-influence).
+    assert by_loss.threshold_method == "min_error" and self_inf.threshold_method == "otsu_sqrt"
     assert roc_auc_score(digits.is_noisy, self_inf.scores) >= MIN_DIGITS_AUC
     assert roc_auc_score(digits.is_noisy, by_loss.scores) >= MIN_DIGITS_AUC
     np.testing.assert_array_equal(by_loss.noisy_mask, by_loss.scores > by_loss.threshold)

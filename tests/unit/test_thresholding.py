@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 import keras_gex
-from keras_gex.analysis.thresholding import capped_threshold, threshold_scores
+from keras_gex.analysis.thresholding import (
+    METHODS,
+    capped_threshold,
+    min_error_threshold,
+    threshold_scores,
+)
 
 
 def _brute_force_otsu(values, separability=False):
@@ -66,14 +71,14 @@ def test_transformed_thresholds_cut_raw_scores():
 def test_every_transform_orders_its_flags_by_power_on_skewed_scores():
     """Lower powers (raw → sqrt → cbrt → 4th root → log) loosen the cut on a
     heavy right tail: each flags at least as many rows as the previous one."""
-    from keras_gex.analysis.thresholding import TRANSFORMS
-
     rng = np.random.default_rng(3)
     scores = np.concatenate([rng.exponential(0.01, 900), rng.exponential(2.0, 100)])
-    order = ("otsu", "otsu_sqrt", "otsu_cbrt", "otsu_root4", "otsu_log")
-    assert set(order) == set(TRANSFORMS)
-    flagged = [int(np.sum(scores > threshold_scores(scores, m))) for m in order]
-    assert flagged == sorted(flagged) and 0 < flagged[0] < len(scores)
+    for cut in ("otsu", "min_error"):
+        order = (cut, f"{cut}_sqrt", f"{cut}_cbrt", f"{cut}_root4", f"{cut}_log")
+        assert set(order) <= set(METHODS)
+        flagged = [int(np.sum(scores > threshold_scores(scores, m))) for m in order]
+        assert flagged == sorted(flagged) and 0 < flagged[0] < len(scores), (cut, flagged)
+    assert len(METHODS) == 10
     with pytest.raises(ValueError, match="otsu_cbrt"):
         threshold_scores(scores, "otsu_cube")
 
@@ -115,3 +120,57 @@ def test_a_capped_cut_keeps_the_top_scores_and_never_lowers_the_cut():
     assert threshold_scores(scores, 0.5, max_flagged=0) == 0.5  # a number is the caller's cut
     with pytest.raises(ValueError, match="count"):
         capped_threshold(scores, cut, -1)
+
+
+def _gaussian_groups(share, n=20_000, gap=6.0, seed=0):
+    """A large group N(0, 1) and a share of N(gap, 1), and which rows are high."""
+    rng = np.random.default_rng(seed)
+    high = rng.random(n) < share
+    return rng.normal(0.0, 1.0, n) + gap * high, high
+
+
+@pytest.mark.parametrize("share", [0.03, 0.1, 0.3])
+def test_min_error_cut_lies_near_the_bayes_cut_of_two_gaussian_groups(share):
+    """Where an example is as likely in either group, (μ0 + μ1)/2 + σ² ln(w0/w1)/(μ1 − μ0):
+    within 0.15 and at least 4× nearer than Otsu's cut, which stays near the midpoint 3.0
+    at every share (the groups' truncated means move it a little)."""
+    values, _ = _gaussian_groups(share)
+    bayes = 3.0 + np.log((1 - share) / share) / 6.0
+    ours, otsus = min_error_threshold(values), keras_gex.otsu_threshold(values)
+    assert abs(ours - bayes) < 0.15 and 4 * abs(ours - bayes) < abs(otsus - bayes)
+    assert abs(otsus - 3.0) < 0.2
+
+
+@pytest.mark.parametrize("share", [0.03, 0.1, 0.3])
+def test_min_error_cut_misclassifies_fewer_rows_than_otsus(share):
+    values, high = _gaussian_groups(share, gap=3.0, seed=1)
+
+    def errors(cut):
+        return int(np.sum((values > cut) != high))
+
+    assert errors(min_error_threshold(values)) <= errors(keras_gex.otsu_threshold(values))
+
+
+def test_min_error_cut_is_a_fixed_point_and_ignores_scale():
+    """Two routes agree: the returned split gives itself back when its cut is
+    recomputed by the formula; an affine map of the values moves the cut along."""
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        values = np.concatenate([rng.exponential(1.0, 300), rng.normal(7.0, 1.0, 12)])
+        cut = min_error_threshold(values)
+        low, high = values[values <= cut], values[values > cut]
+        w0, w1 = len(low) / len(values), len(high) / len(values)
+        within = (np.sum((low - low.mean()) ** 2) + np.sum((high - high.mean()) ** 2)) / len(values)
+        again = (low.mean() + high.mean()) / 2 + within * np.log(w0 / w1) / (
+            high.mean() - low.mean()
+        )
+        assert low.max() <= again < high.min()
+        np.testing.assert_allclose(min_error_threshold(4.0 * values - 2.0), 4.0 * cut - 2.0)
+
+
+def test_min_error_cut_refuses_bad_input_and_keeps_constant_values():
+    assert min_error_threshold([2.0, 2.0, 2.0]) == 2.0
+    with pytest.raises(ValueError):
+        min_error_threshold([1.0, np.nan])
+    with pytest.raises(ValueError):
+        min_error_threshold([])
