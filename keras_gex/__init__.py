@@ -34,6 +34,7 @@ _EXPORTS = {
     "NoisyLabelReport": "keras_gex.analysis.report",
     "SourceSeparation": "keras_gex.analysis.sources",
     "source_separation": "keras_gex.analysis.sources",
+    "min_error_threshold": "keras_gex.analysis.thresholding",
     "otsu_separability": "keras_gex.analysis.thresholding",
     "otsu_threshold": "keras_gex.analysis.thresholding",
     "GEXCollector": "keras_gex.callback",
@@ -69,6 +70,7 @@ __all__ = [
     "distillation_targets",
     "export_scorer",
     "influence",
+    "min_error_threshold",
     "otsu_separability",
     "otsu_threshold",
     "plot_gallery",
@@ -116,7 +118,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as `__all__
     from keras_gex.analysis.relabel import distillation_targets, relabel
     from keras_gex.analysis.report import NoisyLabelReport
     from keras_gex.analysis.sources import SourceSeparation, source_separation
-    from keras_gex.analysis.thresholding import otsu_separability, otsu_threshold
+    from keras_gex.analysis.thresholding import (
+        min_error_threshold,
+        otsu_separability,
+        otsu_threshold,
+    )
     from keras_gex.callback import GEXCollector
     from keras_gex.config import CollectionConfig, CollectionRecord
     from keras_gex.ensemble import Deviations, GeometricEnsemble
