@@ -42,7 +42,8 @@ def _scoring_args(batch_size, verbose) -> tuple[int | None, int]:
 def _collect(source: DataSource, batch_fn, what: str, verbose: int = 0) -> np.ndarray:
     """Concatenates `batch_fn(x, y)` over the ordered batches; refuses NaN or inf.
 
-    With `verbose`, a Keras progress bar counts the examples done.
+    With `verbose`, a Keras progress bar counts the examples done (the batches
+    of a pipeline whose examples are not counted yet: `DataSource.progress`).
     """
     bar = source.progress(verbose)
     out = []
