@@ -206,8 +206,10 @@ class Probe:
         accepted: Whether it was kept as a member. The probe that landed in
             the fit window (or, where none did, the one nearest it if it ran
             its whole schedule) is member 0, every member using its step size
-            and decay; a probe that ran whole and ended above the window (its
-            fit regained in the tail) is kept as a member at its own settings.
+            and decay; another probe that ran whole and that the member gate
+            would keep (it ended inside or above the window: a step up
+            replaced it, or its fit was regained in the tail) is kept as a
+            member at its own settings.
         midway_fit: Relative fit halfway through its steps, where measured.
         abandoned: Whether it was stopped early (halfway or at three quarters)
             as hopeless; `relative_fit` is then the fit there.

@@ -26,9 +26,10 @@ supports, and never sit at chance. Two mechanisms, one signal:
   probe is a full member, stopped halfway or at three quarters if it is
   above the window or at chance there; the accepted one (or, where none lands
   in the window, the nearest if it ran whole) is member 0 and every member uses
-  its step size and decay. A probe that ran whole is a finished member: where
-  its fit was regained in the tail (above the window only at its end, which
-  the member gate keeps), it is kept as one too, not run for nothing. Where
+  its step size and decay. A probe that ran whole and that the member gate
+  would keep (not below the window) is a finished member, kept as one at its
+  own settings, not run for nothing: one whose fit was regained in the tail
+  (above the window only at its end), and one a step up replaced. Where
   the accepted probe's fit still fell in the schedule's last, smallest steps
   (`shrink_bound`), its members forget by being shrunk, not moved: calibration
   tries `LR_FACTOR`² × its step size at 1/`LR_FACTOR`² its decay (the same
@@ -332,9 +333,10 @@ def calibrate(
     1/`LR_FACTOR`² its decay, taken while the fit rises inside the window.
 
     A probe that ran its whole schedule inside the window at its checkpoints
-    and ended above it (its fit regained in the tail) is a finished member the
-    member gate would keep; it is kept as a member too (`Probe.accepted`), not
-    discarded after a whole member's steps. A regression's probes at the
+    and ended inside or above it is a finished member the member gate would
+    keep: where it is not member 0 (its fit regained in the tail, or a step
+    up replaced it) it is kept as a member at its own settings too
+    (`Probe.accepted`), not discarded after a whole member's steps. A regression's probes at the
     starting decay are not (its members forget through the decay), nor are
     probes whose fit was not read on the way (rounds of several replicas).
 
@@ -343,8 +345,9 @@ def calibrate(
         `[(probe index, round)]` of the probes kept as members, member 0 first:
         the accepted probe or, when no probe landed in the window, the nearest
         if it ran its whole schedule (a warning says which settings every
-        member uses), then the probes that regained their fit in the tail and
-        ran whole, in the order they ran. Empty when none is kept.
+        member uses), then the probes a step up replaced and those that
+        regained their fit in the tail and ran whole, each in the order they
+        ran. Empty when none is kept.
     """
     low, high = FIT_WINDOW
     ceiling = weight_decay * LR_FACTOR**2  # a classifier's decay is raised once at most
@@ -381,11 +384,12 @@ def calibrate(
         )
         if accepted:
             first = (len(record) - 1, results)
+            replaced = []
             if not forget_by_decay:
-                lr, decay, first = _step_up(
+                lr, decay, first, replaced = _step_up(
                     run_probe, rel_of, record, log, (lr, decay, first, rel, midway), max_probes
                 )
-            return lr, decay, _kept(record, [first, *whole])
+            return lr, decay, _kept(record, [first, *replaced, *whole])
         restored = restored_in_tail(midway, rel)
         if weights is not None and stats.finite and closest_to_window(record) is record[-1]:
             nearest_round = (len(record) - 1, results)
@@ -450,15 +454,18 @@ def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: 
     step size and 1/`LR_FACTOR`² its decay runs, abandoned at a checkpoint where
     it keeps less than the taken probe did halfway (or is `hopeless`); it is
     taken where it ends inside the window keeping at least as much as the
-    taken probe. Returns `(lr, decay, (index, round))` of the probe taken; the
-    probes it replaced no longer count as accepted.
+    taken probe. Returns `(lr, decay, (index, round), replaced)`: the probe
+    taken, and `[(index, round)]` of the probes it replaced as member 0. Each
+    of those ran its whole schedule inside the window, a finished member the
+    member gate keeps, so it stays a member at its own settings.
 
-    The stride is the decay search's, `LR_FACTOR`²: a step up that is taken
-    replaces a probe that ran whole, one that overshoots is stopped at its first
-    checkpoint, so a long stride costs less (on the zoo's `many-classes` one
-    probe instead of two for the same members, docs/design.md#calibration).
+    The stride is the decay search's, `LR_FACTOR`²: one that overshoots is
+    stopped at its first checkpoint, so a long stride costs less (on the zoo's
+    `many-classes` one probe instead of two for the same members,
+    docs/design.md#calibration).
     """
     lr, decay, taken, rel, midway = accepted
+    replaced = []
     stride = LR_FACTOR**2
     while shrink_bound(midway, rel) and len(record) < max_probes:
         up_lr, up_decay, floor = lr * stride, decay / stride, midway
@@ -487,10 +494,10 @@ def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: 
         )
         if not better:
             break
-        record[taken[0]] = dataclasses.replace(record[taken[0]], accepted=False)
+        replaced.append(taken)
         taken = (len(record) - 1, results)
         lr, decay, rel, midway = up_lr, up_decay, up_rel, up_midway
-    return lr, decay, taken
+    return lr, decay, taken, replaced
 
 
 def _record_probe(record: list, start: float, stats: MemberStats, **fields) -> None:
