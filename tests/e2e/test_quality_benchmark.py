@@ -136,6 +136,7 @@ def test_clean_label_oracle_is_a_reference_not_a_baseline(quality):
     assert "| digits MLP 10% | 0.9990 |" not in table.split("How separable")[1]
 
 
+@pytest.mark.slow
 def test_clean_label_oracle_fits_clean_labels_and_scores_flips_higher(quality, monkeypatch):
     # Trains 3 small MLPs (3 folds instead of the benchmark's 5: the bookkeeping
     # below reads `ORACLE_FOLDS`) for 10 epochs each, on 500 rows, for each loss.

@@ -16,6 +16,7 @@ def speed():
     return import_benchmark("speed")
 
 
+@pytest.mark.slow
 def test_collection_row_counts_every_step_the_collection_runs(speed):
     x, y = load_digits(return_X_y=True)
     x, y = (x[:256] / 16.0).astype("float32"), y[:256].astype("int32")

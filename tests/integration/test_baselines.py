@@ -690,6 +690,7 @@ def test_tracin_exact_is_the_mean_squared_gradient_norm(include_reference):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=SCORE_ATOL)
 
 
+@pytest.mark.slow
 def test_tracin_projection_matches_brute_force_and_is_unbiased():
     ens = _tiny_ensemble(bn=True)
     x, y = _data(n=8)
@@ -716,7 +717,11 @@ def test_tracin_projection_matches_brute_force_and_is_unbiased():
 @pytest.mark.parametrize(
     "budget, projected_chunks, exact_chunks",
     # In units of one row's gradient (4 × P bytes); Q_R (R = 8) takes 8 of them.
-    [(16, 2, 1), (15, 0, 1), (2, 0, 6)],
+    [
+        (16, 2, 1),
+        pytest.param(15, 0, 1, marks=pytest.mark.slow),
+        pytest.param(2, 0, 6, marks=pytest.mark.slow),
+    ],
 )
 def test_projection_routes_agree(monkeypatch, budget, projected_chunks, exact_chunks):
     """Per-example gradients × materialised Q_R (while Q_R fits half the memory
@@ -832,6 +837,7 @@ def test_randproj_fisher_matches_brute_force_influence_sketch():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=SCORE_ATOL)
 
 
+@pytest.mark.slow
 def test_gradient_baselines_keep_dataset_order():
     ens = _tiny_ensemble(bn=True)
     x, y = _data(n=13)
@@ -917,6 +923,7 @@ def test_gradient_baselines_rank_flipped_digits_labels(digits_ensemble, digits):
         assert roc_auc_score(digits.is_noisy, scores) > 0.5, name
 
 
+@pytest.mark.slow
 def test_baselines_show_progress_unless_silenced(capsys):
     ens = _tiny_ensemble()
     x, y = _data(n=9)

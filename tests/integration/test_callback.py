@@ -61,6 +61,7 @@ def test_collector_requires_train_data():
         keras_gex.GEXCollector(None)
 
 
+@pytest.mark.slow
 def test_weights_restored_after_collection_are_named(digits):
     """`EarlyStopping(restore_best_weights=True)` listed after the collector restores other
     weights once the ensemble is collected: scoring says so and what to do; listed before

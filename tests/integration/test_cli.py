@@ -248,6 +248,7 @@ def test_detect_bad_inputs_exit_2(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2 and "usage" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_detect_reads_several_inputs_from_npz(tmp_path, monkeypatch, digits):
     """`x.NAME` arrays feed a model with dict inputs; no image gallery for them."""
     import keras
@@ -270,6 +271,7 @@ def test_detect_reads_several_inputs_from_npz(tmp_path, monkeypatch, digits):
     assert (tmp_path / "gex_report" / "report.html").read_text().count("data:image/png") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["sigmoid", "regression"])
 def test_detect_on_a_sigmoid_classifier_and_a_regression(tmp_path, monkeypatch, digits, task):
     """One sigmoid unit and 1-D labels: class ids 0/1 in scores.csv, a flagged row's suggestion
@@ -320,6 +322,7 @@ def test_auto_or_number_arguments():
         _auto_or("many", int, "--steps", "a positive integer")
 
 
+@pytest.mark.slow
 def test_detect_imports_the_module_of_a_custom_layer(tmp_path, monkeypatch, capsys, digits):
     """A model with a registered custom layer loads once `--import` names its module (a name
     importable from the working directory, or a .py file); without it the error names the

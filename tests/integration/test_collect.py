@@ -89,6 +89,7 @@ def test_same_seed_same_members(small_mlp):
             np.testing.assert_array_equal(wa, wb)
 
 
+@pytest.mark.slow
 def test_seed_alone_fixes_random_layers(digits):
     """Dropout and noise layers draw from the collection's seed, not from the generator
     state θ* was built or loaded under (another process holds another one): in the
@@ -375,6 +376,7 @@ def test_jit_compile_auto_means_xla_only_on_accelerators_for_models_without_conv
     assert resolve_jit_compile("auto", pooled) is False
 
 
+@pytest.mark.slow
 def test_xla_fine_tuning_equals_plain_fine_tuning(trained_mlp, digits):
     """Two routes, one SGD: the XLA loop and the plain loop give the same member."""
     from keras_gex.data import DataSource
@@ -395,6 +397,7 @@ def test_xla_fine_tuning_equals_plain_fine_tuning(trained_mlp, digits):
         np.testing.assert_allclose(a, b, rtol=0, atol=XLA_WEIGHTS_ATOL)
 
 
+@pytest.mark.slow
 def test_collect_records_xla_and_the_option_is_validated(small_mlp, monkeypatch):
     model, x, y = small_mlp
     kwargs = dict(num_members=1, steps=5, learning_rate=0.05, seed=0, verbose=0)
@@ -501,6 +504,7 @@ def _trained_for(model, steps: int):
         model.optimizer.iterations.assign(before)
 
 
+@pytest.mark.slow
 def test_num_members_auto_stays_within_the_steps_theta_star_trained(small_mlp, tmp_path):
     """`num_members="auto"`: as many members of `steps` as θ*'s optimizer steps
     hold, within [4, 8]; they are the first members of the 8 the same seed

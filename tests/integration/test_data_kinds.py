@@ -112,6 +112,7 @@ def test_sparse_inputs_score_as_their_dense_arrays(data, model, kind):
     )
 
 
+@pytest.mark.slow
 def test_a_pipeline_of_sparse_or_ragged_batches_scores_as_the_model_reads_it(data, tmp_path):
     """A `tf.data` pipeline that serves `tf.SparseTensor` or `tf.RaggedTensor` batches to a
     model whose `Input` takes them (fit trains on it) is scored in order: θ*'s losses are
@@ -246,6 +247,7 @@ def test_a_dataset_that_drops_its_last_partial_batch_refused_for_scoring(data, m
         report.ensemble.deviations(rows.batch(64, drop_remainder=True), verbose=0)
 
 
+@pytest.mark.slow
 def test_a_dataset_that_may_yield_out_of_order_is_refused_naming_the_transformation(data, model):
     """`deterministic=False` lets parallel calls yield in the order they finish: scores
     would follow one iteration's order, not the dataset's. Refused from the pipeline,
@@ -304,6 +306,7 @@ class PaddedBatches(Batches):
         return keras.utils.pad_sequences(sequences, padding="post"), y
 
 
+@pytest.mark.slow
 def test_batches_padded_to_their_longest_sequence_are_read_as_fit_reads_them():
     """Sequence lengths that differ between batches: the `PyDataset` read as `fit`
     reads it (an unknown length where its first two batches differ), the members'

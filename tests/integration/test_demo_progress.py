@@ -24,6 +24,7 @@ def test_run_demo_rejects_a_bad_verbose():
         demo.run_demo(verbose=2)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Step-size calibration found no learning rate")
 def test_demo_reports_each_phase(capsys):
     """Every training (noisy, relabeled, clean) prints its epochs; no progress bar."""
@@ -39,6 +40,7 @@ def test_demo_reports_each_phase(capsys):
     assert out.rstrip().endswith(demo.result_lines(result)[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Step-size calibration found no learning rate")
 def test_quiet_demo_prints_only_the_results(capsys):
     from keras_gex.app.cli import main

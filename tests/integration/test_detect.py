@@ -440,6 +440,7 @@ def test_diagnostics_judge_the_cut_before_the_contradicted_label_cap(report):
     assert any("otsu cut flags 67% of the rows" in w and "40%" in w for w in text)
 
 
+@pytest.mark.slow
 def test_tagger_with_labels_per_position():
     """A `(N, T, K)` tagger with `(N, T)` labels, as `fit` takes them: sequences whose tags
     were corrupted rank first, and a member's fit counts whole sequences."""
@@ -467,6 +468,7 @@ def test_tagger_with_labels_per_position():
         report.given_labels()  # a tag per position: no class per row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loss",
     [

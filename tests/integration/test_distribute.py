@@ -106,7 +106,7 @@ def bn_ensemble():
     return perturbed_ensemble(bn_model())
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("replicas", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_scores_on_replicas_equal_single_device(bn_ensemble, replicas):
     x, y = small_data(23)
     strategy = mirrored(replicas)
@@ -143,6 +143,7 @@ def test_detect_noisy_scores_under_the_given_strategy(bn_ensemble):
         keras_gex.detect_noisy((x, y), bn_ensemble, verbose=0, strategy="mirrored")
 
 
+@pytest.mark.slow
 def test_distributed_scores_follow_dataset_order_and_stream_to_cache(bn_ensemble, tmp_path):
     x, y = small_data(41, seed=1)
     strategy = mirrored(4)
@@ -224,6 +225,7 @@ COLLECT = dict(
 )
 
 
+@pytest.mark.slow
 def test_per_replica_members_equal_sequential_members(digits):
     x, y = digits.x_train[:256], digits.y_train[:256]
     model = bn_model(seed=2)
@@ -251,6 +253,7 @@ def test_per_replica_members_equal_sequential_members(digits):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_data_parallel_members_match_sequential_members(digits):
     x, y = digits.x_train[:256], digits.y_train[:256]
     keras.utils.set_random_seed(0)
@@ -267,7 +270,7 @@ def test_data_parallel_members_match_sequential_members(digits):
     assert_weights_close(parallel.members, sequential.members, DATA_PARALLEL_ATOL)
 
 
-@pytest.mark.parametrize("per_replica", [True, False])
+@pytest.mark.parametrize("per_replica", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_replicas_keep_weight_constraints_as_one_device_does(digits, per_replica):
     x, y = digits.x_train[:256], digits.y_train[:256]
     keras.utils.set_random_seed(0)
@@ -322,6 +325,7 @@ def test_data_parallel_batchnorm_statistics_identical_on_every_replica(digits):
             np.testing.assert_allclose(a, single.ntv[k].numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_under_a_strategy_leaves_the_run_alone(digits):
     """Data-parallel fine-tuning measured halfway (BN statistics re-estimated,
     then put back on every replica) ends where the unmeasured run ends."""
@@ -495,6 +499,7 @@ if __name__ == "__main__":
         sys.exit("usage: test_distribute.py worker INDEX PORT,PORT OUT.npz")
 
 
+@pytest.mark.slow
 def test_dict_inputs_under_a_strategy_equal_one_device(digits):
     """A two-input model (dict inputs, BatchNorm): per-replica members and
     distributed scores equal the one-device ones."""

@@ -233,7 +233,11 @@ def _sigmoid_mlp(subclassed=False):
     return model
 
 
-@pytest.mark.parametrize("subclassed", [False, True], ids=["sequential", "subclassed"])
+@pytest.mark.parametrize(
+    "subclassed",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["sequential", "subclassed"],
+)
 def test_binary_labels_without_last_axis_read_as_keras_reads_them(data, subclassed):
     """`(batch,)` 0/1 labels against a `(batch, 1)` output, as `fit` takes them: the same
     scores as `(batch, 1)` labels, from arrays and from a dataset."""
@@ -287,6 +291,7 @@ class OmitsTraining(_Twin):
         return self.out(self.drop(self.norm(self.hidden(x))))
 
 
+@pytest.mark.slow
 def test_call_without_training_fine_tunes_as_fit_trains_it(data):
     """Two routes agree: a `call()` without `training` gives the members, BatchNorm statistics
     and dropout of the same model written with it."""
@@ -326,6 +331,7 @@ def _named_output_twins(data):
     return plain, named
 
 
+@pytest.mark.slow
 def test_one_named_output_scores_as_the_plain_output(data):
     """A model built `keras.Model(x, {"digit": logits})` is a single-output model: with its
     labels as `fit` takes them (`{"digit": y}`, `[y]` or `y`, arrays or a dataset) it gets the

@@ -58,7 +58,8 @@ def assert_same_members(a, b, atol):
     assert_weights_close([a.reference, *a.members], [b.reference, *b.members], atol)
 
 
-@pytest.mark.parametrize("functional", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("functional", [True, False])
 def test_members_on_features_equal_members_through_the_frozen_layers(digits, functional):
     head = (layers.Dense(16), layers.BatchNormalization(), layers.Dropout(0.2), layers.Dense(10))
     model, data = frozen_head_model(digits, head, functional)
@@ -106,6 +107,7 @@ def find(model, data):
     return frozen_layers(model, DataSource(data), max_bytes=2**30)
 
 
+@pytest.mark.slow
 def test_a_member_step_on_the_features_costs_the_heads_share_of_a_training_step(digits):
     """θ*'s step ran backbone and head, a member's runs the head: `3H / (F + 3H)`
     of the forward float operations, and `num_members="auto"` counts steps so."""
@@ -203,6 +205,7 @@ def test_frozen_features_must_be_a_bool():
         keras_gex.CollectionConfig(frozen_features="yes")
 
 
+@pytest.mark.slow
 def test_scores_through_shared_layers_equal_full_forward_passes(digits):
     model, data = frozen_head_model(digits, (layers.Dense(16, activation="relu"), layers.Dense(10)))
     ensemble = keras_gex.GeometricEnsemble.collect(model, data, **COLLECT)

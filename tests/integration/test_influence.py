@@ -192,6 +192,7 @@ def test_compare_models_before_after(trained_mlp, digits):
         keras_gex.compare_models({}, (digits.x_test, digits.y_test))
 
 
+@pytest.mark.slow
 def test_compare_models_on_one_sigmoid_output_and_a_regression(digits):
     """`(N,)` 0/1 labels against one sigmoid unit: accuracy at ½, as `fit` would count it; a
     regression has a test loss and no accuracy."""

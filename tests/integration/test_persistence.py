@@ -112,6 +112,7 @@ def test_collect_with_directory_equals_plain_collection_and_loads(digits, tmp_pa
         )
 
 
+@pytest.mark.slow
 def test_resume_uses_the_calibrated_weight_decay(digits, tmp_path, monkeypatch):
     """Calibration can raise the decay (at SGD's stability edge); a resumed
     collection reads it from the store, so its members equal an uninterrupted

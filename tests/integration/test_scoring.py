@@ -215,6 +215,7 @@ def test_fine_tuning_loop_traced_once_across_members(trained_mlp, digits):
     assert tuner._eval_fn.experimental_get_tracing_count() == 1
 
 
+@pytest.mark.slow
 def test_many_ensembles_in_one_process_trace_once_and_do_not_warn(trained_mlp, digits):
     """Six ensembles collected and scored in one process: no function retraces,
     and TensorFlow's warning, which counts first traces across objects, stays quiet."""

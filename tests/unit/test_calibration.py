@@ -691,6 +691,7 @@ def test_a_member_run_again_draws_another_batch_order(small_trained_mlp, monkeyp
     assert all(differs)
 
 
+@pytest.mark.slow
 def test_regression_calibrates_on_the_share_of_loss_explained():
     """Squared error: the fit is the share of the loss of predicting the mean
     that a model explains (R²), chance 0; the same search lands members in

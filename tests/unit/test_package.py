@@ -1,6 +1,9 @@
 """The package as users import it."""
 
+import pytest
 
+
+@pytest.mark.slow
 def test_submodules_used_in_the_docs_are_attributes_after_import():
     """`import keras_gex` is enough for `keras_gex.datasets.noisy_digits` (README)."""
     import subprocess
