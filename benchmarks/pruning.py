@@ -3,7 +3,8 @@
 **Pruning.** Clean labels; a model is trained, its geometric ensemble collected
 with default arguments, and the training set pruned by 10 %, 30 % and 50 %:
 
-* GEX: lowest self-influence first (`keras_gex.prune`);
+* GEX: lowest self-influence first (`keras_gex.prune`), of all rows (the paper's
+  rule) and of each class (`per_class=True`);
 * EL2N: lowest EL2N score first (`keras_gex.baselines.el2n_scores`, 10 % of the
   training epochs × 3 repeats), the pruning method of Paul et al. (2021);
 * random.
@@ -121,8 +122,14 @@ def prune_case(name, make, data, epochs, seed, el2n_epochs, members, log):
     rng = np.random.default_rng(seed)
     random_scores = rng.random(len(x))
     for fraction in FRACTIONS:
-        for method, scores in (("GEX", gex), ("EL2N", el2n), ("random", random_scores)):
-            kept = keras_gex.prune((x, y), scores, fraction=fraction).kept_indices
+        for method, scores, per_class in (
+            ("GEX", gex, False),
+            ("GEX per class", gex, True),
+            ("EL2N", el2n, False),
+            ("random", random_scores, False),
+        ):
+            pruned = keras_gex.prune((x, y), scores, fraction=fraction, per_class=per_class)
+            kept = pruned.kept_indices
             retrained = make(seed)
             retrained.fit(x[kept], y[kept], epochs=epochs, batch_size=64, verbose=0)
             rows.append((name, method, fraction, seed, _models.accuracy(retrained, x_test, y_test)))
@@ -181,17 +188,19 @@ def _table(rows):
             full[case].append(acc)
         else:
             groups[(case, fraction, method)].append(acc)
+    methods = ("GEX", "GEX per class", "EL2N", "random")
     lines = [
-        "| case | pruned | GEX | EL2N | random |",
-        "|---|---:|---:|---:|---:|",
+        "| case | pruned | " + " | ".join(methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
     ]
     for case in dict.fromkeys(c for c, *_ in rows):
+        blank = " |" * (len(methods) - 1)
         lines.append(
-            f"| {case} | 0% (full) | {np.mean(full[case]):.4f} ± {np.std(full[case]):.4f} | | |"
+            f"| {case} | 0% (full) | {np.mean(full[case]):.4f} ± {np.std(full[case]):.4f} |{blank}"
         )
         for fraction in FRACTIONS:
             cells = []
-            for method in ("GEX", "EL2N", "random"):
+            for method in methods:
                 acc = groups[(case, fraction, method)]
                 cells.append(f"{np.mean(acc):.4f} ± {np.std(acc):.4f}")
             lines.append(f"| {case} | {fraction:.0%} | " + " | ".join(cells) + " |")

@@ -80,6 +80,8 @@ def test_top_k_function_and_errors(digits_ensemble, tiny_kernel):
 
 
 def test_prune_keeps_requested_count_and_lowest_scores_go_first(digits_ensemble, digits):
+    """The lowest scores of all rows go first; with `per_class=True` each class
+    loses the same share, lowest scores first within it."""
     data = (digits.x_train, digits.y_train)
     n = len(digits.x_train)
     scores = digits_ensemble.self_influence(data, verbose=0)
@@ -89,6 +91,15 @@ def test_prune_keeps_requested_count_and_lowest_scores_go_first(digits_ensemble,
         assert len(result.pruned_indices) == round(fraction * n)
         if fraction:
             assert scores[result.pruned_indices].max() <= scores[result.kept_indices].min()
+        by_class = keras_gex.prune(data, digits_ensemble, fraction=fraction, per_class=True)
+        assert len(by_class.pruned_indices) == round(fraction * n)
+        for label in range(10):
+            rows = digits.y_train == label
+            pruned = np.isin(np.flatnonzero(rows), by_class.pruned_indices)
+            assert abs(pruned.sum() - fraction * rows.sum()) < 1
+            if 0 < pruned.sum() < rows.sum():
+                in_class = scores[rows]
+                assert in_class[pruned].max() <= in_class[~pruned].min()
     result = keras_gex.prune(data, digits_ensemble, fraction=0.3, verbose=0)
     x_kept, _ = result.apply(data)
     np.testing.assert_array_equal(x_kept, digits.x_train[result.kept_indices])
