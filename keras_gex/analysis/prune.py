@@ -6,6 +6,8 @@ over all rows prunes easy classes first; `per_class=True` prunes the same share
 of every class instead. Neither is better on every data set
 (docs/benchmarks.md#pruningpy): on digits half the rows pruned by one ranking
 kept 4 of 140 sevens, on Fashion-MNIST the hard classes' typical rows mattered more.
+So `prune` counts what each class kept (`PruneResult.kept_per_class()`) and says
+which class kept the smallest share.
 """
 
 from __future__ import annotations
@@ -28,11 +30,35 @@ class PruneResult:
         kept_indices: Indices of kept examples, in dataset order.
         pruned_indices: Indices of pruned examples, lowest score first.
         scores: The self-influence used (higher = kept first).
+        classes: `(N,)` class id of every example, or None where the labels
+            are not one class per row (regression targets, several labels
+            per row).
     """
 
     kept_indices: np.ndarray
     pruned_indices: np.ndarray
     scores: np.ndarray
+    classes: np.ndarray | None = None
+
+    def kept_per_class(self) -> dict:
+        """`{class id: (kept, total)}`, in class order: what pruning left of each class.
+
+        One ranking over all rows can leave an easy class a handful of rows;
+        look here before training on the kept rows.
+
+        >>> r = PruneResult(np.array([0, 2]), np.array([1, 3]), np.zeros(4), np.array([0, 0, 1, 1]))
+        >>> r.kept_per_class()
+        {0: (1, 2), 1: (1, 2)}
+        """
+        if self.classes is None:
+            raise ValueError(
+                "These labels are not one class per row (regression targets or several "
+                "labels per row), so there are no classes to count."
+            )
+        labels, totals = np.unique(self.classes, return_counts=True)
+        kept = np.unique(self.classes[self.kept_indices], return_counts=True)
+        kept = dict(zip(kept[0].tolist(), kept[1].tolist()))
+        return {c: (kept.get(c, 0), int(t)) for c, t in zip(labels.tolist(), totals)}
 
     @property
     def keep_mask(self) -> np.ndarray:
@@ -102,19 +128,25 @@ def prune(
             pruned). Needs one class per row: the ensemble's classification
             loss, or for bare scores whole-number labels or rows that sum to 1
             (one-hot). Defaults to `False`.
-        verbose: 0, or 1 / "auto". Defaults to `"auto"`.
+        verbose: 0 for silence; 1 / "auto" shows a progress bar while an
+            ensemble scores the data and prints one line: the rows pruned and,
+            where the labels are one class per row, the class with the
+            smallest share kept (`PruneResult.kept_per_class()` has them all).
+            Defaults to `"auto"`.
 
     Returns:
         A `PruneResult`; `result.apply(train_data)` gives the kept data.
 
     >>> data = (np.zeros((4, 1)), np.array([0, 0, 1, 1]))
     >>> r = prune(data, np.array([3.0, 1.0, 4.0, 2.0]), fraction=0.5)
+    [keras_gex] pruned 2 of 4 rows (50%); smallest share kept: class 0, 1 of 2 rows (50%)
     >>> r.kept_indices.tolist(), r.pruned_indices.tolist()
     ([0, 2], [1, 3])
     >>> scores = np.array([1.0, 2.0, 3.0, 4.0])
-    >>> prune(data, scores, fraction=0.5).kept_indices.tolist()  # class 1 alone
-    [2, 3]
-    >>> prune(data, scores, fraction=0.5, per_class=True).kept_indices.tolist()
+    >>> r = prune(data, scores, fraction=0.5, verbose=0)  # class 1 alone is kept
+    >>> r.kept_indices.tolist(), r.kept_per_class()
+    ([2, 3], {0: (0, 2), 1: (2, 2)})
+    >>> prune(data, scores, fraction=0.5, per_class=True, verbose=0).kept_indices.tolist()
     [1, 3]
     """
     fraction = _validation.fraction("fraction", fraction)
@@ -122,35 +154,67 @@ def prune(
         raise ValueError(
             f"Argument `per_class` must be True or False. Received: per_class={per_class!r}"
         )
+    verbose = _validation.verbose_level(verbose)
     ensemble = None
     if isinstance(ensemble_or_scores, np.ndarray | list):
         scores = _validation.finite_1d("scores", ensemble_or_scores)
     else:
         ensemble = ensemble_or_scores
-    classes = None
-    if per_class:
-        kind = None if ensemble is None else ensemble.loss.kind
-        classes = _one_class_per_row(_labels(train_data), kind)
-        if classes is None:
+    kind = None if ensemble is None else ensemble.loss.kind
+    labels = None
+    if per_class or ensemble is None:
+        # Read first, so that labels without classes are refused before any scoring.
+        labels = _labels(train_data)
+        if per_class and (labels is None or _one_class_per_row(labels, kind) is None):
             raise ValueError(
                 "Argument `per_class=True` needs one class per row; these labels are "
                 "regression targets or several labels per row. Pass `per_class=False`."
             )
     if ensemble is not None:
-        scores = ensemble.self_influence(train_data, verbose=verbose)
-    if classes is not None and len(classes) != len(scores):
-        raise ValueError(f"The data has {len(classes)} examples but the scores have {len(scores)}.")
-    pruned = _compute_pruned(scores, fraction, classes)
+        scored = ensemble.deviations(train_data, verbose=verbose)
+        scores, labels = scored.self_influence, scored.labels
+    if labels is not None and len(labels) != len(scores):
+        raise ValueError(f"The data has {len(labels)} examples but the scores have {len(scores)}.")
+    classes = None if labels is None else _one_class_per_row(labels, kind)
+    pruned = _compute_pruned(scores, fraction, classes if per_class else None)
     keep = np.ones(len(scores), dtype=bool)
     keep[pruned] = False
-    return PruneResult(np.flatnonzero(keep), pruned, scores)
+    result = PruneResult(np.flatnonzero(keep), pruned, scores, classes)
+    if verbose:
+        print(f"[keras_gex] {_summary(result)}", flush=True)
+    return result
 
 
-def _labels(train_data) -> np.ndarray:
-    """The labels of `train_data` (arrays, a dataset or a `PyDataset`), one row per example."""
+def _summary(result: PruneResult) -> str:
+    """One line: how many rows were pruned, and the class with the smallest share kept.
+
+    >>> r = PruneResult(np.array([0, 1, 2]), np.array([3]), np.zeros(4), np.array([0, 0, 1, 1]))
+    >>> _summary(r)
+    'pruned 1 of 4 rows (25%); smallest share kept: class 1, 1 of 2 rows (50%)'
+    """
+    n = len(result.scores)
+    text = f"pruned {len(result.pruned_indices)} of {n} rows ({len(result.pruned_indices) / n:.0%})"
+    if result.classes is None:
+        return text
+    counts = result.kept_per_class()
+    label, (kept, total) = min(counts.items(), key=lambda item: item[1][0] / item[1][1])
+    return (
+        f"{text}; smallest share kept: class {label}, {kept} of {total} rows ({kept / total:.0%})"
+    )
+
+
+def _labels(train_data) -> np.ndarray | None:
+    """The labels of `train_data` (arrays, a dataset or a `PyDataset`), one row per
+    example; None for labels of several named outputs."""
+    data = standardize_data(train_data)
+    if isinstance(data, tuple | list) and len(data) == 2:
+        y = data[1]
+        if isinstance(y, dict):
+            if len(y) != 1:
+                return None
+            (y,) = y.values()
+        return np.asarray(y)
     source = DataSource(train_data, name="train_data")
-    if source.has_arrays:
-        return np.asarray(source.arrays[1])
     return np.concatenate([np.asarray(y) for _, y in source.ordered()])
 
 
@@ -167,8 +231,12 @@ def _one_class_per_row(labels: np.ndarray, kind: str | None) -> np.ndarray | Non
     True
     >>> _one_class_per_row(np.array([[1, 0, 1]]), "binary_crossentropy") is None  # multi-label
     True
+    >>> _one_class_per_row(np.array(["cat", "dog"]), None) is None
+    True
     """
     n = len(labels)
+    if labels.dtype.kind not in "biuf":  # names or other objects: not read as classes
+        return None
     if kind is not None:
         try:
             ids = class_ids(kind, labels)

@@ -65,3 +65,49 @@ def test_a_dataset_prunes_as_its_arrays():
     np.testing.assert_array_equal(batches.pruned_indices, arrays.pruned_indices)
     with pytest.raises(ValueError, match="50 examples but the scores have 49"):
         keras_gex.prune((x, y), scores[:49], fraction=0.3, per_class=True)
+
+
+def test_what_each_class_kept_is_counted_and_the_smallest_share_printed(capsys):
+    """One ranking over all rows can empty an easy class: the result counts what every
+    class kept, and the printed line names the class with the smallest share."""
+    y = np.repeat([0, 1, 2], [10, 10, 20])
+    scores = np.concatenate([np.linspace(0, 1, 10), np.linspace(2, 3, 10), np.linspace(4, 5, 20)])
+    result = keras_gex.prune((np.zeros((40, 2)), y), scores, fraction=0.3)
+    assert result.kept_per_class() == {0: (0, 10), 1: (8, 10), 2: (20, 20)}
+    assert capsys.readouterr().out == (
+        "[keras_gex] pruned 12 of 40 rows (30%); smallest share kept: class 0, 0 of 10 rows (0%)\n"
+    )
+    by_class = keras_gex.prune((np.zeros((40, 2)), y), scores, fraction=0.3, per_class=True)
+    assert by_class.kept_per_class() == {0: (7, 10), 1: (7, 10), 2: (14, 20)}
+    assert "class 0, 7 of 10 rows (70%)" in capsys.readouterr().out
+    one_hot = keras_gex.prune((np.zeros((40, 2)), np.eye(3)[y]), scores, fraction=0.3, verbose=0)
+    assert one_hot.kept_per_class() == result.kept_per_class()
+    assert capsys.readouterr().out == ""
+
+
+def test_labels_without_classes_are_pruned_and_not_counted(capsys):
+    scores = np.arange(6.0)
+    for labels in (np.linspace(0.1, 5.3, 6), np.array(["cat", "dog"] * 3)):
+        result = keras_gex.prune((np.zeros((6, 1)), labels), scores, fraction=0.5)
+        assert result.kept_indices.tolist() == [3, 4, 5]
+        assert result.classes is None
+        with pytest.raises(ValueError, match="not one class per row"):
+            result.kept_per_class()
+        assert capsys.readouterr().out == "[keras_gex] pruned 3 of 6 rows (50%)\n"
+
+
+def test_labels_of_one_named_output_are_read_and_of_several_not(capsys):
+    x, y, scores = np.zeros((6, 1)), np.array([0, 0, 0, 1, 1, 1]), np.arange(6.0)
+    one = keras_gex.prune((x, {"out": y}), scores, fraction=0.5)
+    assert one.kept_per_class() == {0: (0, 3), 1: (3, 3)}
+    two = keras_gex.prune((x, {"a": y, "b": y}), scores, fraction=0.5, verbose=0)
+    assert two.classes is None and two.kept_indices.tolist() == [3, 4, 5]
+    assert "class 0, 0 of 3 rows (0%)" in capsys.readouterr().out
+
+
+def test_scores_that_do_not_match_the_data_are_refused():
+    """Misaligned scores would prune the wrong rows: refused, with or without classes."""
+    x, y = np.zeros((10, 2)), np.arange(10) % 2
+    for labels in (y, np.linspace(0, 1, 10)):
+        with pytest.raises(ValueError, match="10 examples but the scores have 9"):
+            keras_gex.prune((x, labels), np.arange(9.0), fraction=0.5)
