@@ -201,6 +201,17 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.sum(a & b) / union)
 
 
+def _top_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """The share of the `k` highest of `a` that are among the `k` highest of `b`.
+
+    >>> _top_overlap(np.array([4.0, 3.0, 2.0, 1.0]), np.array([1.0, 3.0, 2.0, 4.0]), 2)
+    0.5
+    """
+    top_a = np.argsort(-np.asarray(a), kind="stable")[:k]
+    top_b = np.argsort(-np.asarray(b), kind="stable")[:k]
+    return len(np.intersect1d(top_a, top_b)) / k
+
+
 def _softmax(z):
     z = np.asarray(z, dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)
@@ -549,9 +560,16 @@ class NoisyLabelReport:
                 "`report.reference_losses` as well."
             )
         elif ref_fit is not None and ref_fit < MEMORISED_FIT:
+            k = max(self.num_flagged, 1)
+            shared = _top_overlap(self.scores, self.reference_losses, k)
             out.append(
                 f"θ* predicts only {ref_fit:.1%} of its training labels: labels it never "
-                "fitted rank high by their loss alone, mislabeled or merely hard."
+                "fitted rank high by their loss alone, mislabeled or merely hard. Where "
+                "dropout, augmentation or weight decay kept θ* from fitting its wrong labels, "
+                "θ*'s own loss (`report.reference_losses`) can rank them as well as the "
+                "members or better (docs/design.md#fit-window); where it stopped before "
+                "fitting hard correct labels, the members rank better. The two rankings "
+                f"share {shared:.0%} of their top {k} rows; compare the rows they disagree on."
             )
         flagged = float(np.mean(self.noisy_mask)) if len(self.noisy_mask) else 0.0
         # The cut before the cap to the contradicted labels: a majority above it means

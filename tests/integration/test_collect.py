@@ -214,7 +214,11 @@ def test_warns_when_theta_star_has_not_memorised(digits):
     report = keras_gex.detect_noisy((x, y), ens, score="self_influence", verbose=0)
     assert any("has not memorised" in w for w in report.diagnostics())
     report = keras_gex.detect_noisy((x, y), ens, verbose=0)  # member loss
-    assert any("never fitted" in w for w in report.diagnostics())
+    (text,) = [w for w in report.diagnostics() if "never fitted" in w]
+    assert "report.reference_losses" in text
+    k = max(report.num_flagged, 1)
+    top = set(np.argsort(-report.scores)[:k]) & set(np.argsort(-report.reference_losses)[:k])
+    assert f"share {len(top) / k:.0%} of their top {k} rows" in text
 
 
 def test_array_stream_yields_the_batches_of_the_tf_data_stream(digits):
