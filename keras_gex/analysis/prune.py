@@ -18,7 +18,14 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
-from keras_gex.data import DataSource, as_inputs, batch_like, num_rows, standardize_data
+from keras_gex.data import (
+    DataSource,
+    as_inputs,
+    batch_like,
+    num_rows,
+    sole_label,
+    standardize_data,
+)
 from keras_gex.losses import class_ids
 
 
@@ -161,21 +168,24 @@ def prune(
     else:
         ensemble = ensemble_or_scores
     kind = None if ensemble is None else ensemble.loss.kind
-    labels = None
+    labels = classes = None
     if per_class or ensemble is None:
         # Read first, so that labels without classes are refused before any scoring.
         labels = _labels(train_data)
-        if per_class and (labels is None or _one_class_per_row(labels, kind) is None):
+        classes = None if labels is None else _one_class_per_row(labels, kind)
+        if per_class and classes is None:
             raise ValueError(
                 "Argument `per_class=True` needs one class per row; these labels are "
                 "regression targets or several labels per row. Pass `per_class=False`."
             )
     if ensemble is not None:
         scored = ensemble.deviations(train_data, verbose=verbose)
-        scores, labels = scored.self_influence, scored.labels
+        scores = scored.self_influence
+        if labels is None:  # the scoring pass read them: no second pass over the data
+            labels = scored.labels
+            classes = _one_class_per_row(labels, kind)
     if labels is not None and len(labels) != len(scores):
         raise ValueError(f"The data has {len(labels)} examples but the scores have {len(scores)}.")
-    classes = None if labels is None else _one_class_per_row(labels, kind)
     pruned = _compute_pruned(scores, fraction, classes if per_class else None)
     keep = np.ones(len(scores), dtype=bool)
     keep[pruned] = False
@@ -208,14 +218,14 @@ def _labels(train_data) -> np.ndarray | None:
     example; None for labels of several named outputs."""
     data = standardize_data(train_data)
     if isinstance(data, tuple | list) and len(data) == 2:
-        y = data[1]
-        if isinstance(y, dict):
-            if len(y) != 1:
-                return None
-            (y,) = y.values()
-        return np.asarray(y)
-    source = DataSource(train_data, name="train_data")
-    return np.concatenate([np.asarray(y) for _, y in source.ordered()])
+        batches = [sole_label(data[1])]
+    else:
+        batches = [sole_label(y) for _, y in DataSource(train_data, name="train_data").ordered()]
+    if batches and isinstance(batches[0], dict):
+        return None  # several named outputs: not one label per row
+    if len(batches) == 1:
+        return np.asarray(batches[0])  # arrays: no copy
+    return np.concatenate([np.asarray(y) for y in batches])
 
 
 def _one_class_per_row(labels: np.ndarray, kind: str | None) -> np.ndarray | None:

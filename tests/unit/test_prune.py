@@ -100,6 +100,8 @@ def test_labels_of_one_named_output_are_read_and_of_several_not(capsys):
     x, y, scores = np.zeros((6, 1)), np.array([0, 0, 0, 1, 1, 1]), np.arange(6.0)
     one = keras_gex.prune((x, {"out": y}), scores, fraction=0.5)
     assert one.kept_per_class() == {0: (0, 3), 1: (3, 3)}
+    in_a_list = keras_gex.prune((x, [y]), scores, fraction=0.5, verbose=0)
+    assert in_a_list.kept_per_class() == one.kept_per_class()
     two = keras_gex.prune((x, {"a": y, "b": y}), scores, fraction=0.5, verbose=0)
     assert two.classes is None and two.kept_indices.tolist() == [3, 4, 5]
     assert "class 0, 0 of 3 rows (0%)" in capsys.readouterr().out
