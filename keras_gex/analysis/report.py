@@ -11,6 +11,7 @@ from keras_gex.analysis.relabel import distillation_targets, relabel
 from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
 from keras_gex.collection.frozen import layer_list
 from keras_gex.collection.step_size import (
+    LR_FACTOR,
     MEMORISED_FIT,
     closest_to_window,
     relative_fit,
@@ -77,38 +78,47 @@ def _uncalibrated(record) -> str | None:
 
 
 def member_scatter(stats, ref, chance: float, window) -> tuple | None:
-    """`(learning_rate, lowest, highest)` relative fit of members that landed far apart.
+    """`(lowest lr, highest lr, lowest, highest)` relative fit of members that landed far apart.
 
-    Members fine-tuned at one step size and decay normally land close together
-    (within half the fit window on 55 of the zoo's 57 classification runs);
-    farther apart, some kept memorised labels and others did not
-    (docs/design.md#known-weaknesses). Grouped by step size and decay (members
-    run again may use a smaller step size, probes kept as members their own
-    decay); None when no group spreads that far.
+    Members fine-tuned alike normally land close together (within half the
+    fit window on 55 of the zoo's 57 classification runs); farther apart, some
+    kept memorised labels and others did not (docs/design.md#known-weaknesses).
+    Alike: one decay, step sizes within `LR_FACTOR` of each other, so that
+    the members the gate ran again √`LR_FACTOR` × smaller count with those
+    before them (one step down is often θ*'s basin on a cliff). Probes kept as
+    members at another decay form their own group. None when no group spreads
+    that far.
 
     >>> from keras_gex.config import MemberStats
     >>> ref = MemberStats(0.1, 0.0, 1.0, 0.0)
     >>> fits = [0.58, 1.0, 0.99, 0.6]  # chance 0.5: relative fits 0.16, 1.0, 0.98, 0.2
     >>> member_scatter([MemberStats(0.07, 0.3, f, 0.5) for f in fits], ref, 0.5, (0.2, 0.9))
-    (0.07, 0.16, 1.0)
+    (0.07, 0.07, 0.16, 1.0)
     >>> member_scatter([MemberStats(0.07, 0.3, f, 0.5) for f in (0.8, 0.9)], ref, 0.5, (0.2, 0.9))
+    >>> dropped = [MemberStats(0.1, 0.3, 0.76, 0.5), MemberStats(0.071, 0.3, 1.0, 0.5)]
+    >>> member_scatter(dropped, ref, 0.5, (0.2, 0.9))  # the gate's step down: still alike
+    (0.071, 0.1, 0.52, 1.0)
+    >>> member_scatter([*dropped[:1], MemberStats(0.04, 0.3, 1.0, 0.5)], ref, 0.5, (0.2, 0.9))
     >>> kept = [MemberStats(0.2, 0.3, 0.6, 0.5, True, 0.4),
     ...         MemberStats(0.2, 0.3, 0.97, 0.5, True, 0.1)]
     >>> member_scatter(kept, ref, 0.5, (0.2, 0.9))  # two decays: not fine-tuned alike
     """
-    by_setting = {}
+    by_decay = {}
     for member in stats:
         if member.fit is not None:
-            rel = relative_fit(member, ref, chance)
-            setting = (member.learning_rate, member.weight_decay)
-            by_setting.setdefault(setting, []).append(round(rel, 6))
-    spread = {setting: max(rel) - min(rel) for setting, rel in by_setting.items()}
-    if not spread:
+            rel = round(relative_fit(member, ref, chance), 6)
+            by_decay.setdefault(member.weight_decay, []).append((member.learning_rate, rel))
+    widest = None
+    for members in by_decay.values():
+        for lr_a, rel_a in members:
+            for lr_b, rel_b in members:
+                alike = max(lr_a, lr_b) <= LR_FACTOR * min(lr_a, lr_b) * (1 + 1e-9)
+                if alike and rel_b - rel_a > (0.0 if widest is None else widest[0]):
+                    widest = (rel_b - rel_a, lr_a, lr_b, rel_a, rel_b)
+    if widest is None or widest[0] <= (window[1] - window[0]) / 2:
         return None
-    setting = max(spread, key=spread.get)
-    if spread[setting] <= (window[1] - window[0]) / 2:
-        return None
-    return setting[0], min(by_setting[setting]), max(by_setting[setting])
+    _, lr_a, lr_b, lowest, highest = widest
+    return min(lr_a, lr_b), max(lr_a, lr_b), lowest, highest
 
 
 def calibration_miss(record: CollectionRecord) -> str | None:
@@ -532,11 +542,16 @@ class NoisyLabelReport:
                 )
             scatter = member_scatter(stats, ref, chance, window)
             if scatter is not None:
-                lr, lowest, highest = scatter
+                lr_low, lr_high, lowest, highest = scatter
+                at, decide = f"{lr_low:.3g}", "decides"
+                if lr_low != lr_high:  # a member run again at a smaller step size among them
+                    at = f"{lr_low:.3g} to {lr_high:.3g}"
+                    decide = "(and the smaller step size of a member run again) decide"
                 out.append(
-                    f"members fine-tuned alike landed far apart: at lr {lr:.3g} they kept "
+                    f"members fine-tuned alike landed far apart: at lr {at} they kept "
                     f"{lowest:.0%} to {highest:.0%} of what θ* fits above chance. The fit "
-                    "falls steeply near this step size and each member's batch order decides "
+                    "falls steeply near this step size and each member's batch order "
+                    f"{decide} "
                     "how much it forgets, so the scores mix members that still hold memorised "
                     "labels with members that do not (as on models that memorise through a "
                     "learned embedding table, text models among them). Check the flagged set's "

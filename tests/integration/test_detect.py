@@ -420,6 +420,37 @@ def test_diagnostics_say_when_members_fine_tuned_alike_land_far_apart(report):
     assert "report.uncertainty()" in text[0] and "el2n_scores" in text[0]
 
 
+def test_members_run_again_smaller_count_with_the_members_before_them(report):
+    """The gate's step down √2 × smaller can land members back in θ*'s basin beside
+    members that forgot: the spread across the two step sizes is reported, a spread
+    across step sizes further apart is not (embedding-text seed 2 in docs/zoo.md)."""
+    record = report.record
+    ref_fit, chance = record.reference_stats.fit, record.chance_fit
+    low, high = record.fit_window
+    m = len(record.member_stats)
+    lr = record.member_stats[0].learning_rate
+
+    def with_members(rates, shares):
+        stats = [
+            dataclasses.replace(s, learning_rate=r, fit=chance + share * (ref_fit - chance))
+            for s, r, share in zip(record.member_stats, rates, shares)
+        ]
+        return dataclasses.replace(
+            report, record=dataclasses.replace(record, member_stats=stats)
+        ).diagnostics()
+
+    apart = "landed far apart"
+    shares = [low + 0.05] * (m // 2) + [high + 0.05] * (m - m // 2)  # the later ones in the basin
+    down = [lr] * (m // 2) + [lr / np.sqrt(2)] * (m - m // 2)
+    text = [w for w in with_members(down, shares) if apart in w]
+    assert len(text) == 1
+    assert f"at lr {lr / np.sqrt(2):.3g} to {lr:.3g}" in text[0]
+    assert f"{low + 0.05:.0%} to {high + 0.05:.0%}" in text[0]
+    assert "run again" in text[0]
+    far = [lr] * (m // 2) + [lr / 4] * (m - m // 2)  # not fine-tuned alike
+    assert not any(apart in w for w in with_members(far, shares))
+
+
 def test_diagnostics_say_when_the_threshold_flags_most_rows(report):
     """Wrong labels cannot be the majority: a cut above half the rows is reported."""
     assert not any("cannot be the majority" in w for w in report.diagnostics())
