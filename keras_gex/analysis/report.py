@@ -69,6 +69,42 @@ def _decay_spread(record: CollectionRecord) -> str:
     return f" (members {min(decays):g}-{max(decays):g}: probes kept at their own)"
 
 
+def _member_fits(stats, ref, chance: float | None, kept: str) -> str | None:
+    """Each member's relative fit for `summary()`, grouped by its step size and decay
+    where they differ (members run again smaller, probes kept at their own
+    settings); None where the relative fit is undefined (θ* at chance).
+
+    >>> from keras_gex.config import MemberStats
+    >>> members = [MemberStats(0.1, 0.3, 0.76, 0.5, True, 0.1),
+    ...            MemberStats(0.1, 0.3, 0.9, 0.5, True, 0.1),
+    ...            MemberStats(0.0707, 0.1, 1.0, 0.2, True, 0.1)]
+    >>> ref = MemberStats(0.0, 0.0, 1.0, 0.0)
+    >>> _member_fits(members, ref, 0.5, "share of θ*'s fit above chance kept")
+    "  members' share of θ*'s fit above chance kept: 52%, 80% at lr 0.1; 100% at lr 0.0707"
+    >>> _member_fits(members[:2], ref, 0.5, "share kept")
+    "  members' share kept: 52%, 80%"
+    """
+    if ref is None or chance is None or why_uncalibrated(ref.fit, chance) is not None:
+        return None
+    groups = {}  # (step size, decay): relative fits, in member order
+    for member in stats:
+        if member.fit is not None:
+            setting = (member.learning_rate, member.weight_decay)
+            groups.setdefault(setting, []).append(relative_fit(member, ref, chance))
+    if not groups:
+        return None
+    decays = {decay for _, decay in groups}
+    parts = []
+    for (lr, decay), fits in groups.items():
+        part = ", ".join(f"{fit:.0%}" for fit in fits)
+        if len(groups) > 1:
+            part += f" at lr {lr:.3g}"
+            if len(decays) > 1 and decay is not None:
+                part += f" with weight decay {decay:.3g}"
+        parts.append(part)
+    return f"  members' {kept}: " + "; ".join(parts)
+
+
 def _uncalibrated(record) -> str | None:
     """The summary's "fixed: <why>" where `learning_rate="auto"` ran no probe and
     kept its fixed step size (`step_size.why_uncalibrated`), or None."""
@@ -477,6 +513,14 @@ class NoisyLabelReport:
                     fit = "fit" if self.loss_kind in CLASSIFICATION_KINDS else "loss explained"
                     text += f", {fit} {np.mean(fits):.3f} (θ*: {ref.fit:.3f})"
                 lines.append(text)
+                share = (
+                    "share of θ*'s fit above chance kept"
+                    if self.loss_kind in CLASSIFICATION_KINDS
+                    else "share of θ*'s loss explained kept"
+                )
+                each = _member_fits(record.member_stats, ref, record.chance_fit, share)
+                if each is not None:
+                    lines.append(each)
             redone = record.redone_members
             if any(redone.values()):
                 lines.append(

@@ -148,6 +148,9 @@ def test_summary_and_plot(report, digits, tmp_path, capsys):
     assert "flagged" in text and "members" in text and "calibrated" in text
     eta = keras_gex.otsu_separability(report.scores)
     assert f"separability: Otsu η {eta:.3f}" in text and eta > 0.5
+    # Every member's share of θ*'s fit above chance, one per member, in order.
+    each = [line for line in text.splitlines() if "members' share of θ*'s fit" in line]
+    assert len(each) == 1 and each[0].count("%") == report.record.num_members
     # Members steered to different step sizes: the summary shows their range.
     lrs = [0.2, 0.23, 0.2]
     steered = dataclasses.replace(
@@ -162,6 +165,8 @@ def test_summary_and_plot(report, digits, tmp_path, capsys):
     )
     text = steered.summary(print_fn=None)
     assert "; members 0.2-0.23, lr is their median)" in text
+    each = next(line for line in text.splitlines() if "members' share of θ*'s fit" in line)
+    assert " at lr 0.2;" in each and each.endswith(" at lr 0.23")  # grouped by step size
     # The step size shown is the members' median; the kept probe's is named when it differs.
     kept = [p.learning_rate for p in report.record.calibration if p.accepted]
     if kept and kept[0] != steered.record.learning_rate:
