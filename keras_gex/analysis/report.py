@@ -144,14 +144,14 @@ def member_scatter(stats, ref, chance: float, window) -> tuple | None:
         if member.fit is not None:
             rel = round(relative_fit(member, ref, chance), 6)
             by_decay.setdefault(member.weight_decay, []).append((member.learning_rate, rel))
-    widest = None
+    widest = (0.0, None, None, None, None)  # (spread, lr, lr, lowest, highest)
     for members in by_decay.values():
         for lr_a, rel_a in members:
             for lr_b, rel_b in members:
                 alike = max(lr_a, lr_b) <= LR_FACTOR * min(lr_a, lr_b) * (1 + 1e-9)
-                if alike and rel_b - rel_a > (0.0 if widest is None else widest[0]):
+                if alike and rel_b - rel_a > widest[0]:
                     widest = (rel_b - rel_a, lr_a, lr_b, rel_a, rel_b)
-    if widest is None or widest[0] <= (window[1] - window[0]) / 2:
+    if widest[0] <= (window[1] - window[0]) / 2:
         return None
     _, lr_a, lr_b, lowest, highest = widest
     return min(lr_a, lr_b), max(lr_a, lr_b), lowest, highest
@@ -485,15 +485,18 @@ class NoisyLabelReport:
                     f"  frozen layers computed once for every member: "
                     f"{layer_list(record.frozen_layers)}"
                 )
+            # What a member's relative fit is a share of (`step_size.relative_fit`).
+            share = (
+                "share of θ*'s fit above chance kept"
+                if self.loss_kind in CLASSIFICATION_KINDS
+                else "share of θ*'s loss explained kept"
+            )
             if record.calibration:
                 # A regression's step size is probed for stability, its decay for the
                 # window (`step_size.calibrate(..., forget_by_decay=True)`).
-                kept = (
-                    "share of θ*'s fit above chance kept"
-                    if self.loss_kind in CLASSIFICATION_KINDS
-                    else "share of θ*'s loss explained kept; the step size probed for "
-                    "stability, the decay for the window"
-                )
+                kept = share
+                if self.loss_kind not in CLASSIFICATION_KINDS:
+                    kept += "; the step size probed for stability, the decay for the window"
                 lines.append(
                     f"  calibration probes (lr → {kept}): "
                     + ", ".join(
@@ -513,11 +516,6 @@ class NoisyLabelReport:
                     fit = "fit" if self.loss_kind in CLASSIFICATION_KINDS else "loss explained"
                     text += f", {fit} {np.mean(fits):.3f} (θ*: {ref.fit:.3f})"
                 lines.append(text)
-                share = (
-                    "share of θ*'s fit above chance kept"
-                    if self.loss_kind in CLASSIFICATION_KINDS
-                    else "share of θ*'s loss explained kept"
-                )
                 each = _member_fits(record.member_stats, ref, record.chance_fit, share)
                 if each is not None:
                     lines.append(each)
