@@ -6,16 +6,27 @@ import keras
 import numpy as np
 
 from keras_gex import _validation
-from keras_gex.analysis.report import NoisyLabelReport, score_terms
-from keras_gex.analysis.thresholding import METHODS, threshold_scores
+from keras_gex.analysis.report import NoisyLabelReport
+from keras_gex.analysis.scores import (
+    SCORES,
+    cut_scores,
+    exclusive_classes,
+    other_class_log_probs,
+    score_terms,
+)
+from keras_gex.analysis.thresholding import METHODS
 from keras_gex.config import CollectionConfig
 from keras_gex.data import DataSource
 from keras_gex.ensemble import GeometricEnsemble, check_floor
+from keras_gex.loss_checks import _keras_fn_name
+from keras_gex.losses import resolve_loss
 
-#: What `detect_noisy(score=...)` ranks by. Both come from the same members.
-SCORES = ("self_influence", "member_loss")
 #: The threshold rule `threshold="auto"` uses for each score.
-DEFAULT_THRESHOLDS = {"self_influence": "otsu_sqrt", "member_loss": "min_error"}
+DEFAULT_THRESHOLDS = {
+    "member_margin": "min_error",
+    "member_loss": "min_error",
+    "self_influence": "otsu_sqrt",
+}
 
 
 def detect_noisy(
@@ -24,7 +35,7 @@ def detect_noisy(
     config: CollectionConfig | None = None,
     *,
     threshold="auto",
-    score: str = "member_loss",
+    score: str = "auto",
     batch_size: int | None = None,
     reference_floor: float = 0.0,
     verbose="auto",
@@ -48,20 +59,33 @@ def detect_noisy(
             (Otsu on raw scores, the paper's rule: the same cut for groups of
             equal size), either followed by "_sqrt" (on sqrt(score), the
             root-mean-square deviation), "_cbrt" / "_root4" (cube / fourth
-            root) or "_log", or a number (a cut on raw scores). "auto" is
-            "min_error" for "member_loss" (a loss, not a squared deviation: wrong
-            labels are a small group, and Otsu's cut falls into the correct
-            labels' tail where they are few) and "otsu_sqrt" for self-influence
-            (docs/design.md#default-threshold). `report.threshold_method` holds
-            the rule used. Defaults to `"auto"`.
-        score: What to rank by; both come from the same members at the same
-            cost. "member_loss": the members' mean loss mean_m ℓ(z, θ_m) on
-            the given label. "self_influence": GEX self-influence
-            mean_m (ℓ(z, θ_m) − ℓ(z, θ*))², the paper's score; subtracting
-            θ*'s loss hurts when θ* has not fitted every label (a flipped
-            label θ* never fitted keeps a large ℓ(z, θ*) and a small
-            deviation), so the member loss is the default
-            (docs/design.md#default-score). Defaults to `"member_loss"`.
+            root) or "_log", or a number (a cut on raw scores). A named rule
+            never flags more rows than the members' mean prediction
+            contradicts; for "member_margin" it cuts the member loss, and as
+            many rows are flagged from the top of the margin. "auto" is
+            "min_error" for the member loss and margin (a loss, not a squared
+            deviation: wrong labels are a small group, and Otsu's cut falls
+            into the correct labels' tail where they are few) and "otsu_sqrt"
+            for self-influence (docs/design.md#default-threshold).
+            `report.threshold_method` holds the rule used. Defaults to
+            `"auto"`.
+        score: What to rank by; all come from the same members at the same
+            cost, and higher is more suspect. "member_margin": the member loss
+            less half the loss of the likeliest other class under the members'
+            mean prediction p̄, mean_m ℓ(z, θ_m) + ½ log max_{k≠y} p̄_k(z): a
+            wrong label is one the members fit worse than another class they
+            find likely, a hard correct one has no likely other class either
+            (for labels of mutually exclusive classes). "member_loss": the
+            members' mean loss mean_m ℓ(z, θ_m) on the given label.
+            "self_influence": GEX self-influence mean_m (ℓ(z, θ_m) − ℓ(z, θ*))²,
+            the paper's score; subtracting θ*'s loss hurts when θ* has not
+            fitted every label (a flipped label θ* never fitted keeps a large
+            ℓ(z, θ*) and a small deviation). "auto" is "member_margin" where
+            each row's label is one of mutually exclusive classes (sparse ids,
+            one-hot rows, one sigmoid output) and "member_loss" otherwise
+            (regression, multi-label outputs, labels per position)
+            (docs/design.md#default-score); `report.score_method` holds the
+            score used. Defaults to `"auto"`.
         batch_size: Scoring batch size for arrays. Defaults to `None` (256).
         reference_floor: Clamp for ℓ(z, θ*) (see
             `GeometricEnsemble.deviations`). Defaults to `0.0`.
@@ -84,14 +108,16 @@ def detect_noisy(
         ValueError: For invalid data or arguments (see messages).
     """
     # Every check before any fine-tuning: a collection can take minutes.
-    _validation.one_of("score", score, SCORES)
+    _validation.one_of("score", score, ("auto", *SCORES))
     if isinstance(threshold, str):
         _validation.one_of("threshold", threshold, ("auto", *METHODS))
-        if threshold == "auto":
-            threshold = DEFAULT_THRESHOLDS[score]
+        if threshold == "auto":  # the same rule for each score "auto" may pick
+            threshold = DEFAULT_THRESHOLDS["member_loss" if score == "auto" else score]
     check_floor(reference_floor)
     if isinstance(ensemble, keras.Model):  # the model first: its errors explain the data's
         _validation.check_model(ensemble, need_loss=True, loss=collect_kwargs.get("loss"))
+    if score == "member_margin":
+        _check_margin_loss(ensemble, collect_kwargs.get("loss"))
     DataSource(train_data, batch_size=batch_size, name="train_data").check_ordered()
     if isinstance(ensemble, keras.Model):
         ensemble = GeometricEnsemble.collect(
@@ -112,10 +138,22 @@ def detect_noisy(
     dev = ensemble.deviations(
         train_data, reference_floor=reference_floor, with_predictions=True, **scoring
     )
-    scores = _compute_scores(dev, score)
+    exclusive = ensemble.loss.is_classification and exclusive_classes(
+        ensemble.loss.kind, dev.labels
+    )
+    if score == "auto":
+        score = "member_margin" if exclusive else "member_loss"
+    elif score == "member_margin" and not exclusive:
+        raise ValueError(
+            'Argument `score="member_margin"` needs one label of mutually exclusive classes '
+            f"per row; these labels have shape {np.shape(dev.labels)} (several labels per "
+            'row). Use `score="member_loss"`.'
+        )
+    scores = _compute_scores(ensemble.loss.kind, dev, score)
     contradicted = _contradicted(ensemble.loss, dev)
     cap = None if contradicted is None else int(contradicted.sum())
-    cut = threshold_scores(scores, threshold, max_flagged=cap)
+    counted = dev.member_losses.mean(axis=1) if score == "member_margin" else None
+    cut = cut_scores(scores, threshold, max_flagged=cap, count_scores=counted)
     return NoisyLabelReport(
         scores=scores,
         threshold=cut,
@@ -126,7 +164,7 @@ def detect_noisy(
         predictions=dev.predictions,
         threshold_method=threshold,
         score_method=score,
-        member_losses=dev.member_losses if score == "member_loss" else None,
+        member_losses=dev.member_losses if score != "self_influence" else None,
         contradicted=contradicted,
         record=ensemble.record,
         loss_kind=ensemble.loss.kind,
@@ -148,9 +186,33 @@ def _contradicted(loss, dev) -> np.ndarray | None:
     return ~loss.predicts_label(dev.labels, dev.member_probabilities)
 
 
-def _compute_scores(dev, score: str) -> np.ndarray:
+def _check_margin_loss(ensemble, loss) -> None:
+    """Refuses `score="member_margin"` for a loss that is not classification.
+
+    User code whose kind is read from the model's outputs while collecting
+    (`loss_checks.read_as_classifier`) has its labels checked once scored.
+    """
+    if isinstance(ensemble, GeometricEnsemble):
+        per_example, known = ensemble.loss, True
+    elif isinstance(ensemble, keras.Model):
+        per_example = resolve_loss(ensemble, loss)
+        known = _keras_fn_name(per_example) is not None  # a Keras loss: its kind is final
+    else:
+        return  # not an ensemble: refused below
+    if known and not per_example.is_classification:
+        raise ValueError(
+            'Argument `score="member_margin"` needs a classification loss (labels of '
+            f"mutually exclusive classes); this loss is {per_example.name!r}. Use "
+            '`score="member_loss"`.'
+        )
+
+
+def _compute_scores(kind: str, dev, score: str) -> np.ndarray:
     """`(N,)` float64 scores of a `Deviations`; higher = more suspect."""
-    return np.mean(score_terms(score, dev.deviations, dev.member_losses), axis=1)
+    other = None
+    if score == "member_margin":
+        other = other_class_log_probs(kind, dev.labels, dev.member_probabilities)
+    return np.mean(score_terms(score, dev.deviations, dev.member_losses, other), axis=1)
 
 
 __all__ = ["SCORES", "detect_noisy"]

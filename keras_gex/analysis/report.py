@@ -8,7 +8,8 @@ import numpy as np
 
 from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
-from keras_gex.analysis.thresholding import otsu_separability, threshold_scores
+from keras_gex.analysis.scores import cut_scores, other_class_log_probs, score_terms
+from keras_gex.analysis.thresholding import otsu_separability
 from keras_gex.collection.frozen import layer_list
 from keras_gex.collection.step_size import (
     LR_FACTOR,
@@ -20,17 +21,6 @@ from keras_gex.collection.step_size import (
 from keras_gex.config import CollectionRecord, Probe
 from keras_gex.io.plots import plot_gallery, plot_self_influence
 from keras_gex.losses import CLASSIFICATION_KINDS, class_ids
-
-
-def score_terms(score: str, deviations: np.ndarray, member_losses) -> np.ndarray:
-    """`(N, M)` float64 per-member terms of a score; their member mean is the score.
-
-    "self_influence": Δ(z, m)²; "member_loss": ℓ(z, θ_m). One definition for
-    `detect_noisy`'s scores and the bootstrap of `NoisyLabelReport.uncertainty`.
-    """
-    if score == "member_loss":
-        return np.asarray(member_losses, dtype=np.float64)
-    return np.square(np.asarray(deviations, dtype=np.float64))
 
 
 def _probe_text(probe: Probe, weight_decay=None, steps=None) -> str:
@@ -270,8 +260,8 @@ class NoisyLabelReport:
     """The result of `detect_noisy`, in dataset order.
 
     Attributes:
-        scores: `(N,)` self-influence (or the members' mean loss, see
-            `score_method`); **higher = more likely mislabeled**.
+        scores: `(N,)` the score of `score_method` (see `detect_noisy`);
+            **higher = more likely mislabeled**.
         threshold: Cut on `scores`; rows strictly above it are flagged.
         noisy_mask: `(N,)` bool, True for flagged rows.
         deviations: `(N, M)` loss deviations Δ(z, m).
@@ -285,9 +275,10 @@ class NoisyLabelReport:
         from_logits: Whether `predictions` are logits.
         ensemble: The `GeometricEnsemble` that produced the scores (also when
             `detect_noisy` collected it from a model), or None.
-        score_method: "self_influence" or "member_loss" (see `detect_noisy`).
+        score_method: "member_margin", "member_loss" or "self_influence" (see
+            `detect_noisy`).
         member_losses: `(N, M)` ℓ(z, θ_m) when `score_method` is
-            "member_loss", else None.
+            "member_margin" or "member_loss", else None.
         contradicted: `(N,)` bool, True where the members' mean prediction
             is not the given label (`ensemble_probs`); a named threshold never
             flags more rows than it holds. None for a loss that is not
@@ -540,12 +531,28 @@ class NoisyLabelReport:
         method = self.threshold_method
         if not isinstance(method, str) or not len(self.scores):
             return None
-        return threshold_scores(self.scores, method)
+        return cut_scores(self.scores, method, count_scores=self._count_scores())
+
+    def _count_scores(self):
+        """`(N,)` what a named rule cuts to count the flagged rows, where not `scores`.
+
+        For "member_margin", the member loss (`scores.cut_scores`).
+        """
+        if self.score_method != "member_margin":
+            return None
+        return np.mean(self._member_losses(), axis=1)
+
+    def _member_losses(self) -> np.ndarray:
+        if self.member_losses is None:
+            raise ValueError(f'A "{self.score_method}" report must hold `member_losses`.')
+        return np.asarray(self.member_losses, dtype=np.float64)
 
     def _threshold_text(self) -> str:
         """How the threshold was chosen, and whether the contradicted-label cap raised it."""
         method = self.threshold_method
         uncapped = self._uncapped_cut()
+        if uncapped is not None and self.score_method == "member_margin":
+            method = f"{method} on the member loss, as many from the top of the margin"
         if uncapped is None or self._max_flagged is None:
             return str(method)
         if self.threshold <= uncapped:
@@ -613,7 +620,7 @@ class NoisyLabelReport:
                 f"θ* predicts only {ref_fit:.1%} of its training labels: it has not memorised "
                 "its training set, which GEX self-influence assumes (on such a model it can "
                 "rank mislabeled rows below chance while their loss ranks them well). Rank by "
-                'the default `score="member_loss"`, train longer, or rank by '
+                'the default `score="auto"` (the member loss or margin), train longer, or rank by '
                 "`report.reference_losses` as well."
             )
         elif ref_fit is not None and ref_fit < MEMORISED_FIT:
@@ -694,7 +701,8 @@ class NoisyLabelReport:
         would change with another ensemble of the same size;
         `suggested_members` estimates the M that would make it stable. Each
         resample is cut by `threshold_method`, capped at the full ensemble's
-        count of `contradicted` labels.
+        count of `contradicted` labels (for "member_margin", the resample's
+        member loss is cut and as many rows flagged from the top of its margin).
 
         Args:
             num_resamples: Bootstrap resamples. Defaults to `200`.
@@ -707,6 +715,7 @@ class NoisyLabelReport:
         num_resamples = _validation.positive_int("num_resamples", num_resamples)
         target = _validation.fraction("target", target, inclusive_low=False)
         per_member = self._per_member_scores()
+        counting = None if self.score_method != "member_margin" else self._member_losses()
         m = per_member.shape[1]
         rng = np.random.default_rng(seed)
         method = self.threshold_method
@@ -714,8 +723,9 @@ class NoisyLabelReport:
         def resample(size):
             cols = rng.integers(0, m, size=size)
             scores = per_member[:, cols].mean(axis=1)
-            flagged = scores > threshold_scores(scores, method, max_flagged=self._max_flagged)
-            return scores, flagged
+            counted = None if counting is None else counting[:, cols].mean(axis=1)
+            cut = cut_scores(scores, method, max_flagged=self._max_flagged, count_scores=counted)
+            return scores, scores > cut
 
         samples, flags = [], []
         for _ in range(num_resamples):
@@ -752,10 +762,17 @@ class NoisyLabelReport:
         return None if self.contradicted is None else int(self.contradicted.sum())
 
     def _per_member_scores(self) -> np.ndarray:
-        """`(N, M)` float64 terms whose mean over members is `scores`."""
-        if self.score_method == "member_loss" and self.member_losses is None:
-            raise ValueError('A "member_loss" report must hold `member_losses`.')
-        return score_terms(self.score_method, self.deviations, self.member_losses)
+        """`(N, M)` float64 terms whose mean over members is `scores`.
+
+        For "member_margin" the likeliest other class is read from the full
+        ensemble's mean prediction, the same for every resample.
+        """
+        if self.score_method == "self_influence":
+            return score_terms(self.score_method, self.deviations, None)
+        other = None
+        if self.score_method == "member_margin":
+            other = other_class_log_probs(self.loss_kind, self.labels, self.ensemble_probs())
+        return score_terms(self.score_method, None, self._member_losses(), other)
 
     def predicted_labels(self) -> np.ndarray:
         """θ*'s predicted class per row (the most likely class; 0/1 for one sigmoid output)."""

@@ -116,8 +116,9 @@ def min_error_threshold(values) -> float:
 
 
 #: Named threshold methods: the cut rule and the transform it is chosen on.
-#: `detect_noisy` cuts its default score (the members' mean loss) with
-#: "min_error" and self-influence with "otsu_sqrt"; `benchmarks/quality.py`
+#: `detect_noisy` cuts the members' mean loss (which also counts the rows its
+#: default margin flags) with "min_error" and self-influence with "otsu_sqrt";
+#: `benchmarks/quality.py`
 #: and `benchmarks/zoo.py --scores-dir` measure the F1 of each.
 METHODS = {
     f"{name}{suffix}": (cut, transform)

@@ -21,8 +21,12 @@ from keras_gex.analysis.thresholding import METHODS
 
 #: `keras_gex.analysis.detect.SCORES` and `DEFAULT_THRESHOLDS`, restated so that
 #: `--help` needs no TensorFlow; tests/integration/test_cli.py checks they agree.
-SCORES = ("self_influence", "member_loss")
-DEFAULT_THRESHOLDS = {"self_influence": "otsu_sqrt", "member_loss": "min_error"}
+SCORES = ("member_margin", "member_loss", "self_influence")
+DEFAULT_THRESHOLDS = {
+    "member_margin": "min_error",
+    "member_loss": "min_error",
+    "self_influence": "otsu_sqrt",
+}
 
 #: For each command, the library argument each flag sets: warnings and errors
 #: written for Python callers are reworded with the flags.
@@ -130,9 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--threshold", default="auto", help=threshold_help)
     detect.add_argument(
         "--score",
-        default="member_loss",
-        choices=SCORES,
-        help="what to rank by (default member_loss; self_influence is the paper's score)",
+        default="auto",
+        choices=("auto", *SCORES),
+        help="what to rank by (default auto: member_margin for labels of exclusive classes, "
+        "else member_loss; self_influence is the paper's score)",
     )
     detect.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     detect.add_argument(

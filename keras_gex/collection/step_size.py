@@ -164,8 +164,9 @@ def warn_unless_memorised(ref_fit, stacklevel: int) -> None:
             f"The trained model predicts only {ref_fit:.1%} of its training labels. GEX "
             "self-influence assumes a model that fits (memorises) its training set; on "
             "one that does not, it can rank mislabeled examples below chance. "
-            '`detect_noisy`\'s default `score="member_loss"` suffers less; train longer '
-            "for self-influence, and look at the loss of θ* (`report.reference_losses`).",
+            '`detect_noisy`\'s default `score="auto"` (the member loss or margin) suffers '
+            "less; train longer for self-influence, and look at the loss of θ* "
+            "(`report.reference_losses`).",
             stacklevel=stacklevel + 1,
         )
 

@@ -7,6 +7,7 @@ import numpy as np
 #: How each score (`NoisyLabelReport.score_method`) is named on plots and pages:
 #: (name, formula).
 SCORE_LABELS = {
+    "member_margin": ("GE member margin", "mean_m ℓ(z,θ_m) + ½ log max_{k≠y} p̄_k"),
     "member_loss": ("GE members' mean loss", "mean_m ℓ(z,θ_m)"),
     "self_influence": ("GEX self-influence", "mean_m (ℓ(z,θ_m) − ℓ(z,θ*))²"),
 }
@@ -52,6 +53,8 @@ def plot_self_influence(
     else:
         fig = ax.figure
     s = np.asarray(scores, dtype=np.float64)
+    if log_x and s.size and s.min() < 0:  # a margin below zero has no place on a log axis
+        log_x = False
     if log_x:
         positive = s[s > 0]
         low = positive.min() if positive.size else 1e-12

@@ -61,14 +61,15 @@ def test_library_messages_read_with_flags():
 
     message = (
         "The trained model predicts only 13.2% of its training labels. "
-        '`detect_noisy`\'s default `score="member_loss"` suffers less; train longer, '
+        '`detect_noisy`\'s default `score="auto"` (the member loss or margin) suffers less; '
+        "train longer, "
         "and look at the loss of θ* (`report.reference_losses`). Check `report.summary()` "
         "and pass `learning_rate=` if members did not move: learning_rate='auto' gave "
         "learning_rate=0.198. Pass `jit_compile=False` to skip it."
     )
     assert cli_message(message, FLAGS["detect"]) == (
         "The trained model predicts only 13.2% of its training labels. "
-        "The default `--score member_loss` suffers less; train longer, "
+        "The default `--score auto` (the member loss or margin) suffers less; train longer, "
         "and look at the loss of θ*. Check the report's summary "
         "and pass `--learning-rate` if members did not move: --learning-rate auto gave "
         "--learning-rate 0.198. Pass `jit_compile=False` to skip it."
@@ -163,7 +164,7 @@ def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
     with open(out / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(scores) and int(rows[5]["given_label"]) == digits.y_train[5]
-    assert float(rows[5]["member_loss"]) == pytest.approx(scores[5], rel=1e-5)  # the default
+    assert float(rows[5]["member_margin"]) == pytest.approx(scores[5], rel=1e-5)  # the default
     flagged = [int(line) for line in (out / "flagged.txt").read_text().split()]
     assert flagged and set(flagged) == {i for i, r in enumerate(rows) if r["flagged"] == "1"}
     from sklearn.metrics import roc_auc_score

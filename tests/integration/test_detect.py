@@ -19,8 +19,21 @@ from keras_gex.analysis.thresholding import (
 
 @pytest.fixture(scope="module")
 def report(digits_ensemble, digits):
-    """The default report: the members' mean loss, the minimum-error threshold."""
+    """The default report: the member margin, the minimum-error threshold."""
     return keras_gex.detect_noisy((digits.x_train, digits.y_train), digits_ensemble, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def loss_report(digits_ensemble, digits):
+    """The members' mean loss, the minimum-error threshold."""
+    data = (digits.x_train, digits.y_train)
+    return keras_gex.detect_noisy(data, digits_ensemble, score="member_loss", verbose=0)
+
+
+def _other_class_log_probs(report) -> np.ndarray:
+    """log max_{k≠y} p̄_k, from the report's mean prediction and labels, row by row."""
+    probs = report.ensemble_probs()
+    return np.log([max(np.delete(p, y)) for p, y in zip(probs, report.labels)])
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +62,7 @@ def test_report_fields_line_up(which, digits, request):
         np.testing.assert_allclose(report.scores, np.mean(d**2, 1))
     else:
         expected = np.mean(d + report.reference_losses[:, None], 1)
+        expected += 0.5 * _other_class_log_probs(report)
         np.testing.assert_allclose(report.scores, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(report.noisy_mask, report.scores > report.threshold)
     np.testing.assert_array_equal(report.labels, digits.y_train)
@@ -98,7 +112,7 @@ def test_flagged_rows_never_outnumber_the_labels_the_members_contradict(
     ens = digits_ensemble
     same = keras_gex.GeometricEnsemble(ens.model, ens.reference, [ens.reference] * 2, ens.loss)
     data = (digits.x_train, digits.y_train)
-    capped = keras_gex.detect_noisy(data, same, verbose=0)
+    capped = keras_gex.detect_noisy(data, same, score="member_loss", verbose=0)
     count = int(capped.contradicted.sum())
     cut = threshold_scores(capped.scores, capped.threshold_method)
     assert capped.threshold_method == "min_error" and count < np.sum(capped.scores > cut)
@@ -107,6 +121,11 @@ def test_flagged_rows_never_outnumber_the_labels_the_members_contradict(
     assert capped.threshold == top[count] and capped.threshold > cut
     assert f"contradicts only {count} given labels" in capped.summary(print_fn=None)
     assert "raised from" not in report.summary(print_fn=None)
+    # The margin flags as many rows as the capped member loss, from its own top.
+    margin = keras_gex.detect_noisy(data, same, verbose=0)
+    assert margin.score_method == "member_margin" and margin.num_flagged == count
+    text = margin.summary(print_fn=None)
+    assert "min_error on the member loss, as many from the top of the margin, raised" in text
 
 
 def test_suggested_labels_replace_given_label_on_flagged_rows(report, digits):
@@ -177,7 +196,9 @@ def test_summary_and_plot(report, digits, tmp_path, capsys):
     assert path.stat().st_size > 5000
     fig_lin = report.plot(log_x=False)
     assert fig_lin.axes[0].get_xscale() == "linear"
-    assert fig_lin.axes[0].get_title() == "GE members' mean loss"  # names the score used
+    assert fig_lin.axes[0].get_title() == "GE member margin"  # names the score used
+    # A margin below zero cannot lie on a log axis: the default plot is linear then.
+    assert report.scores.min() < 0 and fig.axes[0].get_xscale() == "linear"
 
 
 def test_histogram_is_labelled_by_the_score(report, si_report):
@@ -206,8 +227,9 @@ def test_html_report_names_the_score(which, request, digits, tmp_path):
 
 def test_threshold_choices(digits_ensemble, digits):
     data = (digits.x_train, digits.y_train)
-    raw = keras_gex.detect_noisy(data, digits_ensemble, threshold="otsu", verbose=0)
-    fixed = keras_gex.detect_noisy(data, digits_ensemble, threshold=1.0, verbose=0)
+    by_loss = dict(score="member_loss", verbose=0)
+    raw = keras_gex.detect_noisy(data, digits_ensemble, threshold="otsu", **by_loss)
+    fixed = keras_gex.detect_noisy(data, digits_ensemble, threshold=1.0, **by_loss)
     assert fixed.threshold == 1.0 and fixed.num_flagged == int(np.sum(fixed.scores > 1.0))
     # Otsu's cut on the scores with the top 1% winsorised (two routes agree),
     # at most as many rows as the members contradict.
@@ -309,10 +331,12 @@ def test_every_threshold_rule_is_accepted_and_orders_sensibly(report, digits, me
     np.testing.assert_array_equal(again.noisy_mask, again.scores > again.threshold)
 
 
-def test_member_loss_score_is_the_members_mean_loss(report, si_report, digits_ensemble, digits):
-    """Two routes: the default `score="member_loss"` is θ*'s loss plus the mean deviation."""
+def test_member_loss_score_is_the_members_mean_loss(
+    loss_report, si_report, digits_ensemble, digits
+):
+    """Two routes: `score="member_loss"` is θ*'s loss plus the mean deviation."""
     data = (digits.x_train, digits.y_train)
-    by_loss, self_inf = report, si_report
+    by_loss, self_inf = loss_report, si_report
     expected = np.mean(
         self_inf.deviations.astype(np.float64) + self_inf.reference_losses[:, None], axis=1
     )
@@ -333,6 +357,50 @@ def test_member_loss_score_is_the_members_mean_loss(report, si_report, digits_en
         keras_gex.detect_noisy(data, digits_ensemble, score="loss", verbose=0)
 
 
+def test_member_margin_flags_as_many_as_the_member_loss_from_its_own_top(
+    report, loss_report, digits
+):
+    """The default on one-class labels: the member loss less half the likeliest other
+    class's loss; the member loss's cut says how many rows, the margin which."""
+    assert report.score_method == "member_margin" and report.threshold_method == "min_error"
+    np.testing.assert_allclose(
+        report.scores,
+        loss_report.scores + 0.5 * _other_class_log_probs(report),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    assert report.num_flagged == loss_report.num_flagged
+    top = np.argsort(-report.scores, kind="stable")[: report.num_flagged]
+    np.testing.assert_array_equal(np.sort(top), np.flatnonzero(report.noisy_mask))
+    np.testing.assert_array_equal(report.noisy_mask, report.scores > report.threshold)
+    assert roc_auc_score(digits.is_noisy, report.scores) >= MIN_DIGITS_AUC
+    assert "member margin: median" in report.summary(print_fn=None)
+    # The bootstrap cuts each resample the same way: the full set is one of its draws.
+    unc = report.uncertainty(num_resamples=20)
+    assert unc.score_stderr.max() > 0 and 0.0 < unc.stability <= 1.0
+    # A number cuts the margin itself.
+    data = (digits.x_train, digits.y_train)
+    at = float(np.median(report.scores))
+    again = keras_gex.detect_noisy(data, report.ensemble, threshold=at, verbose=0)
+    np.testing.assert_array_equal(again.noisy_mask, report.scores > at)
+
+
+def test_member_margin_needs_labels_of_exclusive_classes(digits):
+    """Multi-label sigmoid outputs have no "other class": "auto" ranks by the member
+    loss there, and an explicit "member_margin" is refused with the reason."""
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    model.compile(loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    multi = keras.utils.to_categorical(y, 10)
+    ensemble = keras_gex.GeometricEnsemble.collect(
+        model, (x, multi), num_members=1, steps=2, learning_rate=0.1, seed=0, verbose=0
+    )
+    auto = keras_gex.detect_noisy((x, multi), ensemble, verbose=0)
+    assert auto.score_method == "member_loss"
+    with pytest.raises(ValueError, match="mutually exclusive classes per row"):
+        keras_gex.detect_noisy((x, multi), ensemble, score="member_margin", verbose=0)
+
+
 def test_detect_refuses_bad_input_before_any_fine_tuning(trained_mlp, digits, monkeypatch):
     """A reshuffling dataset, an unknown score or a negative floor is refused at
     entry, before `detect_noisy(data, model)` fine-tunes a single member."""
@@ -350,6 +418,10 @@ def test_detect_refuses_bad_input_before_any_fine_tuning(trained_mlp, digits, mo
         keras_gex.detect_noisy(data, trained_mlp, score="loss", verbose=0)
     with pytest.raises(ValueError, match="reference_floor"):
         keras_gex.detect_noisy(data, trained_mlp, reference_floor=-1.0, verbose=0)
+    regression = keras.Sequential([keras.Input((64,)), keras.layers.Dense(1)])
+    regression.compile(loss="mse")
+    with pytest.raises(ValueError, match=r"needs a classification loss.*mean_squared_error"):
+        keras_gex.detect_noisy(data, regression, score="member_margin", verbose=0)
 
 
 def test_diagnostics_judge_members_by_their_fit_above_chance(report):
@@ -465,8 +537,9 @@ def test_diagnostics_say_when_the_threshold_flags_most_rows(report):
     assert any("el2n_scores" in w and "a tenth of the epochs" in w for w in text)  # what to do
 
 
-def test_diagnostics_judge_the_cut_before_the_contradicted_label_cap(report):
+def test_diagnostics_judge_the_cut_before_the_contradicted_label_cap(loss_report):
     """A cut above half the rows is reported even where the cap kept fewer flagged."""
+    report = loss_report
     n = len(report.scores)
     high = np.arange(n) % 3 != 0  # two rows in three score high
     scores = np.where(high, 5.0, 0.1) + np.linspace(0.0, 0.01, n)

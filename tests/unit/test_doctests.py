@@ -7,6 +7,7 @@ MODULES = [
     "keras_gex._tracing",
     "keras_gex.analysis.relabel",
     "keras_gex.analysis.report",
+    "keras_gex.analysis.scores",
     "keras_gex.analysis.thresholding",
     "keras_gex.datasets",
     "keras_gex.analysis.prune",

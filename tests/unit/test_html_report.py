@@ -27,12 +27,17 @@ def _report(score_method, n=60, k=4, seed=0):
         record=None,
         from_logits=True,
         score_method=score_method,
+        member_losses=rng.gamma(1.0, size=(n, 3)) if score_method != "self_influence" else None,
     )
 
 
 @pytest.mark.parametrize(
     ("score_method", "name"),
-    [("member_loss", "GE members' mean loss"), ("self_influence", "GEX self-influence")],
+    [
+        ("member_margin", "GE member margin"),
+        ("member_loss", "GE members' mean loss"),
+        ("self_influence", "GEX self-influence"),
+    ],
 )
 def test_gallery_is_titled_by_the_report_score(tmp_path, score_method, name):
     report = _report(score_method)
@@ -42,7 +47,7 @@ def test_gallery_is_titled_by_the_report_score(tmp_path, score_method, name):
     page = path.read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 2
     assert f"<h2>Most suspect examples: highest {name}</h2>" in page.replace("&#x27;", "'")
-    if score_method == "member_loss":
+    if score_method != "self_influence":
         assert "self-influential" not in page
 
 
@@ -56,7 +61,11 @@ def test_summary_wraps_instead_of_overflowing(tmp_path):
 
 @pytest.mark.parametrize(
     ("score", "name"),
-    [("member_loss", "GE members' mean loss"), ("self_influence", "GEX self-influence")],
+    [
+        ("member_margin", "GE member margin"),
+        ("member_loss", "GE members' mean loss"),
+        ("self_influence", "GEX self-influence"),
+    ],
 )
 def test_gallery_default_title_names_the_score(score, name):
     scores = np.arange(20.0)
