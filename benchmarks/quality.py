@@ -443,7 +443,8 @@ def run_one(
 
     import keras_gex
     from keras_gex import baselines
-    from keras_gex.analysis.thresholding import METHODS, threshold_scores
+    from keras_gex.analysis.scores import cut_scores
+    from keras_gex.analysis.thresholding import METHODS
 
     data_fn, image, model_fn, epochs, batch_size, noise, sigmoid = ALL_CASES[case]
     epochs = max(1, round(epochs * epoch_scale))
@@ -511,8 +512,13 @@ def run_one(
     )
     paper = keras_gex.detect_noisy((x, targets), ens, score="self_influence", verbose=0)
     add(GEX_PAPER, paper.scores, gex_seconds, paper.noisy_mask)
+    # Each rule as `detect_noisy` applies it, uncapped: for the member margin it cuts
+    # the member loss and flags as many rows from the margin's top.
+    counted = None
+    if report.score_method == "member_margin":
+        counted = np.mean(report.member_losses, axis=1)
     for name in METHODS:
-        cut = threshold_scores(report.scores, name)
+        cut = cut_scores(report.scores, name, count_scores=counted)
         rows.append(
             {
                 **common,

@@ -17,7 +17,8 @@ them. GEX (Kim, Kim & Yang, NeurIPS 2023) finds them from the trained model alon
 fine-tunes a few copies of the final weights θ* with SGD (the *geometric ensemble*) and
 scores every training example z by how its loss changes across the copies θ_m: the
 paper's self-influence mean_m (ℓ(z, θ_m) − ℓ(z, θ*))², or (keras_gex's default) the
-copies' mean loss mean_m ℓ(z, θ_m).
+copies' mean loss mean_m ℓ(z, θ_m) less half the loss of the class they find likeliest
+besides the given one (the member margin).
 
 An example that the model could only fit by memorising it — typically a mislabeled one —
 loses that fit as soon as the weights move, so the copies' loss on it is large.
@@ -181,8 +182,10 @@ every member fine-tunes at its step size, with weight decay.
 
 ## Detect the mislabeled examples
 
-`detect_noisy` scores every training example (M + 1 forward passes each) by the members'
-mean loss and cuts the scores with Otsu's method. `summary()` prints
+`detect_noisy` scores every training example (M + 1 forward passes each) by the member
+margin: the members' mean loss of the given label less half the loss of the likeliest other
+class under their mean prediction. The minimum-error cut of the member loss says how many rows
+to flag, and the margin which. `summary()` prints
 the threshold and diagnostics of the ensemble: the calibrated step size, and how much of
 θ*'s training fit the members kept.
 """

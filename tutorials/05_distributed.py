@@ -202,7 +202,7 @@ file system).
 """
 
 print(
-    f"AUC against the flipped labels: data-parallel (members' mean loss) "
+    f"AUC against the flipped labels: data-parallel (member margin) "
     f"{auc_data_parallel:.4f}, one member per replica (self-influence) {auc_per_replica:.4f}"
 )
 print(f"done in {time.perf_counter() - start_time:.0f} s")

@@ -167,7 +167,7 @@ def test_gallery_and_proponent_plots(digits_ensemble, digits, tiny_kernel, tmp_p
     assert (tmp_path / "gallery.png").stat().st_size > 3000
     top_ax = fig.axes[0]
     assert top_ax.get_title().startswith(f"#{np.argmax(report.scores)}")
-    assert "mean loss" in fig._suptitle.get_text()  # titled by the report's score
+    assert "member margin" in fig._suptitle.get_text()  # titled by the report's score
     kernel, train, query = tiny_kernel
     top = kernel.top_k(4)
     fig = keras_gex.plot_proponents(
