@@ -531,6 +531,8 @@ class NoisyLabelReport:
         method = self.threshold_method
         if not isinstance(method, str) or not len(self.scores):
             return None
+        if self.score_method == "member_margin" and self.member_losses is None:
+            return None  # built by hand without what the rule counts
         return cut_scores(self.scores, method, count_scores=self._count_scores())
 
     def _count_scores(self):
