@@ -218,7 +218,7 @@ def test_detect_output_and_a_stale_ensemble(tmp_path, digits):
     for line in run.stderr.splitlines():
         assert line.startswith("keras-gex: warning: "), run.stderr[-3000:]
     assert "keras-gex: warning: The trained model predicts only" in run.stderr
-    assert "`--score member_loss`" in run.stderr and 'score="' not in run.stderr
+    assert "`--score auto`" in run.stderr and 'score="' not in run.stderr
 
     model.fit(digits.x_train, digits.y_train, epochs=1, batch_size=64, verbose=0)
     model.save(tmp_path / "model.keras")  # retrained: the saved ensemble is stale
