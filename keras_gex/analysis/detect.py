@@ -138,9 +138,7 @@ def detect_noisy(
     dev = ensemble.deviations(
         train_data, reference_floor=reference_floor, with_predictions=True, **scoring
     )
-    exclusive = ensemble.loss.is_classification and exclusive_classes(
-        ensemble.loss.kind, dev.labels
-    )
+    exclusive = exclusive_classes(ensemble.loss.kind, dev.labels)
     if score == "auto":
         score = "member_margin" if exclusive else "member_loss"
     elif score == "member_margin" and not exclusive:

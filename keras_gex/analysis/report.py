@@ -8,7 +8,12 @@ import numpy as np
 
 from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
-from keras_gex.analysis.scores import cut_scores, other_class_log_probs, score_terms
+from keras_gex.analysis.scores import (
+    cut_scores,
+    exclusive_classes,
+    other_class_log_probs,
+    score_terms,
+)
 from keras_gex.analysis.thresholding import otsu_separability
 from keras_gex.collection.frozen import layer_list
 from keras_gex.collection.step_size import (
@@ -802,11 +807,7 @@ class NoisyLabelReport:
                 f"Class ids need a classification loss; this model's loss kind is "
                 f"{self.loss_kind!r}."
             )
-        if self.loss_kind == "categorical_crossentropy":
-            several = labels.ndim != 2  # one one-hot row per example
-        else:
-            several = labels[0].size != 1  # one id or one 0/1 label per example
-        if several:
+        if not exclusive_classes(self.loss_kind, labels):
             raise ValueError(
                 f"Class ids need one class per row; these labels have shape {labels.shape} "
                 "(several labels per row: multi-label sigmoid outputs or labels per "

@@ -12,7 +12,8 @@ import numpy as np
 from keras_gex.analysis.thresholding import capped_threshold, threshold_scores
 from keras_gex.losses import class_ids
 
-#: What `detect_noisy(score=...)` ranks by; "auto" picks one (`auto_score`).
+#: What `detect_noisy(score=...)` ranks by; its "auto" picks the margin where
+#: `exclusive_classes` holds, else the member loss.
 SCORES = ("member_margin", "member_loss", "self_influence")
 
 #: How much the loss of the likeliest other class counts against the given
@@ -23,7 +24,7 @@ SCORES = ("member_margin", "member_loss", "self_influence")
 #: lowers a wrong label's score as much as a likely one (quality.py's
 #: Fashion-MNIST CNN at 10% flips loses 1.5 seed std of AP). Every bar of the
 #: zoo and of quality.py held at 0.25, 0.5 and 0.75; ½ is the middle
-#: (docs/design.md#default-score).
+#: (docs/design.md#the-member-margin).
 OTHER_CLASS_WEIGHT = 0.5
 
 
@@ -31,8 +32,8 @@ def exclusive_classes(kind: str, labels) -> bool:
     """Whether each row's label is one of mutually exclusive classes.
 
     True for sparse ids of one class per row, one-hot rows and one sigmoid
-    output (two classes); False for a regression, multi-label sigmoid outputs
-    and labels per position, where no row has one "other class".
+    output (two classes); False for a regression, multi-label sigmoid outputs,
+    labels per position and no rows, where no row has one "other class".
 
     >>> exclusive_classes("sparse_categorical_crossentropy", np.zeros((4, 1)))
     True
