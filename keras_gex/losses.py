@@ -88,6 +88,17 @@ class PerExampleLoss:
     def is_classification(self) -> bool:
         return self.kind in CLASSIFICATION_KINDS
 
+    def probabilities(self, y_pred):
+        """Model outputs through the loss's link, float32 (traced or eager).
+
+        Logits go through sigmoid (binary cross-entropy) or softmax; outputs
+        that are probabilities already, and any other loss's, pass unchanged.
+        """
+        y_pred = tf.cast(y_pred, "float32")
+        if not self.from_logits:
+            return y_pred
+        return tf.sigmoid(y_pred) if self.kind == _BCE else tf.nn.softmax(y_pred)
+
     def label_classes(self, y_true) -> np.ndarray:
         """The given labels as class ids, one row per example (`class_ids`)."""
         return class_ids(self.kind, y_true)

@@ -133,13 +133,6 @@ class Scorer:
             )
         return outputs
 
-    def _probabilities(self, out):
-        """A model output through the loss's link (sigmoid or softmax of logits), float32."""
-        out = tf.cast(out, "float32")
-        if not self.loss.from_logits:
-            return out
-        return tf.sigmoid(out) if self.loss.kind == "binary_crossentropy" else tf.nn.softmax(out)
-
     def _step(self, x, y, with_predictions: bool = False):
         """`(ref_loss, member_losses)`, then with predictions θ*'s output and the
         members' mean probabilities (from the same forward passes)."""
@@ -149,7 +142,7 @@ class Scorer:
         for pred in member_preds:
             losses.append(self.loss(y, pred))
             if with_predictions:
-                total += self._probabilities(pred)
+                total += self.loss.probabilities(pred)
         # Rows of non-finite inputs are NaN here and refused by `_check_finite`.
         losses = nan_where_not_finite(x, tf.stack(losses, axis=1))
         if not with_predictions:
@@ -196,7 +189,7 @@ class Scorer:
             def mean_probs(x):
                 total = 0.0
                 for out in self._outputs(x, members_only=True):
-                    total += self._probabilities(out)
+                    total += self.loss.probabilities(out)
                 return nan_where_not_finite(x, total / len(self._members))
 
             self._fns[key] = compiled(mean_probs, input_signature=[sig])

@@ -1,18 +1,22 @@
 """Export the ensemble's scorer as a TensorFlow SavedModel for production gates.
 
 The exported artifact scores new `(x, y)` batches with the trained model θ*
-and every GE member — self-influence, the deviation matrix and θ*'s loss —
-using TensorFlow alone: no keras_gex, no training code, no Python model
-definition. Load it with `tf.saved_model.load(path)` and call
-`artifact.score(x, y)` (or serve the `serving_default` signature).
+and every GE member — the scores `detect_noisy` ranks by (the member loss and,
+for labels of mutually exclusive classes, the member margin), self-influence,
+the deviation matrix and θ*'s loss — using TensorFlow alone: no keras_gex, no
+training code, no Python model definition. Load it with
+`tf.saved_model.load(path)` and call `artifact.score(x, y)` (or serve the
+`serving_default` signature).
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import tensorflow as tf
 
+from keras_gex.analysis.scores import OTHER_CLASS_WEIGHT, exclusive_classes
 from keras_gex.weights import stateless_call
 
 
@@ -32,24 +36,66 @@ class _ExportedScorer(tf.Module):
         self._member_vars = [v for pair in self._members for group in pair for v in group]
         self.num_members = tf.constant(len(ensemble.members))
 
+        margin = _has_margin(ensemble, y_spec)
+
         def score(x, y):
             ref_pred, _ = stateless_call(model, self._ref_t, self._ref_n, x, training=False)
             if y_spec.shape.rank is None:  # one sigmoid output: (N,) or (N, 1) labels
                 y = tf.reshape(y, tf.shape(ref_pred))
             ref_loss = loss(y, ref_pred)
-            losses = [
-                loss(y, stateless_call(model, tv, ntv, x, training=False)[0])
-                for tv, ntv in self._members
+            preds = [
+                stateless_call(model, tv, ntv, x, training=False)[0] for tv, ntv in self._members
             ]
-            deviations = tf.stack(losses, axis=1) - ref_loss[:, None]
-            return {
+            member_losses = tf.stack([loss(y, pred) for pred in preds], axis=1)
+            deviations = member_losses - ref_loss[:, None]
+            member_loss = tf.reduce_mean(tf.cast(member_losses, tf.float64), axis=1)
+            out = {
+                "member_loss": member_loss,
                 "self_influence": tf.reduce_mean(tf.square(deviations), axis=1),
                 "deviations": deviations,
                 "reference_loss": ref_loss,
                 "predictions": ref_pred,
             }
+            if margin:
+                mean_probs = tf.add_n([loss.probabilities(p) for p in preds]) / len(preds)
+                other = _other_class_log_probs(loss.kind, y, mean_probs)
+                out["member_margin"] = member_loss + OTHER_CLASS_WEIGHT * other
+            return out
 
         self.score = tf.function(score, input_signature=[x_spec, y_spec], autograph=False)
+
+
+def _has_margin(ensemble, label_spec) -> bool:
+    """Whether labels of `label_spec` are one of mutually exclusive classes per
+    row (`scores.exclusive_classes`), so the member margin is defined."""
+    if not ensemble.loss.is_classification:
+        return False
+    if label_spec.shape.rank is None:  # one sigmoid output (`_default_label_spec`)
+        return True
+    shape = [1, *(d if d is not None else 1 for d in label_spec.shape.as_list()[1:])]
+    if ensemble.loss.kind == "categorical_crossentropy" and len(shape) != 2:
+        return False
+    return exclusive_classes(ensemble.loss.kind, np.zeros(shape))
+
+
+def _other_class_log_probs(kind: str, y, probabilities):
+    """`(N,)` float64 log of the likeliest class other than the label `y` (traced).
+
+    `scores.other_class_log_probs` in TensorFlow: the same classes, the same
+    floor for a class the members rule out.
+    """
+    p = tf.cast(probabilities, tf.float64)
+    p = tf.reshape(p, [tf.shape(p)[0], -1])
+    if kind == "binary_crossentropy":
+        p = tf.concat([1.0 - p, p], axis=1)
+        given = tf.cast(tf.reshape(tf.cast(y, tf.float64), [-1]) > 0.5, tf.int64)
+    elif kind == "categorical_crossentropy":
+        given = tf.argmax(y, axis=-1)
+    else:
+        given = tf.reshape(tf.cast(y, tf.int64), [-1])
+    is_given = tf.one_hot(given, tf.shape(p)[1], on_value=True, off_value=False)
+    others = tf.where(is_given, tf.constant(-np.inf, tf.float64), p)
+    return tf.math.log(tf.maximum(tf.reduce_max(others, axis=1), np.finfo(np.float64).tiny))
 
 
 def _default_label_spec(ensemble):
@@ -76,6 +122,15 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None) -> str:
             `(N, 1)` for one output unit, as `fit` takes them; otherwise float32
             shaped like the model's output).
 
+    The artifact's `score(x, y)` returns, per row: "member_loss" (the members'
+    mean loss on the label) and, where each row's label is one of mutually
+    exclusive classes, "member_margin" (that loss less half the loss of the
+    likeliest other class under the members' mean prediction): the scores
+    `detect_noisy` ranks by, "member_margin" where present (higher is more
+    suspect; a row above a report's `threshold` is one its rule would
+    flag). Also "self_influence", "deviations" `(N, M)`, "reference_loss"
+    (θ*'s loss) and "predictions" (θ*'s outputs).
+
     Returns:
         The path written.
 
@@ -85,7 +140,8 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None) -> str:
     keras_gex.export_scorer(ensemble, "gex_scorer")
     # later, anywhere with TensorFlow:
     scorer = tf.saved_model.load("gex_scorer")
-    scores = scorer.score(x_batch, y_batch)["self_influence"]
+    out = scorer.score(x_batch, y_batch)
+    scores = out.get("member_margin", out["member_loss"])  # what detect_noisy ranks by
     ```
     """
     model = ensemble.model

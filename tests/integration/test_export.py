@@ -24,6 +24,7 @@ def test_exported_scorer_reproduces_scores_in_a_fresh_process(digits_ensemble, d
         data = np.load(sys.argv[2])
         out = scorer.score(tf.constant(data["x"]), tf.constant(data["y"], tf.int64))
         np.save(sys.argv[3], out["self_influence"].numpy())
+        np.save(sys.argv[5], out["member_margin"].numpy())
         sig = scorer.signatures["serving_default"]
         np.save(sys.argv[4], sig(x=tf.constant(data["x"]), y=tf.constant(data["y"]))["deviations"])
         assert "keras_gex" not in sys.modules
@@ -32,7 +33,7 @@ def test_exported_scorer_reproduces_scores_in_a_fresh_process(digits_ensemble, d
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, "-c", script, path, str(tmp_path / "batch.npz"),
-         str(tmp_path / "si.npy"), str(tmp_path / "dev.npy")],
+         str(tmp_path / "si.npy"), str(tmp_path / "dev.npy"), str(tmp_path / "margin.npy")],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,6 +44,23 @@ def test_exported_scorer_reproduces_scores_in_a_fresh_process(digits_ensemble, d
     np.testing.assert_allclose(
         np.load(tmp_path / "dev.npy"), expected.deviations, atol=1e-5, rtol=1e-5
     )
+    report = keras_gex.detect_noisy((x, y), digits_ensemble, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "margin.npy"), report.scores, atol=1e-5)
+
+
+def test_exported_scores_are_detect_noisys(digits_ensemble, digits, tmp_path):
+    """The member loss and margin of the artifact and of `detect_noisy` agree."""
+    scorer = tf.saved_model.load(export_scorer(digits_ensemble, tmp_path / "scorer"))
+    x, y = digits.x_train[:400], digits.y_train[:400]
+    out = scorer.score(tf.constant(x), tf.constant(y, tf.int64))
+    report = keras_gex.detect_noisy((x, y), digits_ensemble, verbose=0)
+    assert report.score_method == "member_margin"
+    np.testing.assert_allclose(out["member_margin"].numpy(), report.scores, atol=1e-5)
+    loss = keras_gex.detect_noisy((x, y), digits_ensemble, score="member_loss", verbose=0)
+    np.testing.assert_allclose(out["member_loss"].numpy(), loss.scores, atol=1e-5)
+    assert out["member_margin"].dtype == tf.float64
+    # The margin is the loss less half a log-probability (≤ 0): never above it.
+    assert np.all(out["member_margin"].numpy() <= out["member_loss"].numpy() + 1e-12)
 
 
 def test_export_validates_specs(digits_ensemble, tmp_path):
@@ -68,6 +86,35 @@ def test_exported_scorer_of_one_sigmoid_unit_takes_labels_as_fit_does(digits, tm
     )
     scorer = tf.saved_model.load(export_scorer(ensemble, tmp_path / "scorer"))
     expected = ensemble.deviations((x, parity), verbose=0).deviations
+    margin = keras_gex.detect_noisy((x, parity), ensemble, verbose=0)
+    assert margin.score_method == "member_margin"
     for labels in (parity, parity[:, None]):
-        got = scorer.score(tf.constant(x), tf.constant(labels))["deviations"].numpy()
-        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+        out = scorer.score(tf.constant(x), tf.constant(labels))
+        np.testing.assert_allclose(out["deviations"].numpy(), expected, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(out["member_margin"].numpy(), margin.scores, atol=1e-5)
+
+
+def test_exported_scorer_has_no_margin_without_one_class_per_row(digits, tmp_path):
+    """Several sigmoid labels per row, or a regression: the member loss, no margin."""
+    import keras
+
+    x = digits.x_train[:200]
+    labels = {
+        "binary_crossentropy": np.eye(10, dtype="float32")[digits.y_train[:200]],
+        "mean_squared_error": digits.y_train[:200, None].astype("float32"),
+    }
+    for loss, y in labels.items():
+        keras.utils.set_random_seed(0)
+        link = "sigmoid" if loss == "binary_crossentropy" else None
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(y.shape[1], link)])
+        model.compile("adam", loss)
+        model.fit(x, y, epochs=2, verbose=0)
+        ensemble = keras_gex.GeometricEnsemble.collect(
+            model, (x, y), num_members=2, steps=10, learning_rate=0.01, seed=0, verbose=0
+        )
+        scorer = tf.saved_model.load(export_scorer(ensemble, tmp_path / loss))
+        out = scorer.score(x, y)
+        assert "member_margin" not in out, loss
+        report = keras_gex.detect_noisy((x, y), ensemble, verbose=0)
+        assert report.score_method == "member_loss", loss
+        np.testing.assert_allclose(out["member_loss"].numpy(), report.scores, atol=1e-5)
