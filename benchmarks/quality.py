@@ -443,7 +443,6 @@ def run_one(
 
     import keras_gex
     from keras_gex import baselines
-    from keras_gex.analysis.scores import cut_scores
     from keras_gex.analysis.thresholding import METHODS
 
     data_fn, image, model_fn, epochs, batch_size, noise, sigmoid = ALL_CASES[case]
@@ -514,17 +513,14 @@ def run_one(
     add(GEX_PAPER, paper.scores, gex_seconds, paper.noisy_mask)
     # Each rule as `detect_noisy` applies it, uncapped: for the member margin it cuts
     # the member loss and flags as many rows from the margin's top.
-    counted = None
-    if report.score_method == "member_margin":
-        counted = np.mean(report.member_losses, axis=1)
     for name in METHODS:
-        cut = cut_scores(report.scores, name, count_scores=counted)
+        recut = report.with_threshold(name, capped=False)
         rows.append(
             {
                 **common,
                 "method": f"threshold {name}",
                 "kind": "threshold",
-                **_flags(noisy, report.scores > cut),
+                **_flags(noisy, recut.noisy_mask),
             }
         )
 

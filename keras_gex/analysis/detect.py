@@ -8,6 +8,7 @@ import numpy as np
 from keras_gex import _validation
 from keras_gex.analysis.report import NoisyLabelReport
 from keras_gex.analysis.scores import (
+    DEFAULT_THRESHOLDS,
     SCORES,
     cut_scores,
     exclusive_classes,
@@ -20,13 +21,6 @@ from keras_gex.data import DataSource
 from keras_gex.ensemble import GeometricEnsemble, check_floor
 from keras_gex.loss_checks import _keras_fn_name
 from keras_gex.losses import resolve_loss
-
-#: The threshold rule `threshold="auto"` uses for each score.
-DEFAULT_THRESHOLDS = {
-    "member_margin": "min_error",
-    "member_loss": "min_error",
-    "self_influence": "otsu_sqrt",
-}
 
 
 def detect_noisy(

@@ -9,12 +9,13 @@ import numpy as np
 from keras_gex import _validation
 from keras_gex.analysis.relabel import distillation_targets, relabel
 from keras_gex.analysis.scores import (
+    DEFAULT_THRESHOLDS,
     cut_scores,
     exclusive_classes,
     other_class_log_probs,
     score_terms,
 )
-from keras_gex.analysis.thresholding import otsu_separability
+from keras_gex.analysis.thresholding import METHODS, otsu_separability
 from keras_gex.collection.frozen import layer_list
 from keras_gex.collection.step_size import (
     LR_FACTOR,
@@ -530,6 +531,59 @@ class NoisyLabelReport:
             return text
         print_fn(text)
         return None
+
+    def with_threshold(self, threshold="auto", *, capped: bool = True) -> NoisyLabelReport:
+        """This report cut at another threshold, on the same scores.
+
+        Nothing is fine-tuned or scored again: the new report shares every
+        array but `noisy_mask` with this one.
+
+        Args:
+            threshold: A named rule of `detect_noisy`'s `threshold`
+                ("min_error", "otsu", either followed by "_sqrt", "_cbrt",
+                "_root4" or "_log"), "auto" (the rule `detect_noisy` uses for
+                this report's `score_method`) or a number (a cut on `scores`).
+                As in `detect_noisy`, a named rule on the member margin cuts
+                the member loss and flags as many rows from the top of the
+                margin. Defaults to `"auto"`.
+            capped: Whether a named rule flags at most the rows whose label
+                the members' mean prediction contradicts (`contradicted`), as
+                `detect_noisy` does. Defaults to `True`.
+
+        Returns:
+            A `NoisyLabelReport` with the new `threshold`, `noisy_mask` and
+            `threshold_method`.
+
+        Raises:
+            ValueError: For an unknown rule, a threshold that is not a finite
+                number, or a named rule on a member-margin report without
+                `member_losses` (one built by hand).
+        """
+        if not isinstance(capped, bool):
+            raise TypeError(f"Argument `capped` must be a bool. Received: capped={capped!r}")
+        if isinstance(threshold, str):
+            _validation.one_of("threshold", threshold, ("auto", *METHODS))
+            if threshold == "auto":
+                threshold = DEFAULT_THRESHOLDS[self.score_method]
+            if self.score_method == "member_margin" and self.member_losses is None:
+                raise ValueError(
+                    f"A named threshold ({threshold!r}) on the member margin counts the "
+                    "flagged rows on the member loss, and this report holds no "
+                    "`member_losses`. Pass a number (a cut on `scores`)."
+                )
+        named = isinstance(threshold, str)
+        cut = cut_scores(
+            self.scores,
+            threshold,
+            max_flagged=self._max_flagged if capped else None,
+            count_scores=self._count_scores() if named else None,
+        )
+        return dataclasses.replace(
+            self,
+            threshold=cut,
+            noisy_mask=np.asarray(self.scores) > cut,
+            threshold_method=threshold,
+        )
 
     def _uncapped_cut(self):
         """The named threshold method's cut without the contradicted-label cap, or None."""

@@ -16,6 +16,16 @@ from keras_gex.losses import class_ids
 #: `exclusive_classes` holds, else the member loss.
 SCORES = ("member_margin", "member_loss", "self_influence")
 
+#: The named rule `threshold="auto"` uses for each score: the minimum-error cut
+#: for a loss (wrong labels are a small group, and Otsu's cut falls into the
+#: correct labels' tail where they are few), Otsu on the square root for
+#: self-influence (docs/design.md#default-threshold).
+DEFAULT_THRESHOLDS = {
+    "member_margin": "min_error",
+    "member_loss": "min_error",
+    "self_influence": "otsu_sqrt",
+}
+
 #: How much the loss of the likeliest other class counts against the given
 #: label's in "member_margin". At 0 the score is the member loss, and a hard
 #: correct row that the members find unlikely under every class ranks with a
@@ -130,6 +140,7 @@ def cut_scores(scores, method, *, max_flagged=None, count_scores=None) -> float:
 
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
     "OTHER_CLASS_WEIGHT",
     "SCORES",
     "cut_scores",

@@ -19,7 +19,7 @@ import warnings
 # NumPy only; `keras_gex.analysis.detect` would start TensorFlow.
 from keras_gex.analysis.thresholding import METHODS
 
-#: `keras_gex.analysis.detect.SCORES` and `DEFAULT_THRESHOLDS`, restated so that
+#: `keras_gex.analysis.scores.SCORES` and `DEFAULT_THRESHOLDS`, restated so that
 #: `--help` needs no TensorFlow; tests/integration/test_cli.py checks they agree.
 SCORES = ("member_margin", "member_loss", "self_influence")
 DEFAULT_THRESHOLDS = {

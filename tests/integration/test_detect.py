@@ -385,6 +385,42 @@ def test_member_margin_flags_as_many_as_the_member_loss_from_its_own_top(
     np.testing.assert_array_equal(again.noisy_mask, report.scores > at)
 
 
+@pytest.mark.parametrize("which", ["report", "loss_report", "si_report"])
+def test_with_threshold_recuts_as_detect_noisy_cuts(which, digits_ensemble, digits, request):
+    """Two routes agree: a report re-cut at a rule and `detect_noisy` run with it."""
+    base = request.getfixturevalue(which)
+    data = (digits.x_train, digits.y_train)
+    same = base.with_threshold()  # "auto": the rule detect_noisy used
+    assert same.threshold == base.threshold and same.threshold_method == base.threshold_method
+    np.testing.assert_array_equal(same.noisy_mask, base.noisy_mask)
+    for threshold in ("otsu", "min_error_log", float(np.quantile(base.scores, 0.9))):
+        recut = base.with_threshold(threshold)
+        run = keras_gex.detect_noisy(
+            data, digits_ensemble, threshold=threshold, score=base.score_method, verbose=0
+        )
+        assert recut.threshold == run.threshold and recut.threshold_method == threshold
+        np.testing.assert_array_equal(recut.noisy_mask, run.noisy_mask)
+        assert recut.scores is base.scores  # nothing scored again
+    # Uncapped, a rule flags at least as many rows, and the summary still reads.
+    loose = base.with_threshold("otsu_log", capped=False)
+    assert loose.num_flagged >= base.with_threshold("otsu_log").num_flagged
+    assert "otsu_log" in loose.summary(print_fn=None)
+
+
+def test_with_threshold_refuses_bad_input(report):
+    with pytest.raises(ValueError, match="threshold"):
+        report.with_threshold("mean")
+    with pytest.raises(ValueError, match="threshold"):
+        report.with_threshold(float("nan"))
+    with pytest.raises(TypeError, match="capped"):
+        report.with_threshold("otsu", capped="no")
+    by_hand = dataclasses.replace(report, member_losses=None)
+    with pytest.raises(ValueError, match="member_losses"):
+        by_hand.with_threshold("otsu")
+    at = float(np.median(report.scores))  # a number needs no member losses
+    np.testing.assert_array_equal(by_hand.with_threshold(at).noisy_mask, report.scores > at)
+
+
 def test_member_margin_needs_labels_of_exclusive_classes(digits):
     """Multi-label sigmoid outputs have no "other class": "auto" ranks by the member
     loss there, and an explicit "member_margin" is refused with the reason."""
