@@ -30,6 +30,9 @@ _TRANSFORMS = {
 }
 
 
+#: Transforms defined on non-negative scores only (the member margin can be negative).
+_NON_NEGATIVE = ("_sqrt", "_root4", "_log")
+
 #: The top share of scores winsorised (set to the score at that quantile) before
 #: Otsu's cut is chosen, so that a handful of extreme scores (a member confidently
 #: wrong on a binary row, a squared residual of 30) cannot decide where the other
@@ -196,6 +199,13 @@ def threshold_scores(scores: np.ndarray, method, max_flagged: int | None = None)
         _validation.one_of("threshold", method, METHODS)
         choose, transform = METHODS[method]
         values = np.asarray(scores, dtype=np.float64)
+        if method.endswith(_NON_NEGATIVE) and values.size and np.min(values) < 0:
+            raise ValueError(
+                f"Argument `threshold={method!r}` cuts a root or log of the scores, and "
+                f"{int(np.sum(values < 0))} scores are below zero (min {np.min(values):.4g}). "
+                "Use a rule without a transform or with '_cbrt', or on the member margin "
+                "`report.with_threshold`, which counts on the member loss."
+            )
         transformed = transform(values)
         # Every transform is monotone: winsorising after it cuts the same values.
         cap = transform(np.quantile(values, 1.0 - TAIL_SHARE))

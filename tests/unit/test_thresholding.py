@@ -68,6 +68,18 @@ def test_transformed_thresholds_cut_raw_scores():
         threshold_scores(scores, "median")
 
 
+def test_root_and_log_rules_refuse_scores_below_zero_with_the_reason():
+    """The member margin can be negative: a root or log of it is undefined, so say so."""
+    rng = np.random.default_rng(3)
+    margin = np.concatenate([rng.normal(-2.0, 0.5, 300), rng.normal(3.0, 0.5, 30)])
+    for method in ("otsu_sqrt", "min_error_root4", "otsu_log"):
+        with pytest.raises(ValueError, match=f"{np.sum(margin < 0)} scores are below zero"):
+            threshold_scores(margin, method)
+    for method in ("otsu", "min_error", "otsu_cbrt"):  # defined on every real number
+        assert np.sum(margin > threshold_scores(margin, method)) == 30
+    assert threshold_scores(np.zeros(3), "otsu_log") == 0.0  # zero is not below zero
+
+
 def test_every_transform_orders_its_flags_by_power_on_skewed_scores():
     """Lower powers (raw → sqrt → cbrt → 4th root → log) loosen the cut on a
     heavy right tail: each flags at least as many rows as the previous one."""
