@@ -558,6 +558,7 @@ class NoisyLabelReport:
             ValueError: For an unknown rule, a threshold that is not a finite
                 number, or a named rule on a member-margin report without
                 `member_losses` (one built by hand).
+            TypeError: If `capped` is not a bool.
         """
         if not isinstance(capped, bool):
             raise TypeError(f"Argument `capped` must be a bool. Received: capped={capped!r}")

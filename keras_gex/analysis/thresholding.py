@@ -203,8 +203,8 @@ def threshold_scores(scores: np.ndarray, method, max_flagged: int | None = None)
             raise ValueError(
                 f"Argument `threshold={method!r}` cuts a root or log of the scores, and "
                 f"{int(np.sum(values < 0))} scores are below zero (min {np.min(values):.4g}). "
-                "Use a rule without a transform or with '_cbrt', or on the member margin "
-                "`report.with_threshold`, which counts on the member loss."
+                "Use a rule without a transform or with '_cbrt'; on a member-margin report, "
+                "`report.with_threshold(...)` counts the flagged rows on the member loss."
             )
         transformed = transform(values)
         # Every transform is monotone: winsorising after it cuts the same values.
