@@ -562,6 +562,7 @@ class NoisyLabelReport:
         """
         if not isinstance(capped, bool):
             raise TypeError(f"Argument `capped` must be a bool. Received: capped={capped!r}")
+        count_scores = None  # a number cuts `scores` itself
         if isinstance(threshold, str):
             _validation.one_of("threshold", threshold, ("auto", *METHODS))
             if threshold == "auto":
@@ -572,12 +573,12 @@ class NoisyLabelReport:
                     "flagged rows on the member loss, and this report holds no "
                     "`member_losses`. Pass a number (a cut on `scores`)."
                 )
-        named = isinstance(threshold, str)
+            count_scores = self._count_scores()
         cut = cut_scores(
             self.scores,
             threshold,
             max_flagged=self._max_flagged if capped else None,
-            count_scores=self._count_scores() if named else None,
+            count_scores=count_scores,
         )
         return dataclasses.replace(
             self,

@@ -73,8 +73,6 @@ def _has_margin(ensemble, label_spec) -> bool:
     if label_spec.shape.rank is None:  # one sigmoid output (`_default_label_spec`)
         return True
     shape = [1, *(d if d is not None else 1 for d in label_spec.shape.as_list()[1:])]
-    if ensemble.loss.kind == "categorical_crossentropy" and len(shape) != 2:
-        return False
     return exclusive_classes(ensemble.loss.kind, np.zeros(shape))
 
 
