@@ -10,12 +10,11 @@ from keras_gex.analysis.report import NoisyLabelReport
 from keras_gex.analysis.scores import (
     DEFAULT_THRESHOLDS,
     SCORES,
-    cut_scores,
     exclusive_classes,
     other_class_log_probs,
     score_terms,
 )
-from keras_gex.analysis.thresholding import METHODS
+from keras_gex.analysis.thresholding import METHODS, threshold_scores
 from keras_gex.config import CollectionConfig
 from keras_gex.data import DataSource
 from keras_gex.ensemble import GeometricEnsemble, check_floor
@@ -107,6 +106,8 @@ def detect_noisy(
         _validation.one_of("threshold", threshold, ("auto", *METHODS))
         if threshold == "auto":  # the same rule for each score "auto" may pick
             threshold = DEFAULT_THRESHOLDS["member_loss" if score == "auto" else score]
+    else:
+        threshold_scores(np.zeros(1), threshold)  # a number: refused now, not after collecting
     check_floor(reference_floor)
     if isinstance(ensemble, keras.Model):  # the model first: its errors explain the data's
         _validation.check_model(ensemble, need_loss=True, loss=collect_kwargs.get("loss"))
@@ -142,14 +143,10 @@ def detect_noisy(
             'row). Use `score="member_loss"`.'
         )
     scores = _compute_scores(ensemble.loss.kind, dev, score)
-    contradicted = _contradicted(ensemble.loss, dev)
-    cap = None if contradicted is None else int(contradicted.sum())
-    counted = dev.member_losses.mean(axis=1) if score == "member_margin" else None
-    cut = cut_scores(scores, threshold, max_flagged=cap, count_scores=counted)
-    return NoisyLabelReport(
+    uncut = NoisyLabelReport(
         scores=scores,
-        threshold=cut,
-        noisy_mask=scores > cut,
+        threshold=np.inf,  # cut below by the one route `with_threshold` also takes
+        noisy_mask=np.zeros(len(scores), bool),
         deviations=dev.deviations,
         reference_losses=dev.reference_losses,
         labels=dev.labels,
@@ -157,13 +154,14 @@ def detect_noisy(
         threshold_method=threshold,
         score_method=score,
         member_losses=dev.member_losses if score != "self_influence" else None,
-        contradicted=contradicted,
+        contradicted=_contradicted(ensemble.loss, dev),
         record=ensemble.record,
         loss_kind=ensemble.loss.kind,
         from_logits=ensemble.loss.from_logits,
         ensemble=ensemble,
         _ensemble_probs=dev.member_probabilities if ensemble.loss.is_classification else None,
     )
+    return uncut.with_threshold(threshold)
 
 
 def _contradicted(loss, dev) -> np.ndarray | None:

@@ -438,8 +438,9 @@ def test_member_margin_needs_labels_of_exclusive_classes(digits):
 
 
 def test_detect_refuses_bad_input_before_any_fine_tuning(trained_mlp, digits, monkeypatch):
-    """A reshuffling dataset, an unknown score or a negative floor is refused at
-    entry, before `detect_noisy(data, model)` fine-tunes a single member."""
+    """A reshuffling dataset, an unknown score, a threshold that is neither a rule
+    nor a finite number or a negative floor is refused at entry, before
+    `detect_noisy(data, model)` fine-tunes a single member."""
     import keras_gex.collection
 
     def no_collection(*args, **kwargs):
@@ -454,6 +455,9 @@ def test_detect_refuses_bad_input_before_any_fine_tuning(trained_mlp, digits, mo
         keras_gex.detect_noisy(data, trained_mlp, score="loss", verbose=0)
     with pytest.raises(ValueError, match="reference_floor"):
         keras_gex.detect_noisy(data, trained_mlp, reference_floor=-1.0, verbose=0)
+    for threshold in (float("nan"), True, "mean"):
+        with pytest.raises(ValueError, match="Argument `threshold`"):
+            keras_gex.detect_noisy(data, trained_mlp, threshold=threshold, verbose=0)
     regression = keras.Sequential([keras.Input((64,)), keras.layers.Dense(1)])
     regression.compile(loss="mse")
     with pytest.raises(ValueError, match=r"needs a classification loss.*mean_squared_error"):
