@@ -159,6 +159,15 @@ def _parser() -> argparse.ArgumentParser:
             "layers or model classes are defined and registered; may be repeated"
         ),
     )
+    detect.add_argument(
+        "--export",
+        action="store_true",
+        help=(
+            "also write --out/scorer: a TensorFlow SavedModel whose score(x, y) scores new "
+            "batches as this run did and whose flag(x, y) applies its threshold "
+            "(keras_gex.export_scorer with report=)"
+        ),
+    )
     detect.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -437,6 +446,12 @@ def _detect(args) -> None:
         _import_module(module)
     model = _load_model(args.model)
     x, y, class_names = _load_data(args.data)
+    if args.export and not isinstance(x, np.ndarray):
+        raise ValueError(
+            "`--export` writes a scorer for a model with one input array; DATA holds "
+            "several. Export from Python with `keras_gex.export_scorer(ensemble, path, "
+            "input_spec=..., report=...)`."
+        )
     verbose = 0 if args.quiet else 1
     # Keras' progress bar redraws itself with ANSI codes: on a terminal only.
     progress_bar = verbose and sys.stdout.isatty()
@@ -481,10 +496,19 @@ def _detect(args) -> None:
         images=x if isinstance(x, np.ndarray) else None,  # no gallery for several inputs
         class_names=class_names,
     )
-    print(
-        f"{report.num_flagged} of {len(report.scores)} examples flagged; results in {args.out}/ "
-        "(scores.csv, scores.npy, flagged.txt, scores.png, report.html)"
-    )
+    written = "scores.csv, scores.npy, flagged.txt, scores.png, report.html"
+    if args.export:
+        import tensorflow as tf
+
+        from keras_gex.io.export import export_scorer
+
+        # The model's own input spec where it has one (a subclassed model: the data's).
+        symbolic = len(getattr(model, "inputs", None) or ()) == 1
+        spec = None if symbolic else tf.TensorSpec([None, *x.shape[1:]], x.dtype, name="x")
+        export_scorer(ensemble, os.path.join(args.out, "scorer"), input_spec=spec, report=report)
+        written += ", scorer/"
+    flagged = f"{report.num_flagged} of {len(report.scores)} examples flagged"
+    print(f"{flagged}; results in {args.out}/ ({written})")
 
 
 def _label_columns(report) -> dict:

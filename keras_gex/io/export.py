@@ -21,7 +21,7 @@ from keras_gex.weights import stateless_call
 
 
 class _ExportedScorer(tf.Module):
-    def __init__(self, ensemble, x_spec, y_spec):
+    def __init__(self, ensemble, x_spec, y_spec, report=None):
         super().__init__(name="keras_gex_scorer")
         model, loss = ensemble.model, ensemble.loss
         self._ref_t = [tf.Variable(w, trainable=False) for w in ensemble.reference.trainable]
@@ -63,16 +63,77 @@ class _ExportedScorer(tf.Module):
             return out
 
         self.score = tf.function(score, input_signature=[x_spec, y_spec], autograph=False)
+        if report is None:
+            return
+        # The report's cut on its own score: a row above it is one its rule flags.
+        self.score_method = tf.Variable(report.score_method, trainable=False)
+        self.threshold = tf.Variable(_gate_cut(report), dtype=tf.float64, trainable=False)
+        name = report.score_method
+
+        def flag(x, y):
+            return tf.cast(score(x, y)[name], tf.float64) > self.threshold
+
+        self.flag = tf.function(flag, input_signature=[x_spec, y_spec], autograph=False)
+
+
+def _gate_cut(report) -> float:
+    """The cut `flag` applies: midway between the report's highest score not
+    flagged and its lowest flagged one, where it has both.
+
+    `report.threshold` is the highest score not flagged itself, so the float
+    rounding of TensorFlow's route could flag that row; midway, the rows
+    flagged are the report's.
+
+    >>> from types import SimpleNamespace as Report
+    >>> scores = np.array([0.1, 0.2, 0.5, 0.9])
+    >>> _gate_cut(Report(scores=scores, noisy_mask=scores > 0.2, threshold=0.2))
+    0.35
+    >>> _gate_cut(Report(scores=scores, noisy_mask=scores > 0.9, threshold=0.9))  # none flagged
+    0.9
+    """
+    scores = np.asarray(report.scores, dtype=np.float64)
+    flagged = np.asarray(report.noisy_mask, bool)
+    if not flagged.any() or flagged.all():
+        return float(report.threshold)
+    return float((scores[~flagged].max() + scores[flagged].min()) / 2)
+
+
+def _check_report(report, ensemble, label_spec) -> None:
+    """Refuses a `report` whose cut the artifact of `ensemble` cannot carry."""
+    from keras_gex.analysis.report import NoisyLabelReport
+
+    if report is None:
+        return
+    if not isinstance(report, NoisyLabelReport):
+        raise TypeError(
+            "Argument `report` must be a `NoisyLabelReport` (from `detect_noisy`). "
+            f"Received: report of type {type(report).__name__}"
+        )
+    if report.ensemble is not ensemble:
+        raise ValueError(
+            "Argument `report` must be scored with the ensemble being exported: its "
+            "threshold is a cut on that ensemble's scores. Pass the report that "
+            "`detect_noisy(data, ensemble)` returned."
+        )
+    if report.score_method == "member_margin" and not _has_margin(ensemble, label_spec):
+        raise ValueError(
+            'Argument `report` ranks by "member_margin", which labels of '
+            f"`label_spec={label_spec}` (several per row) do not have."
+        )
 
 
 def _has_margin(ensemble, label_spec) -> bool:
     """Whether labels of `label_spec` are one of mutually exclusive classes per
-    row (`scores.exclusive_classes`), so the member margin is defined."""
+    row (`scores.exclusive_classes`), so the member margin is defined.
+
+    A dimension of unknown size past the batch may hold several labels per
+    row: read as 2, so that only a spec that fixes one label per row has one.
+    """
     if not ensemble.loss.is_classification:
         return False
     if label_spec.shape.rank is None:  # one sigmoid output (`_default_label_spec`)
         return True
-    shape = [1, *(d if d is not None else 1 for d in label_spec.shape.as_list()[1:])]
+    shape = [1, *(d if d is not None else 2 for d in label_spec.shape.as_list()[1:])]
     return exclusive_classes(ensemble.loss.kind, np.zeros(shape))
 
 
@@ -107,7 +168,7 @@ def _default_label_spec(ensemble):
     return tf.TensorSpec([None, *out.shape[1:]], tf.float32, name="y")
 
 
-def export_scorer(ensemble, path, *, input_spec=None, label_spec=None) -> str:
+def export_scorer(ensemble, path, *, input_spec=None, label_spec=None, report=None) -> str:
     """Saves a TensorFlow-only scorer of `ensemble` as a SavedModel at `path`.
 
     Args:
@@ -119,6 +180,14 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None) -> str:
             (int64 class ids for sparse cross-entropy; float32 labels `(N,)` or
             `(N, 1)` for one output unit, as `fit` takes them; otherwise float32
             shaped like the model's output).
+        report: A `NoisyLabelReport` of `ensemble` whose cut the artifact
+            carries: its `flag(x, y)` is True for a row whose
+            `report.score_method` score lies above the report's cut (a row
+            that report's rule would flag), and `score_method` and
+            `threshold` hold the two. The cut lies midway between the
+            report's highest score not flagged (`report.threshold`) and its
+            lowest flagged one, so that float rounding flags the report's
+            rows. Defaults to `None` (scores only).
 
     The artifact's `score(x, y)` returns, per row: "member_loss" (the members'
     mean loss on the label) and, where each row's label is one of mutually
@@ -140,7 +209,16 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None) -> str:
     scorer = tf.saved_model.load("gex_scorer")
     out = scorer.score(x_batch, y_batch)
     scores = out.get("member_margin", out["member_loss"])  # what detect_noisy ranks by
+    # or, exported with `report=report`, that report's cut too:
+    suspect = scorer.flag(x_batch, y_batch)
     ```
+
+    Raises:
+        TypeError: If a spec is not a `tf.TensorSpec`, or `report` is not a
+            `NoisyLabelReport`.
+        ValueError: If the model has no single input to read `input_spec`
+            from, or `report` was not scored with `ensemble` or ranks by a
+            score these labels do not have.
     """
     model = ensemble.model
     if input_spec is None:
@@ -156,7 +234,8 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None) -> str:
     for name, spec in (("input_spec", input_spec), ("label_spec", label_spec)):
         if not isinstance(spec, tf.TensorSpec):
             raise TypeError(f"Argument `{name}` must be a `tf.TensorSpec`. Received: {spec!r}")
-    module = _ExportedScorer(ensemble, input_spec, label_spec)
+    _check_report(report, ensemble, label_spec)
+    module = _ExportedScorer(ensemble, input_spec, label_spec, report)
     path = os.fspath(path)
     tf.saved_model.save(module, path, signatures={"serving_default": module.score})
     return path

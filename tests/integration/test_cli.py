@@ -174,13 +174,22 @@ def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
     assert page.count("data:image/png;base64,") == 2 and "Flagged examples" in page
     assert "mean_m ℓ(z,θ_m)" in page
     assert "flagged; results in out/" in proc.stdout
-    # A second run reuses the saved ensemble: same scores.
+    # A second run reuses the saved ensemble: same scores; `--export` adds its scorer,
+    # whose `flag` applies the run's threshold to the rows it flagged.
     again = _run_cli(
-        ["detect", "model.keras", "data.npz", "--out", "out", "--members", "3", "--quiet"],
+        ["detect", "model.keras", "data.npz", "--out", "out", "--members", "3", "--quiet",
+         "--export"],
         tmp_path,
-    )
-    assert again.returncode == 0
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
     np.testing.assert_array_equal(np.load(out / "scores.npy"), scores)
+    assert "scorer/" in again.stdout
+    import tensorflow as tf
+
+    scorer = tf.saved_model.load(str(out / "scorer"))
+    flags = scorer.flag(tf.constant(digits.x_train), tf.constant(digits.y_train, tf.int64))
+    assert scorer.score_method.numpy() == b"member_margin"
+    assert set(np.flatnonzero(flags.numpy())) == set(flagged)
     # The paper's score from the same ensemble: its own column name.
     args = ["detect", "model.keras", "data.npz", "--out", "out", "--members", "3", "--quiet"]
     paper = _run_cli([*args, "--score", "self_influence"], tmp_path)
@@ -266,6 +275,8 @@ def test_detect_reads_several_inputs_from_npz(tmp_path, monkeypatch, digits):
     model.save(tmp_path / "model.keras")
     np.savez(tmp_path / "data.npz", **{"x.a": x[:, :40], "x.b": x[:, 40:]}, y=y)
     args = ["detect", "model.keras", "data.npz", "--members", "2", "--steps", "20", "--quiet"]
+    assert main([*args, "--export"]) == 2  # refused before collecting: one input only
+    assert not (tmp_path / "gex_report").exists()
     assert main(args) == 0
     scores = np.load(tmp_path / "gex_report" / "scores.npy")
     assert scores.shape == (200,) and np.all(np.isfinite(scores))
@@ -295,10 +306,16 @@ def test_detect_on_a_sigmoid_classifier_and_a_regression(tmp_path, monkeypatch, 
     model.save(tmp_path / "model.keras")
     np.savez(tmp_path / "data.npz", x=x, y=y)
     args = ["detect", "model.keras", "data.npz", "--members", "2", "--steps", "20", "--quiet"]
-    assert main(args) == 0
+    assert main([*args, "--export"]) == 0
     with open(tmp_path / "gex_report" / "scores.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 300
+    # The exported gate flags the rows the run flagged, labels as `fit` takes them.
+    import tensorflow as tf
+
+    scorer = tf.saved_model.load(str(tmp_path / "gex_report" / "scorer"))
+    gate = scorer.flag(tf.constant(x), tf.constant(y)).numpy()
+    np.testing.assert_array_equal(gate, [r["flagged"] == "1" for r in rows])
     if task == "regression":
         assert set(rows[0]) == {"index", "member_loss", "flagged"}
         return

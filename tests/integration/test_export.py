@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from keras_gex.io.export import export_scorer
 
 @pytest.mark.slow
 def test_exported_scorer_reproduces_scores_in_a_fresh_process(digits_ensemble, digits, tmp_path):
-    path = export_scorer(digits_ensemble, tmp_path / "scorer")
     x, y = digits.x_train[:300], digits.y_train[:300]
+    report = keras_gex.detect_noisy((x, y), digits_ensemble, verbose=0)
+    path = export_scorer(digits_ensemble, tmp_path / "scorer", report=report)
     np.savez(tmp_path / "batch.npz", x=x, y=y)
     script = textwrap.dedent(
         """
@@ -25,6 +27,7 @@ def test_exported_scorer_reproduces_scores_in_a_fresh_process(digits_ensemble, d
         out = scorer.score(tf.constant(data["x"]), tf.constant(data["y"], tf.int64))
         np.save(sys.argv[3], out["self_influence"].numpy())
         np.save(sys.argv[5], out["member_margin"].numpy())
+        np.save(sys.argv[6], scorer.flag(tf.constant(data["x"]), tf.constant(data["y"])))
         sig = scorer.signatures["serving_default"]
         np.save(sys.argv[4], sig(x=tf.constant(data["x"]), y=tf.constant(data["y"]))["deviations"])
         assert "keras_gex" not in sys.modules
@@ -33,7 +36,8 @@ def test_exported_scorer_reproduces_scores_in_a_fresh_process(digits_ensemble, d
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, "-c", script, path, str(tmp_path / "batch.npz"),
-         str(tmp_path / "si.npy"), str(tmp_path / "dev.npy"), str(tmp_path / "margin.npy")],
+         str(tmp_path / "si.npy"), str(tmp_path / "dev.npy"), str(tmp_path / "margin.npy"),
+         str(tmp_path / "flag.npy")],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,8 +48,8 @@ def test_exported_scorer_reproduces_scores_in_a_fresh_process(digits_ensemble, d
     np.testing.assert_allclose(
         np.load(tmp_path / "dev.npy"), expected.deviations, atol=1e-5, rtol=1e-5
     )
-    report = keras_gex.detect_noisy((x, y), digits_ensemble, verbose=0)
     np.testing.assert_allclose(np.load(tmp_path / "margin.npy"), report.scores, atol=1e-5)
+    np.testing.assert_array_equal(np.load(tmp_path / "flag.npy"), report.noisy_mask)
 
 
 def test_exported_scores_are_detect_noisys(digits_ensemble, digits, tmp_path):
@@ -61,6 +65,33 @@ def test_exported_scores_are_detect_noisys(digits_ensemble, digits, tmp_path):
     assert out["member_margin"].dtype == tf.float64
     # The margin is the loss less half a log-probability (≤ 0): never above it.
     assert np.all(out["member_margin"].numpy() <= out["member_loss"].numpy() + 1e-12)
+
+
+def test_exported_report_flags_the_rows_the_report_flags(digits_ensemble, digits, tmp_path):
+    """With `report=`, `flag(x, y)` is the report's cut on its own score, for every score."""
+    data = (digits.x_train, digits.y_train)
+    x, y = tf.constant(digits.x_train), tf.constant(digits.y_train, tf.int64)
+    for score in ("auto", "member_loss", "self_influence"):
+        report = keras_gex.detect_noisy(data, digits_ensemble, score=score, verbose=0)
+        path = export_scorer(digits_ensemble, tmp_path / report.score_method, report=report)
+        scorer = tf.saved_model.load(path)
+        assert scorer.score_method.numpy().decode() == report.score_method
+        # Midway between the highest score not flagged and the lowest flagged.
+        kept, flagged = report.scores[~report.noisy_mask], report.scores[report.noisy_mask]
+        assert report.threshold == kept.max() < scorer.threshold.numpy() < flagged.min()
+        np.testing.assert_array_equal(scorer.flag(x, y).numpy(), report.noisy_mask)
+
+
+def test_export_refuses_a_report_it_cannot_carry(digits_ensemble, digits, tmp_path):
+    margin = keras_gex.detect_noisy((digits.x_train, digits.y_train), digits_ensemble, verbose=0)
+    with pytest.raises(TypeError, match="Argument `report` must be a `NoisyLabelReport`"):
+        export_scorer(digits_ensemble, tmp_path / "a", report=margin.threshold)
+    elsewhere = dataclasses.replace(margin, ensemble=None)  # not this ensemble's cut
+    with pytest.raises(ValueError, match="scored with the ensemble being exported"):
+        export_scorer(digits_ensemble, tmp_path / "b", report=elsewhere)
+    several = tf.TensorSpec([None, 3], tf.int64)  # labels per position: no margin
+    with pytest.raises(ValueError, match="member_margin"):
+        export_scorer(digits_ensemble, tmp_path / "c", label_spec=several, report=margin)
 
 
 def test_export_validates_specs(digits_ensemble, tmp_path):
@@ -115,6 +146,10 @@ def test_exported_scorer_has_no_margin_without_one_class_per_row(digits, tmp_pat
         scorer = tf.saved_model.load(export_scorer(ensemble, tmp_path / loss))
         out = scorer.score(x, y)
         assert "member_margin" not in out, loss
+        # A label width the spec leaves open may hold several labels per row: no margin.
+        spec = tf.TensorSpec([None, None], tf.float32)
+        path = export_scorer(ensemble, tmp_path / f"{loss}-open", label_spec=spec)
+        assert "member_margin" not in tf.saved_model.load(path).score(x, y), loss
         report = keras_gex.detect_noisy((x, y), ensemble, verbose=0)
         assert report.score_method == "member_loss", loss
         np.testing.assert_allclose(out["member_loss"].numpy(), report.scores, atol=1e-5)

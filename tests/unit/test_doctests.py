@@ -10,6 +10,7 @@ MODULES = [
     "keras_gex.analysis.scores",
     "keras_gex.analysis.thresholding",
     "keras_gex.datasets",
+    "keras_gex.io.export",
     "keras_gex.analysis.prune",
     "keras_gex.collection.budget",
     "keras_gex.collection.step_size",
