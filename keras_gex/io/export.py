@@ -187,7 +187,8 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None, report=No
             `threshold` hold the two. The cut lies midway between the
             report's highest score not flagged (`report.threshold`) and its
             lowest flagged one, so that float rounding flags the report's
-            rows. Defaults to `None` (scores only).
+            rows. `flag` is also the artifact's "flag" signature. Defaults to
+            `None` (scores only).
 
     The artifact's `score(x, y)` returns, per row: "member_loss" (the members'
     mean loss on the label) and, where each row's label is one of mutually
@@ -237,5 +238,8 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None, report=No
     _check_report(report, ensemble, label_spec)
     module = _ExportedScorer(ensemble, input_spec, label_spec, report)
     path = os.fspath(path)
-    tf.saved_model.save(module, path, signatures={"serving_default": module.score})
+    signatures = {"serving_default": module.score}
+    if report is not None:
+        signatures["flag"] = module.flag
+    tf.saved_model.save(module, path, signatures=signatures)
     return path

@@ -80,6 +80,8 @@ def test_exported_report_flags_the_rows_the_report_flags(digits_ensemble, digits
         kept, flagged = report.scores[~report.noisy_mask], report.scores[report.noisy_mask]
         assert report.threshold == kept.max() < scorer.threshold.numpy() < flagged.min()
         np.testing.assert_array_equal(scorer.flag(x, y).numpy(), report.noisy_mask)
+        served = scorer.signatures["flag"](x=x, y=y)["output_0"]  # also a signature
+        np.testing.assert_array_equal(served.numpy(), report.noisy_mask)
 
 
 def test_export_refuses_a_report_it_cannot_carry(digits_ensemble, digits, tmp_path):
