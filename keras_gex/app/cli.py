@@ -446,12 +446,6 @@ def _detect(args) -> None:
         _import_module(module)
     model = _load_model(args.model)
     x, y, class_names = _load_data(args.data)
-    if args.export and not isinstance(x, np.ndarray):
-        raise ValueError(
-            "`--export` writes a scorer for a model with one input array; DATA holds "
-            "several. Export from Python with `keras_gex.export_scorer(ensemble, path, "
-            "input_spec=..., report=...)`."
-        )
     verbose = 0 if args.quiet else 1
     # Keras' progress bar redraws itself with ANSI codes: on a terminal only.
     progress_bar = verbose and sys.stdout.isatty()
@@ -502,9 +496,10 @@ def _detect(args) -> None:
 
         from keras_gex.io.export import export_scorer
 
-        # The model's own input spec where it has one (a subclassed model: the data's).
-        symbolic = len(getattr(model, "inputs", None) or ()) == 1
-        spec = None if symbolic else tf.TensorSpec([None, *x.shape[1:]], x.dtype, name="x")
+        # The model's own input specs where it has them (a subclassed model: the data's).
+        spec = None
+        if not getattr(model, "inputs", None):
+            spec = tf.nest.map_structure(lambda a: tf.TensorSpec([None, *a.shape[1:]], a.dtype), x)
         export_scorer(ensemble, os.path.join(args.out, "scorer"), input_spec=spec, report=report)
         written += ", scorer/"
     flagged = f"{report.num_flagged} of {len(report.scores)} examples flagged"

@@ -6,7 +6,8 @@ for labels of mutually exclusive classes, the member margin), self-influence,
 the deviation matrix and θ*'s loss — using TensorFlow alone: no keras_gex, no
 training code, no Python model definition. Load it with
 `tf.saved_model.load(path)` and call `artifact.score(x, y)` (or serve the
-`serving_default` signature).
+`serving_default` signature). Exported with a `NoisyLabelReport`, the artifact
+also applies its cut: `artifact.flag(x, y)` (the "flag" signature).
 """
 
 from __future__ import annotations
@@ -157,6 +158,27 @@ def _other_class_log_probs(kind: str, y, probabilities):
     return tf.math.log(tf.maximum(tf.reduce_max(others, axis=1), np.finfo(np.float64).tiny))
 
 
+def _default_input_spec(model):
+    """The model's symbolic inputs as specs with a free batch dimension, in the
+    structure the model takes (one spec, or a dict or list for several)."""
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError(
+            "Pass `input_spec=`: the model has no symbolic inputs to read the input "
+            "shape from (a subclassed model)."
+        )
+
+    def spec(tensor, name):
+        return tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype, name=name)
+
+    if len(inputs) == 1:
+        return spec(inputs[0], "x")
+    structure = model.input  # a functional model's dict or list of inputs
+    if isinstance(structure, dict):
+        return {key: spec(tensor, key) for key, tensor in structure.items()}
+    return [spec(tensor, f"x{i}") for i, tensor in enumerate(inputs)]
+
+
 def _default_label_spec(ensemble):
     out = ensemble.model.outputs[0] if getattr(ensemble.model, "outputs", None) else None
     if ensemble.loss.kind == "sparse_categorical_crossentropy":
@@ -174,8 +196,11 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None, report=No
     Args:
         ensemble: A `GeometricEnsemble`.
         path: Output directory.
-        input_spec: `tf.TensorSpec` of an input batch. Defaults to `None`
-            (the model's input with a free batch dimension).
+        input_spec: `tf.TensorSpec` of an input batch, or a dict or list of
+            them for a model with several inputs, as the model takes them.
+            Defaults to `None` (the model's inputs with a free batch
+            dimension: a dict by input name for a model built on a dict of
+            inputs, else a list).
         label_spec: `tf.TensorSpec` of a label batch. Defaults to `None`
             (int64 class ids for sparse cross-entropy; float32 labels `(N,)` or
             `(N, 1)` for one output unit, as `fit` takes them; otherwise float32
@@ -215,26 +240,32 @@ def export_scorer(ensemble, path, *, input_spec=None, label_spec=None, report=No
     ```
 
     Raises:
-        TypeError: If a spec is not a `tf.TensorSpec`, or `report` is not a
-            `NoisyLabelReport`.
-        ValueError: If the model has no single input to read `input_spec`
-            from, or `report` was not scored with `ensemble` or ranks by a
-            score these labels do not have.
+        TypeError: If a spec is not a `tf.TensorSpec` (or, for the input, a
+            dict or list of them), or `report` is not a `NoisyLabelReport`.
+        ValueError: If the model has no symbolic inputs to read `input_spec`
+            from, two specs share a name, or `report` was not scored with
+            `ensemble` or ranks by a score these labels do not have.
     """
-    model = ensemble.model
     if input_spec is None:
-        inputs = getattr(model, "inputs", None)
-        if not inputs or len(inputs) != 1:
-            raise ValueError(
-                "Pass `input_spec=`: the model has no single symbolic input to read the "
-                "input shape from."
-            )
-        input_spec = tf.TensorSpec([None, *inputs[0].shape[1:]], inputs[0].dtype, name="x")
+        input_spec = _default_input_spec(ensemble.model)
     if label_spec is None:
         label_spec = _default_label_spec(ensemble)
-    for name, spec in (("input_spec", input_spec), ("label_spec", label_spec)):
-        if not isinstance(spec, tf.TensorSpec):
-            raise TypeError(f"Argument `{name}` must be a `tf.TensorSpec`. Received: {spec!r}")
+    leaves = tf.nest.flatten(input_spec)
+    if not leaves or not all(isinstance(spec, tf.TensorSpec) for spec in leaves):
+        raise TypeError(
+            "Argument `input_spec` must be a `tf.TensorSpec`, or a dict or list of them "
+            f"for a model with several inputs. Received: {input_spec!r}"
+        )
+    if not isinstance(label_spec, tf.TensorSpec):
+        raise TypeError(
+            f"Argument `label_spec` must be a `tf.TensorSpec`. Received: {label_spec!r}"
+        )
+    names = [spec.name for spec in leaves if spec.name] + [label_spec.name or "y"]
+    if len(set(names)) != len(names):  # the signatures take every spec by its name
+        raise ValueError(
+            f"The input and label specs must have distinct names; received {names}. "
+            "Pass `input_spec=` or `label_spec=` with other names."
+        )
     _check_report(report, ensemble, label_spec)
     module = _ExportedScorer(ensemble, input_spec, label_spec, report)
     path = os.fspath(path)

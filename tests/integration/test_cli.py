@@ -275,12 +275,17 @@ def test_detect_reads_several_inputs_from_npz(tmp_path, monkeypatch, digits):
     model.save(tmp_path / "model.keras")
     np.savez(tmp_path / "data.npz", **{"x.a": x[:, :40], "x.b": x[:, 40:]}, y=y)
     args = ["detect", "model.keras", "data.npz", "--members", "2", "--steps", "20", "--quiet"]
-    assert main([*args, "--export"]) == 2  # refused before collecting: one input only
-    assert not (tmp_path / "gex_report").exists()
-    assert main(args) == 0
+    assert main([*args, "--learning-rate", "0.5", "--export"]) == 0
     scores = np.load(tmp_path / "gex_report" / "scores.npy")
     assert scores.shape == (200,) and np.all(np.isfinite(scores))
     assert (tmp_path / "gex_report" / "report.html").read_text().count("data:image/png") == 1
+    import tensorflow as tf  # the scorer takes the inputs by name, as the model does
+
+    scorer = tf.saved_model.load(str(tmp_path / "gex_report" / "scorer"))
+    inputs = {"a": tf.constant(x[:, :40]), "b": tf.constant(x[:, 40:])}
+    flagged = np.loadtxt(tmp_path / "gex_report" / "flagged.txt", dtype=int, ndmin=1)
+    gate = scorer.flag(inputs, tf.constant(y, tf.int64)).numpy()
+    assert set(np.flatnonzero(gate)) == set(flagged)
 
 
 @pytest.mark.slow

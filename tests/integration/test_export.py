@@ -96,9 +96,49 @@ def test_export_refuses_a_report_it_cannot_carry(digits_ensemble, digits, tmp_pa
         export_scorer(digits_ensemble, tmp_path / "c", label_spec=several, report=margin)
 
 
+@pytest.mark.parametrize("structure", ["dict", pytest.param("list", marks=pytest.mark.slow)])
+def test_exported_scorer_of_several_inputs_takes_them_as_the_model_does(
+    digits, tmp_path, structure
+):
+    """A model of several inputs: the default spec is its own structure; the
+    artifact's scores and flags are `detect_noisy`'s, also through the signature."""
+    import keras
+
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((40,), name="a"), keras.Input((24,), name="b")
+    hidden = keras.layers.Dense(32, activation="relu")(keras.layers.Concatenate()([a, b]))
+    inputs = {"a": a, "b": b} if structure == "dict" else [a, b]
+    model = keras.Model(inputs, keras.layers.Dense(10)(hidden))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    data = {"a": x[:, :40], "b": x[:, 40:]}
+    if structure == "list":
+        data = [data["a"], data["b"]]
+    model.fit(data, y, epochs=20, verbose=0)
+    ensemble = keras_gex.GeometricEnsemble.collect(
+        model, (data, y), num_members=2, steps=20, learning_rate=0.5, seed=0, verbose=0
+    )
+    report = keras_gex.detect_noisy((data, y), ensemble, verbose=0)
+    assert report.num_flagged > 0
+    scorer = tf.saved_model.load(export_scorer(ensemble, tmp_path / structure, report=report))
+    out = scorer.score(tf.nest.map_structure(tf.constant, data), tf.constant(y, tf.int64))
+    np.testing.assert_allclose(out["member_margin"].numpy(), report.scores, atol=1e-5)
+    flags = scorer.flag(tf.nest.map_structure(tf.constant, data), tf.constant(y, tf.int64))
+    np.testing.assert_array_equal(flags.numpy(), report.noisy_mask)
+    named = dict(zip(("a", "b"), data)) if structure == "list" else data
+    keys = {"a": "a", "b": "b"} if structure == "dict" else {"a": "x0", "b": "x1"}
+    served = scorer.signatures["flag"](
+        **{keys[k]: tf.constant(v) for k, v in named.items()}, y=tf.constant(y, tf.int64)
+    )
+    np.testing.assert_array_equal(served["output_0"].numpy(), report.noisy_mask)
+
+
 def test_export_validates_specs(digits_ensemble, tmp_path):
     with pytest.raises(TypeError, match="input_spec"):
         export_scorer(digits_ensemble, tmp_path / "s", input_spec=(None, 64))
+    clash = tf.TensorSpec([None, 64], tf.float32, name="y")  # the label's name
+    with pytest.raises(ValueError, match="distinct names"):
+        export_scorer(digits_ensemble, tmp_path / "s1", input_spec=clash)
     assert keras_gex.export_scorer is export_scorer
     spec = tf.TensorSpec([None, 64], tf.float32)
     export_scorer(digits_ensemble, tmp_path / "s2", input_spec=spec)
