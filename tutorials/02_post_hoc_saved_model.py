@@ -2,8 +2,8 @@
 Title: GEX for a model you already trained and saved
 Author: keras_gex contributors
 Date created: 2026/11/23
-Last modified: 2026/11/23
-Description: Post-hoc GEX on a reloaded `.keras` model; save, load and resume ensembles.
+Last modified: 2026/12/07
+Description: Post-hoc GEX on a saved `.keras` model; save, load, resume; a production gate.
 """
 
 # Keras-guide layout: prose strings come before the imports.
@@ -179,6 +179,46 @@ except ValueError as error:
     print("refused:", str(error).split(". ")[0])
 
 """
+## A production gate: check new data without keras_gex
+
+The same ensemble can screen data that arrives after training. `export_scorer` writes a
+TensorFlow SavedModel that runs θ* and every member; exported with a report, its
+`flag(x, y)` applies that report's threshold, so a new row is flagged exactly when the
+report's rule would have flagged it among the training rows. Loading it needs TensorFlow
+only: no keras_gex, no model code.
+
+Here the "new data" are test images with 10% of their labels flipped.
+"""
+
+import tensorflow as tf
+
+SCORER_DIR = "fashion_gex_scorer"
+keras_gex.export_scorer(ensemble, SCORER_DIR, report=reloaded)
+
+new_images, new_labels = tfds.as_numpy(
+    tfds.load("fashion_mnist", split="test[:2000]", as_supervised=True, batch_size=-1)
+)
+x_new = new_images.astype("float32") / 255.0
+y_new, new_flipped = flip_labels(new_labels, 0.1, num_classes=10, seed=SEED + 1)
+
+scorer = tf.saved_model.load(SCORER_DIR)  # anywhere with TensorFlow
+flagged_new = scorer.flag(tf.constant(x_new), tf.constant(y_new, tf.int64)).numpy()
+print(
+    f"gate on {len(y_new)} new rows: flags {flagged_new[new_flipped].mean():.0%} of the "
+    f"flipped labels and {flagged_new[~new_flipped].mean():.0%} of the others"
+)
+same_gate = scorer.flag(tf.constant(x_train), tf.constant(y_train, tf.int64)).numpy()
+print(
+    "gate on the training rows = the report's flags:",
+    bool(np.array_equal(same_gate, reloaded.noisy_mask)),
+)
+
+"""
+`scorer.score(x, y)` returns the scores themselves (the member margin here, the member
+loss, self-influence, θ*'s loss and predictions), and both functions are also the
+SavedModel's signatures ("serving_default" and "flag") for TensorFlow Serving. The
+command line does the same with `keras-gex detect MODEL DATA --export`.
+
 ## Resuming an interrupted collection
 
 Collections of large ensembles on large models take a while, and jobs get killed. With

@@ -32,6 +32,9 @@ EXPECTED = {
         r"post-hoc detection: AUC (?P<auc>\d\.\d+)",
         r"loaded ensemble: max \|score difference\| (?P<loaded>\S+) ",
         r"refused: .*different trained weights",
+        r"gate on \d+ new rows: flags (?P<gate_flipped>\d+)% of the flipped labels and "
+        r"(?P<gate_other>\d+)% of the others",
+        r"gate on the training rows = the report's flags: True",
         r"resumed ensemble vs uninterrupted: max \|score difference\| (?P<resumed>\S+)",
     ],
     "03_explain_predictions.py": [
@@ -57,7 +60,10 @@ CHECKS = {
     "01_fashion_mnist_noisy_labels.py": lambda f: float(f["auc"]) > 0.8,
     # Bit-identical on CPU (README, Reproducibility); allow float-level noise elsewhere.
     "02_post_hoc_saved_model.py": lambda f: (
-        float(f["auc"]) > 0.8 and float(f["loaded"]) < 1e-4 and float(f["resumed"]) < 1e-4
+        float(f["auc"]) > 0.8
+        and float(f["loaded"]) < 1e-4
+        and float(f["resumed"]) < 1e-4
+        and int(f["gate_flipped"]) > int(f["gate_other"])
     ),
     "03_explain_predictions.py": lambda f: float(f["share"]) > float(f["chance"]),
     "05_distributed.py": lambda f: (
