@@ -99,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Collect a geometric ensemble from a saved Keras model, score every example "
             "of DATA by its members' losses and flag likely mislabeled ones. Writes "
-            "scores.csv, scores.npy, flagged.txt, scores.png, report.html and "
-            "the ensemble (reused by later runs) into --out."
+            "scores.csv, scores.npy, flagged.txt, scores.png, report.html, summary.json "
+            "and the ensemble (reused by later runs) into --out."
         ),
         epilog=(
             "DATA is an .npz file with arrays `x` and `y` (inputs exactly as the model "
@@ -420,6 +420,7 @@ def _load_model(path: str):
 
 def _detect(args) -> None:
     import csv
+    import json
 
     import numpy as np
 
@@ -490,7 +491,18 @@ def _detect(args) -> None:
         images=x if isinstance(x, np.ndarray) else None,  # no gallery for several inputs
         class_names=class_names,
     )
-    written = "scores.csv, scores.npy, flagged.txt, scores.png, report.html"
+    summary = {  # the run's outcome for scripts: what stdout's summary says in prose
+        "rows": len(report.scores),
+        "flagged": report.num_flagged,
+        "score": report.score_method,
+        "threshold": float(report.threshold),
+        "threshold_rule": report.threshold_method,
+        "members": ensemble.num_members,
+        "diagnostics": report.diagnostics(),
+    }
+    with open(os.path.join(args.out, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    written = "scores.csv, scores.npy, flagged.txt, scores.png, report.html, summary.json"
     if args.export:
         import tensorflow as tf
 

@@ -157,7 +157,8 @@ def test_detect_end_to_end_on_a_saved_digits_model(tmp_path, digits):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
-    for name in ("scores.csv", "scores.npy", "flagged.txt", "scores.png", "report.html"):
+    outputs = ("scores.csv", "scores.npy", "flagged.txt", "scores.png", "report.html")
+    for name in (*outputs, "summary.json"):
         assert (out / name).stat().st_size > 0, name
     scores = np.load(out / "scores.npy")
     assert scores.shape == (len(digits.x_train),)
@@ -279,11 +280,19 @@ def test_detect_reads_several_inputs_from_npz(tmp_path, monkeypatch, digits):
     scores = np.load(tmp_path / "gex_report" / "scores.npy")
     assert scores.shape == (200,) and np.all(np.isfinite(scores))
     assert (tmp_path / "gex_report" / "report.html").read_text().count("data:image/png") == 1
+    import json  # the outcome for scripts agrees with the other files
+
+    summary = json.loads((tmp_path / "gex_report" / "summary.json").read_text())
+    flagged = np.loadtxt(tmp_path / "gex_report" / "flagged.txt", dtype=int, ndmin=1)
+    assert summary["rows"] == 200 and summary["flagged"] == len(flagged) > 0
+    assert summary["score"] == "member_margin" and summary["members"] == 2
+    assert summary["threshold_rule"] == "min_error" and isinstance(summary["diagnostics"], list)
+    above = np.flatnonzero(scores > summary["threshold"])
+    assert set(above) == set(flagged)
     import tensorflow as tf  # the scorer takes the inputs by name, as the model does
 
     scorer = tf.saved_model.load(str(tmp_path / "gex_report" / "scorer"))
     inputs = {"a": tf.constant(x[:, :40]), "b": tf.constant(x[:, 40:])}
-    flagged = np.loadtxt(tmp_path / "gex_report" / "flagged.txt", dtype=int, ndmin=1)
     gate = scorer.flag(inputs, tf.constant(y, tf.int64)).numpy()
     assert set(np.flatnonzero(gate)) == set(flagged)
 
