@@ -20,6 +20,7 @@ from keras_gex.collection.frozen import layer_list
 from keras_gex.collection.step_size import (
     LR_FACTOR,
     MEMORISED_FIT,
+    beyond_theta,
     closest_to_window,
     relative_fit,
     why_uncalibrated,
@@ -177,8 +178,25 @@ def calibration_miss(record: CollectionRecord) -> str | None:
     below = [p for p in probes if p not in above]
     if above and below:
         kept = max(above, key=lambda p: p.learning_rate)
-        fell = min(below, key=lambda p: p.learning_rate)
+        # The decay search (at the stability edge, or a regression's) fell at kept's step size.
+        by_decay = [
+            p
+            for p in below
+            if p.learning_rate == kept.learning_rate
+            and None not in (p.weight_decay, kept.weight_decay)
+            and p.weight_decay > kept.weight_decay
+        ]
+        fell = min(by_decay or below, key=lambda p: (p.learning_rate, p.weight_decay or 0.0))
         what = "diverged" if not np.isfinite(fell.loss) else f"kept {fell.relative_fit:.0%}"
+        if by_decay:
+            return (
+                f"no setting put members in the fit window ({window}): at lr "
+                f"{kept.learning_rate:.3g} they kept {kept.relative_fit:.0%} with weight decay "
+                f"{kept.weight_decay:.3g} and {what} with {fell.weight_decay:.3g}. The fit "
+                "jumps past the window between the two decays; every member uses the nearest "
+                "probe's settings. Pass a `weight_decay` in between, or a smaller "
+                "`learning_rate` with a larger decay."
+            )
         return (
             f"no step size put members in the fit window ({window}): they kept "
             f"{kept.relative_fit:.0%} at lr {kept.learning_rate:.3g} and {what} at "
@@ -635,11 +653,15 @@ class NoisyLabelReport:
         window = record.fit_window if record is not None else None
         chance = record.chance_fit if record is not None else None
         ref_fit = ref.fit if ref is not None else None
+        unfinished = False  # members fit θ*'s data better than θ*: it had not finished training
         # Relative fit is a share of what θ* fits above chance: undefined where θ*
         # fits no better than chance (calibration says so and keeps a fixed step).
         if stats and window and chance is not None and why_uncalibrated(ref_fit, chance) is None:
             rel = [relative_fit(s, ref, chance) for s in stats if s.fit is not None]
-            if rel and np.mean(rel) > window[1]:
+            unfinished = bool(rel) and beyond_theta(float(np.mean(rel)))
+            if unfinished:
+                out.append(self._unfinished_text(float(np.mean(rel))))
+            elif rel and np.mean(rel) > window[1]:
                 out.append(
                     f"members still fit {np.mean(rel):.1%} of what θ* fits above chance: "
                     "they barely left θ*, so their scores rank rows much like θ*'s own loss "
@@ -652,7 +674,7 @@ class NoisyLabelReport:
                     "fine-tuning moved them towards chance, so their scores rank rows "
                     "close to at random; decrease `learning_rate`."
                 )
-            scatter = member_scatter(stats, ref, chance, window)
+            scatter = None if unfinished else member_scatter(stats, ref, chance, window)
             if scatter is not None:
                 lr_low, lr_high, lowest, highest = scatter
                 at, decide = f"{lr_low:.3g}", "decides"
@@ -672,7 +694,7 @@ class NoisyLabelReport:
                     "model, x, y, epochs=...)` (or `(model, dataset, epochs=...)`) with about "
                     "a tenth of the epochs it trained for."
                 )
-        if chance == 0.0:  # not classification: the fit is the share of loss explained
+        if chance == 0.0 or unfinished:  # the share of loss explained; or said above
             ref_fit = None
         if (
             ref_fit is not None
@@ -724,13 +746,40 @@ class NoisyLabelReport:
                 "fresh copies of the model) with about a tenth of the epochs it trained for, or "
                 "by a cross-validated model's loss of the given label."
             )
-        miss = calibration_miss(record) if record is not None else None
+        # A search that found no window around an unfinished θ* is said above.
+        miss = calibration_miss(record) if record is not None and not unfinished else None
         if miss is not None:
             out.append(miss)
         spread = np.std(self.deviations)
         if spread == 0:
             out.append("all loss deviations are zero: the members equal θ*.")
         return out
+
+    def _unfinished_text(self, mean_rel: float) -> str:
+        """The diagnostic for members that fit θ*'s data better than θ* (`beyond_theta`)."""
+        record = self.record
+        fits = [s.fit for s in record.member_stats if s.fit is not None]
+        share = "what θ* fits above chance"
+        if self.loss_kind in CLASSIFICATION_KINDS:
+            how = (
+                f"predict {np.mean(fits):.1%} of its training labels where θ* predicts "
+                f"{record.reference_stats.fit:.1%}"
+            )
+        else:
+            how = (
+                f"explain {np.mean(fits):.1%} of the loss of predicting the mean target "
+                f"where θ* explains {record.reference_stats.fit:.1%}"
+            )
+            share = "what θ* explains"
+        return (
+            f"θ* has not finished training: its members, fine-tuned from it at lr "
+            f"{record.learning_rate:.3g}, {how} ({mean_rel:.0%} of {share}). GEX explains "
+            "the final model of a finished training run, whose members "
+            "forget what it memorised; members of this θ* went on training it instead, so "
+            "their scores are those of models that kept training, not a measure of what θ* "
+            "memorised, and no step size changes that. Train the model until its training "
+            "loss stops falling, then run GEX again."
+        )
 
     def plot(self, *, log_x: bool = True, known_noisy=None, ax=None, path=None):
         """Histogram of the scores with the threshold; saves a PNG if `path`.

@@ -36,7 +36,9 @@ supports, and never sit at chance. Two mechanisms, one signal:
   shrink per step) and takes it while the fit rises and stays in the window,
   so members take the larger steps that keep what the data supports (a
   shrink-bound member is far below SGD's stability edge, so the step up
-  strides as the decay search does; one that overshoots is stopped halfway). A member that
+  strides as the decay search does; one that overshoots is stopped halfway). A
+  probe that fits θ*'s data better than θ* does (`beyond_theta`) ends the
+  search at its settings: θ* had not finished training. A member that
   diverged is run again `LR_FACTOR` × smaller; one that fell below the window
   is run again on another batch order, and the step size drops
   √`LR_FACTOR` × only once more members collapsed at it than kept it; at most
@@ -130,6 +132,21 @@ def hopeless(rel: float) -> bool:
     (True, True, False)
     """
     return rel > FIT_WINDOW[1] or at_chance(rel)
+
+
+def beyond_theta(rel: float) -> bool:
+    """Whether a member with the relative fit `rel` fits θ*'s data better than θ* does.
+
+    By at least the window's margin below θ* (1 − `FIT_WINDOW[1]`), above it:
+    fine-tuning went on training a θ* that had not finished training, so no
+    step size makes its members forget what it memorised. No probe or member
+    of a trained θ* on the zoo or its held-out rows passed 1.04
+    (docs/design.md#calibration).
+
+    >>> beyond_theta(1.04), beyond_theta(1.5)
+    (False, True)
+    """
+    return rel > 2.0 - FIT_WINDOW[1]
 
 
 def restored_in_tail(midway, rel: float) -> bool:
@@ -329,6 +346,10 @@ def calibrate(
     where members scatter by batch order; the decay pulls every member
     towards the same regularised fit (docs/design.md#regression-members).
 
+    A probe that fits θ*'s data better than θ* does (`beyond_theta`) ends the
+    search: θ* had not finished training, and every member uses that probe's
+    settings, with a warning.
+
     An accepted classifier probe whose fit fell in its tail (`shrink_bound`)
     is followed by a step up (`_step_up`): `LR_FACTOR`² × its step size at
     1/`LR_FACTOR`² its decay, taken while the fit rises inside the window.
@@ -358,6 +379,7 @@ def calibrate(
     too_small, too_large = None, None  # values known to be too small / large
     lr, decay = INITIAL_LR, weight_decay
     searching = "lr"
+    unfinished = False  # a probe fit more than θ*: `(index, round)` if it ran whole, else None
     for _ in range(max_probes):
         probe_start = time.perf_counter()
         results, midway, run = run_probe(lr, decay, hopeless)
@@ -383,6 +405,9 @@ def calibrate(
             f"calibration: lr {lr:.4g}, weight decay {decay:.3g} -> keeps {rel:.1%} of "
             f"θ*'s fit above chance{where}"
         )
+        if stats.finite and beyond_theta(rel):
+            unfinished = (len(record) - 1, results) if weights is not None else None
+            break
         if accepted:
             first = (len(record) - 1, results)
             replaced = []
@@ -423,6 +448,8 @@ def calibrate(
                     break
                 value = ceiling
         lr, decay = (value, decay) if searching == "lr" else (lr, value)
+    if unfinished is not False:
+        return _stop_unfinished(record, unfinished, whole)
     best = closest_to_window(record)
     first = []
     if nearest_round is not None and record[nearest_round[0]] is best:
@@ -445,6 +472,27 @@ def calibrate(
         stacklevel=4,
     )
     return best.learning_rate, best.weight_decay, kept
+
+
+def _stop_unfinished(record: list, unfinished, whole: list):
+    """Ends a search whose last probe fit θ*'s data better than θ* (`beyond_theta`).
+
+    Every member uses that probe's settings (it is member 0 where it ran
+    whole, `unfinished`; the probes of `whole` stay members too), with a
+    warning: θ* had not finished training.
+    """
+    probe = record[-1]
+    kept = _kept(record, ([unfinished] if unfinished else []) + whole)
+    warnings.warn(
+        f"Step-size calibration stopped at learning_rate={probe.learning_rate:.4g} (weight "
+        f"decay {probe.weight_decay:.3g}): its member fit θ*'s training data better than "
+        f"θ* does ({probe.relative_fit:.0%} of θ*'s fit above chance). θ* has not finished "
+        "training, so members go on training it instead of forgetting what it memorised, "
+        "at any step size. Every member uses these settings. Train the model until its "
+        "training loss stops falling, then run GEX again; see `report.summary()`.",
+        stacklevel=4,
+    )
+    return probe.learning_rate, probe.weight_decay, kept
 
 
 def _step_up(run_probe, rel_of, record: list, log, accepted: tuple, max_probes: int):

@@ -466,7 +466,9 @@ def test_detect_refuses_bad_input_before_any_fine_tuning(trained_mlp, digits, mo
 
 def test_diagnostics_judge_members_by_their_fit_above_chance(report):
     """Members keeping more than the fit window of θ*'s fit above chance barely
-    left θ*; members below it sit near chance; inside it, no warning."""
+    left θ*; members below it sit near chance; inside it, no warning. Members
+    fitting more than θ* by the window's margin went on training an unfinished
+    θ*: said instead of "barely left"."""
     record = report.record
     ref_fit, chance = record.reference_stats.fit, record.chance_fit
     assert chance is not None and 0 < chance < ref_fit
@@ -482,6 +484,9 @@ def test_diagnostics_judge_members_by_their_fit_above_chance(report):
     assert not any(barely in w or near_chance in w for w in with_members_keeping(0.7))
     assert any(barely in w for w in with_members_keeping(0.95))
     assert any(near_chance in w for w in with_members_keeping(0.1))
+    unfinished = with_members_keeping(1.3)
+    assert unfinished[0].startswith("θ* has not finished training") and "130%" in unfinished[0]
+    assert not any(barely in w for w in unfinished)
 
 
 def test_a_theta_star_at_chance_gets_no_relative_fit_and_no_claim_of_calibration(report):

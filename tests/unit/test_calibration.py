@@ -146,6 +146,27 @@ def test_no_step_size_in_the_window_warns_and_takes_the_nearest_probe():
     assert f"the closest, learning_rate={lr:.4g} with weight_decay=0.1" in str(caught[0].message)
 
 
+@pytest.mark.parametrize("forget_by_decay", [False, True])
+def test_a_probe_that_fits_more_than_theta_ends_the_search(forget_by_decay):
+    """A θ* that had not finished training: its probe fits 1.5× θ*'s fit, more at
+    every step size. No step size forgets what it memorised, so the search stops
+    at the first probe's settings with a warning instead of climbing (λ 12.8 on
+    an under-trained regression, before)."""
+    with pytest.warns(UserWarning, match="θ\\* has not finished training") as caught:
+        record, calls = [], []
+        run_probe = _fake_member(lambda lr: 1.5, calls)
+        lr, decay, accepted = _calibrate(run_probe, record, forget_by_decay=forget_by_decay)
+    assert calls == [0.1] and (lr, decay) == (0.1, 0.1) and accepted == []
+    assert record[0].abandoned and "stopped at learning_rate=0.1" in str(caught[0].message)
+
+
+def test_a_trained_theta_fitting_a_little_more_is_searched_as_before():
+    """Members of a trained θ* fit up to 1.04× its fit at small steps (the zoo's
+    highest): above the window, not beyond θ*, so the search goes on."""
+    lr, accepted, _, calls = _calibrate_fake(lambda lr: 1.04 if lr < 0.3 else 0.5)
+    assert calls == [0.1, 0.2, 0.4] and lr == 0.4 and accepted
+
+
 def test_a_diverged_probe_is_never_the_fallback():
     record = [Probe(0.4, 0.0, float("nan")), Probe(0.1, 0.99, 0.1)]
     assert step_size.closest_to_window(record).learning_rate == 0.1
@@ -873,6 +894,30 @@ def test_a_loss_without_a_constant_baseline_keeps_a_fixed_step_size(small_traine
     assert "(fixed: the loss cannot score a constant prediction of the mean target)" in summary
 
 
+def test_an_unfinished_theta_is_said_so_not_searched(digits):
+    """θ* after two epochs of plain SGD predicts a fraction of its labels, and
+    members at lr 0.1 go on training it: one probe, every member at its settings,
+    and the report says θ* had not finished training, not that members "barely
+    left θ*", missed the window or that θ* did not memorise."""
+    model = make_mlp(seed=0)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(digits.x_train, digits.y_train, epochs=2, batch_size=64, verbose=0)
+    data = (digits.x_train, digits.y_train)
+    with pytest.warns(UserWarning, match="has not finished training"):
+        report = keras_gex.detect_noisy(data, model, num_members=2, seed=0, verbose=0)
+    record = report.ensemble.record
+    assert len(record.calibration) == 1 and record.learning_rate == step_size.INITIAL_LR
+    assert record.calibration[0].relative_fit > 1.5
+    diagnostics = report.diagnostics()
+    assert diagnostics[0].startswith("θ* has not finished training: its members")
+    assert "Train the model until its training loss stops falling" in diagnostics[0]
+    said = ("barely left", "fit window", "predicts only", "landed far apart")
+    assert not any(words in text for text in diagnostics for words in said)
+
+
 def test_a_missed_window_is_explained_with_what_to_do():
     """The report says why calibration missed the window and which setting helps."""
     from keras_gex.analysis.report import calibration_miss
@@ -889,7 +934,12 @@ def test_a_missed_window_is_explained_with_what_to_do():
     )
     record.calibration = probes
     text = calibration_miss(record)
-    assert "jumps past the window" in text and "larger `weight_decay`" in text
+    # The decay search at lr 0.1 diverged: the two decays are named, not lr 0.1 twice.
+    assert "at lr 0.1 they kept 97% with weight decay 0.1 and diverged with 0.4" in text
+    assert "between the two decays" in text and "`weight_decay` in between" in text
+    record.calibration = [Probe(0.1, 0.97, 1.0), Probe(0.2, 0.0, float("nan"))]
+    text = calibration_miss(record)  # the step-size search alone
+    assert "kept 97% at lr 0.1 and diverged at 0.2" in text and "larger `weight_decay`" in text
     assert calibration_miss(CollectionRecord.from_dict({"learning_rate_requested": 0.1})) is None
     below = [Probe(0.1, 0.2, 1.0), Probe(0.05, 0.3, 1.0)]
     record.calibration = below
