@@ -137,9 +137,9 @@ def hopeless(rel: float) -> bool:
 def beyond_theta(rel: float) -> bool:
     """Whether a member with the relative fit `rel` fits θ*'s data better than θ* does.
 
-    By at least the window's margin below θ* (1 − `FIT_WINDOW[1]`), above it:
-    fine-tuning went on training a θ* that had not finished training, so no
-    step size makes its members forget what it memorised. No probe or member
+    Better by more than the window's top lies below θ*'s fit (1 −
+    `FIT_WINDOW[1]`): fine-tuning went on training a θ* that had not finished
+    training, so no step size makes its members forget what it memorised. No probe or member
     of a trained θ* on the zoo or its held-out rows passed 1.04
     (docs/design.md#calibration).
 
@@ -379,7 +379,8 @@ def calibrate(
     too_small, too_large = None, None  # values known to be too small / large
     lr, decay = INITIAL_LR, weight_decay
     searching = "lr"
-    unfinished = False  # a probe fit more than θ*: `(index, round)` if it ran whole, else None
+    unfinished = False  # a probe fit more than θ* (`beyond_theta`): the search ends there
+    unfinished_round = None  # its (index, round) where it ran its whole schedule
     for _ in range(max_probes):
         probe_start = time.perf_counter()
         results, midway, run = run_probe(lr, decay, hopeless)
@@ -406,7 +407,9 @@ def calibrate(
             f"θ*'s fit above chance{where}"
         )
         if stats.finite and beyond_theta(rel):
-            unfinished = (len(record) - 1, results) if weights is not None else None
+            unfinished = True
+            if weights is not None:
+                unfinished_round = (len(record) - 1, results)
             break
         if accepted:
             first = (len(record) - 1, results)
@@ -448,8 +451,8 @@ def calibrate(
                     break
                 value = ceiling
         lr, decay = (value, decay) if searching == "lr" else (lr, value)
-    if unfinished is not False:
-        return _stop_unfinished(record, unfinished, whole)
+    if unfinished:
+        return _stop_unfinished(record, unfinished_round, whole)
     best = closest_to_window(record)
     first = []
     if nearest_round is not None and record[nearest_round[0]] is best:
@@ -474,15 +477,16 @@ def calibrate(
     return best.learning_rate, best.weight_decay, kept
 
 
-def _stop_unfinished(record: list, unfinished, whole: list):
+def _stop_unfinished(record: list, last_round, whole: list):
     """Ends a search whose last probe fit θ*'s data better than θ* (`beyond_theta`).
 
-    Every member uses that probe's settings (it is member 0 where it ran
-    whole, `unfinished`; the probes of `whole` stay members too), with a
-    warning: θ* had not finished training.
+    Every member uses that probe's settings, with a warning that θ* had not
+    finished training. The probe is member 0 where it ran its whole schedule
+    (`last_round`, its `(index, round)`, else None); the probes of `whole`
+    stay members too.
     """
     probe = record[-1]
-    kept = _kept(record, ([unfinished] if unfinished else []) + whole)
+    kept = _kept(record, ([last_round] if last_round else []) + whole)
     warnings.warn(
         f"Step-size calibration stopped at learning_rate={probe.learning_rate:.4g} (weight "
         f"decay {probe.weight_decay:.3g}): its member fit θ*'s training data better than "

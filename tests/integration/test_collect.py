@@ -544,9 +544,10 @@ def test_num_members_auto_counts_the_rejected_probes(small_mlp, monkeypatch):
     """The calibration's rejected probes spend θ*'s steps before the members do."""
     model, x, y = small_mlp
     monkeypatch.setattr(step_size, "INITIAL_LR", 0.003)  # a first probe that forgets nothing
+    # This θ* fits 28% of its labels: the search stops at the first probe that fits more.
     with (
         _trained_for(model, 75),  # 7 members of 10 steps, fewer after probes
-        pytest.warns(UserWarning, match="calibration found no learning rate"),
+        pytest.warns(UserWarning, match="calibration stopped"),
     ):
         ens = keras_gex.GeometricEnsemble.collect(
             model, (x, y), steps=10, batch_size=32, seed=0, verbose=0
