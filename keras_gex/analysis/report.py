@@ -173,7 +173,8 @@ def calibration_miss(record: CollectionRecord) -> str | None:
     low, high = record.fit_window
     if any(p.accepted and low <= p.relative_fit <= high for p in probes):
         return None  # (a probe kept outside the window is the nearest one: a miss)
-    window = f"{low:.0%}-{high:.0%} of θ*'s fit above chance"
+    of = "θ*'s loss explained" if record.chance_fit == 0.0 else "θ*'s fit above chance"
+    window = f"{low:.0%}-{high:.0%} of {of}"
     above = [p for p in probes if p.relative_fit > high and np.isfinite(p.loss)]
     below = [p for p in probes if p not in above]
     if above and below:
@@ -657,22 +658,31 @@ class NoisyLabelReport:
         # Relative fit is a share of what θ* fits above chance: undefined where θ*
         # fits no better than chance (calibration says so and keeps a fixed step).
         if stats and window and chance is not None and why_uncalibrated(ref_fit, chance) is None:
+            regression = chance == 0.0  # the fit is the share of the loss explained
+            wrong = "corrupted targets" if regression else "wrong labels"
+
+            def share(verb: str, amount: str) -> str:
+                """`verb amount` of what a relative fit is a share of, for this loss."""
+                if regression:
+                    return f"{'keep' if verb == 'fit' else verb} {amount} of θ*'s loss explained"
+                return f"{verb} {amount} of what θ* fits above chance"
+
             rel = [relative_fit(s, ref, chance) for s in stats if s.fit is not None]
             unfinished = bool(rel) and beyond_theta(float(np.mean(rel)))
             if unfinished:
                 out.append(self._unfinished_text(float(np.mean(rel))))
             elif rel and np.mean(rel) > window[1]:
                 out.append(
-                    f"members still fit {np.mean(rel):.1%} of what θ* fits above chance: "
+                    f"members still {share('fit', f'{np.mean(rel):.1%}')}: "
                     "they barely left θ*, so their scores rank rows much like θ*'s own loss "
-                    "(`report.reference_losses`). With few wrong labels that is expected; "
+                    f"(`report.reference_losses`). With few {wrong} that is expected; "
                     "otherwise increase `learning_rate` or `weight_decay`."
                 )
             if rel and np.mean(rel) < window[0]:
                 out.append(
-                    f"members fit only {np.mean(rel):.1%} of what θ* fits above chance: "
-                    "fine-tuning moved them towards chance, so their scores rank rows "
-                    "close to at random; decrease `learning_rate`."
+                    f"members {share('fit', f'only {np.mean(rel):.1%}')}: fine-tuning moved "
+                    f"them towards {'the mean target' if regression else 'chance'}, so their "
+                    "scores rank rows close to at random; decrease `learning_rate`."
                 )
             scatter = None if unfinished else member_scatter(stats, ref, chance, window)
             if scatter is not None:
@@ -682,8 +692,8 @@ class NoisyLabelReport:
                     at = f"{lr_low:.3g} to {lr_high:.3g}"
                     decide = "(and the smaller step size of a member run again) decide"
                 out.append(
-                    f"members fine-tuned alike landed far apart: at lr {at} they kept "
-                    f"{lowest:.0%} to {highest:.0%} of what θ* fits above chance. The fit "
+                    f"members fine-tuned alike landed far apart: at lr {at} they "
+                    f"{share('kept', f'{lowest:.0%} to {highest:.0%}')}. The fit "
                     "falls steeply near this step size and each member's batch order "
                     f"{decide} "
                     "how much it forgets, so the scores mix members that still hold memorised "
@@ -770,7 +780,7 @@ class NoisyLabelReport:
                 f"explain {np.mean(fits):.1%} of the loss of predicting the mean target "
                 f"where θ* explains {record.reference_stats.fit:.1%}"
             )
-            share = "what θ* explains"
+            share = "θ*'s loss explained"
         return (
             f"θ* has not finished training: its members, fine-tuned from it at lr "
             f"{record.learning_rate:.3g}, {how} ({mean_rel:.0%} of {share}). GEX explains "

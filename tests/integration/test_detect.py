@@ -489,6 +489,28 @@ def test_diagnostics_judge_members_by_their_fit_above_chance(report):
     assert not any(barely in w for w in unfinished)
 
 
+def test_diagnostics_of_a_regression_speak_of_the_loss_explained(report):
+    """A regression's relative fit is a share of the loss θ* explains (chance 0):
+    its warnings say so, not "above chance" or "wrong labels"."""
+    record = report.record
+
+    def with_members_keeping(share):
+        ref = dataclasses.replace(record.reference_stats, fit=0.8)
+        stats = [dataclasses.replace(s, fit=share * 0.8) for s in record.member_stats]
+        regression = dataclasses.replace(
+            record, chance_fit=0.0, reference_stats=ref, member_stats=stats
+        )
+        return dataclasses.replace(report, record=regression).diagnostics()
+
+    barely = with_members_keeping(0.95)
+    assert any("members still keep 95.0% of θ*'s loss explained" in w for w in barely)
+    assert any("With few corrupted targets" in w for w in barely)
+    near_mean = with_members_keeping(0.1)
+    assert any("keep only 10.0% of θ*'s loss explained" in w for w in near_mean)
+    assert any("towards the mean target" in w for w in near_mean)
+    assert not any("above chance" in w or "wrong labels" in w for w in barely + near_mean)
+
+
 def test_a_theta_star_at_chance_gets_no_relative_fit_and_no_claim_of_calibration(report):
     """Where θ* fits its labels no better than chance, `learning_rate="auto"` runs no
     probe and keeps its fixed step size: the summary says so instead of "calibrated",

@@ -940,6 +940,10 @@ def test_a_missed_window_is_explained_with_what_to_do():
     record.calibration = [Probe(0.1, 0.97, 1.0), Probe(0.2, 0.0, float("nan"))]
     text = calibration_miss(record)  # the step-size search alone
     assert "kept 97% at lr 0.1 and diverged at 0.2" in text and "larger `weight_decay`" in text
+    assert "(20%-90% of θ*'s fit above chance)" in text
+    record.chance_fit = 0.0  # a regression: a share of the loss θ* explains
+    assert "(20%-90% of θ*'s loss explained)" in calibration_miss(record)
+    record.chance_fit = None
     assert calibration_miss(CollectionRecord.from_dict({"learning_rate_requested": 0.1})) is None
     below = [Probe(0.1, 0.2, 1.0), Probe(0.05, 0.3, 1.0)]
     record.calibration = below
