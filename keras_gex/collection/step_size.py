@@ -494,7 +494,7 @@ def _stop_unfinished(record: list, last_round, whole: list):
         "training, so members go on training it instead of forgetting what it memorised, "
         "at any step size. Every member uses these settings. Train the model until its "
         "training loss stops falling, then run GEX again; see `report.summary()`.",
-        stacklevel=4,
+        stacklevel=5,  # one frame below `calibrate`, whose own warning takes 4
     )
     return probe.learning_rate, probe.weight_decay, kept
 
