@@ -187,9 +187,9 @@ def calibration_miss(record: CollectionRecord) -> str | None:
             and None not in (p.weight_decay, kept.weight_decay)
             and p.weight_decay > kept.weight_decay
         ]
-        fell = min(by_decay or below, key=lambda p: (p.learning_rate, p.weight_decay or 0.0))
-        what = "diverged" if not np.isfinite(fell.loss) else f"kept {fell.relative_fit:.0%}"
         if by_decay:
+            fell = min(by_decay, key=lambda p: p.weight_decay)
+            what = "diverged" if not np.isfinite(fell.loss) else f"kept {fell.relative_fit:.0%}"
             return (
                 f"no setting put members in the fit window ({window}): at lr "
                 f"{kept.learning_rate:.3g} they kept {kept.relative_fit:.0%} with weight decay "
@@ -198,6 +198,8 @@ def calibration_miss(record: CollectionRecord) -> str | None:
                 "probe's settings. Pass a `weight_decay` in between, or a smaller "
                 "`learning_rate` with a larger decay."
             )
+        fell = min(below, key=lambda p: p.learning_rate)
+        what = "diverged" if not np.isfinite(fell.loss) else f"kept {fell.relative_fit:.0%}"
         return (
             f"no step size put members in the fit window ({window}): they kept "
             f"{kept.relative_fit:.0%} at lr {kept.learning_rate:.3g} and {what} at "
@@ -670,7 +672,7 @@ class NoisyLabelReport:
             rel = [relative_fit(s, ref, chance) for s in stats if s.fit is not None]
             unfinished = bool(rel) and beyond_theta(float(np.mean(rel)))
             if unfinished:
-                out.append(self._unfinished_text(float(np.mean(rel))))
+                out.append(self._unfinished_text(share("fit", f"{np.mean(rel):.0%}"), regression))
             elif rel and np.mean(rel) > window[1]:
                 out.append(
                     f"members still {share('fit', f'{np.mean(rel):.1%}')}: "
@@ -765,25 +767,24 @@ class NoisyLabelReport:
             out.append("all loss deviations are zero: the members equal θ*.")
         return out
 
-    def _unfinished_text(self, mean_rel: float) -> str:
-        """The diagnostic for members that fit θ*'s data better than θ* (`beyond_theta`)."""
+    def _unfinished_text(self, relative: str, regression: bool) -> str:
+        """The diagnostic for members that fit θ*'s data better than θ* (`beyond_theta`);
+        `relative` says their relative fit in words ("fit 1479% of ...")."""
         record = self.record
         fits = [s.fit for s in record.member_stats if s.fit is not None]
-        share = "what θ* fits above chance"
-        if self.loss_kind in CLASSIFICATION_KINDS:
-            how = (
-                f"predict {np.mean(fits):.1%} of its training labels where θ* predicts "
-                f"{record.reference_stats.fit:.1%}"
-            )
-        else:
+        if regression:
             how = (
                 f"explain {np.mean(fits):.1%} of the loss of predicting the mean target "
                 f"where θ* explains {record.reference_stats.fit:.1%}"
             )
-            share = "θ*'s loss explained"
+        else:
+            how = (
+                f"predict {np.mean(fits):.1%} of its training labels where θ* predicts "
+                f"{record.reference_stats.fit:.1%}"
+            )
         return (
             f"θ* has not finished training: its members, fine-tuned from it at lr "
-            f"{record.learning_rate:.3g}, {how} ({mean_rel:.0%} of {share}). GEX explains "
+            f"{record.learning_rate:.3g}, {how} (they {relative}). GEX explains "
             "the final model of a finished training run, whose members "
             "forget what it memorised; members of this θ* went on training it instead, so "
             "their scores are those of models that kept training, not a measure of what θ* "

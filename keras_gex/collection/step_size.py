@@ -139,9 +139,9 @@ def beyond_theta(rel: float) -> bool:
 
     Better by more than the window's top lies below θ*'s fit (1 −
     `FIT_WINDOW[1]`): fine-tuning went on training a θ* that had not finished
-    training, so no step size makes its members forget what it memorised. No probe or member
-    of a trained θ* on the zoo or its held-out rows passed 1.04
-    (docs/design.md#calibration).
+    training, so no step size makes its members forget what it memorised. No
+    probe or member of a trained θ* on the zoo or its held-out rows passed
+    1.04 (docs/design.md#calibration).
 
     >>> beyond_theta(1.04), beyond_theta(1.5)
     (False, True)
@@ -379,8 +379,6 @@ def calibrate(
     too_small, too_large = None, None  # values known to be too small / large
     lr, decay = INITIAL_LR, weight_decay
     searching = "lr"
-    unfinished = False  # a probe fit more than θ* (`beyond_theta`): the search ends there
-    unfinished_round = None  # its (index, round) where it ran its whole schedule
     for _ in range(max_probes):
         probe_start = time.perf_counter()
         results, midway, run = run_probe(lr, decay, hopeless)
@@ -407,10 +405,8 @@ def calibrate(
             f"θ*'s fit above chance{where}"
         )
         if stats.finite and beyond_theta(rel):
-            unfinished = True
-            if weights is not None:
-                unfinished_round = (len(record) - 1, results)
-            break
+            ran_whole = (len(record) - 1, results) if weights is not None else None
+            return _stop_unfinished(record, ran_whole, whole)
         if accepted:
             first = (len(record) - 1, results)
             replaced = []
@@ -451,8 +447,6 @@ def calibrate(
                     break
                 value = ceiling
         lr, decay = (value, decay) if searching == "lr" else (lr, value)
-    if unfinished:
-        return _stop_unfinished(record, unfinished_round, whole)
     best = closest_to_window(record)
     first = []
     if nearest_round is not None and record[nearest_round[0]] is best:
