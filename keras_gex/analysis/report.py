@@ -189,7 +189,10 @@ def calibration_miss(record: CollectionRecord) -> str | None:
         ]
         if by_decay:
             fell = min(by_decay, key=lambda p: p.weight_decay)
-            what = "diverged" if not np.isfinite(fell.loss) else f"kept {fell.relative_fit:.0%}"
+        else:
+            fell = min(below, key=lambda p: p.learning_rate)
+        what = "diverged" if not np.isfinite(fell.loss) else f"kept {fell.relative_fit:.0%}"
+        if by_decay:
             return (
                 f"no setting put members in the fit window ({window}): at lr "
                 f"{kept.learning_rate:.3g} they kept {kept.relative_fit:.0%} with weight decay "
@@ -198,8 +201,6 @@ def calibration_miss(record: CollectionRecord) -> str | None:
                 "probe's settings. Pass a `weight_decay` in between, or a smaller "
                 "`learning_rate` with a larger decay."
             )
-        fell = min(below, key=lambda p: p.learning_rate)
-        what = "diverged" if not np.isfinite(fell.loss) else f"kept {fell.relative_fit:.0%}"
         return (
             f"no step size put members in the fit window ({window}): they kept "
             f"{kept.relative_fit:.0%} at lr {kept.learning_rate:.3g} and {what} at "
