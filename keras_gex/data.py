@@ -402,6 +402,18 @@ def known_batches(ds: tf.data.Dataset) -> int | None:
     return card if card >= 0 else None
 
 
+def _refuse_non_finite(name: str, leaves) -> None:
+    """Refuses NaN or inf in any float array of `leaves` (`(label, array)` pairs),
+    naming the first rows that hold them."""
+    for label, arr in leaves:
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            rows = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))
+            raise ValueError(
+                f"Argument `{name}`: `{label}` contains NaN or inf values, on {rows.size} "
+                f"example(s) (first indices {rows[:5].tolist()})."
+            )
+
+
 def _refuse_label_per_output(name: str, y, num_examples: int) -> None:
     """Raises a clear error when array labels `y` hold one array per output of a model."""
     parts = list(y.values()) if isinstance(y, dict) else y
@@ -554,9 +566,7 @@ class DataSource:
                 f"of dtype {y.dtype}, e.g. {str(y.flat[0])!r}. Encode the labels as integers "
                 "first (`np.unique(y, return_inverse=True)[1]`)."
             )
-        for label, arr in leaves:
-            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-                raise ValueError(f"Argument `{self.name}`: `{label}` contains NaN or inf values.")
+        _refuse_non_finite(self.name, leaves)
         x = tf.nest.map_structure(_float32_array, x)
         self._arrays = (x, y)
         self.num_examples = len(y)
@@ -735,7 +745,7 @@ class DataSource:
             ds = ds.batch(batch_size, drop_remainder=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
-    def in_memory(self, max_bytes: int) -> DataSource:
+    def in_memory(self, max_bytes: int, *, refuse_non_finite: bool = False) -> DataSource:
         """This source as arrays, read in one pass, if a dataset's examples fit `max_bytes`.
 
         Fine-tuning reads the training data once per epoch of every member;
@@ -743,7 +753,10 @@ class DataSource:
         whole pipeline (and an unbatch and shuffle) again. Returns `self` for
         arrays, for inputs of varying shape or strings, and for datasets
         larger than `max_bytes` (streamed as they are). A pipeline that draws
-        random augmentations is read once: the members see one draw.
+        random augmentations is read once: the members see one draw. With
+        `refuse_non_finite`, NaN or inf values in what was read are refused as
+        in arrays (fine-tuning data); otherwise the source stays a dataset and
+        its consumer marks those rows.
         """
         if self._arrays is not None:
             return self
@@ -768,6 +781,8 @@ class DataSource:
             raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
         self.num_examples = rows
         x, y = tf.nest.map_structure(lambda *parts: np.concatenate(parts), *batches)
+        if refuse_non_finite:
+            _refuse_non_finite(self.name, [*input_leaves(as_inputs(x)), ("y", np.asarray(y))])
         try:
             return DataSource((x, y), batch_size=self.batch_size, name=self.name)
         except ValueError:  # e.g. NaN inputs: leave them to the model, as streamed

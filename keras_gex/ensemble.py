@@ -29,7 +29,7 @@ from keras_gex.data import (
     standardize_data,
 )
 from keras_gex.io import persistence
-from keras_gex.loss_checks import check_first_batch
+from keras_gex.loss_checks import check_all_labels, check_first_batch
 from keras_gex.losses import PerExampleLoss, resolve_loss
 from keras_gex.scoring import ScoredLosses, Scorer
 
@@ -269,6 +269,7 @@ class GeometricEnsemble:
         strategy = distribute.resolve_strategy(strategy, self.model)
         source = DataSource(data, batch_size=batch_size)
         source.check_against_model(self.model)
+        check_all_labels(self.loss, source, self.model)
         return self._get_scorer(strategy).score(
             source, with_predictions=with_predictions, verbose=verbose
         )

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gex import _validation
+from keras_gex.data import _output_shape
 from keras_gex.losses import _BCE, _CE, _SPARSE_CE, PerExampleLoss, _class_name, _is_margin_loss
 
 _ELEMENTWISE_FNS = frozenset(
@@ -109,17 +110,7 @@ def check_labels(loss: PerExampleLoss, y_true, y_pred, *, name: str = "data") ->
                 f"{_validation.shape_text(pred_shape)}. {got}. One-hot labels need categorical "
                 "cross-entropy (`keras.losses.CategoricalCrossentropy`)."
             )
-        if y.dtype.kind == "f" and not np.all(y == np.round(y)):
-            raise ValueError(
-                f"Argument `{name}`: the loss `{loss.name}` expects labels `y` of integer "
-                "class ids. Received: fractional labels."
-            )
-        if y.size and (y.min() < 0 or y.max() >= pred_shape[-1]):
-            raise ValueError(
-                f"Argument `{name}`: label `y` out of range. Labels must be class ids in "
-                f"[0, {pred_shape[-1]}) for the model's {pred_shape[-1]} outputs. "
-                f"Received labels in [{y.min()}, {y.max()}]."
-            )
+        check_label_values(loss, y, pred_shape[-1], name=name)
     elif loss.kind in (_CE, _BCE) and y.shape != pred_shape:
         if y.ndim == 1 and pred_shape[1:] == (1,):
             hint = " Binary labels of shape (batch,) need reshaping to (batch, 1)."
@@ -131,6 +122,8 @@ def check_labels(loss: PerExampleLoss, y_true, y_pred, *, name: str = "data") ->
             f"Argument `{name}`: the loss `{loss.name}` expects labels `y` shaped like the "
             f"model's outputs {_validation.shape_text(pred_shape)}. {got}.{hint}"
         )
+    elif loss.kind in (_CE, _BCE):
+        check_label_values(loss, y, pred_shape[-1], name=name)
     elif loss.kind == "other" and _keras_fn_name(loss) in _ELEMENTWISE_FNS:
         labels, outputs = y.shape[1:], pred_shape[1:]
         if len(labels) == len(outputs) + 1 and labels[-1:] == (1,):
@@ -157,6 +150,85 @@ def check_labels(loss: PerExampleLoss, y_true, y_pred, *, name: str = "data") ->
                 "with the model's outputs element by element, so `y` must have the outputs' "
                 f"shape {_validation.shape_text(pred_shape)}. {got}.{hint}"
             )
+
+
+def check_label_values(loss: PerExampleLoss, y, num_outputs: int | None, *, name="data") -> None:
+    """Refuses label values a cross-entropy cannot take, in however many labels `y` holds.
+
+    Sparse categorical cross-entropy takes integer class ids in
+    `[0, num_outputs)`; binary cross-entropy labels in `[0, 1]` (0/1 or soft:
+    probabilities of the outputs), so labels of -1 and 1, or class ids, which
+    Keras trains on without a word towards a loss with no minimum, are
+    refused; categorical cross-entropy non-negative labels (one-hot rows, or
+    soft targets such as Kong et al.'s, which need not sum to one). Other
+    losses are not judged.
+    `check_labels` runs it on the first batch, `check_all_labels` on every label.
+
+    >>> from keras_gex.losses import resolve_loss
+    >>> bce = resolve_loss(None, keras.losses.BinaryCrossentropy())
+    >>> check_label_values(bce, np.array([0.0, 0.3, 1.0]), 1)
+    >>> try:
+    ...     check_label_values(bce, np.array([1, -1, 1]), 1)
+    ... except ValueError as err:
+    ...     print(str(err).split("). ")[-1])
+    Map labels of -1 and 1 to 0 and 1 first: `(y + 1) // 2`.
+    """
+    y = np.asarray(y)
+    if not y.size:
+        return
+    low, high = y.min(), y.max()
+    if loss.kind == _SPARSE_CE:
+        if y.dtype.kind == "f" and not np.all(y == np.round(y)):
+            raise ValueError(
+                f"Argument `{name}`: the loss `{loss.name}` expects labels `y` of integer "
+                "class ids. Received: fractional labels."
+            )
+        top = num_outputs if num_outputs is not None else np.inf
+        if low < 0 or high >= top:
+            raise ValueError(
+                f"Argument `{name}`: label `y` out of range. Labels must be class ids in "
+                f"[0, {num_outputs}) for the model's {num_outputs} outputs. "
+                f"Received labels in [{low:g}, {high:g}]{_rows_outside(y, 0, top - 1)}."
+            )
+    elif loss.kind == _BCE and (low < 0 or high > 1):
+        hint = ""
+        if y.dtype.kind in "iuf" and set(np.unique(y).tolist()) <= {-1, 1}:
+            hint = " Map labels of -1 and 1 to 0 and 1 first: `(y + 1) // 2`."
+        raise ValueError(
+            f"Argument `{name}`: the loss `{loss.name}` takes labels in [0, 1] (0/1 or soft "
+            f"labels: probabilities of the outputs). Received labels in [{low:g}, {high:g}]"
+            f"{_rows_outside(y, 0, 1)}.{hint}"
+        )
+    elif loss.kind == _CE and low < 0:
+        raise ValueError(
+            f"Argument `{name}`: the loss `{loss.name}` takes non-negative labels (one-hot "
+            f"rows or soft targets). Received labels in [{low:g}, {high:g}]"
+            f"{_rows_outside(y, 0, np.inf)}."
+        )
+
+
+def _rows_outside(y: np.ndarray, low, high) -> str:
+    """`", on k example(s) (first indices [...])"` for the rows of `y` holding a value
+    outside `[low, high]`.
+
+    >>> _rows_outside(np.array([0, 3, 1, -1]), 0, 2)
+    ', on 2 example(s) (first indices [1, 3])'
+    """
+    flat = y.reshape(len(y), -1) if y.ndim else y.reshape(1, 1)
+    rows = np.flatnonzero(((flat < low) | (flat > high)).any(axis=1))
+    return f", on {rows.size} example(s) (first indices {rows[:5].tolist()})"
+
+
+def check_all_labels(loss: PerExampleLoss, source, model) -> None:
+    """`check_label_values` on every label of `source` where they are in memory
+    (arrays, or a dataset read into arrays), so that a bad label past the first
+    batch is refused before fine-tuning instead of failing inside its compiled
+    loop. A streamed dataset is judged on its first batch only."""
+    if not source.has_arrays or loss.kind not in (_SPARSE_CE, _CE, _BCE):
+        return
+    out = _output_shape(model, source.element_spec[0])
+    width = out[-1] if out else None
+    check_label_values(loss, source.arrays[1], width, name=source.name)
 
 
 def output_activation(model) -> tuple[str | None, str | None]:

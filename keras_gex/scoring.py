@@ -25,6 +25,7 @@ dataset order, before any check sees them.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import keras
 import numpy as np
@@ -266,7 +267,18 @@ class Scorer:
         self._check_loss(first, eager)
         bar = source.progress(verbose)
         seen = 0
-        for ref_loss, member_losses, y, ref_pred in self._batches(source, with_predictions, eager):
+        batches = self._batches(source, with_predictions, eager)
+        while True:
+            try:
+                ref_loss, member_losses, y, ref_pred = next(batches)
+            except StopIteration:
+                break
+            except tf.errors.InvalidArgumentError as err:
+                # A streamed dataset's labels are checked on its first batch only.
+                raise ValueError(
+                    f"Argument `{source.name}`: the batch from example {seen} on cannot be "
+                    f"scored. Received from TensorFlow: {_tf_gist(err)}"
+                ) from err
             if seen == 0 and self.strategy is not None:
                 _check_gathered_labels(source, first, y)
             _check_finite(ref_loss, member_losses, seen)
@@ -377,6 +389,16 @@ def _check_gathered_labels(source: DataSource, first, gathered) -> None:
             "examples. Pass a dataset whose order is fixed, without a "
             "`tf.data.Options` that allows non-deterministic order."
         )
+
+
+def _tf_gist(err: Exception) -> str:
+    """The first line of a TensorFlow op error, without its function-node prefix.
+
+    >>> _tf_gist(ValueError("{{function_node __f_1}} Received a label value of 12.\\n[[node]]"))
+    'Received a label value of 12.'
+    """
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"\{\{function_node [^}]*\}\}\s*", "", line)
 
 
 def _check_finite(reference: np.ndarray, members: np.ndarray, offset: int) -> None:

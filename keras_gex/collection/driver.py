@@ -29,6 +29,7 @@ from keras_gex.collection.tuner import checkpoints, flatten_layers, resolve_step
 from keras_gex.config import CollectionConfig, CollectionRecord, MemberStats, Probe
 from keras_gex.data import DataSource, take_rows
 from keras_gex.io import persistence
+from keras_gex.loss_checks import check_all_labels
 from keras_gex.losses import PerExampleLoss
 from keras_gex.weights import WeightSet
 
@@ -194,7 +195,10 @@ def collect(
     """
     start = time.perf_counter()
     log = _logger(verbose)
-    source = source.in_memory(_IN_MEMORY_BYTES)
+    source = source.in_memory(_IN_MEMORY_BYTES, refuse_non_finite=True)
+    # Every label, where they are in memory: a bad one past the first batch (checked
+    # at entry) would otherwise fail inside the compiled loop.
+    check_all_labels(loss, source, model)
     frozen = frozen_layers(model, source, _IN_MEMORY_BYTES) if config.frozen_features else None
     tuned, model_weights = model, None
     step_cost = 1.0  # a member step in θ*'s training steps (`budget.affordable_members`)

@@ -13,6 +13,7 @@ import keras_gex
 from keras_gex import _validation
 from keras_gex.io import persistence
 from keras_gex.loss_checks import (
+    check_label_values,
     check_labels,
     check_outputs,
     output_activation,
@@ -348,3 +349,15 @@ def test_losses_keras_knows_are_read_by_name_only(loss):
     """Keras' own losses keep the kind their name gives, whatever the data."""
     per_example = resolve_loss(_model(loss, "softmax"))
     assert read_as_classifier(per_example, _IDS, _PROBS, "softmax") == per_example
+
+
+def test_categorical_labels_may_be_unnormalised_but_not_negative():
+    """Kong et al.'s relabeled targets need not sum to one (`SoftTargetCrossentropy`):
+    they pass; a negative label, towards which the loss has no minimum, is refused."""
+    loss = resolve_loss(None, keras.losses.CategoricalCrossentropy(from_logits=True))
+    check_label_values(loss, np.array([[0.0, 0.7, 0.6], [1.0, 0.0, 0.0]]), 3)
+    with pytest.raises(ValueError, match=r"non-negative labels.*first indices \[1\]"):
+        check_label_values(loss, np.array([[0.0, 1.0, 0.0], [1.0, -1.0, 0.0]]), 3)
+    sparse = resolve_loss(None, SCE(from_logits=True))
+    with pytest.raises(ValueError, match=r"\[0, 3\) for the model's 3 outputs"):
+        check_label_values(sparse, np.array([0, 2, 3]), 3)

@@ -287,3 +287,64 @@ def test_inf_input_refused_by_predict_and_loss_baseline(tiny):
         ens.predict(ds, verbose=0)
     with pytest.raises(ValueError, match=r"NaN or inf on 1 example\(s\) \(first indices \[35\]\)"):
         baselines.loss_scores(model, ds, verbose=0)
+
+
+def test_a_bad_label_past_the_first_batch_is_refused_before_any_work(tiny):
+    """Every label held in memory (arrays, or a dataset read into them for fine-tuning)
+    is checked at entry, not only the first batch's: a class id out of range at row 35
+    failed inside the compiled fine-tuning or scoring loop with TensorFlow's graph error."""
+    model, ens, x, y = tiny
+    bad = y.copy()
+    bad[35] = 12
+    message = re.escape("Received labels in [0, 12], on 1 example(s) (first indices [35])")
+    ds = tf.data.Dataset.from_tensor_slices((x, bad)).batch(8)
+    for data in ((x, bad), ds):
+        with pytest.raises(ValueError, match=message):
+            keras_gex.GeometricEnsemble.collect(
+                model, data, num_members=1, steps=2, learning_rate=0.01, verbose=0
+            )
+    with pytest.raises(ValueError, match=message):
+        ens.self_influence((x, bad), verbose=0)
+    # Scoring streams a dataset: its batch is named, with TensorFlow's reason.
+    streamed = re.escape("the batch from example 32 on cannot be scored. Received from ")
+    with pytest.raises(ValueError, match=streamed + ".*label value of 12"):
+        ens.self_influence(ds, verbose=0)
+
+
+def test_nan_past_the_first_batch_is_refused_before_fine_tuning(tiny):
+    """A dataset read into memory is refused as arrays are, naming the rows; it used to
+    run until fine-tuning diverged six times and then advise a smaller step size."""
+    model, _, x, y = tiny
+    bad = x.copy()
+    bad[35, 0] = np.nan
+    ds = tf.data.Dataset.from_tensor_slices((bad, y)).batch(8)
+    message = re.escape("`x` contains NaN or inf values, on 1 example(s) (first indices [35])")
+    with pytest.raises(ValueError, match=message):
+        keras_gex.GeometricEnsemble.collect(
+            model, ds, num_members=1, steps=2, learning_rate=0.01, verbose=0
+        )
+
+
+def test_binary_cross_entropy_labels_must_be_probabilities():
+    """Labels of -1 and 1 (or class ids) under binary cross-entropy, which Keras trains
+    on towards a loss without a minimum, are refused with the fix; soft labels pass."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    y = rng.integers(0, 2, size=40)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+    model.compile("sgd", keras.losses.BinaryCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0)
+
+    def collect(labels):
+        return keras_gex.GeometricEnsemble.collect(
+            model, (x, labels), num_members=1, steps=2, learning_rate=0.01, verbose=0
+        )
+
+    with pytest.raises(ValueError, match=re.escape("to 0 and 1 first: `(y + 1) // 2`")):
+        collect(2 * y - 1)
+    late = y.copy()
+    late[30] = 2
+    with pytest.raises(ValueError, match=re.escape("labels in [0, 2], on 1 example(s)")):
+        collect(late)
+    assert collect(0.1 + 0.8 * y).num_members == 1
