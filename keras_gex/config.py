@@ -263,6 +263,9 @@ class CollectionRecord:
         weight_decay: The members' decoupled weight decay λ.
         frozen_layers: The leading frozen layers computed once for every
             member (`CollectionConfig.frozen_features`), or None.
+        reference_moving_fit: θ*'s fit with its own BatchNorm moving statistics,
+            as `model.predict` runs it (`reference_stats` is with statistics
+            re-estimated on the training data); None without BatchNorm.
     """
 
     num_members: int
@@ -291,6 +294,7 @@ class CollectionRecord:
     frozen_layers: list | None = None
     num_members_requested: int | str | None = None
     trained_steps: int | None = None
+    reference_moving_fit: float | None = None
 
     def to_dict(self) -> dict:
         """The record as plain JSON-able values (`ensemble.info`, the manifest)."""
@@ -298,6 +302,23 @@ class CollectionRecord:
         if self.strategy is None:
             del out["strategy"]
         return out
+
+    def stale_batchnorm(self) -> str | None:
+        """Why θ* as saved predicts far worse than as scored, or None
+        (`stale_batchnorm`).
+
+        >>> record = CollectionRecord.from_dict({"reference_stats": {"fit": 0.914,
+        ...     "loss": 0.27}, "chance_fit": 0.1, "fit_window": (0.5, 0.9),
+        ...     "reference_moving_fit": 0.091})
+        >>> record.stale_batchnorm().startswith("θ*'s BatchNorm moving statistics do not")
+        True
+        """
+        ref = self.reference_stats
+        if ref is None or not self.fit_window:
+            return None
+        return stale_batchnorm(
+            self.reference_moving_fit, ref.fit, self.chance_fit, self.fit_window[0]
+        )
 
     @classmethod
     def from_dict(cls, info: dict) -> CollectionRecord:
@@ -329,6 +350,43 @@ class CollectionRecord:
         values.setdefault("chain", False)
         values.setdefault("loss", "")
         return cls(**values)
+
+
+def stale_batchnorm(moving_fit, fit, chance, floor: float) -> str | None:
+    """Why θ* as saved predicts far worse than as scored, or None.
+
+    θ* is scored with BatchNorm statistics re-estimated on the training data
+    (docs/design.md#batchnorm-re-estimation). Where its own moving statistics
+    keep less of that `fit` above `chance` than the fit window's `floor` (what
+    a collapsed member keeps), they do not describe the data: the report is
+    about a model that predicts well, and the saved one does not.
+
+    >>> stale_batchnorm(0.85, 0.914, 0.1, 0.5) is None
+    True
+    >>> print(stale_batchnorm(0.091, 0.914, 0.1, 0.5).split(": ")[1])
+    with them (as `model.predict` runs it) θ* predicts 9.1% of its training labels, with \
+statistics re-estimated on that data 91.4%. GEX scores θ* and its members with re-estimated \
+statistics, so the report describes the model that predicts well; the saved model does not. \
+Re-estimate its statistics on the training data, or train with a smaller BatchNorm `momentum` \
+(statistics of momentum 0.999 need thousands of steps), before using its predictions.
+    """
+    if moving_fit is None or fit is None or chance is None or fit <= chance:
+        return None
+    if (moving_fit - chance) / (fit - chance) >= floor:
+        return None
+    if chance == 0.0:  # a regression: the share of the mean target's loss explained
+        what = "explains {:.1%} of the loss of predicting the mean target"
+    else:
+        what = "predicts {:.1%} of its training labels"
+    return (
+        "θ*'s BatchNorm moving statistics do not describe its training data: with them (as "
+        f"`model.predict` runs it) θ* {what.format(moving_fit)}, with statistics re-estimated "
+        f"on that data {fit:.1%}. GEX scores θ* and its members with re-estimated statistics, "
+        "so the report describes the model that predicts well; the saved model does not. "
+        "Re-estimate its statistics on the training data, or train with a smaller BatchNorm "
+        "`momentum` (statistics of momentum 0.999 need thousands of steps), before using its "
+        "predictions."
+    )
 
 
 def _stats(saved: dict) -> MemberStats:

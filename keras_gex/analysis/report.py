@@ -658,6 +658,9 @@ class NoisyLabelReport:
         chance = record.chance_fit if record is not None else None
         ref_fit = ref.fit if ref is not None else None
         unfinished = False  # members fit θ*'s data better than θ*: it had not finished training
+        stale = record.stale_batchnorm() if record is not None else None
+        if stale is not None:  # the saved model is not the one scored
+            out.append(stale)
         # Relative fit is a share of what θ* fits above chance: undefined where θ*
         # fits no better than chance (calibration says so and keeps a fixed step).
         if stats and window and chance is not None and why_uncalibrated(ref_fit, chance) is None:

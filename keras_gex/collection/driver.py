@@ -26,7 +26,13 @@ from keras_gex.collection.frozen import frozen_layers
 from keras_gex.collection.local import FineTuner
 from keras_gex.collection.replicated import ReplicaFineTuner
 from keras_gex.collection.tuner import checkpoints, flatten_layers, resolve_steps
-from keras_gex.config import CollectionConfig, CollectionRecord, MemberStats, Probe
+from keras_gex.config import (
+    CollectionConfig,
+    CollectionRecord,
+    MemberStats,
+    Probe,
+    stale_batchnorm,
+)
 from keras_gex.data import DataSource, take_rows
 from keras_gex.io import persistence
 from keras_gex.loss_checks import check_all_labels
@@ -263,23 +269,30 @@ def collect(
         seeds = [stream_seed(seed, k, rerun) for k in keys]
         return tuner.open_stream(source, batch_size, seeds)
 
-    theta_star = tuner.snapshots()[0]
-    # θ*'s BN statistics are re-estimated in training mode, random layers active: their
-    # draws follow from `seed`, not from the state θ* was built or loaded under.
-    tuner.load(theta_star, [stream_seed(seed, "reference layers")] * width)
-    tuner.refresh_batchnorm(stream(["reference"] * width), config.bn_batches)
-    reference = to_model(tuner.snapshots()[0])
-
     def fit_of(fit, mean_loss):
         """The classification fit, or the share of the baseline loss explained."""
         if fit is not None or baseline is None or not math.isfinite(mean_loss):
             return fit
         return 1.0 - mean_loss / baseline
 
+    theta_star = tuner.snapshots()[0]
+    # θ*'s BN statistics are re-estimated in training mode, random layers active: their
+    # draws follow from `seed`, not from the state θ* was built or loaded under.
+    tuner.load(theta_star, [stream_seed(seed, "reference layers")] * width)
+    moving_fit = None  # θ*'s fit with its own moving statistics (`record.stale_batchnorm`)
+    if tuner.has_batchnorm and config.bn_batches > 0:
+        moving_loss, moving = tuner.evaluate(eval_batches)[0]
+        moving_fit = fit_of(moving, moving_loss)
+    tuner.refresh_batchnorm(stream(["reference"] * width), config.bn_batches)
+    reference = to_model(tuner.snapshots()[0])
+
     ref_loss, ref_fit = tuner.evaluate(eval_batches)[0]
     ref_stats = MemberStats(0.0, float("nan"), fit_of(ref_fit, ref_loss), ref_loss)
     if loss.is_classification:
         step_size.warn_unless_memorised(ref_fit, stacklevel=3)
+    stale = stale_batchnorm(moving_fit, ref_stats.fit, chance, step_size.FIT_WINDOW[0])
+    if stale is not None:
+        warnings.warn(stale, stacklevel=3)
 
     def rel_of(member_stats: MemberStats) -> float:
         return step_size.relative_fit(member_stats, ref_stats, chance)
@@ -492,6 +505,7 @@ def collect(
         momentum=config.momentum,
         weight_decay=decay,
         frozen_layers=None if frozen is None else frozen.names,
+        reference_moving_fit=moving_fit,
         seed=seed,
         chain=config.chain,
         bn_batches=config.bn_batches,

@@ -1,6 +1,7 @@
 import contextlib
 import json
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -153,6 +154,33 @@ def test_batchnorm_statistics_are_population_statistics():
     np.testing.assert_allclose(tuner.ntv[var_idx].numpy(), allx.var(0), rtol=1e-4)
     # the user's model keeps its own statistics
     np.testing.assert_array_equal(model.layers[0].moving_mean.numpy(), np.zeros(3))
+
+
+def test_stale_batchnorm_statistics_of_theta_are_said(digits):
+    """θ* is scored with re-estimated statistics; where its own moving statistics do not
+    describe the data (here moved by 5 standard deviations, as a BatchNorm of momentum
+    0.999 leaves them after a short run), the saved model predicts far worse than the one
+    scored, and the collection and the report say so. Intact statistics say nothing."""
+    x, y = digits.x_train[:400], digits.y_train[:400]
+    model = make_bn_model(seed=0)
+    model.fit(x, y, epochs=20, batch_size=64, verbose=0)
+    kwargs = dict(num_members=1, steps=5, learning_rate=0.01, seed=0, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        intact = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    assert not [w for w in caught if "BatchNorm" in str(w.message)]
+    assert intact.record.reference_moving_fit > 0.8
+    assert intact.record.stale_batchnorm() is None
+    bn = model.layers[1]
+    bn.moving_mean.assign(bn.moving_mean + 5.0 * np.sqrt(bn.moving_variance.numpy()))
+    with pytest.warns(UserWarning, match="BatchNorm moving statistics do not describe"):
+        stale = keras_gex.GeometricEnsemble.collect(model, (x, y), **kwargs)
+    record = stale.record
+    assert record.reference_moving_fit < 0.5 < record.reference_stats.fit
+    assert record.reference_stats.fit == intact.record.reference_stats.fit
+    report = keras_gex.detect_noisy((x, y), stale, verbose=0)
+    assert report.diagnostics()[0] == record.stale_batchnorm()
+    assert f"θ* predicts {record.reference_moving_fit:.1%}" in report.diagnostics()[0]
 
 
 def test_warm_up_is_timed_and_leaves_the_members_unchanged(small_mlp):
