@@ -308,7 +308,7 @@ class CollectionRecord:
         (`stale_batchnorm`).
 
         >>> record = CollectionRecord.from_dict({"reference_stats": {"fit": 0.914,
-        ...     "loss": 0.27}, "chance_fit": 0.1, "fit_window": (0.5, 0.9),
+        ...     "loss": 0.27}, "chance_fit": 0.1, "fit_window": (0.2, 0.9),
         ...     "reference_moving_fit": 0.091})
         >>> record.stale_batchnorm().startswith("θ*'s BatchNorm moving statistics do not")
         True
@@ -361,9 +361,9 @@ def stale_batchnorm(moving_fit, fit, chance, floor: float) -> str | None:
     a collapsed member keeps), they do not describe the data: the report is
     about a model that predicts well, and the saved one does not.
 
-    >>> stale_batchnorm(0.85, 0.914, 0.1, 0.5) is None
+    >>> stale_batchnorm(0.85, 0.914, 0.1, 0.2) is None
     True
-    >>> print(stale_batchnorm(0.091, 0.914, 0.1, 0.5).split(": ")[1])
+    >>> print(stale_batchnorm(0.091, 0.914, 0.1, 0.2).split(": ")[1])
     with them (as `model.predict` runs it) θ* predicts 9.1% of its training labels, with \
 statistics re-estimated on that data 91.4%. GEX scores θ* and its members with re-estimated \
 statistics, so the report describes the model that predicts well; the saved model does not. \
