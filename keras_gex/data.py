@@ -754,9 +754,9 @@ class DataSource:
         arrays, for inputs of varying shape or strings, and for datasets
         larger than `max_bytes` (streamed as they are). A pipeline that draws
         random augmentations is read once: the members see one draw. With
-        `refuse_non_finite`, NaN or inf values in what was read are refused as
-        in arrays (fine-tuning data); otherwise the source stays a dataset and
-        its consumer marks those rows.
+        `refuse_non_finite`, what arrays refuse (NaN or inf values) is refused
+        in what was read (fine-tuning data); otherwise the source stays a
+        dataset and its consumer marks those rows.
         """
         if self._arrays is not None:
             return self
@@ -781,11 +781,11 @@ class DataSource:
             raise ValueError(f"Argument `{self.name}` is empty: it has no examples.")
         self.num_examples = rows
         x, y = tf.nest.map_structure(lambda *parts: np.concatenate(parts), *batches)
-        if refuse_non_finite:
-            _refuse_non_finite(self.name, [*input_leaves(as_inputs(x)), ("y", np.asarray(y))])
         try:
             return DataSource((x, y), batch_size=self.batch_size, name=self.name)
-        except ValueError:  # e.g. NaN inputs: leave them to the model, as streamed
+        except ValueError:  # e.g. NaN inputs: refused, or left to the consumer as streamed
+            if refuse_non_finite:
+                raise
             return self
 
     def array_stream(self, batch_size: int, seed: int) -> ArrayStream:
